@@ -1,0 +1,351 @@
+// PYBIND11_MODULE(_core): conversion, GIL release, exception registration and docstrings only.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+
+#include "core/error.h"
+#include "core/parallel.h"
+#include "cuda/delta_cuda.h"
+#include "io/safetensors.h"
+#include "io/shard_index.h"
+#include "linalg/blas.h"
+#include "linalg/convert.h"
+#include "linalg/metrics.h"
+#include "linalg/svd.h"
+
+namespace py = pybind11;
+using namespace pysafe;
+
+#ifndef PYSAFE_VERSION
+#define PYSAFE_VERSION "0.0.0"
+#endif
+
+namespace {
+
+// A read-only byte view of a Python buffer (numpy array, bytes, memoryview), checked for length.
+struct ByteView {
+  const uint8_t* ptr = nullptr;
+  size_t size = 0;
+};
+
+ByteView bytes_of(const py::buffer& b, size_t expected, const char* what) {
+  py::buffer_info info = b.request();
+  size_t size = static_cast<size_t>(info.size) * static_cast<size_t>(info.itemsize);
+  bool contiguous = true;
+  py::ssize_t stride = info.itemsize;
+  for (py::ssize_t d = info.ndim - 1; d >= 0; --d) {
+    if (info.shape[d] > 1 && info.strides[d] != stride) contiguous = false;
+    stride *= info.shape[d];
+  }
+  if (!contiguous) throw py::value_error(std::string(what) + ": buffer must be C-contiguous");
+  if (size != expected)
+    throw py::value_error(std::string(what) + ": buffer holds " + std::to_string(size) + " bytes, expected " +
+                          std::to_string(expected));
+  return {static_cast<const uint8_t*>(info.ptr), size};
+}
+
+DType dtype_of(const std::string& s) {
+  DType d;
+  if (!parse_dtype(s, d)) throw py::value_error("unknown dtype '" + s + "'");
+  return d;
+}
+
+py::dict entry_dict(const TensorEntry& e) {
+  py::dict d;
+  d["name"] = e.name;
+  d["dtype"] = dtype_name(e.dtype);
+  d["shape"] = py::tuple(py::cast(e.shape));
+  d["data_offsets"] = py::make_tuple(e.begin, e.end);
+  return d;
+}
+
+py::dict record_dict(Record&& r) {
+  py::dict d;
+  for (auto& kv : r.scalars) d[py::str(kv.first)] = kv.second;
+  for (auto& kv : r.strings) d[py::str(kv.first)] = kv.second;
+  for (auto& kv : r.arrays) d[py::str(kv.first)] = py::array_t<double>(kv.second.size(), kv.second.data());
+  if (!r.vectors.empty()) {
+    py::dict v;
+    for (auto& kv : r.vectors) {
+      py::array_t<float> a({kv.second.rows, kv.second.cols});
+      std::memcpy(a.mutable_data(), kv.second.data.data(), kv.second.data.size() * sizeof(float));
+      v[py::str(kv.first)] = a;
+    }
+    d["vectors"] = v;
+  }
+  if (!r.skip_reason.empty()) d["skip_reason"] = r.skip_reason;
+  return d;
+}
+
+template <typename T>
+py::array_t<T> to_array(const std::vector<T>& v, std::vector<py::ssize_t> shape) {
+  py::array_t<T> a(shape);
+  std::memcpy(a.mutable_data(), v.data(), v.size() * sizeof(T));
+  return a;
+}
+
+template <typename T>
+py::tuple svd_tuple(const TruncatedSvd<T>& s) {
+  py::dict info;
+  info["method"] = s.method;
+  info["k"] = s.k;
+  info["r"] = s.r;
+  info["energy_reached"] = s.energy_reached;
+  info["rel_error"] = s.rel_error;
+  info["tail_rel"] = s.tail_rel;
+  info["sketch_passes"] = s.sketch_passes;
+  return py::make_tuple(to_array(s.U, {s.m, s.r}), to_array(s.S, {s.r}), to_array(s.Vt, {s.r, s.n}), info);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "pysafe native core: strict safetensors reading, fused weight deltas, SVD and subspace metrics";
+
+  // Map core errors onto the hierarchy in pysafe.errors (imported lazily: it is pure Python).
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const Error& e) {
+      py::gil_scoped_acquire gil;
+      py::module_ errors = py::module_::import("pysafe.errors");
+      const char* cls = "InternalError";
+      switch (e.kind()) {
+        case ErrorKind::Header: cls = "HeaderError"; break;
+        case ErrorKind::ShardIndex: cls = "ShardIndexError"; break;
+        case ErrorKind::ShapeMismatch: cls = "ShapeMismatchError"; break;
+        case ErrorKind::Value: cls = "CheckpointError"; break;
+        case ErrorKind::FileNotFound: cls = nullptr; break;
+        case ErrorKind::Internal: cls = "InternalError"; break;
+      }
+      if (cls == nullptr) {
+        PyErr_SetString(PyExc_FileNotFoundError, e.what());
+        return;
+      }
+      py::object type = errors.attr(cls);
+      py::object exc = type(e.what());
+      exc.attr("code") = e.code();
+      PyErr_SetObject(type.ptr(), exc.ptr());
+    }
+  });
+
+  m.def("build_info", [] {
+    py::dict d;
+    d["version"] = PYSAFE_VERSION;
+#ifdef PYSAFE_WITH_CUDA
+    d["cuda"] = true;
+#else
+    d["cuda"] = false;
+#endif
+    d["blas"] = std::string(blas::config());
+    d["threads"] = num_threads();
+    d["compiler"] = std::string(__VERSION__);
+    return d;
+  }, "What this build contains: version, cuda (bool), BLAS configuration, default thread count.");
+  m.def("cuda_device_count", &cuda::device_count, "Visible CUDA devices (0 on a CPU-only build).");
+  m.def("set_num_threads", &set_num_threads, py::arg("n"),
+        "Threads for the core's loops and OpenBLAS; n <= 0 means all hardware threads.");
+  m.def("get_num_threads", &num_threads);
+
+  py::class_<SvdOptions>(m, "SvdOptions", "Options of one truncated SVD (see svd.h).")
+      .def(py::init<>())
+      .def_readwrite("rank", &SvdOptions::rank)
+      .def_readwrite("energy", &SvdOptions::energy)
+      .def_readwrite("exact", &SvdOptions::exact)
+      .def_readwrite("exact_max_dim", &SvdOptions::exact_max_dim)
+      .def_readwrite("max_rank", &SvdOptions::max_rank)
+      .def_readwrite("oversample", &SvdOptions::oversample)
+      .def_readwrite("power_iters", &SvdOptions::power_iters)
+      .def_readwrite("seed", &SvdOptions::seed);
+
+  py::class_<AnalyzeParams>(m, "AnalyzeParams", "Options of one matrix analysis (see metrics.h).")
+      .def(py::init<>())
+      .def_readwrite("delta", &AnalyzeParams::delta)
+      .def_readwrite("base", &AnalyzeParams::base)
+      .def_readwrite("center", &AnalyzeParams::center)
+      .def_readwrite("transpose", &AnalyzeParams::transpose)
+      .def_readwrite("save_vectors", &AnalyzeParams::save_vectors);
+
+  m.def("read_header", [](const std::string& path) {
+    Header h;
+    {
+      py::gil_scoped_release nogil;
+      h = read_header(path);
+    }
+    py::dict d;
+    py::list entries;
+    for (auto& e : h.entries) entries.append(entry_dict(e));
+    d["entries"] = entries;
+    d["metadata"] = h.metadata;
+    d["data_start"] = h.data_start;
+    d["file_size"] = h.file_size;
+    return d;
+  }, py::arg("path"), "Validate and return a safetensors header without mapping the data.");
+
+  py::class_<SafetensorsFile, std::shared_ptr<SafetensorsFile>>(m, "SafetensorsFile",
+                                                                "A validated, read-only memory-mapped safetensors file.")
+      .def(py::init([](const std::string& path) {
+             py::gil_scoped_release nogil;
+             return std::make_shared<SafetensorsFile>(path);
+           }),
+           py::arg("path"))
+      .def_property_readonly("path", &SafetensorsFile::path)
+      .def_property_readonly("metadata", [](const SafetensorsFile& f) { return f.header().metadata; })
+      .def_property_readonly("data_start", [](const SafetensorsFile& f) { return f.header().data_start; })
+      .def("entries", [](const SafetensorsFile& f) {
+        py::list l;
+        for (auto& e : f.header().entries) l.append(entry_dict(e));
+        return l;
+      })
+      .def("buffer", [](py::object self, const std::string& name) {
+        auto& f = self.cast<SafetensorsFile&>();
+        const TensorEntry& e = f.entry(name);
+        // A read-only view into the mapping that keeps the file object (and so the mapping) alive.
+        py::array_t<uint8_t> a({static_cast<py::ssize_t>(e.nbytes())}, {1}, f.data(e), self);
+        a.attr("setflags")(py::arg("write") = false);  // the pages are PROT_READ
+        return a;
+      }, py::arg("name"), "Raw bytes of a tensor: a read-only uint8 view into the mapping.")
+      .def("advise", [](const SafetensorsFile& f, const std::string& name, const std::string& how) {
+        const TensorEntry& e = f.entry(name);
+        f.mapping().advise(f.header().data_start + e.begin, e.nbytes(), how);
+      }, py::arg("name"), py::arg("how"), "madvise a tensor's pages: willneed, dontneed or sequential.");
+
+  m.def("parse_shard_index", [](const std::string& path) {
+    ShardIndex idx = parse_shard_index(path);
+    return py::make_tuple(idx.weight_map, idx.metadata);
+  }, py::arg("path"), "Validate model.safetensors.index.json: returns (weight_map, metadata).");
+
+  m.def("upcast", [](py::buffer buf, const std::string& dtype, std::vector<int64_t> shape, bool f64) -> py::array {
+    DType dt = dtype_of(dtype);
+    size_t n = 1;
+    for (auto d : shape) n *= static_cast<size_t>(d);
+    ByteView v = bytes_of(buf, n * dtype_size(dt), "upcast");
+    std::vector<py::ssize_t> shp(shape.begin(), shape.end());
+    if (f64) {
+      py::array_t<double> out(shp);
+      double* o = out.mutable_data();
+      py::gil_scoped_release nogil;
+      upcast<double>(v.ptr, dt, n, o);
+      return std::move(out);
+    }
+    py::array_t<float> out(shp);
+    float* o = out.mutable_data();
+    py::gil_scoped_release nogil;
+    upcast<float>(v.ptr, dt, n, o);
+    return std::move(out);
+  }, py::arg("buffer"), py::arg("dtype"), py::arg("shape"), py::arg("f64") = false,
+     "Upcast raw tensor bytes of a safetensors dtype to a new float32 (or float64) array.");
+
+  m.def("fused_delta", [](py::buffer tuned, const std::string& tdt, py::buffer base, const std::string& bdt, size_t n,
+                          bool f64) {
+    DType t = dtype_of(tdt), b = dtype_of(bdt);
+    ByteView tv = bytes_of(tuned, n * dtype_size(t), "tuned"), bv = bytes_of(base, n * dtype_size(b), "base");
+    py::dict stats;
+    DeltaStats st;
+    py::array out;
+    if (f64) {
+      py::array_t<double> d({static_cast<py::ssize_t>(n)});
+      double* p = d.mutable_data();
+      {
+        py::gil_scoped_release nogil;
+        st = fused_delta<double>(tv.ptr, t, bv.ptr, b, n, nullptr, p);
+      }
+      out = d;
+    } else {
+      py::array_t<float> d({static_cast<py::ssize_t>(n)});
+      float* p = d.mutable_data();
+      {
+        py::gil_scoped_release nogil;
+        st = fused_delta<float>(tv.ptr, t, bv.ptr, b, n, nullptr, p);
+      }
+      out = d;
+    }
+    stats["nonfinite_base"] = st.nonfinite_base;
+    stats["nonfinite_tuned"] = st.nonfinite_tuned;
+    stats["sumsq_base"] = st.sumsq_base;
+    stats["sumsq_delta"] = st.sumsq_delta;
+    return py::make_tuple(out, stats);
+  }, py::arg("tuned"), py::arg("tuned_dtype"), py::arg("base"), py::arg("base_dtype"), py::arg("n"),
+     py::arg("f64") = false, "ΔW = upcast(tuned) − upcast(base) in one pass; returns (delta, stats).");
+
+  m.def("analyze_dense", [](py::buffer base, const std::string& bdt, py::buffer tuned, const std::string& tdt,
+                            int64_t rows, int64_t cols, const AnalyzeParams& p, bool f64) {
+    DType b = dtype_of(bdt), t = dtype_of(tdt);
+    size_t n = static_cast<size_t>(rows * cols);
+    ByteView bv = bytes_of(base, n * dtype_size(b), "base"), tv = bytes_of(tuned, n * dtype_size(t), "tuned");
+    Record r;
+    {
+      py::gil_scoped_release nogil;
+      r = f64 ? analyze_dense<double>(bv.ptr, b, tv.ptr, t, rows, cols, p)
+              : analyze_dense<float>(bv.ptr, b, tv.ptr, t, rows, cols, p);
+    }
+    return record_dict(std::move(r));
+  }, py::arg("base"), py::arg("base_dtype"), py::arg("tuned"), py::arg("tuned_dtype"), py::arg("rows"),
+     py::arg("cols"), py::arg("params"), py::arg("f64") = false,
+     "All metrics of one stored rows×cols matrix pair (engine.md §5), ΔW formed in f32 or f64.");
+
+  m.def("analyze_factored", [](py::buffer base, const std::string& bdt, int64_t rows, int64_t cols, py::array L,
+                               py::array R, const AnalyzeParams& p) {
+    DType b = dtype_of(bdt);
+    ByteView bv = bytes_of(base, static_cast<size_t>(rows * cols) * dtype_size(b), "base");
+    if (L.ndim() != 2 || R.ndim() != 2 || L.shape(0) != rows || R.shape(1) != cols || L.shape(1) != R.shape(0))
+      throw py::value_error("analyze_factored: expected L (rows×r) and R (r×cols) matching the base shape");
+    int64_t r = L.shape(1);
+    bool f64 = L.dtype().is(py::dtype::of<double>());
+    Record rec;
+    if (f64) {
+      auto Lc = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(L);
+      auto Rc = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(R);
+      py::gil_scoped_release nogil;
+      rec = analyze_factored<double>(bv.ptr, b, rows, cols, Lc.data(), Rc.data(), r, p);
+    } else {
+      auto Lc = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(L);
+      auto Rc = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(R);
+      py::gil_scoped_release nogil;
+      rec = analyze_factored<float>(bv.ptr, b, rows, cols, Lc.data(), Rc.data(), r, p);
+    }
+    return record_dict(std::move(rec));
+  }, py::arg("base"), py::arg("base_dtype"), py::arg("rows"), py::arg("cols"), py::arg("L"), py::arg("R"),
+     py::arg("params"), "Metrics of a low-rank ΔW = L·R (PEFT adapters) without forming L·R.");
+
+  m.def("analyze_norms", [](py::buffer base, const std::string& bdt, py::buffer tuned, const std::string& tdt,
+                            size_t n) {
+    DType b = dtype_of(bdt), t = dtype_of(tdt);
+    ByteView bv = bytes_of(base, n * dtype_size(b), "base"), tv = bytes_of(tuned, n * dtype_size(t), "tuned");
+    Record r;
+    {
+      py::gil_scoped_release nogil;
+      r = analyze_norms(bv.ptr, b, tv.ptr, t, n);
+    }
+    return record_dict(std::move(r));
+  }, py::arg("base"), py::arg("base_dtype"), py::arg("tuned"), py::arg("tuned_dtype"), py::arg("n"),
+     "delta_fro and delta_rel of any tensor (1-D tensors get only these).");
+
+  m.def("truncated_svd", [](py::array A, const SvdOptions& o) {
+    if (A.ndim() != 2) throw py::value_error("truncated_svd: expected a 2-D array");
+    int64_t rows = A.shape(0), cols = A.shape(1);
+    if (A.dtype().is(py::dtype::of<double>())) {
+      auto a = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(A);
+      TruncatedSvd<double> s;
+      {
+        py::gil_scoped_release nogil;
+        double fro2 = 0;
+        for (int64_t i = 0; i < rows * cols; ++i) fro2 += a.data()[i] * a.data()[i];
+        s = truncated_svd<double>(a.data(), rows, cols, fro2, o);
+      }
+      return svd_tuple(s);
+    }
+    if (!A.dtype().is(py::dtype::of<float>())) throw py::type_error("truncated_svd: expected float32 or float64");
+    auto a = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(A);
+    TruncatedSvd<float> s;
+    {
+      py::gil_scoped_release nogil;
+      double fro2 = 0;
+      for (int64_t i = 0; i < rows * cols; ++i) fro2 += static_cast<double>(a.data()[i]) * a.data()[i];
+      s = truncated_svd<float>(a.data(), rows, cols, fro2, o);
+    }
+    return svd_tuple(s);
+  }, py::arg("A"), py::arg("options"), "Truncated SVD (exact or randomized per options): (U, S, Vt, info).");
+}

@@ -1,0 +1,29 @@
+// Thin typed wrappers over the BLAS/LAPACK of scipy-openblas32 (symbols prefixed `scipy_`,
+// 32-bit integers). Row-major everywhere; LAPACKE transposes small matrices internally.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace pysafe::blas {
+
+void set_num_threads(int n);
+/// "OpenBLAS 0.3.x ... <core>" as reported by the library.
+const char* config();
+
+/// C = alpha * op(A) * op(B) + beta * C, row-major. op(A) is M×K, op(B) is K×N.
+template <typename T>
+void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+          const T* B, int64_t ldb, T beta, T* C, int64_t ldc);
+
+/// Replace the m×n (m >= n) row-major matrix A by an orthonormal basis of its column space
+/// (thin QR, Householder: geqrf + orgqr).
+template <typename T>
+void orthonormalize(int64_t m, int64_t n, T* A);
+
+/// Thin SVD of the m×n row-major matrix A (destroyed): A = U diag(S) Vt with U m×r, Vt r×n,
+/// r = min(m, n), S descending. Divide and conquer (gesdd).
+template <typename T>
+void svd_thin(int64_t m, int64_t n, T* A, std::vector<T>& U, std::vector<T>& S, std::vector<T>& Vt);
+
+}  // namespace pysafe::blas

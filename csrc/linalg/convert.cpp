@@ -1,0 +1,185 @@
+#include "linalg/convert.h"
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "core/error.h"
+#include "core/parallel.h"
+
+namespace pysafe {
+
+float half_to_float(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu;
+  uint32_t man = h & 0x3FFu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise
+      int e = -1;
+      do {
+        ++e;
+        man <<= 1;
+      } while ((man & 0x400u) == 0);
+      bits = sign | (static_cast<uint32_t>(127 - 15 - e) << 23) | ((man & 0x3FFu) << 13);
+    }
+  } else if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// F8_E4M3 ("fn" variant used by safetensors/torch): bias 7, no infinities, S.1111.111 is NaN.
+float f8e4m3_to_float(uint8_t v) {
+  float sign = (v & 0x80) ? -1.0f : 1.0f;
+  int exp = (v >> 3) & 0xF;
+  int man = v & 0x7;
+  if (exp == 0xF && man == 0x7) return std::nanf("");
+  if (exp == 0) return sign * std::ldexp(static_cast<float>(man), -9);  // subnormal: man/8 * 2^-6
+  return sign * std::ldexp(1.0f + static_cast<float>(man) / 8.0f, exp - 7);
+}
+
+// F8_E5M2: the top byte of an IEEE half.
+float f8e5m2_to_float(uint8_t v) { return half_to_float(static_cast<uint16_t>(v) << 8); }
+
+namespace {
+
+struct Tables {
+  float e4m3[256];
+  float e5m2[256];
+  Tables() {
+    for (int i = 0; i < 256; ++i) {
+      e4m3[i] = f8e4m3_to_float(static_cast<uint8_t>(i));
+      e5m2[i] = f8e5m2_to_float(static_cast<uint8_t>(i));
+    }
+  }
+};
+const Tables& tables() {
+  static const Tables t;
+  return t;
+}
+
+template <typename S>
+S load(const uint8_t* p, size_t i) {
+  S v;
+  std::memcpy(&v, p + i * sizeof(S), sizeof(S));
+  return v;
+}
+
+// Convert a contiguous block; returns non-finite count (only floating dtypes can have any).
+template <typename T>
+uint64_t convert_block(const uint8_t* src, DType dt, size_t n, T* dst) {
+  uint64_t bad = 0;
+  switch (dt) {
+    case DType::F64:
+      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(load<double>(src, i));
+      break;
+    case DType::F32:
+      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(load<float>(src, i));
+      break;
+    case DType::BF16:
+      for (size_t i = 0; i < n; ++i) {
+        uint32_t bits = static_cast<uint32_t>(load<uint16_t>(src, i)) << 16;
+        float f;
+        std::memcpy(&f, &bits, 4);
+        dst[i] = static_cast<T>(f);
+      }
+      break;
+    case DType::F16:
+      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(half_to_float(load<uint16_t>(src, i)));
+      break;
+    case DType::F8_E4M3: {
+      const float* t = tables().e4m3;
+      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(t[src[i]]);
+      break;
+    }
+    case DType::F8_E5M2: {
+      const float* t = tables().e5m2;
+      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(t[src[i]]);
+      break;
+    }
+    case DType::I64: for (size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(load<int64_t>(src, i)); return 0;
+    case DType::I32: for (size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(load<int32_t>(src, i)); return 0;
+    case DType::I16: for (size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(load<int16_t>(src, i)); return 0;
+    case DType::I8: for (size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(load<int8_t>(src, i)); return 0;
+    case DType::U64: for (size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(load<uint64_t>(src, i)); return 0;
+    case DType::U32: for (size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(load<uint32_t>(src, i)); return 0;
+    case DType::U16: for (size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(load<uint16_t>(src, i)); return 0;
+    case DType::U8: for (size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]); return 0;
+    case DType::BOOL: for (size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i] != 0); return 0;
+  }
+  for (size_t i = 0; i < n; ++i) bad += !std::isfinite(dst[i]);
+  return bad;
+}
+
+constexpr size_t kBlock = 4096;  // elements per inner block: both inputs stay in L1/L2
+
+}  // namespace
+
+template <typename T>
+uint64_t upcast(const uint8_t* src, DType dt, size_t n, T* dst) {
+  const size_t es = dtype_size(dt);
+  size_t nblocks = (n + kBlock - 1) / kBlock;
+  std::vector<uint64_t> bad(nblocks, 0);
+  parallel_for(nblocks, 16, [&](size_t b0, size_t b1) {
+    for (size_t b = b0; b < b1; ++b) {
+      size_t i = b * kBlock, m = std::min(kBlock, n - i);
+      bad[b] = convert_block<T>(src + i * es, dt, m, dst + i);
+    }
+  });
+  uint64_t total = 0;
+  for (auto v : bad) total += v;
+  return total;
+}
+
+template <typename T>
+DeltaStats fused_delta(const uint8_t* tuned, DType tdt, const uint8_t* base, DType bdt, size_t n,
+                       T* base_out, T* delta_out) {
+  const size_t tes = dtype_size(tdt), bes = dtype_size(bdt);
+  const size_t nblocks = (n + kBlock - 1) / kBlock;
+  // Per-block partials, reduced in block order: deterministic whatever the thread count.
+  std::vector<DeltaStats> part(nblocks);
+  parallel_for(nblocks, 16, [&](size_t b0, size_t b1) {
+    std::vector<T> tb(kBlock), bb(kBlock);
+    for (size_t b = b0; b < b1; ++b) {
+      size_t i = b * kBlock, m = std::min(kBlock, n - i);
+      T* bdst = base_out ? base_out + i : bb.data();
+      DeltaStats s;
+      s.nonfinite_tuned = convert_block<T>(tuned + i * tes, tdt, m, tb.data());
+      s.nonfinite_base = convert_block<T>(base + i * bes, bdt, m, bdst);
+      T* d = delta_out + i;
+      double ssb = 0.0, ssd = 0.0;
+      for (size_t j = 0; j < m; ++j) {
+        T bv = bdst[j];
+        T dv = tb[j] - bv;
+        d[j] = dv;
+        ssb += static_cast<double>(bv) * static_cast<double>(bv);
+        ssd += static_cast<double>(dv) * static_cast<double>(dv);
+      }
+      s.sumsq_base = ssb;
+      s.sumsq_delta = ssd;
+      part[b] = s;
+    }
+  });
+  DeltaStats total;
+  for (auto& s : part) {
+    total.nonfinite_base += s.nonfinite_base;
+    total.nonfinite_tuned += s.nonfinite_tuned;
+    total.sumsq_base += s.sumsq_base;
+    total.sumsq_delta += s.sumsq_delta;
+  }
+  return total;
+}
+
+template uint64_t upcast<float>(const uint8_t*, DType, size_t, float*);
+template uint64_t upcast<double>(const uint8_t*, DType, size_t, double*);
+template DeltaStats fused_delta<float>(const uint8_t*, DType, const uint8_t*, DType, size_t, float*, float*);
+template DeltaStats fused_delta<double>(const uint8_t*, DType, const uint8_t*, DType, size_t, double*, double*);
+
+}  // namespace pysafe

@@ -1,0 +1,426 @@
+#include "linalg/metrics.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "core/error.h"
+#include "core/parallel.h"
+#include "linalg/blas.h"
+#include "linalg/convert.h"
+
+namespace pysafe {
+
+namespace {
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+// Below this null fraction, 1 − ‖PΔW‖²/‖ΔW‖² loses digits to cancellation; recompute it from
+// the residual ‖ΔW − P ΔW‖² instead.
+constexpr double kRefineBelow = 0.05;
+
+template <typename T>
+double sumsq(const T* p, size_t n) {
+  double s = 0.0;
+  for (size_t i = 0; i < n; ++i) s += static_cast<double>(p[i]) * p[i];
+  return s;
+}
+
+// Subtract the mean row of the *logical* matrix W (out×in) from A. Stored (out, in): subtract
+// column means; stored transposed (in, out): subtract row means. Returns the new ‖A‖_F².
+template <typename T>
+double center_matrix(T* A, int64_t rows, int64_t cols, bool transpose) {
+  if (!transpose) {
+    std::vector<double> mean(static_cast<size_t>(cols), 0.0);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) mean[c] += A[r * cols + c];
+    for (auto& v : mean) v /= static_cast<double>(rows);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) A[r * cols + c] = static_cast<T>(A[r * cols + c] - mean[c]);
+  } else {
+    for (int64_t r = 0; r < rows; ++r) {
+      double mean = 0.0;
+      for (int64_t c = 0; c < cols; ++c) mean += A[r * cols + c];
+      mean /= static_cast<double>(cols);
+      for (int64_t c = 0; c < cols; ++c) A[r * cols + c] = static_cast<T>(A[r * cols + c] - mean);
+    }
+  }
+  return sumsq(A, static_cast<size_t>(rows * cols));
+}
+
+// ‖A − X·Y‖_F² for A rows×cols, X rows×k (ld ldx), Y k×cols (ld ldy), in row blocks.
+template <typename T>
+double residual_sumsq(const T* A, int64_t rows, int64_t cols, const T* X, int64_t ldx, const T* Y, int64_t ldy,
+                      int64_t k) {
+  const int64_t bs = 256;
+  std::vector<T> tmp(static_cast<size_t>(std::min(bs, rows) * cols));
+  double total = 0.0;
+  for (int64_t r0 = 0; r0 < rows; r0 += bs) {
+    int64_t nb = std::min(bs, rows - r0);
+    std::copy(A + r0 * cols, A + (r0 + nb) * cols, tmp.begin());
+    blas::gemm<T>(false, false, nb, cols, k, T(-1), X + r0 * ldx, ldx, Y, ldy, T(1), tmp.data(), cols);
+    total += sumsq(tmp.data(), static_cast<size_t>(nb * cols));
+  }
+  return total;
+}
+
+// For each of the first kd columns u_i of Ud (dim×ld_d): ‖u_i − Ub Ubᵀ u_i‖ with Ub's first kb
+// columns; also returns ‖Ubᵀ Ud‖_F² (for the principal-angle overlap).
+template <typename T>
+std::vector<double> sines(const T* Ub, int64_t ldb, int64_t kb, const T* Ud, int64_t ldd, int64_t kd, int64_t dim,
+                          double& cos2_sum) {
+  std::vector<double> out(static_cast<size_t>(kd), 1.0);
+  cos2_sum = 0.0;
+  if (kd == 0) return out;
+  if (kb == 0) return out;
+  std::vector<T> C(static_cast<size_t>(kb * kd));  // C = Ubᵀ Ud  (kb×kd)
+  blas::gemm<T>(true, false, kb, kd, dim, T(1), Ub, ldb, Ud, ldd, T(0), C.data(), kd);
+  cos2_sum = sumsq(C.data(), C.size());
+  std::vector<T> R(static_cast<size_t>(dim * kd));  // R = Ud − Ub C  (dim×kd)
+  for (int64_t r = 0; r < dim; ++r)
+    for (int64_t i = 0; i < kd; ++i) R[r * kd + i] = Ud[r * ldd + i];
+  blas::gemm<T>(false, false, dim, kd, kb, T(-1), Ub, ldb, C.data(), kd, T(1), R.data(), kd);
+  std::vector<double> acc(static_cast<size_t>(kd), 0.0);
+  for (int64_t r = 0; r < dim; ++r)
+    for (int64_t i = 0; i < kd; ++i) acc[i] += static_cast<double>(R[r * kd + i]) * R[r * kd + i];
+  for (int64_t i = 0; i < kd; ++i) out[i] = std::min(1.0, std::sqrt(acc[i]));
+  return out;
+}
+
+template <typename T>
+std::vector<double> to_double(const std::vector<T>& v, int64_t n) {
+  return std::vector<double>(v.begin(), v.begin() + std::min<int64_t>(n, static_cast<int64_t>(v.size())));
+}
+
+// Columns [0, k) of a row-major rows×ld matrix, as float.
+template <typename T>
+Mat take_cols(const std::vector<T>& M, int64_t rows, int64_t ld, int64_t k) {
+  Mat out;
+  out.rows = rows;
+  out.cols = k;
+  out.data.resize(static_cast<size_t>(rows * k));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < k; ++c) out.data[r * k + c] = static_cast<float>(M[r * ld + c]);
+  return out;
+}
+
+// Rows [0, k) of a row-major k×cols matrix (Vt), transposed to cols×k (V), as float.
+template <typename T>
+Mat take_rows_t(const std::vector<T>& Vt, int64_t cols, int64_t k) {
+  Mat out;
+  out.rows = cols;
+  out.cols = k;
+  out.data.resize(static_cast<size_t>(cols * k));
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t c = 0; c < cols; ++c) out.data[c * k + i] = static_cast<float>(Vt[i * cols + c]);
+  return out;
+}
+
+// V = Vtᵀ's first k columns as a row-major cols×k matrix in T (for GEMMs).
+template <typename T>
+std::vector<T> transpose_rows(const std::vector<T>& Vt, int64_t cols, int64_t k) {
+  std::vector<T> V(static_cast<size_t>(cols * k));
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t c = 0; c < cols; ++c) V[c * k + i] = Vt[i * cols + c];
+  return V;
+}
+
+double effective_rank(const std::vector<double>& sv, double fro2, bool full) {
+  // exp(entropy) of p_i = σ_i² / Σσ²; a truncated spectrum adds one bucket for the residual energy.
+  std::vector<double> e;
+  double kept = 0.0;
+  for (double s : sv) {
+    e.push_back(s * s);
+    kept += s * s;
+  }
+  if (!full && fro2 > kept) e.push_back(fro2 - kept);
+  double total = 0.0;
+  for (double v : e) total += v;
+  if (total <= 0.0) return kNaN;
+  double h = 0.0;
+  for (double v : e)
+    if (v > 0.0) {
+      double p = v / total;
+      h -= p * std::log(p);
+    }
+  return std::exp(h);
+}
+
+// Everything computed on the stored orientation, then mapped to logical (out, in).
+struct SideMetrics {
+  double null_frac = kNaN, null_frac_chance = kNaN, overlap = kNaN, overlap_chance = kNaN;
+  double sin_chance = kNaN;
+  std::vector<double> sin_theta;
+};
+
+template <typename T>
+void fill_common(Record& rec, const TruncatedSvd<T>& sd, const TruncatedSvd<T>& sb, double base_fro2,
+                 double delta_fro2_raw, const SideMetrics& stored_left, const SideMetrics& stored_right,
+                 const AnalyzeParams& p, int64_t rows, int64_t cols) {
+  auto& s = rec.scalars;
+  s["delta_fro"] = std::sqrt(delta_fro2_raw);
+  s["delta_rel"] = base_fro2 > 0 ? std::sqrt(delta_fro2_raw / base_fro2) : kNaN;
+  s["base_fro"] = std::sqrt(base_fro2);
+  s["rank_delta"] = static_cast<double>(sd.k);
+  s["rank_base"] = static_cast<double>(sb.k);
+  double kept = 0.0;
+  for (int64_t i = 0; i < sd.k; ++i) kept += static_cast<double>(sd.S[i]) * sd.S[i];
+  s["energy_topk_delta"] = sd.fro2 > 0 ? std::min(1.0, kept / sd.fro2) : kNaN;
+  s["energy_reached_delta"] = sd.energy_reached ? 1.0 : 0.0;
+  s["energy_reached_base"] = sb.energy_reached ? 1.0 : 0.0;
+  s["stable_rank_delta"] = (sd.r > 0 && sd.S[0] > 0) ? sd.fro2 / (static_cast<double>(sd.S[0]) * sd.S[0]) : kNaN;
+  std::vector<double> svd_d = to_double(sd.S, sd.r), svd_b = to_double(sb.S, sb.r);
+  s["effective_rank_delta"] = effective_rank(svd_d, sd.fro2, sd.full_spectrum);
+  rec.strings["effective_rank_from"] = sd.full_spectrum ? "full_spectrum" : "topk_plus_residual";
+  s["svd_rel_error"] = sd.method == "none" ? kNaN : sd.rel_error;
+  s["svd_tail_rel"] = sd.method == "none" ? kNaN : sd.tail_rel;
+  s["svd_rel_error_base"] = sb.method == "none" ? kNaN : sb.rel_error;
+  s["svd_sketch_passes"] = static_cast<double>(sd.sketch_passes);
+  rec.strings["svd_method"] = sd.method;
+  rec.strings["svd_method_base"] = sb.method;
+  rec.arrays["sv_delta"] = svd_d;
+  rec.arrays["sv_base"] = svd_b;
+
+  const SideMetrics& L = p.transpose ? stored_right : stored_left;  // logical left = output side
+  const SideMetrics& R = p.transpose ? stored_left : stored_right;
+  s["null_frac_left"] = L.null_frac;
+  s["null_frac_right"] = R.null_frac;
+  s["null_frac_left_chance"] = L.null_frac_chance;
+  s["null_frac_right_chance"] = R.null_frac_chance;
+  s["sin_theta_left_chance"] = L.sin_chance;
+  s["sin_theta_right_chance"] = R.sin_chance;
+  s["overlap_left"] = L.overlap;
+  s["overlap_right"] = R.overlap;
+  s["overlap_left_chance"] = L.overlap_chance;
+  s["overlap_right_chance"] = R.overlap_chance;
+  rec.arrays["sin_theta_left"] = L.sin_theta;
+  rec.arrays["sin_theta_right"] = R.sin_theta;
+  s["out_features"] = static_cast<double>(p.transpose ? cols : rows);
+  s["in_features"] = static_cast<double>(p.transpose ? rows : cols);
+
+  if (p.save_vectors) {
+    Mat Ud = take_cols(sd.U, rows, sd.r, sd.k), Vd = take_rows_t(sd.Vt, cols, sd.k);
+    Mat Ub = take_cols(sb.U, rows, sb.r, sb.k), Vb = take_rows_t(sb.Vt, cols, sb.k);
+    rec.vectors["U_delta"] = p.transpose ? Vd : Ud;
+    rec.vectors["V_delta"] = p.transpose ? Ud : Vd;
+    rec.vectors["U_base"] = p.transpose ? Vb : Ub;
+    rec.vectors["V_base"] = p.transpose ? Ub : Vb;
+  }
+}
+
+template <typename T>
+void chance_levels(SideMetrics& m, int64_t kb, int64_t kd, int64_t dim, double cos2_sum) {
+  m.null_frac_chance = 1.0 - static_cast<double>(kb) / dim;
+  m.sin_chance = 1.0 - static_cast<double>(kb) / dim;
+  int64_t kmin = std::min(kb, kd);
+  m.overlap = kmin > 0 ? cos2_sum / static_cast<double>(kmin) : kNaN;
+  m.overlap_chance = kmin > 0 ? static_cast<double>(std::max(kb, kd)) / dim : kNaN;
+}
+
+}  // namespace
+
+template <typename T>
+Record analyze_dense(const uint8_t* base, DType bdt, const uint8_t* tuned, DType tdt, int64_t rows, int64_t cols,
+                     const AnalyzeParams& p) {
+  // Shapes (stored): W_b, ΔW (rows×cols). U_b (rows×kb), V_b (cols×kb), U_Δ (rows×kd), V_Δ (cols×kd).
+  Record rec;
+  const size_t n = static_cast<size_t>(rows * cols);
+  std::vector<T> Wb(n), dW(n);
+  DeltaStats st = fused_delta<T>(tuned, tdt, base, bdt, n, Wb.data(), dW.data());
+  rec.scalars["nonfinite"] = static_cast<double>(st.nonfinite_base + st.nonfinite_tuned);
+  if (st.nonfinite_base + st.nonfinite_tuned > 0) {
+    rec.skip_reason = detail::concat(st.nonfinite_base + st.nonfinite_tuned, " NaN/Inf values (base: ",
+                                     st.nonfinite_base, ", tuned: ", st.nonfinite_tuned, ")");
+    return rec;
+  }
+  double base_fro2 = st.sumsq_base, delta_fro2 = st.sumsq_delta;
+  double base_svd_fro2 = base_fro2, delta_svd_fro2 = delta_fro2;
+  if (p.center) {
+    base_svd_fro2 = center_matrix(Wb.data(), rows, cols, p.transpose);
+    delta_svd_fro2 = center_matrix(dW.data(), rows, cols, p.transpose);
+  }
+  SvdOptions od = p.delta, ob = p.base;
+  TruncatedSvd<T> sd = truncated_svd<T>(dW.data(), rows, cols, delta_svd_fro2, od);
+  TruncatedSvd<T> sb = truncated_svd<T>(Wb.data(), rows, cols, base_svd_fro2, ob);
+  const int64_t kb = sb.k, kd = sd.k;
+
+  SideMetrics left, right;
+  if (delta_svd_fro2 > 0) {
+    // Left (stored rows): x = ‖U_bᵀ ΔW‖² / ‖ΔW‖²  (P = U_bᵀ ΔW, kb×cols).
+    std::vector<T> P(static_cast<size_t>(kb * cols));
+    double x = 0.0;
+    if (kb > 0) {
+      blas::gemm<T>(true, false, kb, cols, rows, T(1), sb.U.data(), sb.r, dW.data(), cols, T(0), P.data(), cols);
+      x = sumsq(P.data(), P.size()) / delta_svd_fro2;
+    }
+    left.null_frac = std::clamp(1.0 - x, 0.0, 1.0);
+    if (kb > 0 && left.null_frac < kRefineBelow)
+      left.null_frac = std::clamp(
+          residual_sumsq(dW.data(), rows, cols, sb.U.data(), sb.r, P.data(), cols, kb) / delta_svd_fro2, 0.0, 1.0);
+    // Right (stored cols): x = ‖ΔW V_b‖² / ‖ΔW‖²  (Q = ΔW V_b, rows×kb).
+    std::vector<T> Q(static_cast<size_t>(rows * kb));
+    x = 0.0;
+    if (kb > 0) {
+      blas::gemm<T>(false, true, rows, kb, cols, T(1), dW.data(), cols, sb.Vt.data(), cols, T(0), Q.data(), kb);
+      x = sumsq(Q.data(), Q.size()) / delta_svd_fro2;
+    }
+    right.null_frac = std::clamp(1.0 - x, 0.0, 1.0);
+    if (kb > 0 && right.null_frac < kRefineBelow)
+      right.null_frac = std::clamp(
+          residual_sumsq(dW.data(), rows, cols, Q.data(), kb, sb.Vt.data(), cols, kb) / delta_svd_fro2, 0.0, 1.0);
+    // Principal angles between the kept singular subspaces.
+    double c2l = 0.0, c2r = 0.0;
+    left.sin_theta = sines(sb.U.data(), sb.r, kb, sd.U.data(), sd.r, kd, rows, c2l);
+    std::vector<T> Vb = transpose_rows(sb.Vt, cols, kb), Vd = transpose_rows(sd.Vt, cols, kd);
+    right.sin_theta = sines(Vb.data(), kb, kb, Vd.data(), kd, kd, cols, c2r);
+    chance_levels<T>(left, kb, kd, rows, c2l);
+    chance_levels<T>(right, kb, kd, cols, c2r);
+  } else {
+    rec.strings["note"] = "delta is exactly zero: subspace metrics undefined";
+    chance_levels<T>(left, kb, 0, rows, 0.0);
+    chance_levels<T>(right, kb, 0, cols, 0.0);
+  }
+  fill_common(rec, sd, sb, base_fro2, delta_fro2, left, right, p, rows, cols);
+  return rec;
+}
+
+template <typename T>
+Record analyze_factored(const uint8_t* base, DType bdt, int64_t rows, int64_t cols, const T* Lf, const T* Rf,
+                        int64_t r, const AnalyzeParams& p) {
+  // Stored ΔW = L R, L (rows×r), R (r×cols). With L = U_L S_L Vt_L and M = S_L Vt_L R (r×cols) = Um Sm Vtm:
+  // ΔW = (U_L Um) Sm Vtm exactly, a rank-r SVD obtained from two thin SVDs.
+  Record rec;
+  const size_t n = static_cast<size_t>(rows * cols);
+  std::vector<T> Wb(n);
+  uint64_t bad = upcast<T>(base, bdt, n, Wb.data());
+  std::vector<T> L(Lf, Lf + rows * r), R(Rf, Rf + r * cols);
+  uint64_t bad_f = 0;
+  for (auto v : L) bad_f += !std::isfinite(v);
+  for (auto v : R) bad_f += !std::isfinite(v);
+  rec.scalars["nonfinite"] = static_cast<double>(bad + bad_f);
+  if (bad + bad_f > 0) {
+    rec.skip_reason = detail::concat(bad + bad_f, " NaN/Inf values (base: ", bad, ", adapter factors: ", bad_f, ")");
+    return rec;
+  }
+  double base_fro2 = sumsq(Wb.data(), n), base_svd_fro2 = base_fro2;
+  if (p.center) {
+    base_svd_fro2 = center_matrix(Wb.data(), rows, cols, p.transpose);
+    if (!p.transpose) {  // ΔW − 1·meanᵀ = (L − 1·l̄ᵀ) R
+      for (int64_t j = 0; j < r; ++j) {
+        double m = 0.0;
+        for (int64_t i = 0; i < rows; ++i) m += L[i * r + j];
+        m /= static_cast<double>(rows);
+        for (int64_t i = 0; i < rows; ++i) L[i * r + j] = static_cast<T>(L[i * r + j] - m);
+      }
+    } else {  // ΔW − (ΔW 1/cols) 1ᵀ = L (R − r̄ 1ᵀ)
+      for (int64_t j = 0; j < r; ++j) {
+        double m = 0.0;
+        for (int64_t c = 0; c < cols; ++c) m += R[j * cols + c];
+        m /= static_cast<double>(cols);
+        for (int64_t c = 0; c < cols; ++c) R[j * cols + c] = static_cast<T>(R[j * cols + c] - m);
+      }
+    }
+  }
+  TruncatedSvd<T> sd;
+  sd.m = rows;
+  sd.n = cols;
+  sd.method = "factored";
+  sd.full_spectrum = true;
+  {
+    std::vector<T> UL, SL, VtL;
+    std::vector<T> Lc(L);
+    blas::svd_thin<T>(rows, r, Lc.data(), UL, SL, VtL);  // UL rows×rl, VtL rl×r, rl = min(rows, r)
+    const int64_t rl = std::min(rows, r);
+    std::vector<T> SVt(static_cast<size_t>(rl * r));
+    for (int64_t i = 0; i < rl; ++i)
+      for (int64_t j = 0; j < r; ++j) SVt[i * r + j] = SL[i] * VtL[i * r + j];
+    std::vector<T> M(static_cast<size_t>(rl * cols));
+    blas::gemm<T>(false, false, rl, cols, r, T(1), SVt.data(), r, R.data(), cols, T(0), M.data(), cols);
+    std::vector<T> Um, Sm, Vtm;
+    blas::svd_thin<T>(rl, cols, M.data(), Um, Sm, Vtm);  // Um rl×rm, rm = min(rl, cols)
+    const int64_t rm = std::min(rl, cols);
+    sd.r = rm;
+    sd.S = Sm;
+    sd.Vt = Vtm;
+    sd.U.resize(static_cast<size_t>(rows * rm));
+    blas::gemm<T>(false, false, rows, rm, rl, T(1), UL.data(), rl, Um.data(), rm, T(0), sd.U.data(), rm);
+  }
+  double delta_fro2 = 0.0;
+  for (int64_t i = 0; i < sd.r; ++i) delta_fro2 += static_cast<double>(sd.S[i]) * sd.S[i];
+  sd.fro2 = delta_fro2;
+  if (p.delta.rank >= 0) {
+    sd.k = std::min<int64_t>(p.delta.rank, sd.r);
+  } else {
+    int64_t k = rank_for_energy(sd.S, sd.r, delta_fro2, p.delta.energy);
+    sd.energy_reached = k >= 0;
+    sd.k = k >= 0 ? k : sd.r;
+  }
+  TruncatedSvd<T> sb = truncated_svd<T>(Wb.data(), rows, cols, base_svd_fro2, p.base);
+  const int64_t kb = sb.k, kd = sd.k;
+  SideMetrics left, right;
+  if (delta_fro2 > 0) {
+    // ‖(I − U_b U_bᵀ) ΔW‖² = Σ_i σ_i² sin²θ_i over all r components (V_Δ orthonormal): exact.
+    double c2l = 0.0, c2r = 0.0, tmp = 0.0;
+    std::vector<double> sl_all = sines(sb.U.data(), sb.r, kb, sd.U.data(), sd.r, sd.r, rows, tmp);
+    std::vector<T> Vb = transpose_rows(sb.Vt, cols, kb), Vd = transpose_rows(sd.Vt, cols, sd.r);
+    std::vector<double> sr_all = sines(Vb.data(), kb, kb, Vd.data(), sd.r, sd.r, cols, tmp);
+    double nl = 0.0, nr = 0.0;
+    for (int64_t i = 0; i < sd.r; ++i) {
+      double s2 = static_cast<double>(sd.S[i]) * sd.S[i];
+      nl += s2 * sl_all[i] * sl_all[i];
+      nr += s2 * sr_all[i] * sr_all[i];
+    }
+    left.null_frac = std::clamp(nl / delta_fro2, 0.0, 1.0);
+    right.null_frac = std::clamp(nr / delta_fro2, 0.0, 1.0);
+    left.sin_theta = sines(sb.U.data(), sb.r, kb, sd.U.data(), sd.r, kd, rows, c2l);
+    right.sin_theta = sines(Vb.data(), kb, kb, Vd.data(), sd.r, kd, cols, c2r);
+    chance_levels<T>(left, kb, kd, rows, c2l);
+    chance_levels<T>(right, kb, kd, cols, c2r);
+  } else {
+    rec.strings["note"] = "delta is exactly zero: subspace metrics undefined";
+    chance_levels<T>(left, kb, 0, rows, 0.0);
+    chance_levels<T>(right, kb, 0, cols, 0.0);
+  }
+  // Exact SVD from the factors: the residual bound is that of the two thin SVDs (≈ machine precision).
+  sd.rel_error = 0.0;
+  {
+    double kept = 0.0;
+    for (int64_t i = 0; i < sd.k; ++i) kept += static_cast<double>(sd.S[i]) * sd.S[i];
+    sd.tail_rel = delta_fro2 > 0 ? std::sqrt(std::max(0.0, delta_fro2 - kept) / delta_fro2) : 0.0;
+  }
+  // delta_fro before centering equals ‖L R‖ of the uncentered factors: recompute when centered.
+  double delta_fro2_raw = delta_fro2;
+  if (p.center) {
+    std::vector<T> full(n);
+    blas::gemm<T>(false, false, rows, cols, r, T(1), Lf, r, Rf, cols, T(0), full.data(), cols);
+    delta_fro2_raw = sumsq(full.data(), n);
+  }
+  fill_common(rec, sd, sb, base_fro2, delta_fro2_raw, left, right, p, rows, cols);
+  return rec;
+}
+
+Record analyze_norms(const uint8_t* base, DType bdt, const uint8_t* tuned, DType tdt, uint64_t n) {
+  Record rec;
+  std::vector<double> Wb(n), dW(n);
+  DeltaStats st = fused_delta<double>(tuned, tdt, base, bdt, n, Wb.data(), dW.data());
+  rec.scalars["nonfinite"] = static_cast<double>(st.nonfinite_base + st.nonfinite_tuned);
+  if (st.nonfinite_base + st.nonfinite_tuned > 0) {
+    rec.skip_reason = detail::concat(st.nonfinite_base + st.nonfinite_tuned, " NaN/Inf values (base: ",
+                                     st.nonfinite_base, ", tuned: ", st.nonfinite_tuned, ")");
+    return rec;
+  }
+  rec.scalars["delta_fro"] = std::sqrt(st.sumsq_delta);
+  rec.scalars["delta_rel"] = st.sumsq_base > 0 ? std::sqrt(st.sumsq_delta / st.sumsq_base) : kNaN;
+  rec.scalars["base_fro"] = std::sqrt(st.sumsq_base);
+  return rec;
+}
+
+template Record analyze_dense<float>(const uint8_t*, DType, const uint8_t*, DType, int64_t, int64_t,
+                                     const AnalyzeParams&);
+template Record analyze_dense<double>(const uint8_t*, DType, const uint8_t*, DType, int64_t, int64_t,
+                                      const AnalyzeParams&);
+template Record analyze_factored<float>(const uint8_t*, DType, int64_t, int64_t, const float*, const float*, int64_t,
+                                        const AnalyzeParams&);
+template Record analyze_factored<double>(const uint8_t*, DType, int64_t, int64_t, const double*, const double*,
+                                         int64_t, const AnalyzeParams&);
+
+}  // namespace pysafe

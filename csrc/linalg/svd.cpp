@@ -1,0 +1,181 @@
+#include "linalg/svd.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/error.h"
+#include "core/parallel.h"
+#include "linalg/blas.h"
+
+namespace pysafe {
+
+namespace {
+
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+
+// a-posteriori quantities from A V_k (one GEMM of the kept components).
+template <typename T>
+void posterior(const T* A, TruncatedSvd<T>& s) {
+  const int64_t m = s.m, n = s.n, k = s.k;
+  double kept = 0.0;
+  for (int64_t i = 0; i < k; ++i) kept += static_cast<double>(s.S[i]) * s.S[i];
+  s.tail_rel = s.fro2 > 0 ? std::sqrt(std::max(0.0, s.fro2 - kept) / s.fro2) : 0.0;
+  if (k == 0 || s.S[0] == T(0)) {
+    s.rel_error = 0.0;
+    return;
+  }
+  // AV = A · V_k  (m×k); residual column i: AV[:, i] − σ_i U[:, i].
+  std::vector<T> AV(static_cast<size_t>(m * k));
+  blas::gemm<T>(false, true, m, k, n, T(1), A, n, s.Vt.data(), n, T(0), AV.data(), k);
+  std::vector<double> res(static_cast<size_t>(k), 0.0);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t i = 0; i < k; ++i) {
+      double d = static_cast<double>(AV[r * k + i]) - static_cast<double>(s.S[i]) * s.U[r * s.r + i];
+      res[i] += d * d;
+    }
+  double worst = 0.0;
+  for (auto v : res) worst = std::max(worst, std::sqrt(v));
+  s.rel_error = worst / static_cast<double>(s.S[0]);
+}
+
+}  // namespace
+
+double gaussian_at(uint64_t seed, uint64_t index) {
+  // Box–Muller on two counter-based uniforms in (0, 1].
+  uint64_t a = splitmix64(seed ^ splitmix64(2 * index));
+  uint64_t b = splitmix64(seed ^ splitmix64(2 * index + 1));
+  double u1 = (static_cast<double>(a >> 11) + 1.0) * (1.0 / 9007199254740992.0);
+  double u2 = static_cast<double>(b >> 11) * (1.0 / 9007199254740992.0);
+  return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
+}
+
+template <typename T>
+int64_t rank_for_energy(const std::vector<T>& S, int64_t count, double fro2, double energy) {
+  if (fro2 <= 0.0) return 0;
+  const double target = energy * fro2;
+  double acc = 0.0;
+  for (int64_t i = 0; i < count; ++i) {
+    acc += static_cast<double>(S[i]) * S[i];
+    // Relative slack of 1e-6 (≈ f32 rounding of Σσ² vs ‖A‖²) so that E = 1 is reachable.
+    if (acc >= target * (1.0 - 1e-6)) return i + 1;
+  }
+  return -1;
+}
+
+template <typename T>
+TruncatedSvd<T> exact_svd(const T* A, int64_t m, int64_t n) {
+  TruncatedSvd<T> s;
+  s.m = m;
+  s.n = n;
+  s.r = std::min(m, n);
+  std::vector<T> work(A, A + m * n);
+  blas::svd_thin<T>(m, n, work.data(), s.U, s.S, s.Vt);
+  s.method = "exact";
+  s.full_spectrum = true;
+  return s;
+}
+
+template <typename T>
+TruncatedSvd<T> randomized_svd(const T* A, int64_t m, int64_t n, int64_t l, int64_t q, uint64_t seed) {
+  // Shapes: A (m×n), Ω (n×l), Y = AΩ (m×l), Z = AᵀQ (n×l), B = QᵀA (l×n).
+  PYSAFE_ASSERT(l >= 1 && l <= std::min(m, n));
+  std::vector<T> Omega(static_cast<size_t>(n * l));
+  parallel_for(static_cast<size_t>(n * l), 1 << 14, [&](size_t b, size_t e) {
+    for (size_t i = b; i < e; ++i) Omega[i] = static_cast<T>(gaussian_at(seed, i));
+  });
+  std::vector<T> Y(static_cast<size_t>(m * l)), Z(static_cast<size_t>(n * l));
+  blas::gemm<T>(false, false, m, l, n, T(1), A, n, Omega.data(), l, T(0), Y.data(), l);
+  blas::orthonormalize<T>(m, l, Y.data());
+  for (int64_t it = 0; it < q; ++it) {
+    blas::gemm<T>(true, false, n, l, m, T(1), A, n, Y.data(), l, T(0), Z.data(), l);
+    blas::orthonormalize<T>(n, l, Z.data());
+    blas::gemm<T>(false, false, m, l, n, T(1), A, n, Z.data(), l, T(0), Y.data(), l);
+    blas::orthonormalize<T>(m, l, Y.data());
+  }
+  std::vector<T> B(static_cast<size_t>(l * n));
+  blas::gemm<T>(true, false, l, n, m, T(1), Y.data(), l, A, n, T(0), B.data(), n);
+  TruncatedSvd<T> s;
+  s.m = m;
+  s.n = n;
+  s.r = l;
+  std::vector<T> Ub;
+  blas::svd_thin<T>(l, n, B.data(), Ub, s.S, s.Vt);  // B = Ub S Vt, Ub l×l
+  s.U.resize(static_cast<size_t>(m * l));
+  blas::gemm<T>(false, false, m, l, l, T(1), Y.data(), l, Ub.data(), l, T(0), s.U.data(), l);
+  s.method = "randomized";
+  s.full_spectrum = (l == std::min(m, n));
+  return s;
+}
+
+template <typename T>
+TruncatedSvd<T> truncated_svd(const T* A, int64_t m, int64_t n, double fro2, const SvdOptions& o) {
+  const int64_t dmin = std::min(m, n);
+  TruncatedSvd<T> s;
+  if (dmin == 0 || fro2 == 0.0) {  // empty or exactly zero: nothing to decompose
+    s.m = m;
+    s.n = n;
+    s.method = "none";
+    s.fro2 = fro2;
+    s.full_spectrum = true;
+    return s;
+  }
+  const bool fixed = o.rank >= 0;
+  const int64_t want = fixed ? std::min(o.rank, dmin) : std::min(o.max_rank, dmin);
+  const bool exact = o.exact || dmin <= o.exact_max_dim || want + o.oversample >= dmin / 2;
+  if (exact) {
+    s = exact_svd<T>(A, m, n);
+    s.fro2 = fro2;
+    if (fixed) {
+      s.k = want;
+    } else {
+      int64_t k = rank_for_energy(s.S, s.r, fro2, o.energy);
+      s.energy_reached = k >= 0;
+      s.k = k >= 0 ? k : s.r;
+    }
+  } else if (fixed) {
+    s = randomized_svd<T>(A, m, n, std::min(dmin, want + o.oversample), o.power_iters, o.seed);
+    s.fro2 = fro2;
+    s.k = want;
+    s.sketch_passes = 1;
+  } else {
+    // Energy rule: sketch k = 32, 64, ... up to max_rank until Σσ² reaches E·‖A‖².
+    int64_t K = std::min<int64_t>(32, want);
+    int64_t passes = 0;
+    while (true) {
+      s = randomized_svd<T>(A, m, n, std::min(dmin, K + o.oversample), o.power_iters, o.seed);
+      ++passes;
+      int64_t k = rank_for_energy(s.S, std::min(K, s.r), fro2, o.energy);
+      if (k >= 0) {
+        s.k = k;
+        break;
+      }
+      if (K >= want) {
+        s.k = std::min(K, s.r);
+        s.energy_reached = false;
+        break;
+      }
+      K = std::min(2 * K, want);
+    }
+    s.fro2 = fro2;
+    s.sketch_passes = passes;
+  }
+  posterior(A, s);
+  return s;
+}
+
+template int64_t rank_for_energy<float>(const std::vector<float>&, int64_t, double, double);
+template int64_t rank_for_energy<double>(const std::vector<double>&, int64_t, double, double);
+template TruncatedSvd<float> truncated_svd<float>(const float*, int64_t, int64_t, double, const SvdOptions&);
+template TruncatedSvd<double> truncated_svd<double>(const double*, int64_t, int64_t, double, const SvdOptions&);
+template TruncatedSvd<float> exact_svd<float>(const float*, int64_t, int64_t);
+template TruncatedSvd<double> exact_svd<double>(const double*, int64_t, int64_t);
+template TruncatedSvd<float> randomized_svd<float>(const float*, int64_t, int64_t, int64_t, int64_t, uint64_t);
+template TruncatedSvd<double> randomized_svd<double>(const double*, int64_t, int64_t, int64_t, int64_t, uint64_t);
+
+}  // namespace pysafe

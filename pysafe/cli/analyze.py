@@ -1,0 +1,99 @@
+"""``pysafe analyze BASE TUNED``: the weights-only report (engine.md)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from pysafe.cli.options import debug_option, handle_errors, seed_option, threads_option
+
+
+class _Progress:
+    """A one-line progress bar on stderr: tensors done / total and bytes read."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+
+    def __call__(self, done, total, bytes_done, bytes_total, name):
+        if not self.enabled:
+            return
+        width = 24
+        fill = int(width * done / max(1, total))
+        dt = time.perf_counter() - self.t0
+        rate = bytes_done / dt / 1e9 if dt > 0 else 0.0
+        line = (f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{total} tensors  "
+                f"{bytes_done / 1e9:.2f}/{bytes_total / 1e9:.2f} GB  {rate:.2f} GB/s  {name[-40:]:40s}")
+        sys.stderr.write(line)
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+@click.command()
+@click.argument("base", type=click.Path())
+@click.argument("tuned", type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False), default="pysafe-report", show_default=True,
+              help="Report directory (summary.json, results.h5, plots/).")
+@click.option("--include", metavar="REGEX", default=None, help="Analyse only tensors whose name matches.")
+@click.option("--exclude", metavar="REGEX", default=None, help="Skip tensors whose name matches.")
+@click.option("--rank", type=click.IntRange(min=1), default=None, help="Fixed rank k for ΔW (else --energy).")
+@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
+              help="k = smallest with Σσ² ≥ E·‖ΔW‖²_F.")
+@click.option("--base-rank", type=click.IntRange(min=1), default=None, help="Fixed rank k for W_base.")
+@click.option("--base-energy", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
+              help="Energy fraction for W_base's k.")
+@click.option("--max-rank", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Largest k of the randomized SVD under the energy rule.")
+@click.option("--exact/--no-exact", default=False, show_default=True, help="Force exact (LAPACK) SVDs.")
+@click.option("--center/--no-center", default=False, show_default=True,
+              help="Subtract the mean row before the SVDs (the paper's variant).")
+@click.option("--dtype", type=click.Choice(["f32", "f64"]), default="f32", show_default=True,
+              help="Precision of ΔW and the linear algebra.")
+@threads_option
+@seed_option
+@click.option("--save-vectors/--no-save-vectors", default=False, show_default=True,
+              help="Store the top-k singular vectors in results.h5.")
+@click.option("--strict/--no-strict", default=False, show_default=True,
+              help="Mismatched names, shapes or dtypes are errors instead of skips.")
+@click.option("--overwrite", is_flag=True, help="Replace the pysafe outputs in a non-empty --out.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@click.option("--plots/--no-plots", default=True, show_default=True, help="Write plots/*.png.")
+@debug_option
+@handle_errors
+def analyze(base, tuned, out, include, exclude, rank, energy, base_rank, base_energy, max_rank, exact, center,
+            dtype, threads, seed, save_vectors, strict, overwrite, progress, plots, debug):
+    """Compare BASE and TUNED checkpoints tensor by tensor: what did fine-tuning change?
+
+    BASE and TUNED are checkpoint directories or files: model.safetensors, a sharded
+    model.safetensors.index.json, a directory of *.safetensors, a PEFT adapter (TUNED only),
+    or PyTorch .bin/.pth state dicts (read with torch.load(weights_only=True)).
+    """
+    from pathlib import Path
+
+    from pysafe.report import format_table, write_report
+    from pysafe.weights import Options, compare
+
+    outp = Path(out)
+    if outp.exists() and outp.is_dir() and any(outp.iterdir()) and not overwrite:
+        raise click.UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace its pysafe outputs")
+    opts = Options(include=include, exclude=exclude, rank=rank, energy=energy, base_rank=base_rank,
+                   base_energy=base_energy, exact=exact, max_rank=max_rank, center=center, dtype=dtype,
+                   threads=threads, seed=seed, save_vectors=save_vectors, strict=strict)
+    try:
+        opts.validate()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    show = sys.stderr.isatty() if progress is None else progress
+    cmp = compare(base, tuned, progress=_Progress(show), **vars(opts))
+    for line in cmp.preflight.lines():
+        click.echo(f"pre-flight: {line}", err=True)
+    table = format_table(cmp)
+    if table:
+        click.echo(table)
+    write_report(cmp, out, overwrite=overwrite, plots=plots)
+    gb = cmp.bytes_read / 1e9
+    click.echo(f"{len(cmp.records)} tensors analysed, {len(cmp.skipped)} skipped, {gb:.2f} GB read in "
+               f"{cmp.seconds:.1f} s ({cmp.scheme} names) -> {out}/summary.json")

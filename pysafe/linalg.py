@@ -1,0 +1,79 @@
+"""Thin, checked wrappers over the native core's reader and linear algebra."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from pysafe._loader import _core
+
+
+def build_info() -> dict:
+    """What this build contains: version, cuda (bool), BLAS configuration, thread count."""
+    info = dict(_core.build_info())
+    info["cuda_devices"] = _core.cuda_device_count()
+    return info
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """Validate a safetensors file's header (engine.md §2) and return its entries and metadata.
+
+    Raises:
+        FileNotFoundError: no such file.
+        HeaderError: the header is malformed; ``.code`` names the condition.
+    """
+    return _core.read_header(os.fspath(path))
+
+
+def read_tensor(path: str | os.PathLike, name: str, dtype: str | None = None) -> np.ndarray:
+    """Read one tensor of a safetensors file through the native reader.
+
+    Args:
+        path: a ``.safetensors`` file.
+        name: the tensor's name, verbatim.
+        dtype: ``None`` returns the stored values in their NumPy dtype where NumPy has one (a copy)
+            and float32 for BF16/F8; ``"f32"`` or ``"f64"`` upcasts.
+
+    Returns:
+        ndarray with the tensor's shape.
+    """
+    f = _core.SafetensorsFile(os.fspath(path))
+    entry = next((e for e in f.entries() if e["name"] == name), None)
+    if entry is None:
+        from pysafe.errors import TensorNotFoundError
+
+        raise TensorNotFoundError(f"{path}: no tensor '{name}'")
+    raw = f.buffer(name)
+    st = entry["dtype"]
+    shape = list(entry["shape"])
+    if dtype is None and st in _NUMPY:
+        return np.frombuffer(raw, dtype=_NUMPY[st]).reshape(shape).copy()
+    if dtype not in (None, "f32", "f64"):
+        raise ValueError(f"dtype must be None, 'f32' or 'f64', got {dtype!r}")
+    return _core.upcast(raw, st, shape, dtype == "f64")
+
+
+_NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+          "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
+
+
+def truncated_svd(A: np.ndarray, *, rank: int | None = None, energy: float = 0.9, exact: bool = False,
+                  max_rank: int = 256, exact_max_dim: int = 1024, oversample: int = 10, power_iters: int = 2,
+                  seed: int = 0):
+    """Truncated SVD of a 2-D float32/float64 array with the engine's rules (engine.md §4).
+
+    Returns:
+        (U (m×r), S (r,), Vt (r×n), info) with info["k"] the kept rank, info["method"],
+        info["rel_error"] and info["energy_reached"].
+    """
+    A = np.asarray(A)
+    if A.ndim != 2:
+        raise ValueError(f"expected a 2-D array, got shape {A.shape}")
+    if A.dtype not in (np.float32, np.float64):
+        raise TypeError(f"expected float32 or float64, got {A.dtype}")
+    o = _core.SvdOptions()
+    o.rank = -1 if rank is None else rank
+    o.energy, o.exact, o.max_rank, o.exact_max_dim = energy, exact, max_rank, exact_max_dim
+    o.oversample, o.power_iters, o.seed = oversample, power_iters, seed
+    return _core.truncated_svd(np.ascontiguousarray(A), o)

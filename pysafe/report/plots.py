@@ -1,0 +1,86 @@
+"""plots/*.png: singular-value decay per module type, and layer × module heatmaps."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pysafe.checkpoint import MODULE_ORDER
+
+HEATMAP_KEYS = ("delta_rel", "null_frac_left", "overlap_left", "effective_rank_delta")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_plots(cmp, out: str | os.PathLike) -> list[Path]:
+    """Write the decay plot and the four heatmaps; returns the files written."""
+    out = Path(out)
+    plt = _plt()
+    written = []
+    recs = [r for r in cmp.records if "sv_delta" in r]
+    if not recs:
+        return written
+    groups: dict[str, list[dict]] = {}
+    for r in recs:
+        groups.setdefault(r.get("module") or "other", []).append(r)
+    names = [m for m in MODULE_ORDER if m in groups] + sorted(g for g in groups if g not in MODULE_ORDER)
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax, mod in zip(axes.flat, names):
+        rs = groups[mod]
+        layers = [r.get("layer") for r in rs]
+        lmax = max([l for l in layers if l is not None] or [1])
+        cmap = plt.get_cmap("viridis")
+        for r in rs:
+            sv = np.asarray(r["sv_delta"], dtype=float)
+            if sv.size == 0 or sv[0] <= 0:
+                continue
+            color = cmap((r["layer"] or 0) / max(1, lmax)) if r.get("layer") is not None else "gray"
+            ax.semilogy(np.arange(1, sv.size + 1), sv / sv[0], color=color, lw=0.8)
+        ax.set_title(f"ΔW spectrum: {mod}")
+        ax.set_xlabel("index i")
+        ax.set_ylabel("σ_i / σ_1")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    p = out / "sv_decay.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    written.append(p)
+
+    layered = [r for r in recs if r.get("layer") is not None and r.get("module")]
+    if layered:
+        layers = sorted({r["layer"] for r in layered})
+        mods = [m for m in MODULE_ORDER if any(r["module"] == m for r in layered)]
+        for key in HEATMAP_KEYS:
+            grid = np.full((len(layers), len(mods)), np.nan)
+            for r in layered:
+                v = r.get(key)
+                if v is not None and r["module"] in mods:
+                    grid[layers.index(r["layer"]), mods.index(r["module"])] = v
+            fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(mods), 1.5 + 0.22 * len(layers)))
+            im = ax.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest")
+            ax.set_xticks(range(len(mods)), mods)
+            step = max(1, len(layers) // 16)
+            ax.set_yticks(range(0, len(layers), step), [str(l) for l in layers[::step]])
+            ax.set_xlabel("module")
+            ax.set_ylabel("layer")
+            ax.set_title(key)
+            fig.colorbar(im, ax=ax)
+            fig.tight_layout()
+            p = out / f"heatmap_{key}.png"
+            fig.savefig(p, dpi=110)
+            plt.close(fig)
+            written.append(p)
+    return written

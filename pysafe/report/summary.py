@@ -1,0 +1,77 @@
+"""summary.json: the records of engine.md §5 as JSON (NaN -> null, spectra truncated)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pysafe._version import __version__
+
+#: arrays longer than this are cut to max(k, JSON_ARRAY_MIN) values in JSON; results.h5 has them all
+JSON_ARRAY_MIN = 32
+_ARRAY_KEYS = {"sv_delta": "rank_delta", "sv_base": "rank_base", "sin_theta_left": None, "sin_theta_right": None}
+
+
+def _clean(v):
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    if isinstance(v, float):
+        return None if not math.isfinite(v) else v
+    if isinstance(v, (np.floating,)):
+        return _clean(float(v))
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    return v
+
+
+def record_json(rec: dict) -> dict:
+    out = {}
+    for k, v in rec.items():
+        if k == "vectors":
+            continue
+        if k in _ARRAY_KEYS and v is not None:
+            kk = _ARRAY_KEYS[k]
+            keep = max(JSON_ARRAY_MIN, int(rec.get(kk, 0) or 0)) if kk else len(v)
+            v = np.asarray(v)[:keep]
+        out[k] = _clean(v)
+    return out
+
+
+def summary_dict(cmp) -> dict:
+    return {
+        "pysafe_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "base": cmp.base,
+        "tuned": cmp.tuned,
+        "params": _clean(cmp.params),
+        "scheme": cmp.scheme,
+        "seconds": round(cmp.seconds, 3),
+        "bytes_read": cmp.bytes_read,
+        "preflight": {
+            "only_in_base": len(cmp.preflight.only_in_base),
+            "only_in_tuned": len(cmp.preflight.only_in_tuned),
+            "shape_mismatch": cmp.preflight.shape_mismatch,
+            "dtype_differs": cmp.preflight.dtype_differs,
+            "filtered_out": cmp.preflight.filtered_out,
+        },
+        "matrices": [record_json(r) for r in cmp.records],
+        "skipped": _clean(cmp.skipped),
+    }
+
+
+def write_json(obj: dict, path: str | os.PathLike) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, allow_nan=False)
+        f.write("\n")
+    os.replace(tmp, path)

@@ -1,0 +1,356 @@
+"""compare(): pair two checkpoints by tensor name, pre-flight, and compute per-matrix metrics.
+
+The heavy work (fused upcast-subtract, SVDs, subspace metrics) runs in the native core, one
+tensor at a time, so memory stays bounded by a few tensors whatever the model size.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from pysafe._loader import _core
+from pysafe.checkpoint import Checkpoint, PeftAdapter, detect_scheme, name_info
+from pysafe.errors import CheckpointError, ShapeMismatchError
+
+#: values of sv_* and sin_theta_* kept in summary.json (results.h5 keeps the full arrays)
+JSON_SPECTRUM_MIN = 32
+
+
+@dataclass
+class Options:
+    """Every option of an analysis (the CLI flags of ``pysafe analyze``), recorded in summary.json."""
+
+    include: str | None = None        # regex: analyse only tensors whose name matches
+    exclude: str | None = None        # regex: skip tensors whose name matches
+    rank: int | None = None           # fixed k for ΔW (else the energy rule)
+    energy: float = 0.9               # energy fraction E for ΔW's k (the paper's 0.9)
+    base_rank: int | None = None      # fixed k for W_base
+    base_energy: float = 0.9          # energy fraction for W_base's k
+    exact: bool = False               # force exact SVDs
+    max_rank: int = 256               # largest k the randomized SVD computes under the energy rule
+    exact_max_dim: int = 1024         # exact SVD when min(out, in) <= this
+    oversample: int = 10              # randomized SVD oversampling p
+    power_iters: int = 2              # randomized SVD power iterations q
+    center: bool = False              # subtract the mean row before the SVDs (the paper's variant)
+    dtype: str = "f32"                # precision of ΔW and the linear algebra: f32 or f64
+    threads: int = 0                  # 0: all cores
+    seed: int = 0                     # seed of the randomized SVD's test matrices
+    save_vectors: bool = False        # keep the top-k singular vectors in results.h5
+    strict: bool = False              # mismatches are errors instead of skips
+
+    def validate(self) -> None:
+        if self.dtype not in ("f32", "f64"):
+            raise ValueError(f"dtype must be 'f32' or 'f64', got {self.dtype!r}")
+        for name in ("energy", "base_energy"):
+            v = getattr(self, name)
+            if not (0.0 < v <= 1.0) or math.isnan(v):
+                raise ValueError(f"{name} must be in (0, 1], got {v}")
+        for name in ("rank", "base_rank"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v}")
+        for name, lo in (("max_rank", 1), ("exact_max_dim", 0), ("oversample", 0), ("power_iters", 0),
+                         ("threads", 0), ("seed", 0)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"{name} must be >= {lo}, got {getattr(self, name)}")
+        for name in ("include", "exclude"):
+            pattern = getattr(self, name)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(f"{name} is not a valid regular expression: {pattern!r} ({exc})") from None
+
+
+@dataclass
+class Preflight:
+    """What pairing found before any data was read."""
+
+    only_in_base: list[str] = field(default_factory=list)
+    only_in_tuned: list[str] = field(default_factory=list)
+    shape_mismatch: list[dict] = field(default_factory=list)
+    dtype_differs: list[dict] = field(default_factory=list)
+    not_matrix: list[dict] = field(default_factory=list)
+    filtered_out: int = 0
+    pairs: list[str] = field(default_factory=list)  # analysed names, in read order
+
+    def lines(self) -> list[str]:
+        out = []
+        if self.only_in_base:
+            out.append(f"{len(self.only_in_base)} tensors only in base (e.g. {self.only_in_base[0]})")
+        if self.only_in_tuned:
+            out.append(f"{len(self.only_in_tuned)} tensors only in tuned (e.g. {self.only_in_tuned[0]})")
+        for m in self.shape_mismatch:
+            out.append(f"shape mismatch: {m['name']} base {m['base']} vs tuned {m['tuned']}")
+        if self.dtype_differs:
+            m = self.dtype_differs[0]
+            out.append(f"{len(self.dtype_differs)} tensors differ in dtype (e.g. {m['name']}: base {m['base']}, "
+                       f"tuned {m['tuned']}); both are upcast before subtracting")
+        return out
+
+
+@dataclass
+class Comparison:
+    """Result of :func:`compare`: one record per analysed tensor plus what was skipped."""
+
+    base: dict
+    tuned: dict
+    params: dict
+    records: list[dict]
+    skipped: list[dict]
+    preflight: Preflight
+    scheme: str
+    seconds: float = 0.0
+    bytes_read: int = 0
+
+    def to_pandas(self):
+        """The records as a pandas DataFrame (spectra left out). Needs pandas."""
+        import pandas as pd
+
+        rows = [{k: v for k, v in r.items() if not isinstance(v, (list, np.ndarray, dict))} for r in self.records]
+        return pd.DataFrame(rows)
+
+    def record(self, name: str) -> dict:
+        for r in self.records:
+            if r["name"] == name:
+                return r
+        raise KeyError(name)
+
+
+ProgressFn = Callable[[int, int, int, int, str], None]
+
+
+def compare(base, tuned, *, progress: ProgressFn | None = None, **options) -> Comparison:
+    """Compare two checkpoints tensor by tensor (engine.md §4–5).
+
+    Args:
+        base: path (or opened :class:`Checkpoint`) of the base model.
+        tuned: path (or opened checkpoint / :class:`PeftAdapter`) of the fine-tuned model.
+        progress: called as ``progress(done, total, bytes_done, bytes_total, name)`` after each tensor.
+        **options: any field of :class:`Options` (``rank``, ``energy``, ``exact``, ``center``, ...).
+
+    Returns:
+        A :class:`Comparison` whose ``records`` carry the JSON keys of engine.md §5.
+
+    Raises:
+        FileNotFoundError, CheckpointError, HeaderError, ShardIndexError: unreadable inputs.
+        ShapeMismatchError: the checkpoints share no tensor, or (``strict``) any mismatch.
+        ValueError: a bad option value.
+    """
+    opts = Options(**options)
+    opts.validate()
+    t0 = time.perf_counter()
+    b = base if isinstance(base, (Checkpoint, PeftAdapter)) else Checkpoint.open(base)
+    t = tuned if isinstance(tuned, (Checkpoint, PeftAdapter)) else Checkpoint.open(tuned)
+    if isinstance(b, PeftAdapter):
+        raise CheckpointError(f"{b.path}: BASE is a PEFT adapter; pass the base model as BASE and the adapter as TUNED")
+    _core.set_num_threads(opts.threads)
+    scheme = detect_scheme(b.tensors)
+    try:
+        if isinstance(t, PeftAdapter):
+            records, skipped, pre, nbytes = _compare_adapter(b, t, opts, scheme, progress)
+        else:
+            records, skipped, pre, nbytes = _compare_dense(b, t, opts, scheme, progress)
+    finally:
+        if not isinstance(base, (Checkpoint, PeftAdapter)):
+            b.close()
+        if not isinstance(tuned, (Checkpoint, PeftAdapter)):
+            t.close()
+    return Comparison(base=b.describe(), tuned=t.describe(), params=asdict(opts), records=records, skipped=skipped,
+                      preflight=pre, scheme=scheme, seconds=time.perf_counter() - t0, bytes_read=nbytes)
+
+
+def preflight(b: Checkpoint, t: Checkpoint, opts: Options) -> Preflight:
+    """Pair tensors by name (never by shard) and list every mismatch, reading headers only."""
+    pre = Preflight()
+    inc = re.compile(opts.include) if opts.include else None
+    exc = re.compile(opts.exclude) if opts.exclude else None
+    pre.only_in_base = sorted(set(b.tensors) - set(t.tensors))
+    pre.only_in_tuned = sorted(set(t.tensors) - set(b.tensors))
+    common = set(b.tensors) & set(t.tensors)
+    if not common:
+        raise ShapeMismatchError(
+            f"{b.path} and {t.path} share no tensor names (base has e.g. '{next(iter(sorted(b.tensors)), '')}', "
+            f"tuned has e.g. '{next(iter(sorted(t.tensors)), '')}'); are these checkpoints of the same model?")
+    selected = []
+    for name in common:
+        if (inc and not inc.search(name)) or (exc and exc.search(name)):
+            pre.filtered_out += 1
+            continue
+        bi, ti = b.tensors[name], t.tensors[name]
+        if bi.shape != ti.shape:
+            pre.shape_mismatch.append({"name": name, "base": list(bi.shape), "tuned": list(ti.shape)})
+            continue
+        if bi.dtype != ti.dtype:
+            pre.dtype_differs.append({"name": name, "base": bi.dtype, "tuned": ti.dtype})
+        if not (bi.is_float and ti.is_float):
+            pre.not_matrix.append({"name": name, "reason": f"non-float dtype (base {bi.dtype}, tuned {ti.dtype})"})
+            continue
+        if len(bi.shape) > 2:
+            pre.not_matrix.append({"name": name, "reason": f"{len(bi.shape)}-D tensor {list(bi.shape)}: "
+                                                           "no flattening rule"})
+            continue
+        selected.append(name)
+    if not selected and not pre.shape_mismatch:
+        what = f" matching --include {opts.include!r}" if inc else ""
+        what += f" after --exclude {opts.exclude!r}" if exc else ""
+        raise ShapeMismatchError(f"no tensor to analyse{what}: {len(common)} shared names, none selected")
+    # Read in the base checkpoint's file order, so each shard is streamed front to back.
+    pre.pairs = sorted(selected, key=lambda n: (b.tensors[n].file, b.tensors[n].offset))
+    if opts.strict:
+        problems = pre.lines()
+        if pre.not_matrix:
+            problems.append(f"{pre.not_matrix[0]['name']}: {pre.not_matrix[0]['reason']}")
+        if problems:
+            raise ShapeMismatchError("--strict: " + "; ".join(problems))
+    return pre
+
+
+def _svd_options(rank, energy, opts: Options, seed: int):
+    o = _core.SvdOptions()
+    o.rank = -1 if rank is None else int(rank)
+    o.energy = float(energy)
+    o.exact = opts.exact
+    o.exact_max_dim = opts.exact_max_dim
+    o.max_rank = opts.max_rank
+    o.oversample = opts.oversample
+    o.power_iters = opts.power_iters
+    o.seed = seed
+    return o
+
+
+def _params(opts: Options, name: str, transposed: bool):
+    # Seeds depend on (seed, tensor name) only: results do not depend on the order of tensors.
+    h = zlib.crc32(name.encode())
+    p = _core.AnalyzeParams()
+    p.delta = _svd_options(opts.rank, opts.energy, opts, (opts.seed << 32) ^ (2 * h))
+    p.base = _svd_options(opts.base_rank, opts.base_energy, opts, (opts.seed << 32) ^ (2 * h + 1))
+    p.center = opts.center
+    p.transpose = transposed
+    p.save_vectors = opts.save_vectors
+    return p
+
+
+def _record(name: str, shape, bi, ti, scheme: str, raw: dict) -> dict:
+    ni = name_info(name, scheme)
+    rec = {"name": name, "layer": ni.layer, "module": ni.module,
+           "shape": [int(shape[1]), int(shape[0])] if ni.transposed else [int(s) for s in shape],
+           "stored_shape": [int(s) for s in shape], "transposed": ni.transposed,
+           "dtype_base": bi.dtype, "dtype_tuned": ti.dtype if ti is not None else None}
+    for k, v in raw.items():
+        if k in ("energy_reached_delta", "energy_reached_base"):
+            rec[k] = bool(v)
+        elif k in ("rank_delta", "rank_base", "nonfinite", "svd_sketch_passes", "out_features", "in_features"):
+            rec[k] = int(v)
+        else:
+            rec[k] = v
+    return rec
+
+
+def _compare_dense(b: Checkpoint, t: Checkpoint, opts: Options, scheme: str, progress):
+    pre = preflight(b, t, opts)
+    skipped = [{"name": n, "reason": "only in base"} for n in pre.only_in_base]
+    skipped += [{"name": n, "reason": "only in tuned"} for n in pre.only_in_tuned]
+    skipped += [{"name": m["name"], "reason": f"shape mismatch: base {m['base']} vs tuned {m['tuned']}"}
+                for m in pre.shape_mismatch]
+    skipped += [dict(m) for m in pre.not_matrix]
+    records = []
+    total_bytes = sum(b.tensors[n].nbytes + t.tensors[n].nbytes for n in pre.pairs)
+    done_bytes = 0
+    f64 = opts.dtype == "f64"
+    for i, name in enumerate(pre.pairs):
+        bi, ti = b.tensors[name], t.tensors[name]
+        if i + 1 < len(pre.pairs):  # prefetch the next pair while this one computes
+            b.advise(pre.pairs[i + 1], "willneed")
+            t.advise(pre.pairs[i + 1], "willneed")
+        bbuf, tbuf = b.buffer(name), t.buffer(name)
+        if len(bi.shape) == 2:
+            ni = name_info(name, scheme)
+            raw = _core.analyze_dense(bbuf, bi.dtype, tbuf, ti.dtype, bi.shape[0], bi.shape[1],
+                                      _params(opts, name, ni.transposed), f64)
+        else:
+            n = int(np.prod(bi.shape)) if bi.shape else 1
+            raw = _core.analyze_norms(bbuf, bi.dtype, tbuf, ti.dtype, n)
+        del bbuf, tbuf
+        b.advise(name, "dontneed")  # keep resident memory bounded by a few tensors
+        t.advise(name, "dontneed")
+        _finish(name, bi.shape, bi, ti, scheme, raw, records, skipped)
+        done_bytes += bi.nbytes + ti.nbytes
+        if progress:
+            progress(i + 1, len(pre.pairs), done_bytes, total_bytes, name)
+    return records, skipped, pre, done_bytes
+
+
+def _finish(name, shape, bi, ti, scheme, raw, records, skipped):
+    if "skip_reason" in raw:
+        skipped.append({"name": name, "reason": raw["skip_reason"], "nonfinite": int(raw.get("nonfinite", 0))})
+    else:
+        records.append(_record(name, shape, bi, ti, scheme, raw))
+
+
+def _compare_adapter(b: Checkpoint, t: PeftAdapter, opts: Options, scheme: str, progress):
+    """ΔW = scale · B · A per target module, analysed from its factors (never forming B·A)."""
+    pre = Preflight()
+    inc = re.compile(opts.include) if opts.include else None
+    exc = re.compile(opts.exclude) if opts.exclude else None
+    skipped, records, todo = [], [], []
+    for tg in t.targets:
+        if (inc and not inc.search(tg.base_name)) or (exc and exc.search(tg.base_name)):
+            pre.filtered_out += 1
+            continue
+        if tg.base_name not in b.tensors:
+            pre.only_in_tuned.append(tg.base_name)
+            continue
+        bi = b.tensors[tg.base_name]
+        a_shape, b_shape = t.tensors[tg.a_name].shape, t.tensors[tg.b_name].shape
+        ni = name_info(tg.base_name, scheme)
+        out_in = (bi.shape[1], bi.shape[0]) if ni.transposed else tuple(bi.shape)
+        if len(bi.shape) != 2 or out_in != (b_shape[0], a_shape[1]):
+            pre.shape_mismatch.append({"name": tg.base_name, "base": list(bi.shape),
+                                       "tuned": [b_shape[0], a_shape[1]]})
+            continue
+        todo.append(tg)
+    skipped += [{"name": n, "reason": "adapter targets a tensor not in base"} for n in pre.only_in_tuned]
+    skipped += [{"name": m["name"], "reason": f"shape mismatch: base {m['base']} vs adapter B·A {m['tuned']}"}
+                for m in pre.shape_mismatch]
+    if not todo:
+        raise ShapeMismatchError(f"{t.path}: no adapter target matches a tensor of {b.path}"
+                                 + (f" (e.g. '{t.targets[0].base_name}')" if t.targets else ""))
+    if opts.strict and (pre.only_in_tuned or pre.shape_mismatch):
+        raise ShapeMismatchError("--strict: " + "; ".join(s["name"] + ": " + s["reason"] for s in skipped))
+    pre.pairs = [tg.base_name for tg in todo]
+    f64 = opts.dtype == "f64"
+    total_bytes = sum(b.tensors[tg.base_name].nbytes for tg in todo)
+    done_bytes = 0
+    for i, tg in enumerate(todo):
+        bi = b.tensors[tg.base_name]
+        ni = name_info(tg.base_name, scheme)
+        A = t.weights.read(tg.a_name, opts.dtype)  # (r, in)
+        B = t.weights.read(tg.b_name, opts.dtype)  # (out, r)
+        # Stored ΔW = L·R: Linear (out, in) -> L = s·B, R = A; Conv1D (in, out) -> L = Aᵀ, R = s·Bᵀ.
+        if ni.transposed:
+            L, R = np.ascontiguousarray(A.T), np.ascontiguousarray(tg.scale * B.T)
+        else:
+            L, R = np.ascontiguousarray(tg.scale * B), A
+        raw = _core.analyze_factored(b.buffer(tg.base_name), bi.dtype, bi.shape[0], bi.shape[1],
+                                     L.astype(np.float64 if f64 else np.float32, copy=False),
+                                     R.astype(np.float64 if f64 else np.float32, copy=False),
+                                     _params(opts, tg.base_name, ni.transposed))
+        b.advise(tg.base_name, "dontneed")
+        raw["lora_rank"] = tg.rank
+        raw["lora_scale"] = tg.scale
+        ti = t.tensors[tg.a_name]
+        _finish(tg.base_name, bi.shape, bi, ti, scheme, raw, records, skipped)
+        if records and records[-1]["name"] == tg.base_name:
+            records[-1]["lora_rank"] = int(tg.rank)
+        done_bytes += bi.nbytes
+        if progress:
+            progress(i + 1, len(todo), done_bytes, total_bytes, tg.base_name)
+    return records, skipped, pre, done_bytes
