@@ -46,7 +46,7 @@ def format_table(cmp, keys=("delta_rel", "null_frac_left")) -> str:
     if other:
         lines.append("other tensors".ljust(41) + "delta_rel".rjust(10) + "null_frac_left".rjust(16))
         for r in other[:20]:
-            lines.append(f"{r["name"][-40:]:40s} " + _fmt(r.get("delta_rel"), 10) + _fmt(r.get("null_frac_left"), 16))
+            lines.append(f"{r['name'][-40:]:40s} " + _fmt(r.get("delta_rel"), 10) + _fmt(r.get("null_frac_left"), 16))
         if len(other) > 20:
             lines.append(f"... and {len(other) - 20} more (see summary.json)")
     return "\n".join(lines).rstrip()
