@@ -108,6 +108,16 @@ class _ShardWriter:
         (self.out / "config.json").write_text(json.dumps(config, indent=2))
 
 
+def _existing_spec(out: Path):
+    try:
+        specs = [json.loads((out / side / "config.json").read_text())["pysafe_synthetic"]
+                 for side in ("base", "tuned")]
+    except (OSError, ValueError, KeyError):
+        return None
+    complete = all((out / side / "model.safetensors.index.json").exists() for side in ("base", "tuned"))
+    return specs[0] if complete and specs[0] == specs[1] else None
+
+
 def make_pair(out: str | os.PathLike, preset: str = "small", **overrides) -> Path:
     """Write ``out/base`` and ``out/tuned`` for a preset (see PRESETS); returns ``out``."""
     import torch
@@ -115,7 +125,9 @@ def make_pair(out: str | os.PathLike, preset: str = "small", **overrides) -> Pat
     spec = spec_for(preset, **overrides)
     out = Path(out)
     if (out / "base").exists() or (out / "tuned").exists():
-        raise FileExistsError(f"{out}: already holds base/ or tuned/; choose an empty directory")
+        if _existing_spec(out) == {"preset": preset, **asdict(spec)}:
+            return out  # the same pair is already there: reuse it
+        raise FileExistsError(f"{out}: already holds a different base/ or tuned/; choose an empty directory")
     g = torch.Generator().manual_seed(spec.seed)
     wb = _ShardWriter(out / "base", int(spec.base_shard_mb * 1e6))
     wt = _ShardWriter(out / "tuned", int(spec.tuned_shard_mb * 1e6))
