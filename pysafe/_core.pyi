@@ -19,6 +19,7 @@ class SvdOptions:
     oversample: int
     power_iters: int
     seed: int
+    residual_check: bool
     def __init__(self) -> None: ...
 
 class AnalyzeParams:

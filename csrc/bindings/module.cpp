@@ -158,7 +158,8 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("max_rank", &SvdOptions::max_rank)
       .def_readwrite("oversample", &SvdOptions::oversample)
       .def_readwrite("power_iters", &SvdOptions::power_iters)
-      .def_readwrite("seed", &SvdOptions::seed);
+      .def_readwrite("seed", &SvdOptions::seed)
+      .def_readwrite("residual_check", &SvdOptions::residual_check);
 
   py::class_<AnalyzeParams>(m, "AnalyzeParams", "Options of one matrix analysis (see metrics.h).")
       .def(py::init<>())

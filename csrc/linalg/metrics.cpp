@@ -1,6 +1,8 @@
 #include "linalg/metrics.h"
 
 #include <algorithm>
+#include <chrono>
+#include <memory>
 #include <cmath>
 #include <limits>
 
@@ -14,6 +16,33 @@ namespace pysafe {
 namespace {
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+// Per-thread buffers for W_b and ΔW reused across tensors: a fresh 180 MB allocation per tensor
+// costs more in page faults and zero-filling than the fused conversion itself. Grows to the
+// largest tensor seen and stays there, so memory is bounded by a few tensors, not by the model.
+template <typename T>
+struct Workspace {
+  std::unique_ptr<T[]> base, delta;
+  size_t cap = 0;
+  void reserve(size_t n) {
+    if (n <= cap) return;
+    base.reset();
+    delta.reset();
+    base.reset(new T[n]);  // uninitialised on purpose: fully overwritten by fused_delta
+    delta.reset(new T[n]);
+    cap = n;
+  }
+};
+
+template <typename T>
+Workspace<T>& workspace() {
+  thread_local Workspace<T> ws;
+  return ws;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
 // Below this null fraction, 1 − ‖PΔW‖²/‖ΔW‖² loses digits to cancellation; recompute it from
 // the residual ‖ΔW − P ΔW‖² instead.
 constexpr double kRefineBelow = 0.05;
@@ -173,7 +202,6 @@ void fill_common(Record& rec, const TruncatedSvd<T>& sd, const TruncatedSvd<T>& 
   rec.strings["effective_rank_from"] = sd.full_spectrum ? "full_spectrum" : "topk_plus_residual";
   s["svd_rel_error"] = sd.method == "none" ? kNaN : sd.rel_error;
   s["svd_tail_rel"] = sd.method == "none" ? kNaN : sd.tail_rel;
-  s["svd_rel_error_base"] = sb.method == "none" ? kNaN : sb.rel_error;
   s["svd_sketch_passes"] = static_cast<double>(sd.sketch_passes);
   rec.strings["svd_method"] = sd.method;
   rec.strings["svd_method_base"] = sb.method;
@@ -224,8 +252,13 @@ Record analyze_dense(const uint8_t* base, DType bdt, const uint8_t* tuned, DType
   // Shapes (stored): W_b, ΔW (rows×cols). U_b (rows×kb), V_b (cols×kb), U_Δ (rows×kd), V_Δ (cols×kd).
   Record rec;
   const size_t n = static_cast<size_t>(rows * cols);
-  std::vector<T> Wb(n), dW(n);
-  DeltaStats st = fused_delta<T>(tuned, tdt, base, bdt, n, Wb.data(), dW.data());
+  auto t0 = std::chrono::steady_clock::now();
+  Workspace<T>& ws = workspace<T>();
+  ws.reserve(n);
+  T* Wb = ws.base.get();
+  T* dW = ws.delta.get();
+  DeltaStats st = fused_delta<T>(tuned, tdt, base, bdt, n, Wb, dW);
+  rec.scalars["time_read_delta"] = seconds_since(t0);
   rec.scalars["nonfinite"] = static_cast<double>(st.nonfinite_base + st.nonfinite_tuned);
   if (st.nonfinite_base + st.nonfinite_tuned > 0) {
     rec.skip_reason = detail::concat(st.nonfinite_base + st.nonfinite_tuned, " NaN/Inf values (base: ",
@@ -235,12 +268,18 @@ Record analyze_dense(const uint8_t* base, DType bdt, const uint8_t* tuned, DType
   double base_fro2 = st.sumsq_base, delta_fro2 = st.sumsq_delta;
   double base_svd_fro2 = base_fro2, delta_svd_fro2 = delta_fro2;
   if (p.center) {
-    base_svd_fro2 = center_matrix(Wb.data(), rows, cols, p.transpose);
-    delta_svd_fro2 = center_matrix(dW.data(), rows, cols, p.transpose);
+    base_svd_fro2 = center_matrix(Wb, rows, cols, p.transpose);
+    delta_svd_fro2 = center_matrix(dW, rows, cols, p.transpose);
   }
   SvdOptions od = p.delta, ob = p.base;
-  TruncatedSvd<T> sd = truncated_svd<T>(dW.data(), rows, cols, delta_svd_fro2, od);
-  TruncatedSvd<T> sb = truncated_svd<T>(Wb.data(), rows, cols, base_svd_fro2, ob);
+  ob.residual_check = false;  // the record's svd_rel_error is ΔW's; skip a pass over W_b
+  t0 = std::chrono::steady_clock::now();
+  TruncatedSvd<T> sd = truncated_svd<T>(dW, rows, cols, delta_svd_fro2, od);
+  rec.scalars["time_svd_delta"] = seconds_since(t0);
+  t0 = std::chrono::steady_clock::now();
+  TruncatedSvd<T> sb = truncated_svd<T>(Wb, rows, cols, base_svd_fro2, ob);
+  rec.scalars["time_svd_base"] = seconds_since(t0);
+  t0 = std::chrono::steady_clock::now();
   const int64_t kb = sb.k, kd = sd.k;
 
   SideMetrics left, right;
@@ -249,24 +288,24 @@ Record analyze_dense(const uint8_t* base, DType bdt, const uint8_t* tuned, DType
     std::vector<T> P(static_cast<size_t>(kb * cols));
     double x = 0.0;
     if (kb > 0) {
-      blas::gemm<T>(true, false, kb, cols, rows, T(1), sb.U.data(), sb.r, dW.data(), cols, T(0), P.data(), cols);
+      blas::gemm<T>(true, false, kb, cols, rows, T(1), sb.U.data(), sb.r, dW, cols, T(0), P.data(), cols);
       x = sumsq(P.data(), P.size()) / delta_svd_fro2;
     }
     left.null_frac = std::clamp(1.0 - x, 0.0, 1.0);
     if (kb > 0 && left.null_frac < kRefineBelow)
       left.null_frac = std::clamp(
-          residual_sumsq(dW.data(), rows, cols, sb.U.data(), sb.r, P.data(), cols, kb) / delta_svd_fro2, 0.0, 1.0);
+          residual_sumsq(dW, rows, cols, sb.U.data(), sb.r, P.data(), cols, kb) / delta_svd_fro2, 0.0, 1.0);
     // Right (stored cols): x = ‖ΔW V_b‖² / ‖ΔW‖²  (Q = ΔW V_b, rows×kb).
     std::vector<T> Q(static_cast<size_t>(rows * kb));
     x = 0.0;
     if (kb > 0) {
-      blas::gemm<T>(false, true, rows, kb, cols, T(1), dW.data(), cols, sb.Vt.data(), cols, T(0), Q.data(), kb);
+      blas::gemm<T>(false, true, rows, kb, cols, T(1), dW, cols, sb.Vt.data(), cols, T(0), Q.data(), kb);
       x = sumsq(Q.data(), Q.size()) / delta_svd_fro2;
     }
     right.null_frac = std::clamp(1.0 - x, 0.0, 1.0);
     if (kb > 0 && right.null_frac < kRefineBelow)
       right.null_frac = std::clamp(
-          residual_sumsq(dW.data(), rows, cols, Q.data(), kb, sb.Vt.data(), cols, kb) / delta_svd_fro2, 0.0, 1.0);
+          residual_sumsq(dW, rows, cols, Q.data(), kb, sb.Vt.data(), cols, kb) / delta_svd_fro2, 0.0, 1.0);
     // Principal angles between the kept singular subspaces.
     double c2l = 0.0, c2r = 0.0;
     left.sin_theta = sines(sb.U.data(), sb.r, kb, sd.U.data(), sd.r, kd, rows, c2l);
@@ -279,6 +318,7 @@ Record analyze_dense(const uint8_t* base, DType bdt, const uint8_t* tuned, DType
     chance_levels<T>(left, kb, 0, rows, 0.0);
     chance_levels<T>(right, kb, 0, cols, 0.0);
   }
+  rec.scalars["time_metrics"] = seconds_since(t0);
   fill_common(rec, sd, sb, base_fro2, delta_fro2, left, right, p, rows, cols);
   return rec;
 }
@@ -354,7 +394,9 @@ Record analyze_factored(const uint8_t* base, DType bdt, int64_t rows, int64_t co
     sd.energy_reached = k >= 0;
     sd.k = k >= 0 ? k : sd.r;
   }
-  TruncatedSvd<T> sb = truncated_svd<T>(Wb.data(), rows, cols, base_svd_fro2, p.base);
+  SvdOptions ob = p.base;
+  ob.residual_check = false;
+  TruncatedSvd<T> sb = truncated_svd<T>(Wb.data(), rows, cols, base_svd_fro2, ob);
   const int64_t kb = sb.k, kd = sd.k;
   SideMetrics left, right;
   if (delta_fro2 > 0) {

@@ -20,6 +20,7 @@ struct SvdOptions {
   int64_t oversample = 10;      ///< p: extra columns of the sketch
   int64_t power_iters = 2;      ///< q: power iterations, re-orthonormalised between them
   uint64_t seed = 0;            ///< seed of the Gaussian test matrix (counter-based: thread-independent)
+  bool residual_check = true;   ///< compute rel_error (one more pass over A: A·V_k)
 };
 
 /// The top components of A (m×n, row-major) and how they were obtained.
@@ -56,7 +57,7 @@ TruncatedSvd<T> exact_svd(const T* A, int64_t m, int64_t n);
 template <typename T>
 TruncatedSvd<T> randomized_svd(const T* A, int64_t m, int64_t n, int64_t l, int64_t power_iters, uint64_t seed);
 
-/// Standard normal from a counter (seed, index): same value whatever the thread layout.
-double gaussian_at(uint64_t seed, uint64_t index);
+/// Two standard normals from a counter (seed, index): same values whatever the thread layout.
+void gaussian_pair(uint64_t seed, uint64_t index, double& g0, double& g1);
 
 }  // namespace pysafe
