@@ -127,13 +127,16 @@ class Comparison:
 ProgressFn = Callable[[int, int, int, int, str], None]
 
 
-def compare(base, tuned, *, progress: ProgressFn | None = None, **options) -> Comparison:
+def compare(base, tuned, *, progress: ProgressFn | None = None,
+            on_preflight: Callable[[Preflight], None] | None = None, **options) -> Comparison:
     """Compare two checkpoints tensor by tensor (engine.md §4–5).
 
     Args:
         base: path (or opened :class:`Checkpoint`) of the base model.
         tuned: path (or opened checkpoint / :class:`PeftAdapter`) of the fine-tuned model.
         progress: called as ``progress(done, total, bytes_done, bytes_total, name)`` after each tensor.
+        on_preflight: called with the :class:`Preflight` as soon as pairing is done, before any data
+            is read (the CLI prints mismatches there, in the first second).
         **options: any field of :class:`Options` (``rank``, ``energy``, ``exact``, ``center``, ...).
 
     Returns:
@@ -155,9 +158,9 @@ def compare(base, tuned, *, progress: ProgressFn | None = None, **options) -> Co
     scheme = detect_scheme(b.tensors)
     try:
         if isinstance(t, PeftAdapter):
-            records, skipped, pre, nbytes = _compare_adapter(b, t, opts, scheme, progress)
+            records, skipped, pre, nbytes = _compare_adapter(b, t, opts, scheme, progress, on_preflight)
         else:
-            records, skipped, pre, nbytes = _compare_dense(b, t, opts, scheme, progress)
+            records, skipped, pre, nbytes = _compare_dense(b, t, opts, scheme, progress, on_preflight)
     finally:
         if not isinstance(base, (Checkpoint, PeftAdapter)):
             b.close()
@@ -254,8 +257,10 @@ def _record(name: str, shape, bi, ti, scheme: str, raw: dict) -> dict:
     return rec
 
 
-def _compare_dense(b: Checkpoint, t: Checkpoint, opts: Options, scheme: str, progress):
+def _compare_dense(b: Checkpoint, t: Checkpoint, opts: Options, scheme: str, progress, on_preflight):
     pre = preflight(b, t, opts)
+    if on_preflight:
+        on_preflight(pre)
     skipped = [{"name": n, "reason": "only in base"} for n in pre.only_in_base]
     skipped += [{"name": n, "reason": "only in tuned"} for n in pre.only_in_tuned]
     skipped += [{"name": m["name"], "reason": f"shape mismatch: base {m['base']} vs tuned {m['tuned']}"}
@@ -295,7 +300,7 @@ def _finish(name, shape, bi, ti, scheme, raw, records, skipped):
         records.append(_record(name, shape, bi, ti, scheme, raw))
 
 
-def _compare_adapter(b: Checkpoint, t: PeftAdapter, opts: Options, scheme: str, progress):
+def _compare_adapter(b: Checkpoint, t: PeftAdapter, opts: Options, scheme: str, progress, on_preflight):
     """ΔW = scale · B · A per target module, analysed from its factors (never forming B·A)."""
     pre = Preflight()
     inc = re.compile(opts.include) if opts.include else None
@@ -326,6 +331,8 @@ def _compare_adapter(b: Checkpoint, t: PeftAdapter, opts: Options, scheme: str, 
     if opts.strict and (pre.only_in_tuned or pre.shape_mismatch):
         raise ShapeMismatchError("--strict: " + "; ".join(s["name"] + ": " + s["reason"] for s in skipped))
     pre.pairs = [tg.base_name for tg in todo]
+    if on_preflight:
+        on_preflight(pre)
     f64 = opts.dtype == "f64"
     total_bytes = sum(b.tensors[tg.base_name].nbytes for tg in todo)
     done_bytes = 0

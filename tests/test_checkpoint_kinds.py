@@ -134,3 +134,20 @@ def test_name_schemes(names, scheme, name, expected):
     assert detect_scheme(names + [name]) == scheme
     ni = name_info(name, scheme)
     assert (ni.layer, ni.module, ni.transposed) == expected
+
+
+def test_preflight_reported_before_any_tensor_is_read(tmp_path):
+    base, tuned = _pair_tensors()
+    tuned["extra.weight"] = torch.zeros(3, 3)
+    tuned["model.layers.0.mlp.up_proj.weight"] = torch.zeros(25, 16)  # resized
+    save_file(base, str(tmp_path / "b.safetensors"))
+    save_file(tuned, str(tmp_path / "t.safetensors"))
+    events = []
+    cmp = pysafe.compare(tmp_path / "b.safetensors", tmp_path / "t.safetensors",
+                         on_preflight=lambda pre: events.append(("pre", pre)),
+                         progress=lambda *a: events.append(("tensor", a[4])))
+    assert events[0][0] == "pre" and all(e[0] == "tensor" for e in events[1:])
+    pre = events[0][1]
+    assert pre.only_in_tuned == ["extra.weight"]
+    assert pre.shape_mismatch == [{"name": "model.layers.0.mlp.up_proj.weight", "base": [24, 16], "tuned": [25, 16]}]
+    assert {s["name"] for s in cmp.skipped} == {"extra.weight", "model.layers.0.mlp.up_proj.weight"}

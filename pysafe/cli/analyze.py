@@ -87,9 +87,12 @@ def analyze(base, tuned, out, include, exclude, rank, energy, base_rank, base_en
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     show = sys.stderr.isatty() if progress is None else progress
-    cmp = compare(base, tuned, progress=_Progress(show), **vars(opts))
-    for line in cmp.preflight.lines():
-        click.echo(f"pre-flight: {line}", err=True)
+    def report_preflight(pre):
+        for line in pre.lines():
+            click.echo(f"pre-flight: {line}", err=True)
+        click.echo(f"pre-flight: {len(pre.pairs)} tensors to analyse", err=True)
+
+    cmp = compare(base, tuned, progress=_Progress(show), on_preflight=report_preflight, **vars(opts))
     table = format_table(cmp)
     if table:
         click.echo(table)
