@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -170,7 +171,8 @@ class Checkpoint:
         digest = hashlib.sha256()
         for f in files:
             try:
-                sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
+                # mmap only works for the zip format; legacy (pre-1.6) pickles must load without it
+                sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
             except Exception as exc:  # noqa: BLE001 - torch raises many types; name the file
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise CheckpointError(f"{f}: cannot be read with torch.load(weights_only=True): {first}") from exc

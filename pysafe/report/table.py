@@ -43,10 +43,17 @@ def format_table(cmp, keys=("delta_rel", "null_frac_left")) -> str:
             lines.append(f"{layer:5d} " + "".join(
                 (" " + _fmt(mods[m].get(key))) if m in mods else " " * 8 for m in modules))
         lines.append("")
-    if other:
-        lines.append("other tensors".ljust(41) + "delta_rel".rjust(10) + "null_frac_left".rjust(16))
-        for r in other[:20]:
+    vectors = [r for r in other if len(r["shape"]) < 2]
+    matrices = [r for r in other if len(r["shape"]) == 2]
+    if matrices:
+        lines.append("other matrices".ljust(41) + "delta_rel".rjust(10) + "null_frac_left".rjust(16))
+        for r in matrices[:20]:
             lines.append(f"{r['name'][-40:]:40s} " + _fmt(r.get("delta_rel"), 10) + _fmt(r.get("null_frac_left"), 16))
-        if len(other) > 20:
-            lines.append(f"... and {len(other) - 20} more (see summary.json)")
+        if len(matrices) > 20:
+            lines.append(f"... and {len(matrices) - 20} more (see summary.json)")
+    if vectors:
+        top = max(vectors, key=lambda r: r.get("delta_rel") or 0.0)
+        changed = sum(1 for r in vectors if r.get("delta_fro"))
+        lines.append(f"1-D tensors: {len(vectors)} ({changed} changed), largest delta_rel "
+                     f"{_fmt(top.get('delta_rel'), 0).strip()} in {top['name']}")
     return "\n".join(lines).rstrip()
