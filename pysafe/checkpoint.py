@@ -174,8 +174,8 @@ class Checkpoint:
                 # mmap only works for the zip format; legacy (pre-1.6) pickles must load without it
                 sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
             except Exception as exc:  # noqa: BLE001 - torch raises many types; name the file
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise CheckpointError(f"{f}: cannot be read with torch.load(weights_only=True): {first}") from exc
+                raise CheckpointError(f"{f}: cannot be read with torch.load(weights_only=True): "
+                                      f"{_torch_load_reason(f, exc)}") from exc
             if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
                 sd = sd["state_dict"]
             if not isinstance(sd, dict):
@@ -240,6 +240,20 @@ class Checkpoint:
     def describe(self) -> dict:
         return {"path": os.path.abspath(self.path), "format": self.format, "n_tensors": len(self.tensors),
                 "header_digest": self.header_digest}
+
+
+def _torch_load_reason(f: Path, exc: Exception) -> str:
+    """The one useful line of a torch.load failure (its text suggests weights_only=False: never do that)."""
+    with open(f, "rb") as fh:
+        magic = fh.read(2)
+    if not zipfile.is_zipfile(f) and not magic.startswith(b"\x80"):
+        return "not a PyTorch checkpoint (neither a zip archive nor a pickle)"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip() + " (refused: only tensors are loaded)"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln]
+    return lines[0] if lines else type(exc).__name__
 
 
 def _header_bytes(f: Path) -> bytes:

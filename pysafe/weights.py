@@ -154,6 +154,7 @@ def compare(base, tuned, *, progress: ProgressFn | None = None,
     t = tuned if isinstance(tuned, (Checkpoint, PeftAdapter)) else Checkpoint.open(tuned)
     if isinstance(b, PeftAdapter):
         raise CheckpointError(f"{b.path}: BASE is a PEFT adapter; pass the base model as BASE and the adapter as TUNED")
+    threads_before = _core.get_num_threads()
     _core.set_num_threads(opts.threads)
     scheme = detect_scheme(b.tensors)
     try:
@@ -162,6 +163,7 @@ def compare(base, tuned, *, progress: ProgressFn | None = None,
         else:
             records, skipped, pre, nbytes = _compare_dense(b, t, opts, scheme, progress, on_preflight)
     finally:
+        _core.set_num_threads(threads_before)  # do not leak our setting into the caller's process
         if not isinstance(base, (Checkpoint, PeftAdapter)):
             b.close()
         if not isinstance(tuned, (Checkpoint, PeftAdapter)):

@@ -332,6 +332,8 @@ def test_bin_that_is_not_a_pickle(tmp_path):
         pysafe.Checkpoint.open(p)
     assert str(p) in str(info.value) and "weights_only=True" in str(info.value)
     assert "mmap" not in str(info.value)  # not the misleading "save with the zipfile format" hint
+    assert "not a PyTorch checkpoint" in str(info.value)
+    assert "weights_only=False" not in str(info.value)  # never advise unsafe loading
 
 
 def test_bin_with_a_non_tensor_object_is_refused(tmp_path):
@@ -344,6 +346,8 @@ def test_bin_with_a_non_tensor_object_is_refused(tmp_path):
     with pytest.raises(pysafe.CheckpointError) as info:
         pysafe.Checkpoint.open(d)
     assert str(d / p.name) in str(info.value) and "weights_only=True" in str(info.value)
+    assert "refused" in str(info.value) and "\x1b[" not in str(info.value)
+    assert "weights_only=False" not in str(info.value)
     assert not marker.exists()  # nothing was executed
 
 
@@ -474,3 +478,11 @@ def test_inputs_are_unchanged_by_compare(tmp_path):
     for path, (data, mtime) in before.items():
         assert after[path][0] == data, f"{path} changed"
         assert after[path][1] == mtime, f"{path} mtime changed"
+
+
+def test_missing_tensor_in_file_is_a_key_error(tmp_path):
+    p = tmp_path / "one.safetensors"
+    save_numpy({"w": np.zeros((2, 2), np.float32)}, str(p))
+    with pytest.raises(pysafe.TensorNotFoundError) as info:
+        pysafe._core.SafetensorsFile(str(p)).buffer("nope")
+    assert isinstance(info.value, KeyError) and "'nope'" in str(info.value) and str(p) in str(info.value)

@@ -224,6 +224,7 @@ def test_bad_option_values(pair, tmp_path, args, value):
     assert "Traceback" not in result.output
     option = args[0].lstrip("-").replace("-", "_")
     assert option in result.stderr.replace("-", "_") and value in result.stderr
+    assert f"'{args[0]}'" in result.stderr  # names the flag as typed
     assert not (tmp_path / "out").exists()
 
 

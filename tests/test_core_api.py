@@ -43,4 +43,5 @@ def test_threads_setting_round_trips():
         assert _core.get_num_threads() == 1
     finally:
         _core.set_num_threads(0)
-    assert _core.get_num_threads() == before == (os.cpu_count() or 1)
+    assert _core.get_num_threads() == (os.cpu_count() or 1)
+    assert before >= 1

@@ -118,6 +118,7 @@ PYBIND11_MODULE(_core, m) {
         case ErrorKind::ShapeMismatch: cls = "ShapeMismatchError"; break;
         case ErrorKind::Value: cls = "CheckpointError"; break;
         case ErrorKind::FileNotFound: cls = nullptr; break;
+        case ErrorKind::TensorNotFound: cls = "TensorNotFoundError"; break;
         case ErrorKind::Internal: cls = "InternalError"; break;
       }
       if (cls == nullptr) {

@@ -246,7 +246,14 @@ bool parse(const char* text, size_t size, Value& out, ParseError& err) {
   return true;
 }
 
-bool is_valid_utf8(const char* data, size_t size) {
+namespace {
+bool fail_at(size_t* out, size_t i) {
+  if (out) *out = i;
+  return false;
+}
+}  // namespace
+
+bool is_valid_utf8(const char* data, size_t size, size_t* bad_offset) {
   const unsigned char* s = reinterpret_cast<const unsigned char*>(data);
   size_t i = 0;
   while (i < size) {
@@ -267,16 +274,16 @@ bool is_valid_utf8(const char* data, size_t size) {
       n = 3;
       cp = c & 0x07;
     } else {
-      return false;
+      return fail_at(bad_offset, i);
     }
     for (int k = 1; k <= n; ++k) {
-      if (i + k >= size) return false;
+      if (i + k >= size) return fail_at(bad_offset, i);
       unsigned char cc = s[i + k];
-      if ((cc & 0xC0) != 0x80) return false;
+      if ((cc & 0xC0) != 0x80) return fail_at(bad_offset, i);
       cp = (cp << 6) | (cc & 0x3F);
     }
-    if ((n == 1 && cp < 0x80) || (n == 2 && cp < 0x800) || (n == 3 && cp < 0x10000)) return false;
-    if (cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+    if ((n == 1 && cp < 0x80) || (n == 2 && cp < 0x800) || (n == 3 && cp < 0x10000)) return fail_at(bad_offset, i);
+    if (cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return fail_at(bad_offset, i);
     i += static_cast<size_t>(n) + 1;
   }
   return true;

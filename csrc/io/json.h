@@ -39,7 +39,8 @@ struct ParseError {
 bool parse(const char* text, size_t size, Value& out, ParseError& err);
 
 /// True when [data, data+size) is well-formed UTF-8 (no overlongs, no surrogates, <= U+10FFFF).
-bool is_valid_utf8(const char* data, size_t size);
+/// On failure, `bad_offset` (if given) receives the offset of the first invalid byte.
+bool is_valid_utf8(const char* data, size_t size, size_t* bad_offset = nullptr);
 
 const char* type_name(Type t);
 

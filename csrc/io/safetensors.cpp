@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <sstream>
 
 #include "core/error.h"
 #include "io/json.h"
@@ -40,6 +41,14 @@ std::string shape_str(const std::vector<int64_t>& shape) {
 }
 
 std::string sys_error(int err) { return std::strerror(err); }
+
+// A JSON number as the user wrote it: "-1" rather than "-1.000000".
+std::string number_str(double v) {
+  std::ostringstream os;
+  os.precision(17);
+  os << v;
+  return os.str();
+}
 
 // Checked a * b for uint64; false on overflow.
 bool mul_ok(uint64_t a, uint64_t b, uint64_t& out) {
@@ -88,8 +97,10 @@ long Header::find(const std::string& name) const {
 Header parse_header_json(const std::string& path, const char* json_bytes, uint64_t n, uint64_t file_size) {
   using namespace header_code;
   // 5. UTF-8, then a JSON object.
-  PYSAFE_CHECK(json::is_valid_utf8(json_bytes, n), Header, kInvalidUtf8, path,
-               ": header is not valid UTF-8 (", n, " header bytes)");
+  size_t bad = 0;
+  PYSAFE_CHECK(json::is_valid_utf8(json_bytes, n, &bad), Header, kInvalidUtf8, path,
+               ": header is not valid UTF-8: invalid byte 0x", std::hex, static_cast<unsigned>(
+                   static_cast<unsigned char>(json_bytes[bad])), std::dec, " at header byte ", bad, " of ", n);
   json::Value root;
   json::ParseError perr;
   PYSAFE_CHECK(json::parse(json_bytes, n, root, perr), Header, kInvalidJson, path,
@@ -140,7 +151,7 @@ Header parse_header_json(const std::string& path, const char* json_bytes, uint64
       PYSAFE_CHECK(d.type == json::Type::Number && d.is_uint && d.uint <= static_cast<uint64_t>(INT64_MAX),
                    Header, kInvalidShape, path, ": tensor '", name,
                    "' shape must hold non-negative integers; found ",
-                   d.type == json::Type::Number ? std::to_string(d.number) : json::type_name(d.type));
+                   d.type == json::Type::Number ? number_str(d.number) : json::type_name(d.type));
       e.shape.push_back(static_cast<int64_t>(d.uint));
       PYSAFE_CHECK(mul_ok(numel, d.uint, numel), Header, kSizeMismatch, path, ": tensor '", name,
                    "' shape ", shape_str(e.shape), " overflows the element count");
@@ -167,11 +178,14 @@ Header parse_header_json(const std::string& path, const char* json_bytes, uint64
     return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
   });
   uint64_t expect = 0;
+  const TensorEntry* prev = nullptr;
   for (auto& e : h.entries) {
     PYSAFE_CHECK(e.begin == expect, Header, kOffsetsNotContiguous, path, ": tensor '", e.name,
-                 "' data_offsets begin at ", e.begin, " but the previous tensor ends at ", expect,
-                 e.begin < expect ? " (overlap)" : " (gap)");
+                 "' data_offsets begin at ", e.begin, " but ",
+                 prev ? "the previous tensor '" + prev->name + "' ends at " : std::string("the data section starts at "),
+                 expect, e.begin < expect ? " (overlap)" : " (gap)");
     expect = e.end;
+    prev = &e;
   }
   // 9. The data section covers the rest of the file exactly.
   uint64_t data_len = file_size - h.data_start;
@@ -282,7 +296,7 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : map_(std::make_share
 
 const TensorEntry& SafetensorsFile::entry(const std::string& name) const {
   long i = header_.find(name);
-  PYSAFE_CHECK(i >= 0, Value, "tensor_not_found", path(), ": no tensor named '", name, "'");
+  PYSAFE_CHECK(i >= 0, TensorNotFound, "tensor_not_found", path(), ": no tensor named '", name, "'");
   return header_.entries[static_cast<size_t>(i)];
 }
 

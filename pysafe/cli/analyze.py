@@ -84,8 +84,9 @@ def analyze(base, tuned, out, include, exclude, rank, energy, base_rank, base_en
                    threads=threads, seed=seed, save_vectors=save_vectors, strict=strict)
     try:
         opts.validate()
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+    except ValueError as exc:  # messages start with the field name: show it as the flag
+        field = str(exc).split(" ", 1)[0]
+        raise click.BadParameter(str(exc), param_hint=f"'--{field.replace('_', '-')}'") from None
     show = sys.stderr.isatty() if progress is None else progress
     def report_preflight(pre):
         for line in pre.lines():
