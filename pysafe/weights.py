@@ -353,12 +353,10 @@ def _compare_adapter(b: Checkpoint, t: PeftAdapter, opts: Options, scheme: str, 
                                      R.astype(np.float64 if f64 else np.float32, copy=False),
                                      _params(opts, tg.base_name, ni.transposed))
         b.advise(tg.base_name, "dontneed")
-        raw["lora_rank"] = tg.rank
-        raw["lora_scale"] = tg.scale
+        raw["lora_rank"] = int(tg.rank)
+        raw["lora_scale"] = float(tg.scale)
         ti = t.tensors[tg.a_name]
         _finish(tg.base_name, bi.shape, bi, ti, scheme, raw, records, skipped)
-        if records and records[-1]["name"] == tg.base_name:
-            records[-1]["lora_rank"] = int(tg.rank)
         done_bytes += bi.nbytes
         if progress:
             progress(i + 1, len(todo), done_bytes, total_bytes, tg.base_name)
