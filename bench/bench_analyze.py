@@ -41,7 +41,7 @@ rank = 64                 # fixed k of ΔW's truncated SVD, both tools
 base_rank = 64            # fixed k of W_base's top-k subspace, both tools
 oversample = 10           # randomized SVD oversampling p, both tools (svd_lowrank q = k + p)
 power_iters = 2           # randomized SVD power iterations, both tools (svd_lowrank niter)
-exact_max_dim = 0         # pysafe's exact-SVD threshold: 0 = randomized everywhere like the baseline; -1 = library default (1024)
+exact_max_dim = 0         # pysafe exact SVD when min(out, in) <= this: 0 = randomized like the baseline, -1 = default
 threads = 2               # threads for pysafe's core/OpenBLAS and for torch (0: all cores)
 data_dir = None           # where the pair lives (None: bench/data/pair-<preset>[-L<layers>])
 reuse = True              # reuse the pair in data_dir when it is there (--no-reuse deletes and regenerates it)
@@ -56,9 +56,6 @@ results = None            # also append the JSON lines to this file (e.g. bench/
 target_speedup = 1.5      # the verdict's bar: baseline seconds / pysafe seconds
 
 REPO = Path(__file__).resolve().parent.parent
-KNOBS = ["preset", "layers", "rank", "base_rank", "oversample", "power_iters", "exact_max_dim", "threads",
-         "data_dir", "reuse", "include", "tool", "skip_baseline", "accuracy_sample", "cold", "read_probe_mb",
-         "sgemm_n", "results", "target_speedup"]
 
 
 def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
@@ -126,6 +123,18 @@ def vm_status(key: str) -> float | None:
     except OSError:
         pass
     return None
+
+
+def busy_warning(what: str) -> float | None:
+    """The 1-minute load average; warns on stderr when other work shares the cores (timings unreliable)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    if load > 0.5:
+        print(f"warning: load average {load:.2f} before {what}: other processes share the cores, so these "
+              "timings (and especially multi-threaded OpenBLAS ones) are unreliable", file=sys.stderr)
+    return load
 
 
 def emit(rec: dict, results_path: str | None) -> None:
@@ -567,6 +576,7 @@ def main(argv=None) -> None:
     env = {**git_info(), "cpu": cpu_model(), "ncpu": os.cpu_count()}
     common = common_fields(args, info)
 
+    busy_warning("the machine probe")
     machine = run_worker("machine", cfg)
     emit({**common, "tool": "machine", **{k: _r(v) if isinstance(v, float) else v for k, v in machine.items()
                                          if k not in ("peak_rss_mb", "process_seconds", "vm_hwm_mb")},
@@ -579,8 +589,10 @@ def main(argv=None) -> None:
         if args.cold:
             drop_cache(cfg["files"])
             resident = resident_fraction(cfg["files"])
+        load = busy_warning(t)
         runs[t] = run_worker(t, cfg)
         runs[t]["cache_resident_at_start"] = resident
+        runs[t]["loadavg_1m_at_start"] = load
 
     exact = exact_spectra(info["base"], info["tuned"], sample, max(args.rank, args.base_rank)) if sample else {}
     for t, r in runs.items():
@@ -596,7 +608,8 @@ def main(argv=None) -> None:
                "sv_rel_err_delta": _r(err_d, 6), "sv_rel_err_base": _r(err_b, 6),
                "sv_err_delta_over_s1": _r(err_d1, 6), "sv_err_base_over_s1": _r(err_b1, 6),
                "accuracy_sample": sample, "n_records": r["n_records"],
-               "cache_resident_at_start": _r(r["cache_resident_at_start"])}
+               "cache_resident_at_start": _r(r["cache_resident_at_start"]),
+               "loadavg_1m_at_start": _r(r["loadavg_1m_at_start"], 2)}
         if t == "pysafe":
             rec["svd_methods"] = r["svd_methods"]
             rec["phase_seconds"] = r["phase_seconds"]

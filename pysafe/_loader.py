@@ -19,6 +19,11 @@ def _preload_openblas() -> None:
 
 _preload_openblas()
 
-from pysafe import _core  # noqa: E402
+try:
+    from pysafe import _core  # noqa: E402
+except ImportError as exc:  # typically: importing the source tree, where the extension was never built
+    here = os.path.dirname(os.path.abspath(__file__))
+    raise ImportError(f"pysafe's native core (pysafe._core) is not built in {here}: install with `pip install .` "
+                      "and run from outside the source tree (or use an editable install)") from exc
 
 __all__ = ["_core"]

@@ -159,7 +159,9 @@ def test_malformed_files_never_crash_the_interpreter(tmp_path):
         "            n += 1\n"
         "print('caught', n)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, timeout=120)
+    # cwd=tmp_path: from the repository root, `python -c` would import the source tree, not the install
+    r = subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"caught {3 * len(paths)}"
 
