@@ -28,14 +28,16 @@ def write_plots(cmp, out: str | os.PathLike) -> list[Path]:
     plt = _plt()
     written = []
     recs = [r for r in cmp.records if "sv_delta" in r]
+    # the decay plot shows matrices that changed; unchanged ones (σ_1 = 0) have no spectrum to draw
+    changed = [r for r in recs if len(r["sv_delta"]) and r["sv_delta"][0] > 0]
     if not recs:
         return written
     groups: dict[str, list[dict]] = {}
-    for r in recs:
+    for r in changed:
         groups.setdefault(r.get("module") or "other", []).append(r)
     names = [m for m in MODULE_ORDER if m in groups] + sorted(g for g in groups if g not in MODULE_ORDER)
-    cols = min(4, len(names))
-    rows = math.ceil(len(names) / cols)
+    cols = max(1, min(4, len(names)))
+    rows = max(1, math.ceil(len(names) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
     for ax, mod in zip(axes.flat, names):
         rs = groups[mod]
