@@ -40,6 +40,16 @@ Workspace<T>& workspace() {
   return ws;
 }
 
+// Record the NaN/Inf count; true (with a skip reason set) when the tensor must be skipped.
+bool skip_nonfinite(Record& rec, const DeltaStats& st) {
+  const uint64_t bad = st.nonfinite_base + st.nonfinite_tuned;
+  rec.scalars["nonfinite"] = static_cast<double>(bad);
+  if (bad == 0) return false;
+  rec.skip_reason = detail::concat(bad, " NaN/Inf values (base: ", st.nonfinite_base, ", tuned: ",
+                                   st.nonfinite_tuned, ")");
+  return true;
+}
+
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
@@ -259,12 +269,7 @@ Record analyze_dense(const uint8_t* base, DType bdt, const uint8_t* tuned, DType
   T* dW = ws.delta.get();
   DeltaStats st = fused_delta<T>(tuned, tdt, base, bdt, n, Wb, dW);
   rec.scalars["time_read_delta"] = seconds_since(t0);
-  rec.scalars["nonfinite"] = static_cast<double>(st.nonfinite_base + st.nonfinite_tuned);
-  if (st.nonfinite_base + st.nonfinite_tuned > 0) {
-    rec.skip_reason = detail::concat(st.nonfinite_base + st.nonfinite_tuned, " NaN/Inf values (base: ",
-                                     st.nonfinite_base, ", tuned: ", st.nonfinite_tuned, ")");
-    return rec;
-  }
+  if (skip_nonfinite(rec, st)) return rec;
   double base_fro2 = st.sumsq_base, delta_fro2 = st.sumsq_delta;
   double base_svd_fro2 = base_fro2, delta_svd_fro2 = delta_fro2;
   if (p.center) {
@@ -442,14 +447,9 @@ Record analyze_factored(const uint8_t* base, DType bdt, int64_t rows, int64_t co
 
 Record analyze_norms(const uint8_t* base, DType bdt, const uint8_t* tuned, DType tdt, uint64_t n) {
   Record rec;
-  std::vector<double> Wb(n), dW(n);
-  DeltaStats st = fused_delta<double>(tuned, tdt, base, bdt, n, Wb.data(), dW.data());
-  rec.scalars["nonfinite"] = static_cast<double>(st.nonfinite_base + st.nonfinite_tuned);
-  if (st.nonfinite_base + st.nonfinite_tuned > 0) {
-    rec.skip_reason = detail::concat(st.nonfinite_base + st.nonfinite_tuned, " NaN/Inf values (base: ",
-                                     st.nonfinite_base, ", tuned: ", st.nonfinite_tuned, ")");
-    return rec;
-  }
+  std::vector<double> dW(n);  // only the norms are kept: W_b itself is not stored
+  DeltaStats st = fused_delta<double>(tuned, tdt, base, bdt, n, nullptr, dW.data());
+  if (skip_nonfinite(rec, st)) return rec;
   rec.scalars["delta_fro"] = std::sqrt(st.sumsq_delta);
   rec.scalars["delta_rel"] = st.sumsq_base > 0 ? std::sqrt(st.sumsq_delta / st.sumsq_base) : kNaN;
   rec.scalars["base_fro"] = std::sqrt(st.sumsq_base);
