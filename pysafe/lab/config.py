@@ -1,0 +1,125 @@
+"""Lab presets: named TOML files (``paper``, ``cpu``, ``tiny``) that a user can copy and edit (D17).
+
+A preset has the tables ``[model]`` (:class:`~pysafe.lab.model.GPTConfig`), ``[data]`` (the data recipe,
+passed through as a dict), ``[pretrain]`` and ``[finetune]`` (training settings) and ``[eval]``. A preset
+may start from another with ``extends = "cpu"`` (a name or a path relative to the file) and override
+single keys; tables merge key by key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the tomli backport has the same API
+    import tomli as tomllib
+
+PRESET_DIR = Path(__file__).parent / "presets"
+PRESETS = ("paper", "cpu", "tiny")
+
+_TOP = {"name": str, "description": str, "extends": str}
+_TABLES = ("model", "data", "pretrain", "finetune", "eval")
+_INT, _FLOAT, _PAIR = "an integer", "a number", "a list of two numbers"
+_TRAIN_KEYS = {
+    "steps": _INT, "batch_size": _INT, "lr_max": _FLOAT, "min_lr": _FLOAT, "warmup": _INT,
+    "decay_steps": _INT, "weight_decay": _FLOAT, "betas": _PAIR, "grad_clip": _FLOAT, "log_every": _INT,
+    "eval_every": _INT, "ckpt_every": _INT, "eval_n": _INT,
+}
+_EVAL_KEYS = {"n": _INT}
+
+
+def preset_path(name_or_path: str | os.PathLike) -> Path:
+    """The TOML file of a preset name (``paper``, ``cpu``, ``tiny``) or of a path.
+
+    Raises:
+        FileNotFoundError: neither a known preset name nor an existing file.
+    """
+    s = str(name_or_path)
+    if s in PRESETS:
+        return PRESET_DIR / f"{s}.toml"
+    p = Path(s)
+    if p.is_file():
+        return p
+    raise FileNotFoundError(f"preset {s!r}: not a preset name ({', '.join(PRESETS)}) and no such file")
+
+
+def load_preset(name_or_path: str | os.PathLike) -> dict:
+    """Read and validate a preset; returns ``{name, description, path, model, data, pretrain, finetune, eval}``.
+
+    Raises:
+        FileNotFoundError: unknown preset name or missing file.
+        ValueError: malformed TOML, an unknown table or key, or a value of the wrong type; the message
+            names the file and the key.
+    """
+    return _load(preset_path(name_or_path), ())
+
+
+def _load(path: Path, seen: tuple) -> dict:
+    if path.resolve() in seen:
+        raise ValueError(f"{path}: 'extends' forms a cycle ({' -> '.join(str(p) for p in (*seen, path))})")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML: {e}") from None
+    for key, value in raw.items():
+        if key in _TOP:
+            if not isinstance(value, str):
+                raise ValueError(f"{path}: '{key}' must be a string, found {value!r}")
+        elif key in _TABLES:
+            if not isinstance(value, dict):
+                raise ValueError(f"{path}: '{key}' must be a table ([{key}]), found {type(value).__name__}")
+        else:
+            raise ValueError(f"{path}: unknown key '{key}'; expected the tables "
+                             f"{', '.join('[' + t + ']' for t in _TABLES)} and {', '.join(_TOP)}")
+
+    cfg: dict = {t: {} for t in _TABLES}
+    if "extends" in raw:
+        parent = raw["extends"]
+        ppath = (path.parent / parent) if parent not in PRESETS else preset_path(parent)
+        if not ppath.is_file():
+            raise FileNotFoundError(f"{path}: extends {parent!r}, which is neither a preset name "
+                                    f"({', '.join(PRESETS)}) nor a file next to it")
+        base = _load(ppath, (*seen, path.resolve()))
+        cfg = {t: dict(base[t]) for t in _TABLES}
+    for t in _TABLES:
+        cfg[t].update(raw.get(t, {}))
+    cfg["name"] = raw.get("name", path.stem)
+    cfg["description"] = raw.get("description", "")
+    cfg["path"] = str(path)
+    _validate(cfg, path)
+    return cfg
+
+
+def _validate(cfg: dict, path: Path) -> None:
+    from pysafe.lab.model import GPTConfig
+
+    known = {f.name for f in fields(GPTConfig)}
+    bad = sorted(set(cfg["model"]) - known)
+    if bad:
+        raise ValueError(f"{path}: [model] has unknown key(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+    try:
+        GPTConfig(**cfg["model"])
+    except ValueError as e:
+        raise ValueError(f"{path}: [model]: {e}") from None
+    for table in ("pretrain", "finetune"):
+        _check_keys(cfg[table], _TRAIN_KEYS, path, table)
+    _check_keys(cfg["eval"], _EVAL_KEYS, path, "eval")
+
+
+def _check_keys(table: dict, spec: dict, path: Path, where: str) -> None:
+    for key, value in table.items():
+        kind = spec.get(key)
+        if kind is None:
+            raise ValueError(f"{path}: [{where}] has unknown key '{key}'; known: {', '.join(spec)}")
+        ok = {
+            _INT: isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+            _FLOAT: isinstance(value, (int, float)) and not isinstance(value, bool),
+            _PAIR: isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
+        }[kind]
+        if not ok:
+            extra = " (non-negative)" if kind == _INT else ""
+            raise ValueError(f"{path}: [{where}] {key} must be {kind}{extra}, found {value!r}")
