@@ -1,0 +1,361 @@
+"""Lab checkpoints: a directory that ``pysafe analyze`` opens directly, written without pickle (D8).
+
+Layout of a checkpoint directory::
+
+    model.safetensors        weights, names as in GPT.state_dict() (no ``module.`` prefix)
+    config.json              architecture ("model" = GPTConfig fields), vocabulary, data recipe, stage,
+                             seed, preset, pysafe version, command line, and the caller's other keys
+    train_log.jsonl          one JSON object per logged step
+    train_state.safetensors  (resumable runs only) AdamW moments and step, RNG states as uint8/int64 tensors
+    train_state.json         (resumable runs only) step, optimizer hyper-parameters, the scalar RNG fields
+
+A directory is written whole into a hidden sibling and then renamed into place, so a crash never leaves
+a complete-looking half-written checkpoint; an existing directory is replaced only with ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import uuid
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from pysafe.errors import CheckpointError, ShapeMismatchError, TensorNotFoundError
+from pysafe.lab.model import GPT, GPTConfig
+from pysafe.lab.vocab import TOKENS
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+LOG = "train_log.jsonl"
+STATE_TENSORS = "train_state.safetensors"
+STATE_JSON = "train_state.json"
+FORMAT = "pysafe-lab-checkpoint"
+FORMAT_VERSION = 1
+
+
+# -- writing ---------------------------------------------------------------------------------------
+def save_checkpoint(out_dir: str | os.PathLike, model: GPT, config: dict | None = None, log_rows=None,
+                    train_state: dict | None = None, *, overwrite: bool = False, command: str | None = None) -> Path:
+    """Write ``model`` (and optionally its log and resume state) as the checkpoint directory ``out_dir``.
+
+    Args:
+        out_dir: the directory to create.
+        model: a :class:`GPT`; its ``config`` is written as ``config.json["model"]``.
+        config: JSON-serialisable run metadata (stage, seed, preset, "data" recipe, ...). A "model" entry,
+            if present, must equal the model's architecture.
+        log_rows: list of dicts, written one per line to ``train_log.jsonl``.
+        train_state: from :func:`make_train_state`; makes the checkpoint resumable.
+        overwrite: replace an existing ``out_dir``.
+        command: the exact command line (stored as "command" unless ``config`` already has one).
+
+    Returns:
+        The path of the checkpoint directory.
+
+    Raises:
+        FileExistsError: ``out_dir`` exists and ``overwrite`` is false.
+        ValueError: ``config["model"]`` disagrees with the model, or ``config`` is not JSON-serialisable.
+    """
+    from pysafe._version import __version__
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: already exists; pass overwrite=True (--overwrite) to replace it")
+    arch = asdict(model.config)
+    meta = dict(config or {})
+    if "model" in meta and meta["model"] != arch:
+        raise ValueError(f"{out}: config['model'] {meta['model']} differs from the model's architecture {arch}")
+    meta.update({"format": FORMAT, "format_version": FORMAT_VERSION, "model": arch, "vocabulary": list(TOKENS),
+                 "pysafe_version": __version__})
+    if command is not None and meta.get("command") is None:
+        meta["command"] = command
+    try:
+        config_text = json.dumps(meta, indent=2, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{out}: config is not JSON-serialisable: {e}") from None
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(_plain_state(model), str(tmp / WEIGHTS), metadata={"format": "pt", "pysafe": FORMAT})
+        with open(tmp / LOG, "w", encoding="utf-8") as f:
+            for row in log_rows or []:
+                f.write(json.dumps(row) + "\n")
+        if train_state is not None:
+            save_file(train_state["tensors"], str(tmp / STATE_TENSORS))
+            _write_text(tmp / STATE_JSON, json.dumps({"step": train_state["step"], **train_state["meta"]}, indent=1))
+        _write_text(tmp / CONFIG, config_text)  # last: a directory with config.json is complete
+        for f in tmp.iterdir():
+            _fsync(f)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+        _fsync(out.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies with no shared storage (safetensors refuses shared tensors)."""
+    out, seen = {}, set()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        if t.data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.data_ptr())
+        out[name] = t
+    return out
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# -- reading ---------------------------------------------------------------------------------------
+def read_config(ckpt_dir: str | os.PathLike) -> dict:
+    """``config.json`` of a checkpoint directory.
+
+    Raises:
+        FileNotFoundError: the directory or its config.json is missing.
+        CheckpointError: config.json is not a JSON object.
+    """
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: no such checkpoint directory")
+    path = d / CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (a lab checkpoint directory holds {WEIGHTS} and {CONFIG})")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(cfg).__name__}")
+    return cfg
+
+
+def model_config(cfg: dict, where: str = CONFIG) -> GPTConfig:
+    """The :class:`GPTConfig` stored under ``cfg["model"]``; raises CheckpointError naming the key."""
+    arch = cfg.get("model")
+    if not isinstance(arch, dict):
+        raise CheckpointError(f"{where}: no 'model' object (the architecture); found {arch!r}")
+    known = {f.name for f in fields(GPTConfig)}
+    bad = sorted(set(arch) - known)
+    if bad:
+        raise CheckpointError(f"{where}: model.{bad[0]} is not a GPTConfig field (known: {', '.join(sorted(known))})")
+    try:
+        return GPTConfig(**arch)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def load_checkpoint(ckpt_dir: str | os.PathLike, expect: GPTConfig | dict | None = None,
+                    device: str | torch.device = "cpu") -> tuple[GPT, dict]:
+    """Load a lab checkpoint directory, validating config.json against the weights.
+
+    Args:
+        ckpt_dir: a directory written by :func:`save_checkpoint`.
+        expect: a :class:`GPTConfig` (or a dict of some of its fields) the architecture must match.
+        device: where to put the model.
+
+    Returns:
+        ``(model, config)``: the :class:`GPT` in eval mode and the parsed config.json.
+
+    Raises:
+        FileNotFoundError: the directory, model.safetensors or config.json is missing.
+        CheckpointError: config.json is malformed, has another vocabulary, differs from ``expect``, or
+            the weights hold unexpected tensors; HeaderError for a malformed safetensors file.
+        TensorNotFoundError: a tensor the architecture needs is missing.
+        ShapeMismatchError: a tensor's shape differs from the architecture's.
+    """
+    d = Path(ckpt_dir)
+    cfg = read_config(d)
+    where = str(d / CONFIG)
+    weights = d / WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: missing")
+    gcfg = model_config(cfg, where)
+    vocab = cfg.get("vocabulary")
+    if vocab is not None and list(vocab) != list(TOKENS):
+        diff = next((i for i, (a, b) in enumerate(zip(vocab, TOKENS)) if a != b), min(len(vocab), len(TOKENS)))
+        found = vocab[diff] if diff < len(vocab) else "<end>"
+        want = TOKENS[diff] if diff < len(TOKENS) else "<end>"
+        raise CheckpointError(f"{where}: vocabulary differs from this pysafe's at id {diff}: "
+                              f"expected {want!r}, found {found!r} ({len(TOKENS)} vs {len(vocab)} tokens)")
+    if expect is not None:
+        want = asdict(expect) if isinstance(expect, GPTConfig) else dict(expect)
+        have = asdict(gcfg)
+        for key, value in want.items():
+            if key not in have:
+                raise ValueError(f"expect: {key!r} is not a GPTConfig field")
+            if have[key] != value:
+                raise CheckpointError(f"{where}: model.{key} is {have[key]!r} but {value!r} was expected")
+
+    from pysafe.linalg import read_header
+
+    read_header(str(weights))  # the engine's validator: raises HeaderError naming the file and condition
+    state = load_file(str(weights))
+    model = GPT(gcfg)
+    need = model.state_dict()
+    missing = [n for n in need if n not in state]
+    if missing:
+        raise TensorNotFoundError(f"{weights}: missing tensor '{missing[0]}' required by {CONFIG} "
+                                  f"({len(missing)} missing in all)")
+    extra = [n for n in state if n not in need]
+    if extra:
+        raise CheckpointError(f"{weights}: unexpected tensor '{extra[0]}' for the architecture in {CONFIG} "
+                              f"({len(extra)} unexpected in all)")
+    for name, t in need.items():
+        if tuple(state[name].shape) != tuple(t.shape):
+            raise ShapeMismatchError(f"{weights}: tensor '{name}' has shape {list(state[name].shape)} but "
+                                     f"{CONFIG} implies {list(t.shape)}")
+        if not state[name].is_floating_point():
+            raise CheckpointError(f"{weights}: tensor '{name}' has dtype {state[name].dtype}, expected a float")
+    model.load_state_dict(state)
+    model.to(device).eval()
+    return model, cfg
+
+
+def read_log(ckpt_dir: str | os.PathLike) -> list[dict]:
+    """The rows of ``train_log.jsonl`` (empty if there is none)."""
+    path = Path(ckpt_dir) / LOG
+    if not path.is_file():
+        return []
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise CheckpointError(f"{path}: line {i} is not valid JSON: {e}") from None
+    return rows
+
+
+# -- resume state ------------------------------------------------------------------------------------
+def make_train_state(optimizer: torch.optim.Optimizer, step: int) -> dict:
+    """Optimizer state and RNG states as ``{"step", "tensors", "meta"}``: tensors for safetensors, the rest JSON."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optimizer.state.{pid}.{k}"] = v.detach().cpu().contiguous().clone()
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    tensors["rng.numpy.keys"] = torch.from_numpy(np.asarray(np_keys, dtype=np.int64))
+    py_version, py_state, py_gauss = random.getstate()
+    tensors["rng.python.state"] = torch.tensor(py_state, dtype=torch.int64)
+    meta = {
+        "optimizer": {"type": type(optimizer).__name__, "param_groups": groups, "state_scalars": scalars},
+        "rng": {"numpy": {"name": np_name, "pos": int(np_pos), "has_gauss": int(np_has_gauss),
+                          "cached_gaussian": float(np_gauss)},
+                "python": {"version": py_version, "gauss_next": py_gauss}},
+    }
+    return {"step": int(step), "tensors": tensors, "meta": meta}
+
+
+def read_train_state(ckpt_dir: str | os.PathLike) -> dict:
+    """The resume state saved with a checkpoint (see :func:`make_train_state`).
+
+    Raises:
+        FileNotFoundError: the checkpoint has no train_state files (it was saved as final).
+        CheckpointError: train_state.json is malformed.
+    """
+    d = Path(ckpt_dir)
+    tpath, jpath = d / STATE_TENSORS, d / STATE_JSON
+    for p in (tpath, jpath):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: missing; this checkpoint cannot be resumed")
+    try:
+        meta = json.loads(jpath.read_text(encoding="utf-8"))
+        step = int(meta.pop("step"))
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{jpath}: malformed resume state: {e!r}") from None
+    return {"step": step, "tensors": load_file(str(tpath)), "meta": meta}
+
+
+def restore_train_state(state: dict, optimizer: torch.optim.Optimizer) -> int:
+    """Load the optimizer state and the RNG states of ``state`` into this process; returns the step.
+
+    Raises:
+        CheckpointError: the optimizer's type or parameter groups differ from the saved ones.
+        ShapeMismatchError: a saved moment's shape differs from its parameter's.
+    """
+    meta, tensors = state["meta"], state["tensors"]
+    om = meta["optimizer"]
+    if om["type"] != type(optimizer).__name__:
+        raise CheckpointError(f"{STATE_JSON}: saved for {om['type']}, restoring into {type(optimizer).__name__}")
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in om["param_groups"]]
+    cur = optimizer.state_dict()["param_groups"]
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in cur]:
+        raise CheckpointError(f"{STATE_JSON}: parameter groups of sizes {[len(g['params']) for g in groups]}, "
+                              f"the optimizer has {[len(g['params']) for g in cur]}")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    opt_state: dict[int, dict] = {}
+    prefix = "optimizer.state."
+    for name, t in tensors.items():
+        if name.startswith(prefix):
+            pid, key = name[len(prefix):].split(".", 1)
+            opt_state.setdefault(int(pid), {})[key] = t
+    for pid, sc in om["state_scalars"].items():
+        opt_state.setdefault(int(pid), {}).update(sc)
+    for pid, st in opt_state.items():
+        if pid >= len(params):
+            raise CheckpointError(f"{STATE_TENSORS}: state for parameter {pid}, the optimizer has {len(params)}")
+        for key, t in st.items():
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and tuple(t.shape) != tuple(params[pid].shape):
+                raise ShapeMismatchError(f"{STATE_TENSORS}: 'optimizer.state.{pid}.{key}' has shape {list(t.shape)}, "
+                                         f"its parameter has {list(params[pid].shape)}")
+    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+
+    rng = meta["rng"]
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.split(".")[-1]))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    n = rng["numpy"]
+    np.random.set_state((n["name"], tensors["rng.numpy.keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = rng["python"]
+    random.setstate((p["version"], tuple(int(v) for v in tensors["rng.python.state"].tolist()), p["gauss_next"]))
+    return int(state["step"])
+
+
+def load_train_state(ckpt_dir: str | os.PathLike, optimizer: torch.optim.Optimizer) -> int:
+    """:func:`read_train_state` + :func:`restore_train_state`; returns the step to resume from."""
+    return restore_train_state(read_train_state(ckpt_dir), optimizer)
