@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -752,7 +751,8 @@ def generate(recipe: DataRecipe, out_dir, n_test: int = 2000, sets=TEST_SETS, *,
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out}: already exists; pass overwrite=True (--overwrite) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    tmp.mkdir()  # (not mkdtemp: its 0700 mode would survive the rename)
     try:
         with h5py.File(tmp / CACHE_FILE, "w") as f:
             for name in sets:
