@@ -350,4 +350,30 @@ PYBIND11_MODULE(_core, m) {
     }
     return svd_tuple(s);
   }, py::arg("A"), py::arg("options"), "Truncated SVD (exact or randomized per options): (U, S, Vt, info).");
+
+  m.def("orthonormalize", [](py::array A, bool householder) {
+    if (A.ndim() != 2) throw py::value_error("orthonormalize: expected a 2-D array");
+    const int64_t rows = A.shape(0), cols = A.shape(1);
+    if (rows < cols) throw py::value_error("orthonormalize: expected rows >= cols");
+    auto run = [&](auto tag) -> py::tuple {
+      using T = decltype(tag);
+      auto src = py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(A);
+      py::array_t<T> q({static_cast<py::ssize_t>(rows), static_cast<py::ssize_t>(cols)});  // overwritten in place
+      std::memcpy(q.mutable_data(), src.data(), static_cast<size_t>(rows * cols) * sizeof(T));
+      blas::OrthoPath path = blas::OrthoPath::kHouseholder;
+      {
+        py::gil_scoped_release nogil;
+        if (householder)
+          blas::orthonormalize_householder<T>(rows, cols, q.mutable_data());
+        else
+          path = blas::orthonormalize<T>(rows, cols, q.mutable_data());
+      }
+      return py::make_tuple(q, blas::ortho_path_name(path));
+    };
+    if (A.dtype().is(py::dtype::of<double>())) return run(double());
+    if (A.dtype().is(py::dtype::of<float>())) return run(float());
+    throw py::type_error("orthonormalize: expected float32 or float64");
+  }, py::arg("A"), py::arg("householder") = false,
+     "Orthonormal basis of A's columns (the range finder's kernel): (Q, path), path one of cholqr2, "
+     "cholqr3, householder.");
 }

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cmath>
 
 #include "core/error.h"
 
@@ -23,6 +24,11 @@ blasint to_int(int64_t v) {
 }  // namespace
 
 template <>
+void orthonormalize_householder<float>(int64_t m, int64_t n, float* A);
+template <>
+void orthonormalize_householder<double>(int64_t m, int64_t n, double* A);
+
+template <>
 void gemm<float>(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
                  const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
@@ -38,26 +44,137 @@ void gemm<double>(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alph
                     to_int(N), to_int(K), alpha, A, to_int(lda), B, to_int(ldb), beta, C, to_int(ldc));
 }
 
-template <>
-void orthonormalize<float>(int64_t m, int64_t n, float* A) {
-  if (n == 0) return;
-  PYSAFE_ASSERT(m >= n);
-  std::vector<float> tau(static_cast<size_t>(n));
-  lapack_int info = scipy_LAPACKE_sgeqrf(LAPACK_ROW_MAJOR, to_int(m), to_int(n), A, to_int(n), tau.data());
-  PYSAFE_CHECK(info == 0, Value, "lapack", "sgeqrf failed with info=", info);
-  info = scipy_LAPACKE_sorgqr(LAPACK_ROW_MAJOR, to_int(m), to_int(n), to_int(n), A, to_int(n), tau.data());
-  PYSAFE_CHECK(info == 0, Value, "lapack", "sorgqr failed with info=", info);
+namespace {
+
+// Overloads that let the CholeskyQR code below be written once for float and double.
+void syrk_t(int64_t m, int64_t n, const float* A, float* G) {  // upper(G) = AᵀA, row-major
+  scipy_cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, to_int(n), to_int(m), 1.f, A, to_int(n), 0.f, G,
+                    to_int(n));
+}
+void syrk_t(int64_t m, int64_t n, const double* A, double* G) {
+  scipy_cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, to_int(n), to_int(m), 1.0, A, to_int(n), 0.0, G,
+                    to_int(n));
+}
+// Cholesky of the n×n row-major G from its upper triangle: G = RᵀR, R upper in place. The
+// row-major upper triangle is the column-major lower one, so this is Fortran potrf('L') on the
+// same memory (the _work variant: no NaN check, no copy).
+lapack_int potrf_upper(int64_t n, float* G) {
+  return scipy_LAPACKE_spotrf_work(LAPACK_COL_MAJOR, 'L', to_int(n), G, to_int(n));
+}
+lapack_int potrf_upper(int64_t n, double* G) {
+  return scipy_LAPACKE_dpotrf_work(LAPACK_COL_MAJOR, 'L', to_int(n), G, to_int(n));
+}
+void trsm_right_upper(int64_t m, int64_t n, const float* R, float* A) {  // A := A R⁻¹
+  scipy_cblas_strsm(CblasRowMajor, CblasRight, CblasUpper, CblasNoTrans, CblasNonUnit, to_int(m), to_int(n), 1.f,
+                    R, to_int(n), A, to_int(n));
+}
+void trsm_right_upper(int64_t m, int64_t n, const double* R, double* A) {
+  scipy_cblas_dtrsm(CblasRowMajor, CblasRight, CblasUpper, CblasNoTrans, CblasNonUnit, to_int(m), to_int(n), 1.0,
+                    R, to_int(n), A, to_int(n));
+}
+
+// ‖G − I‖_F from the upper triangle of the symmetric G (NaN propagates).
+template <typename T>
+double gram_defect(int64_t n, const T* G) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    double d = static_cast<double>(G[i * n + i]) - 1.0;
+    s += d * d;
+    for (int64_t j = i + 1; j < n; ++j) s += 2.0 * static_cast<double>(G[i * n + j]) * G[i * n + j];
+  }
+  return std::sqrt(s);
+}
+
+template <typename T>
+bool finite_diag(int64_t n, const T* R) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!(std::isfinite(R[i * n + i]) && R[i * n + i] > T(0))) return false;
+  return true;
+}
+
+// Set once: LAPACKE's NaN checks scan every input (the engine counts non-finite values itself).
+const bool kNanCheckOff = (scipy_LAPACKE_set_nancheck(0), true);
+
+template <typename T>
+OrthoPath cholqr(int64_t m, int64_t n, T* A) {
+  (void)kNanCheckOff;
+  // Passes 2 and 3 start from the Gram of the previous pass's output: once ‖QᵀQ − I‖_F < 0.5 there,
+  // κ(Q)² <= 3 and one more CholeskyQR pass is orthonormal to working precision.
+  constexpr double kGood = 0.5;
+  std::vector<T> G(static_cast<size_t>(n * n));
+  std::vector<T> saved(A, A + m * n);  // for the Householder fallback
+  syrk_t(m, n, A, G.data());
+  if (potrf_upper(n, G.data()) == 0 && finite_diag(n, G.data())) {
+    trsm_right_upper(m, n, G.data(), A);
+    for (int pass = 2; pass <= 3; ++pass) {
+      syrk_t(m, n, A, G.data());
+      const double defect = gram_defect(n, G.data());
+      if (!std::isfinite(defect) || potrf_upper(n, G.data()) != 0 || !finite_diag(n, G.data())) break;
+      trsm_right_upper(m, n, G.data(), A);
+      if (defect < kGood) return pass == 2 ? OrthoPath::kCholQR2 : OrthoPath::kCholQR3;
+    }
+  }
+  std::copy(saved.begin(), saved.end(), A);
+  orthonormalize_householder<T>(m, n, A);
+  return OrthoPath::kHouseholder;
+}
+
+}  // namespace
+
+const char* ortho_path_name(OrthoPath p) {
+  switch (p) {
+    case OrthoPath::kCholQR2: return "cholqr2";
+    case OrthoPath::kCholQR3: return "cholqr3";
+    case OrthoPath::kHouseholder: return "householder";
+  }
+  return "?";
+}
+
+ScopedThreads::ScopedThreads(int n) : previous_(scipy_openblas_get_num_threads()) {
+  if (n != previous_) scipy_openblas_set_num_threads(n);
+}
+ScopedThreads::~ScopedThreads() {
+  if (scipy_openblas_get_num_threads() != previous_) scipy_openblas_set_num_threads(previous_);
 }
 
 template <>
-void orthonormalize<double>(int64_t m, int64_t n, double* A) {
+OrthoPath orthonormalize<float>(int64_t m, int64_t n, float* A) {
+  if (n == 0) return OrthoPath::kCholQR2;
+  PYSAFE_ASSERT(m >= n);
+  return cholqr<float>(m, n, A);
+}
+
+template <>
+OrthoPath orthonormalize<double>(int64_t m, int64_t n, double* A) {
+  if (n == 0) return OrthoPath::kCholQR2;
+  PYSAFE_ASSERT(m >= n);
+  return cholqr<double>(m, n, A);
+}
+
+// Row-major A (m×n) is column-major Aᵀ (n×m) = L Q̃ (LQ); Q̃ᵀ (m×n, orthonormal columns) is Q̃'s
+// column-major n×m storage read row-major, so gelqf + orglq leave the basis in place.
+template <>
+void orthonormalize_householder<float>(int64_t m, int64_t n, float* A) {
   if (n == 0) return;
   PYSAFE_ASSERT(m >= n);
+  (void)kNanCheckOff;
+  std::vector<float> tau(static_cast<size_t>(n));
+  lapack_int info = scipy_LAPACKE_sgelqf(LAPACK_COL_MAJOR, to_int(n), to_int(m), A, to_int(n), tau.data());
+  PYSAFE_CHECK(info == 0, Value, "lapack", "sgelqf failed with info=", info);
+  info = scipy_LAPACKE_sorglq(LAPACK_COL_MAJOR, to_int(n), to_int(m), to_int(n), A, to_int(n), tau.data());
+  PYSAFE_CHECK(info == 0, Value, "lapack", "sorglq failed with info=", info);
+}
+
+template <>
+void orthonormalize_householder<double>(int64_t m, int64_t n, double* A) {
+  if (n == 0) return;
+  PYSAFE_ASSERT(m >= n);
+  (void)kNanCheckOff;
   std::vector<double> tau(static_cast<size_t>(n));
-  lapack_int info = scipy_LAPACKE_dgeqrf(LAPACK_ROW_MAJOR, to_int(m), to_int(n), A, to_int(n), tau.data());
-  PYSAFE_CHECK(info == 0, Value, "lapack", "dgeqrf failed with info=", info);
-  info = scipy_LAPACKE_dorgqr(LAPACK_ROW_MAJOR, to_int(m), to_int(n), to_int(n), A, to_int(n), tau.data());
-  PYSAFE_CHECK(info == 0, Value, "lapack", "dorgqr failed with info=", info);
+  lapack_int info = scipy_LAPACKE_dgelqf(LAPACK_COL_MAJOR, to_int(n), to_int(m), A, to_int(n), tau.data());
+  PYSAFE_CHECK(info == 0, Value, "lapack", "dgelqf failed with info=", info);
+  info = scipy_LAPACKE_dorglq(LAPACK_COL_MAJOR, to_int(n), to_int(m), to_int(n), A, to_int(n), tau.data());
+  PYSAFE_CHECK(info == 0, Value, "lapack", "dorglq failed with info=", info);
 }
 
 template <>

@@ -16,10 +16,34 @@ template <typename T>
 void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
           const T* B, int64_t ldb, T beta, T* C, int64_t ldc);
 
-/// Replace the m×n (m >= n) row-major matrix A by an orthonormal basis of its column space
-/// (thin QR, Householder: geqrf + orgqr).
+/// How `orthonormalize` obtained its basis.
+enum class OrthoPath { kCholQR2, kCholQR3, kHouseholder };
+const char* ortho_path_name(OrthoPath p);
+
+/// Replace the m×n (m >= n) row-major matrix A by an orthonormal basis of its column space.
+/// CholeskyQR2 (G = AᵀA by syrk, Cholesky, triangular solve; twice: level-3 only), with a third
+/// pass when the second Gram shows ‖QᵀQ − I‖_F >= 0.5 after the first, and Householder QR
+/// (`orthonormalize_householder`) when a Cholesky factorisation fails or the basis is still not
+/// orthonormal (A ill-conditioned or rank-deficient beyond what CholeskyQR handles in T).
 template <typename T>
-void orthonormalize(int64_t m, int64_t n, T* A);
+OrthoPath orthonormalize(int64_t m, int64_t n, T* A);
+
+/// The same by Householder QR (gelqf + orglq on the column-major view Aᵀ: no transposed copies).
+template <typename T>
+void orthonormalize_householder(int64_t m, int64_t n, T* A);
+
+/// Sets OpenBLAS's thread count for the lifetime of the object and restores the previous one.
+/// The setting is process-wide: use it only around work this thread coordinates.
+class ScopedThreads {
+ public:
+  explicit ScopedThreads(int n);
+  ~ScopedThreads();
+  ScopedThreads(const ScopedThreads&) = delete;
+  ScopedThreads& operator=(const ScopedThreads&) = delete;
+
+ private:
+  int previous_;
+};
 
 /// Thin SVD of the m×n row-major matrix A (destroyed): A = U diag(S) Vt with U m×r, Vt r×n,
 /// r = min(m, n), S descending. Divide and conquer (gesdd).
