@@ -759,7 +759,7 @@ def generate(recipe: DataRecipe, out_dir, n_test: int = 2000, sets=TEST_SETS, *,
                 b = test_set(recipe, name, n_test)
                 g = f.create_group(name)
                 for fld in fields(SafetyBatch):
-                    g.create_dataset(fld.name, data=getattr(b, fld.name))
+                    g.create_dataset(fld.name, data=getattr(b, fld.name), compression="lzf")
         manifest = {
             "format": "pysafe-lab-test-sets/1",
             "pysafe_version": __version__,
@@ -845,4 +845,4 @@ def describe(batch: SafetyBatch, i: int) -> dict:
 
 __all__ = ["CATEGORIES", "DataRecipe", "MODES", "PretrainBatch", "SafetyBatch", "TEST_SETS", "TEST_SET_SPECS",
            "TRAIN_CATEGORIES", "describe", "generate", "load_cached", "mode_probs", "pretrain_batch",
-           "pretrain_eval_batch", "read_manifest", "safety_batch", "stream_seed", "test_set", "TOKENS"]
+           "pretrain_eval_batch", "read_manifest", "safety_batch", "stream_seed", "test_set"]
