@@ -463,3 +463,14 @@ def test_attack_success_matches_generation():
     y_b2[2, s[2] + Lb + 1:s[2] + 2 * Lb + 2] = gen[2, Lb + 1:2 * Lb + 2]
     ok3, _ = attack_success(m, res, y_b2, apply_second=torch.tensor([False, False, True, False]))
     assert bool(ok3[2])
+
+
+def test_attack_table_on_test_set():
+    from pysafe.lab.attacks import attack_table
+    from pysafe.lab.data import DataRecipe
+
+    m = _model(GPTConfig(**load_preset("tiny")["model"]))
+    out = attack_table(m, DataRecipe(), n=8, n_soft=2, n_steps=2, batch_size=4)
+    assert out["n"] == 8 and 0.0 <= out["success"] <= 1.0 and 0.0 <= out["clean_success"] <= 1.0
+    assert out["eps"] > 0 and math.isfinite(out["loss_after"])
+    json.dumps(out)
