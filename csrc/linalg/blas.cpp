@@ -127,10 +127,23 @@ OrthoPath cholqr(int64_t m, int64_t n, T* A) {
   return OrthoPath::kHouseholder;
 }
 
+template <typename T>
+OrthoPath cholqr1(int64_t m, int64_t n, T* A) {
+  (void)kNanCheckOff;
+  std::vector<T> G(static_cast<size_t>(n * n));
+  syrk_t(m, n, A, G.data());
+  if (potrf_upper(n, G.data()) != 0 || !finite_diag(n, G.data()) || invert_upper(n, G.data()) != 0)
+    return cholqr<T>(m, n, A);
+  std::vector<T> work(A, A + m * n);
+  gemm<T>(false, false, m, n, n, T(1), work.data(), n, G.data(), n, T(0), A, n);
+  return OrthoPath::kCholQR1;
+}
+
 }  // namespace
 
 const char* ortho_path_name(OrthoPath p) {
   switch (p) {
+    case OrthoPath::kCholQR1: return "cholqr1";
     case OrthoPath::kCholQR2: return "cholqr2";
     case OrthoPath::kCholQR3: return "cholqr3";
     case OrthoPath::kHouseholder: return "householder";
@@ -157,6 +170,20 @@ OrthoPath orthonormalize<double>(int64_t m, int64_t n, double* A) {
   if (n == 0) return OrthoPath::kCholQR2;
   PYSAFE_ASSERT(m >= n);
   return cholqr<double>(m, n, A);
+}
+
+template <>
+OrthoPath condition_basis<float>(int64_t m, int64_t n, float* A) {
+  if (n == 0) return OrthoPath::kCholQR1;
+  PYSAFE_ASSERT(m >= n);
+  return cholqr1<float>(m, n, A);
+}
+
+template <>
+OrthoPath condition_basis<double>(int64_t m, int64_t n, double* A) {
+  if (n == 0) return OrthoPath::kCholQR1;
+  PYSAFE_ASSERT(m >= n);
+  return cholqr1<double>(m, n, A);
 }
 
 // Row-major A (m×n) is column-major Aᵀ (n×m) = L Q̃ (LQ); Q̃ᵀ (m×n, orthonormal columns) is Q̃'s

@@ -17,7 +17,7 @@ void gemm(bool transA, bool transB, int64_t M, int64_t N, int64_t K, T alpha, co
           const T* B, int64_t ldb, T beta, T* C, int64_t ldc);
 
 /// How `orthonormalize` obtained its basis.
-enum class OrthoPath { kCholQR2, kCholQR3, kHouseholder };
+enum class OrthoPath { kCholQR1, kCholQR2, kCholQR3, kHouseholder };
 const char* ortho_path_name(OrthoPath p);
 
 /// Replace the m×n (m >= n) row-major matrix A by an orthonormal basis of its column space.
@@ -27,6 +27,12 @@ const char* ortho_path_name(OrthoPath p);
 /// orthonormal (A ill-conditioned or rank-deficient beyond what CholeskyQR handles in T).
 template <typename T>
 OrthoPath orthonormalize(int64_t m, int64_t n, T* A);
+
+/// One CholeskyQR pass: the same column space in a well-conditioned basis (‖QᵀQ − I‖ of order
+/// κ(A)² u), for the power iterations' intermediate steps, where only the span matters (as
+/// fbpca's LU steps); `orthonormalize` when the Cholesky factorisation fails.
+template <typename T>
+OrthoPath condition_basis(int64_t m, int64_t n, T* A);
 
 /// The same by Householder QR (gelqf + orglq on the column-major view Aᵀ: no transposed copies).
 template <typename T>

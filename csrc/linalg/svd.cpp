@@ -123,15 +123,23 @@ void extend_sketch(const T* A, int64_t m, int64_t n, Sketch<T>& sk, int64_t l_ne
   auto Om = gaussian_rows<T>(seed, n, l_new);
   const T* Omb = Om->data() + l0 * n;  // Ω_newᵀ, b×n
   std::vector<T> Y(static_cast<size_t>(m * b)), Z(static_cast<size_t>(n * b));
+  // Intermediate steps need a well-conditioned basis of the right span, not an orthonormal one:
+  // one CholeskyQR pass; the last step orthonormalises fully.
+  auto step = [&](int64_t rows, T* M, bool last) {
+    if (last)
+      blas::orthonormalize<T>(rows, b, M);
+    else
+      blas::condition_basis<T>(rows, b, M);
+  };
   blas::gemm<T>(false, true, m, b, n, T(1), A, n, Omb, n, T(0), Y.data(), b);
   project_out(sk.Q, m, l0, Y.data(), b);
-  blas::orthonormalize<T>(m, b, Y.data());
+  step(m, Y.data(), q == 0 && l0 == 0);
   for (int64_t it = 0; it < q; ++it) {
     blas::gemm<T>(true, false, n, b, m, T(1), A, n, Y.data(), b, T(0), Z.data(), b);
-    blas::orthonormalize<T>(n, b, Z.data());
+    step(n, Z.data(), false);
     blas::gemm<T>(false, false, m, b, n, T(1), A, n, Z.data(), b, T(0), Y.data(), b);
     project_out(sk.Q, m, l0, Y.data(), b);
-    blas::orthonormalize<T>(m, b, Y.data());
+    step(m, Y.data(), it == q - 1 && l0 == 0);
   }
   if (l0 > 0) {
     project_out(sk.Q, m, l0, Y.data(), b);
