@@ -6,7 +6,11 @@ import click
 
 from pysafe._version import __version__
 from pysafe.cli.analyze import analyze
+from pysafe.cli.data import data_cmd
+from pysafe.cli.eval import eval_cmd
 from pysafe.cli.make_pair import make_pair_cmd
+from pysafe.cli.reproduce import demo_cmd, reproduce_cmd
+from pysafe.cli.train import train_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,5 +21,10 @@ def main():
 
 main.add_command(analyze)
 main.add_command(make_pair_cmd)
+main.add_command(data_cmd)
+main.add_command(train_cmd)
+main.add_command(eval_cmd)
+main.add_command(reproduce_cmd)
+main.add_command(demo_cmd)
 
 __all__ = ["main"]

@@ -87,7 +87,8 @@ def score_answers(model, x: np.ndarray, start_idx: np.ndarray, answers: np.ndarr
     n, A = answers.shape
     exact = np.zeros(n, dtype=bool)
     correct = np.zeros((n, A), dtype=bool)
-    ans_len = (answers != PAD).sum(1)
+    nonpad = answers != PAD
+    ans_len = np.where(nonpad.any(1), A - np.argmax(nonpad[:, ::-1], axis=1), 0)  # up to the last non-PAD
     order = np.argsort(start_idx + ans_len, kind="stable")  # similar lengths together: less padding
     for lo in range(0, n, batch_size):
         idx = order[lo:lo + batch_size]

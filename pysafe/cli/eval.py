@@ -1,0 +1,59 @@
+"""``pysafe eval CKPT``: the safety table of one or more lab checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pysafe.cli.options import debug_option, handle_errors
+
+
+@click.command("eval")
+@click.argument("ckpts", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--sets", default=None, help="Comma-separated test sets (default: all of them).")
+@click.option("--n", "n", type=click.IntRange(min=1), default=2000, show_default=True, help="Samples per test set.")
+@click.option("--attack/--no-attack", default=True, show_default=True,
+              help="Add the adversarial soft-token column (std_unsafe, analyses.md §2 with fixes A1-A7).")
+@click.option("--attack-n", type=click.IntRange(min=1), default=256, show_default=True, help="Samples attacked.")
+@click.option("--attack-tokens", type=click.IntRange(min=1), default=2, show_default=True, help="Soft tokens.")
+@click.option("--attack-steps", type=click.IntRange(min=1), default=10, show_default=True, help="Attack steps.")
+@click.option("--attack-eps", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Per-token budget as a multiple of the mean letter-embedding norm.")
+@click.option("--attack-norm", type=click.Choice(["l2", "linf"]), default="l2", show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False),
+              default="pysafe-eval.json", show_default=True,
+              help="Where to write the full results as JSON (checkpoint directories are never written to).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@debug_option
+@handle_errors
+def eval_cmd(ckpts, sets, n, attack, attack_n, attack_tokens, attack_steps, attack_eps, attack_norm, json_out,
+             batch_size, device, debug):
+    """Evaluate lab checkpoints on whole test sets and print the paper's safety table.
+
+    Each answer is classified as follows (exactly compliant), refuses (exactly the refusal) or other;
+    the jailbreak columns are attack success, i.e. compliance on unsafe inputs.
+    """
+    from pysafe.cli.train import _check_device
+    from pysafe.lab import ckpt as C
+    from pysafe.lab.data import DataRecipe
+    from pysafe.lab.evaluate import format_table, safety_table, write_json
+
+    _check_device(device)
+    set_list = [s.strip() for s in sets.split(",") if s.strip()] if sets else None
+    attack_opts = (dict(n=attack_n, n_soft=attack_tokens, n_steps=attack_steps, eps_factor=attack_eps,
+                        norm=attack_norm) if attack else None)
+    tables, full = {}, {}
+    for ckpt in ckpts:
+        model, cfg = C.load_checkpoint(ckpt)
+        recipe = DataRecipe.from_dict(cfg["data"])
+        click.echo(f"evaluating {ckpt} ({cfg.get('stage', '?')}) on {n} samples per set ...", err=True)
+        res = safety_table(model, recipe, sets=set_list, n=n, batch_size=batch_size, device=device,
+                           attack=attack_opts)
+        label = Path(ckpt).name or str(ckpt)
+        tables[label] = res["table"]
+        full[label] = {"checkpoint": str(ckpt), **res}
+    click.echo(format_table(tables))
+    write_json(json_out, full if len(ckpts) > 1 else next(iter(full.values())))
+    click.echo(f"wrote {json_out}")

@@ -1,0 +1,50 @@
+"""``pysafe reproduce`` and ``pysafe demo``: the lab end to end."""
+
+from __future__ import annotations
+
+import click
+
+from pysafe.cli.options import debug_option, handle_errors
+
+
+@click.command("reproduce")
+@click.option("--preset", default="cpu", show_default=True, help="Preset name (paper, cpu, tiny) or TOML path.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory for everything.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--lr", "lrs", type=click.FloatRange(min=0, min_open=True), multiple=True,
+              help="Fine-tuning peak learning rate(s) (default: the paper's 1e-4 and 1e-5).")
+@click.option("--n", "eval_n", type=click.IntRange(min=1), default=None, help="Samples per test set (preset's default).")
+@click.option("--checkpoints-only", is_flag=True, help="Train the checkpoints only (no evaluation or analysis).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Start over instead of reusing finished stages in --out.")
+@debug_option
+@handle_errors
+def reproduce_cmd(preset, out, seed, lrs, eval_n, checkpoints_only, device, overwrite, debug):
+    """Regenerate everything from scratch: pretraining, SSFT/DPO/unlearning at both learning rates,
+    the safety table of every checkpoint and `pysafe analyze` of every fine-tune."""
+    from pysafe.cli.train import _check_device
+    from pysafe.lab.pipeline import PAPER_LRS, reproduce
+
+    _check_device(device)
+    summary = reproduce(preset, out, seed=seed, device=device, eval_n=eval_n, lrs=tuple(lrs) or PAPER_LRS,
+                        checkpoints_only=checkpoints_only, overwrite=overwrite,
+                        log=lambda m: click.echo(m, err=True))
+    click.echo(f"done in {summary['seconds']:.0f} s; results under {out}")
+
+
+@click.command("demo")
+@click.option("--out", type=click.Path(file_okay=False), default="pysafe-demo", show_default=True,
+              help="Report folder.")
+@click.option("--n", "eval_n", type=click.IntRange(min=1), default=500, show_default=True, help="Samples per test set.")
+@click.option("--device", default="cpu", show_default=True)
+@debug_option
+@handle_errors
+def demo_cmd(out, eval_n, device, debug):
+    """Run the main job on the shipped cpu-preset lab models: the safety table of the pretrained
+    model and its SSFT, DPO and unlearning fine-tunes, and `pysafe analyze` of each fine-tune."""
+    from pysafe.cli.train import _check_device
+    from pysafe.lab.pipeline import demo
+
+    _check_device(device)
+    demo(out, eval_n=eval_n, device=device, log=click.echo)
+    click.echo(f"\nreport: {out}/")

@@ -1,0 +1,121 @@
+"""``pysafe train STAGE``: pretraining or one safety fine-tune of a lab model."""
+
+from __future__ import annotations
+
+import shlex
+
+import click
+
+from pysafe.cli.options import debug_option, handle_errors
+from pysafe.lab.objectives import OBJECTIVES
+
+
+@click.command("train")
+@click.argument("stage", type=click.Choice(OBJECTIVES))
+@click.option("--preset", default="cpu", show_default=True,
+              help="Preset name (paper, cpu, tiny) or path to a preset TOML file.")
+@click.option("--init", "init", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Checkpoint to start from (required for ssft, dpo, unlearn; also DPO's reference).")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Checkpoint directory to write.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Peak learning rate (the paper fine-tunes at 1e-4 and 1e-5); min_lr scales with it.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Override the preset's step count.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Override the preset's batch size.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of model init and data.")
+@click.option("--p-unsafe", type=click.FloatRange(0, 1), default=None,
+              help="Per-sample probability of the unsafe version (ssft 0.2, dpo/unlearn 0.5).")
+@click.option("--beta", type=click.FloatRange(min=0, min_open=True), default=None, help="DPO β (0.1).")
+@click.option("--beta-rejected", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="DPO β on the rejected term (the reference's asymmetric variant uses 0.01).")
+@click.option("--forget", type=click.Choice(["clamp", "npo"]), default=None, help="Unlearning forget loss.")
+@click.option("--w-forget", type=click.FloatRange(min=0), default=None, help="Unlearning forget weight (0.1).")
+@click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda).")
+@click.option("--overwrite", is_flag=True, help="Replace a finished checkpoint in --out.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@debug_option
+@handle_errors
+def train_cmd(stage, preset, init, out, lr, steps, batch_size, seed, p_unsafe, beta, beta_rejected, forget,
+              w_forget, device, overwrite, quiet, debug):
+    """Train STAGE (pretrain, ssft, dpo, unlearn) and write a checkpoint directory to --out.
+
+    A run interrupted mid-way resumes from its last checkpoint when started again with the same --out.
+    """
+    from pysafe.lab.pipeline import stage_settings
+    from pysafe.lab.train import train
+
+    if stage != "pretrain" and init is None:
+        raise click.UsageError(f"{stage} fine-tunes an existing model: pass --init CKPT (a pretrained checkpoint)")
+    opts = {k: v for k, v in {"p_unsafe": p_unsafe, "beta": beta, "beta_rejected": beta_rejected,
+                              "forget": forget, "w_forget": w_forget}.items() if v is not None}
+    if stage == "pretrain" and opts:
+        raise click.UsageError(f"pretrain takes no safety options (got {', '.join('--' + k.replace('_', '-') for k in opts)})")
+    if stage != "dpo" and ({"beta", "beta_rejected"} & set(opts)):
+        raise click.UsageError("--beta/--beta-rejected apply to dpo only")
+    if stage != "unlearn" and ({"forget", "w_forget"} & set(opts)):
+        raise click.UsageError("--forget/--w-forget apply to unlearn only")
+    settings = stage_settings(preset, stage, lr=lr, steps=steps, batch_size=batch_size)
+    _check_device(device)
+    bar = None if quiet else _progress_bar(stage)
+    result = train(stage, out, model_config=settings.model, recipe=settings.recipe if init is None else None,
+                   train_config=settings.train, init=init, objective_options=opts, seed=seed, device=device,
+                   preset=settings.preset_name, command=_command_line(click.get_current_context()),
+                   overwrite=overwrite, progress=bar)
+    if bar is not None:
+        bar(None, None, None)
+    ev = result.final.get("eval", {})
+    msg = ", ".join(f"{k} {v:.4g}" for k, v in ev.items())
+    resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
+    click.echo(f"wrote {result.out}: {stage}, {result.steps} steps in {result.seconds:.0f} s{resumed}; held-out {msg}")
+
+
+def _command_line(ctx: click.Context) -> str:
+    """The invocation that reproduces this run (recorded in the checkpoint's config.json): the
+    stage and every option that differs from its default, in canonical form."""
+    parts = ["pysafe", ctx.command.name]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Argument):
+            parts.append(str(value))
+        elif param.name in ("debug", "quiet", "overwrite") or value is None:
+            continue
+        elif getattr(param, "is_flag", False):
+            if value:
+                parts.append(max(param.opts, key=len))
+        elif value != param.default:
+            parts.append(f"{max(param.opts, key=len)} {shlex.quote(str(value))}")
+    return " ".join(parts)
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    from pysafe.errors import DeviceUnavailableError
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceUnavailableError(f"--device {device}: torch sees no CUDA device on this machine")
+
+
+def _progress_bar(label: str):
+    """A one-line progress bar on stderr with the running loss and accuracies."""
+    import time
+
+    state = {"t0": time.perf_counter(), "last": 0.0}
+
+    def update(done, total, running):
+        if done is None:
+            click.echo("", err=True)
+            return
+        now = time.perf_counter()
+        if done != total and now - state["last"] < 0.5:
+            return
+        state["last"] = now
+        frac = done / total
+        width = 24
+        fill = int(width * frac)
+        rate = done / max(now - state["t0"], 1e-9)
+        eta = (total - done) / max(rate, 1e-9)
+        metrics = " ".join(f"{k} {v:.3f}" for k, v in running.items())
+        click.echo(f"\r{label} [{'#' * fill}{'.' * (width - fill)}] {done}/{total} {metrics} "
+                   f"{rate:.1f} it/s eta {eta:.0f}s   ", nl=False, err=True)
+
+    return update

@@ -1,0 +1,229 @@
+"""Training objectives: pretraining, SSFT, DPO and unlearning as plug-ins of the one loop in ``train.py``.
+
+An objective draws its own batch (the data are generated on the fly from ``(recipe.seed, step)``, so a
+resumed run sees exactly the batches it would have seen) and turns it into a scalar loss plus a few
+running metrics. lab.md §3-4 describe the reference; part 0 decisions D7, D9, D10 and D11 apply:
+
+- mixing of safe and unsafe samples is per sample (D11);
+- DPO and unlearning score each response by the sum of log-probabilities over *its own* supervised
+  tokens (D10), never with borrowed masks or a constant length;
+- the DPO reference model runs under ``no_grad``; the unlearning forget term is bounded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pysafe.lab import data as D
+from pysafe.lab.vocab import PAD
+
+OBJECTIVES = ("pretrain", "ssft", "dpo", "unlearn")
+
+
+def _t(a: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=torch.long)
+
+
+def token_logprobs(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log p(y_t) (0 where y is PAD) and the supervised-token mask, both [B, T]."""
+    mask = y != PAD
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    tok = lp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return tok * mask, mask
+
+
+def sequence_logprob(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Sum of log-probabilities over each sequence's own supervised (non-PAD) targets (D10), [B]."""
+    tok, _ = token_logprobs(logits, y)
+    return tok.sum(-1)
+
+
+def token_accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    mask = y != PAD
+    n = int(mask.sum())
+    if n == 0:
+        return float("nan")
+    return float(((logits.argmax(-1) == y) & mask).sum()) / n
+
+
+@dataclass
+class Pretrain:
+    """Next-token cross-entropy under the curriculum of lab.md §1.5 / §3 (clock in optimizer steps, D9)."""
+
+    name = "pretrain"
+    uses_reference = False
+
+    def batch(self, recipe, n: int, step: int, total_steps: int, device) -> dict:
+        b = D.pretrain_batch(recipe, n, step, total_steps)
+        return {"x": _t(b.x, device), "y": _t(b.y, device)}
+
+    def loss(self, model, batch: dict, ref=None):
+        logits = model(batch["x"])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["y"].flatten(), ignore_index=PAD)
+        return loss, {"acc": token_accuracy(logits.detach(), batch["y"])}
+
+
+def _pick_unsafe(n: int, p_unsafe: float, seed: int, step: int) -> np.ndarray:
+    """Per-sample safe/unsafe choice (D11), reproducible from (seed, step)."""
+    rng = np.random.default_rng([seed, 0x5AFE, step])
+    return rng.random(n) < p_unsafe
+
+
+def _choose(pick: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Rows of ``a`` where pick is True, of ``b`` elsewhere."""
+    return np.where(pick[:, None], a, b)
+
+
+@dataclass
+class _SafetyObjective:
+    p_unsafe: float = 0.5
+
+    def _pairs(self, recipe, n, step, device):
+        b = D.safety_batch(recipe, n, step)
+        pick = _pick_unsafe(n, self.p_unsafe, recipe.seed, step)
+        out = {
+            "x_chosen": _t(_choose(pick, b.x_unsafe, b.x_safe), device),
+            "y_chosen": _t(_choose(pick, b.y_unsafe, b.y_safe), device),
+            "x_rejected": _t(_choose(pick, b.x_unsafe_target, b.x_safe_target), device),
+            "y_rejected": _t(_choose(pick, b.y_unsafe_target, b.y_safe_target), device),
+            "unsafe": torch.from_numpy(pick).to(device),
+        }
+        return out
+
+
+@dataclass
+class SSFT(_SafetyObjective):
+    """Supervised safety fine-tuning: cross-entropy on the safe answer or on the refusal (lab.md §4).
+
+    ``p_unsafe`` is the per-sample probability of the unsafe version (README: 0.2).
+    """
+
+    name = "ssft"
+    uses_reference = False
+    p_unsafe: float = 0.2
+
+    def batch(self, recipe, n, step, total_steps, device):
+        p = self._pairs(recipe, n, step, device)
+        return {"x": p["x_chosen"], "y": p["y_chosen"], "unsafe": p["unsafe"]}
+
+    def loss(self, model, batch, ref=None):
+        logits = model(batch["x"])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["y"].flatten(), ignore_index=PAD)
+        return loss, _split_acc(logits.detach(), batch["y"], batch["unsafe"])
+
+
+def _split_acc(logits, y, unsafe) -> dict:
+    out = {}
+    for key, sel in (("acc_safe", ~unsafe), ("acc_unsafe", unsafe)):
+        if bool(sel.any()):
+            out[key] = token_accuracy(logits[sel], y[sel])
+    return out
+
+
+@dataclass
+class DPO(_SafetyObjective):
+    """Direct preference optimisation against a frozen reference (lab.md §4, D10).
+
+    L = −mean log σ(β·(log π_θ − log π_ref)(chosen) − β_r·(log π_θ − log π_ref)(rejected)), with the
+    log-probabilities summed over each response's own supervised tokens. ``beta_rejected=None`` is
+    standard DPO (β_r = β); the reference's asymmetric variant is β = 0.1, β_r = 0.01.
+    """
+
+    name = "dpo"
+    uses_reference = True
+    p_unsafe: float = 0.5
+    beta: float = 0.1
+    beta_rejected: float | None = None
+
+    def batch(self, recipe, n, step, total_steps, device):
+        return self._pairs(recipe, n, step, device)
+
+    def loss(self, model, batch, ref=None):
+        if ref is None:
+            raise ValueError("DPO needs a reference model (the --init checkpoint)")
+        x = torch.cat([batch["x_chosen"], batch["x_rejected"]])
+        y = torch.cat([batch["y_chosen"], batch["y_rejected"]])
+        logits = model(x)
+        lp = sequence_logprob(logits, y)
+        with torch.no_grad():
+            lp_ref = sequence_logprob(ref(x), y)
+        n = batch["x_chosen"].shape[0]
+        d_chosen = lp[:n] - lp_ref[:n]
+        d_rejected = lp[n:] - lp_ref[n:]
+        beta_r = self.beta if self.beta_rejected is None else self.beta_rejected
+        margin = self.beta * d_chosen - beta_r * d_rejected
+        loss = -F.logsigmoid(margin).mean()
+        metrics = _split_acc(logits[:n].detach(), batch["y_chosen"], batch["unsafe"])
+        metrics["margin"] = float(margin.detach().mean())
+        metrics["pref_acc"] = float((margin.detach() > 0).float().mean())
+        return loss, metrics
+
+
+@dataclass
+class Unlearn(_SafetyObjective):
+    """Unlearning: descend on the preferred answer, ascend (bounded) on the dispreferred one (D10).
+
+    L = w_retain·NLL(chosen) − w_forget·min(NLL(rejected), forget_clamp), with NLL the per-token mean
+    over each response's own supervised tokens. The clamp (default ln V, the NLL of a uniform guess)
+    bounds the loss from below, so the ascent cannot diverge. ``forget="npo"`` uses the NPO loss
+    (2/β)·log(1 + (π_θ/π_ref)^β) on the rejected response instead, which needs the reference.
+    """
+
+    name = "unlearn"
+    p_unsafe: float = 0.5
+    w_retain: float = 1.0
+    w_forget: float = 0.1
+    forget_clamp: float = math.log(59)
+    forget: str = "clamp"
+    npo_beta: float = 0.1
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.forget == "npo"
+
+    def batch(self, recipe, n, step, total_steps, device):
+        return self._pairs(recipe, n, step, device)
+
+    def loss(self, model, batch, ref=None):
+        x = torch.cat([batch["x_chosen"], batch["x_rejected"]])
+        y = torch.cat([batch["y_chosen"], batch["y_rejected"]])
+        logits = model(x)
+        tok, mask = token_logprobs(logits, y)
+        count = mask.sum(-1).clamp_min(1)
+        nll = -tok.sum(-1) / count
+        n = batch["x_chosen"].shape[0]
+        retain = nll[:n].mean()
+        if self.forget == "npo":
+            if ref is None:
+                raise ValueError("NPO unlearning needs a reference model (the --init checkpoint)")
+            with torch.no_grad():
+                ref_tok, _ = token_logprobs(ref(batch["x_rejected"]), batch["y_rejected"])
+            log_ratio = tok[n:].sum(-1) - ref_tok.sum(-1)
+            forget_term = (2.0 / self.npo_beta) * F.softplus(self.npo_beta * log_ratio).mean()
+            loss = self.w_retain * retain + self.w_forget * forget_term
+        else:
+            forget_term = torch.clamp(nll[n:], max=self.forget_clamp).mean()
+            loss = self.w_retain * retain - self.w_forget * forget_term
+        metrics = _split_acc(logits[:n].detach(), batch["y_chosen"], batch["unsafe"])
+        metrics["nll_rejected"] = float(nll[n:].detach().mean())
+        return loss, metrics
+
+
+def make_objective(name: str, **kwargs):
+    """Objective by name; ``kwargs`` are its fields (unknown ones raise a ValueError naming them)."""
+    classes = {"pretrain": Pretrain, "ssft": SSFT, "dpo": DPO, "unlearn": Unlearn}
+    if name not in classes:
+        raise ValueError(f"unknown objective {name!r}; expected one of {', '.join(OBJECTIVES)}")
+    cls = classes[name]
+    fields = set(cls.__dataclass_fields__)
+    bad = sorted(set(kwargs) - fields)
+    if bad:
+        raise ValueError(f"objective {name!r} has no option {', '.join(bad)}; options: {', '.join(sorted(fields)) or 'none'}")
+    if name == "unlearn" and kwargs.get("forget", "clamp") not in ("clamp", "npo"):
+        raise ValueError(f"unlearn forget must be 'clamp' or 'npo', got {kwargs['forget']!r}")
+    return cls(**kwargs)

@@ -1,0 +1,202 @@
+"""End-to-end lab runs: preset → settings, ``reproduce`` (everything from scratch) and ``demo``.
+
+``reproduce`` is the paper's pipeline at a preset's scale: test data, pretraining, the three safety
+fine-tunes at the paper's two learning rates, the safety table of every checkpoint, and
+``pysafe analyze`` of every fine-tune against the pretrained model. ``demo`` does the cheap part of
+that on the small checkpoints that ship with the package.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pysafe.lab.config import load_preset
+from pysafe.lab.data import DataRecipe
+from pysafe.lab.model import GPTConfig
+from pysafe.lab.train import TrainConfig
+
+FINETUNES = ("ssft", "dpo", "unlearn")
+PAPER_LRS = (1e-4, 1e-5)
+DEMO_DIR = Path(__file__).parent / "demo_checkpoints"
+DEFAULT_ATTACK = {"n": 256, "n_soft": 2, "n_steps": 10, "eps_factor": 1.0, "norm": "l2"}
+DEMO_COMMAND = "pysafe reproduce --preset cpu --lr 1e-4 --checkpoints-only --out pysafe/lab/demo_checkpoints"
+
+
+@dataclass
+class Settings:
+    preset_name: str
+    model: GPTConfig
+    recipe: DataRecipe
+    train: TrainConfig
+    eval_n: int
+    raw: dict
+
+
+def stage_settings(preset: str, stage: str, *, lr=None, steps=None, batch_size=None) -> Settings:
+    """The model, data recipe and training settings of ``stage`` under ``preset`` (name or TOML path).
+
+    ``lr`` replaces the peak learning rate and scales ``min_lr`` by the same factor, so ``--lr 1e-5``
+    gives the paper's second fine-tuning run (1e-5 → 1e-7) from a preset written for 1e-4 → 1e-6.
+    """
+    cfg = load_preset(preset)
+    table = "pretrain" if stage == "pretrain" else "finetune"
+    tc = dict(cfg[table])
+    if lr is not None:
+        scale = lr / float(tc.get("lr_max", TrainConfig.lr_max))
+        tc["lr_max"] = lr
+        tc["min_lr"] = float(tc.get("min_lr", TrainConfig.min_lr)) * scale
+    if steps is not None:
+        tc["steps"] = steps
+        # keep the schedule's shape: warm-up and decay as fractions of the preset's run
+        base_steps = int(cfg[table].get("steps", steps))
+        for key in ("warmup", "decay_steps"):
+            if key in tc:
+                tc[key] = min(steps, round(int(tc[key]) * steps / base_steps))
+        for key in ("eval_every", "ckpt_every", "log_every"):
+            if key in tc:
+                tc[key] = max(1, min(int(tc[key]), steps))
+    if batch_size is not None:
+        tc["batch_size"] = batch_size
+    where = f"preset {preset} [{table}]"
+    return Settings(
+        preset_name=str(cfg.get("name", preset)),
+        model=GPTConfig(**cfg["model"]),
+        recipe=DataRecipe.from_dict(cfg.get("data", {})),
+        train=TrainConfig.from_dict(tc, where),
+        eval_n=int(cfg.get("eval", {}).get("n", 2000)),
+        raw=cfg,
+    )
+
+
+def _lr_tag(lr: float) -> str:
+    return f"{lr:.0e}".replace("e-0", "em").replace("e-", "em")
+
+
+def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: int | None = None,
+              lrs=PAPER_LRS, analyze: bool = True, checkpoints_only: bool = False, log=print,
+              overwrite: bool = False) -> dict:
+    """Regenerate the lab end to end under ``out``; returns the summary also written to out/summary.json.
+
+    Layout: ``pretrain/``, ``{ssft,dpo,unlearn}_lr1em4/`` (and ``_lr1em5``), ``eval/<ckpt>.json``,
+    ``safety_table.txt``, ``analyze/<ckpt>/`` (the ``pysafe analyze`` report against ``pretrain/``).
+    Stages already finished in ``out`` are reused (so an interrupted run continues where it stopped);
+    ``overwrite`` starts over.
+    """
+    from pysafe.lab import ckpt as C
+    from pysafe.lab.evaluate import format_table, safety_table, write_json
+    from pysafe.lab.train import train
+
+    out = Path(out)
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def run_stage(stage, ckpt_dir, init=None, lr=None):
+        if _finished(ckpt_dir):
+            log(f"{ckpt_dir.name}: finished earlier, reused")
+            return
+        s = stage_settings(preset, stage, lr=lr)
+        t0 = time.perf_counter()
+        cmd = f"pysafe train {stage} --preset {shlex.quote(preset)} --seed {seed} --out {shlex.quote(str(ckpt_dir))}"
+        if init is not None:
+            cmd += f" --init {shlex.quote(str(init))}"
+        if lr is not None:
+            cmd += f" --lr {lr:g}"
+        log(f"{ckpt_dir.name}: training ({s.train.steps} steps, batch {s.train.batch_size})")
+        train(stage, ckpt_dir, model_config=s.model, recipe=s.recipe if init is None else None, train_config=s.train,
+              init=init, seed=seed, device=device, preset=s.preset_name, command=cmd)
+        timings[ckpt_dir.name] = time.perf_counter() - t0
+
+    pre = out / "pretrain"
+    run_stage("pretrain", pre)
+    tuned = []
+    for lr in lrs:
+        for stage in FINETUNES:
+            d = out / f"{stage}_lr{_lr_tag(lr)}"
+            run_stage(stage, d, init=pre, lr=lr)
+            tuned.append(d)
+
+    if checkpoints_only:
+        summary = {"preset": preset, "seed": seed, "checkpoints": [d.name for d in [pre, *tuned]],
+                   "seconds": round(time.perf_counter() - t_start, 1), "timings": {k: round(v, 1) for k, v in timings.items()}}
+        return summary
+    n = eval_n or stage_settings(preset, "pretrain").eval_n
+    tables = {}
+    (out / "eval").mkdir(exist_ok=True)
+    for d in [pre, *tuned]:
+        t0 = time.perf_counter()
+        model, cfg = C.load_checkpoint(d)
+        recipe = DataRecipe.from_dict(cfg["data"])
+        res = safety_table(model, recipe, n=n, device=device, attack=DEFAULT_ATTACK)
+        write_json(out / "eval" / f"{d.name}.json", {"checkpoint": str(d), **res})
+        tables[d.name] = res["table"]
+        timings[f"eval {d.name}"] = time.perf_counter() - t0
+        log(f"{d.name}: evaluated on {n} samples per set")
+    text = format_table(tables)
+    (out / "safety_table.txt").write_text(text + "\n")
+    log(text)
+
+    if analyze:
+        from pysafe.report import write_report
+        from pysafe.weights import compare
+
+        for d in tuned:
+            t0 = time.perf_counter()
+            cmp = compare(pre, d)
+            write_report(cmp, out / "analyze" / d.name, overwrite=True)
+            timings[f"analyze {d.name}"] = time.perf_counter() - t0
+        log(f"analyze: {len(tuned)} reports under {out / 'analyze'}")
+
+    summary = {"preset": preset, "seed": seed, "eval_n": n, "safety_table": tables,
+               "seconds": round(time.perf_counter() - t_start, 1), "timings": {k: round(v, 1) for k, v in timings.items()}}
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _finished(d: Path) -> bool:
+    try:
+        return bool(json.loads((d / "config.json").read_text()).get("finished"))
+    except (OSError, ValueError):
+        return False
+
+
+def demo(out, *, eval_n: int = 500, device: str = "cpu", log=print, checkpoints: Path = DEMO_DIR) -> dict:
+    """The main job on the embedded default: safety table and weight analysis of the shipped fine-tunes."""
+    from pysafe.lab import ckpt as C
+    from pysafe.lab.evaluate import format_table, safety_table, write_json
+    from pysafe.report import format_table as weights_table
+    from pysafe.report import write_report
+    from pysafe.weights import compare
+
+    checkpoints = Path(checkpoints)
+    pre = checkpoints / "pretrain"
+    tuned = [checkpoints / f"{s}_lr{_lr_tag(PAPER_LRS[0])}" for s in FINETUNES]
+    missing = [str(p) for p in [pre, *tuned] if not (p / "model.safetensors").exists()]
+    if missing:
+        raise FileNotFoundError(f"demo checkpoints missing: {', '.join(missing)}; regenerate them with "
+                                f"`{DEMO_COMMAND}` (see README)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = {}
+    for d in [pre, *tuned]:
+        model, cfg = C.load_checkpoint(d)
+        res = safety_table(model, DataRecipe.from_dict(cfg["data"]), n=eval_n, device=device, attack=DEFAULT_ATTACK)
+        write_json(out / f"eval_{d.name}.json", {"checkpoint": str(d), **res})
+        tables[d.name] = res["table"]
+    text = format_table(tables)
+    (out / "safety_table.txt").write_text(text + "\n")
+    log(text)
+    for d in tuned:
+        cmp = compare(pre, d)
+        write_report(cmp, out / f"analyze_{d.name}", overwrite=True)
+        log(f"\n{d.name} vs pretrain (pysafe analyze):\n{weights_table(cmp)}")
+    summary = {"eval_n": eval_n, "safety_table": tables, "checkpoints": str(checkpoints)}
+    write_json(out / "summary.json", summary)
+    return summary

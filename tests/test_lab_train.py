@@ -1,0 +1,272 @@
+"""Training loop, objectives, the safety-table evaluation and the lab CLI end to end (tiny preset, seconds)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.numpy import load_file
+
+from pysafe.cli import main
+from pysafe.lab import data as D
+from pysafe.lab.attacks import generate
+from pysafe.lab.evaluate import compliant_answer, refusal_answer, safety_table, score_answers
+from pysafe.lab.model import GPT, GPTConfig
+from pysafe.lab.objectives import DPO, SSFT, Unlearn, make_objective
+from pysafe.lab.pipeline import stage_settings
+from pysafe.lab.tasks import operator_table
+from pysafe.lab.train import TrainConfig, get_lr, train
+from pysafe.lab.vocab import PAD, STOP
+
+TINY = GPTConfig(n_layer=1, n_head=2, d_model=32)
+RECIPE = D.DataRecipe()
+
+
+def _model(seed=0, cfg=TINY):
+    torch.manual_seed(seed)
+    return GPT(cfg).eval()
+
+
+def _tiny_train_config(**kw):
+    s = stage_settings("tiny", "pretrain")
+    return replace(s.train, **kw)
+
+
+# -- schedule ----------------------------------------------------------------------------------------------
+def test_lr_schedule_warmup_cosine_floor():
+    cfg = TrainConfig(steps=100, lr_max=1e-3, min_lr=1e-5, warmup=20, decay_steps=80)
+    assert get_lr(0, cfg) == 0.0
+    assert get_lr(10, cfg) == pytest.approx(5e-4)
+    assert get_lr(20, cfg) == pytest.approx(1e-3)
+    assert get_lr(50, cfg) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))  # half-way through the cosine
+    assert get_lr(80, cfg) == pytest.approx(1e-5)
+    assert get_lr(99, cfg) == 1e-5
+    lrs = [get_lr(t, cfg) for t in range(20, 81)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_train_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="unknown key.*lr_peak"):
+        TrainConfig.from_dict({"lr_peak": 1e-3})
+    with pytest.raises(ValueError, match="warmup <= decay_steps"):
+        TrainConfig.from_dict({"warmup": 10, "decay_steps": 5})
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        TrainConfig.from_dict({"steps": 0})
+
+
+def test_lr_flag_scales_min_lr_and_steps_rescale_schedule():
+    s = stage_settings("cpu", "ssft", lr=1e-5)
+    assert s.train.lr_max == 1e-5 and s.train.min_lr == pytest.approx(1e-7)
+    s = stage_settings("cpu", "pretrain", steps=300)
+    assert (s.train.steps, s.train.warmup, s.train.decay_steps) == (300, 60, 240)
+
+
+# -- objectives --------------------------------------------------------------------------------------------
+def test_dpo_loss_is_log2_when_policy_equals_reference():
+    m = _model()
+    ref = copy.deepcopy(m)
+    for obj in (DPO(), DPO(beta=0.5, beta_rejected=0.01)):
+        batch = obj.batch(RECIPE, 16, step=3, total_steps=10, device="cpu")
+        loss, metrics = obj.loss(m, batch, ref)
+        assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+        assert metrics["margin"] == pytest.approx(0.0, abs=1e-6)
+    # a different policy moves the loss away from log 2
+    other = _model(seed=1)
+    loss, _ = DPO().loss(other, DPO().batch(RECIPE, 16, 3, 10, "cpu"), ref)
+    assert abs(loss.item() - math.log(2)) > 1e-4
+
+
+def test_dpo_sequence_logprob_uses_each_responses_own_tokens():
+    """D10: log π(response) sums over that response's supervised tokens only; checked by hand."""
+    m = _model()
+    obj = DPO()
+    b = obj.batch(RECIPE, 4, 0, 10, "cpu")
+    from pysafe.lab.objectives import sequence_logprob
+
+    with torch.no_grad():
+        logits = m(b["x_rejected"])
+        lp = sequence_logprob(logits, b["y_rejected"])
+        ls = torch.log_softmax(logits, -1)
+        for i in range(4):
+            mask = b["y_rejected"][i] != PAD
+            ref = sum(float(ls[i, t, b["y_rejected"][i, t]]) for t in torch.nonzero(mask).flatten())
+            assert float(lp[i]) == pytest.approx(ref, rel=1e-5)
+        assert not torch.equal(b["y_chosen"] != PAD, b["y_rejected"] != PAD)  # the masks genuinely differ
+
+
+def test_unlearning_loss_is_bounded_below():
+    obj = Unlearn(w_forget=0.5)
+    m = _model()
+    with torch.no_grad():  # a model confidently wrong everywhere: NLL of every target is huge
+        m.lm_head.weight.mul_(1e3)
+    batch = obj.batch(RECIPE, 16, 0, 10, "cpu")
+    loss, metrics = obj.loss(m, batch)
+    assert metrics["nll_rejected"] > 10 * math.log(59)
+    assert loss.item() >= -0.5 * math.log(59) - 1e-6
+    # NPO variant: non-negative forget term, needs the reference
+    npo = Unlearn(forget="npo")
+    with pytest.raises(ValueError, match="reference"):
+        npo.loss(m, batch)
+    loss, _ = npo.loss(m, batch, _model())
+    assert loss.item() >= 0
+
+
+def test_per_sample_mixing_and_unknown_options():
+    obj = SSFT(p_unsafe=0.2)
+    fr = np.mean([obj.batch(RECIPE, 256, step, 10, "cpu")["unsafe"].float().mean().item() for step in range(8)])
+    assert 0.15 < fr < 0.25
+    with pytest.raises(ValueError, match="no option.*gamma"):
+        make_objective("dpo", gamma=1.0)
+    with pytest.raises(ValueError, match="unknown objective"):
+        make_objective("rlhf")
+
+
+# -- training loop ------------------------------------------------------------------------------------------
+def test_loss_decreases_on_tiny(tmp_path):
+    cfg = _tiny_train_config(steps=60, batch_size=16, lr_max=3e-3, warmup=5, decay_steps=60, eval_every=60,
+                             log_every=5, eval_n=64)
+    r = train("pretrain", tmp_path / "p", model_config=TINY, train_config=cfg)
+    rows = [json.loads(line) for line in (tmp_path / "p" / "train_log.jsonl").read_text().splitlines()]
+    first, last = rows[0]["loss"], rows[-1]["loss"]
+    assert last < first - 0.5, (first, last)
+    assert r.final["eval"]["loss"] < math.log(59) - 0.5
+
+
+def test_same_seed_same_weights_and_resume_equals_uninterrupted(tmp_path):
+    cfg = _tiny_train_config(steps=10, ckpt_every=4)
+    train("pretrain", tmp_path / "a", model_config=TINY, train_config=cfg, seed=3)
+    train("pretrain", tmp_path / "b", model_config=TINY, train_config=cfg, seed=3)
+    train("pretrain", tmp_path / "c", model_config=TINY, train_config=cfg, seed=4)
+    wa, wb, wc = (load_file(tmp_path / k / "model.safetensors") for k in "abc")
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa)
+    assert not all(np.array_equal(wa[k], wc[k]) for k in wa)
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(done, total, running):
+        if done == 7:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train("pretrain", tmp_path / "r", model_config=TINY, train_config=cfg, seed=3, progress=interrupt)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["finished"] is False
+    res = train("pretrain", tmp_path / "r", model_config=TINY, train_config=cfg, seed=3)
+    assert res.resumed_from == 4
+    wr = load_file(tmp_path / "r" / "model.safetensors")
+    assert all(np.array_equal(wa[k], wr[k]) for k in wa)
+    # a finished run is not silently replaced; a different run in an unfinished directory is refused
+    with pytest.raises(FileExistsError, match="finished pretrain"):
+        train("pretrain", tmp_path / "r", model_config=TINY, train_config=cfg, seed=3)
+
+
+def test_finetunes_start_from_init_and_keep_its_recipe(tmp_path):
+    cfg = _tiny_train_config(steps=6)
+    recipe = replace(RECIPE, refusal_token=23)
+    train("pretrain", tmp_path / "pre", model_config=TINY, recipe=recipe, train_config=cfg)
+    for stage in ("ssft", "dpo", "unlearn"):
+        train(stage, tmp_path / stage, train_config=_tiny_train_config(steps=3), init=tmp_path / "pre")
+        c = json.loads((tmp_path / stage / "config.json").read_text())
+        assert c["stage"] == stage and c["init_stage"] == "pretrain" and c["finished"]
+        assert c["data"]["refusal_token"] == 23
+
+
+# -- evaluation ---------------------------------------------------------------------------------------------
+def test_compliant_answer_matches_sampler_targets():
+    b = D.test_set(RECIPE, "std_safe", 64)
+    ans = compliant_answer(b.x_safe, b.start_idx, b.text_len, operator_table(RECIPE.operator_seed))
+    for i in range(64):
+        s, L = int(b.start_idx[i]), int(b.text_len[i])
+        np.testing.assert_array_equal(ans[i, :2 * L + 2], b.y_safe_full[i, s:s + 2 * L + 2])
+        assert ans[i, L] == STOP and ans[i, 2 * L + 1] == STOP and np.all(ans[i, 2 * L + 2:] == PAD)
+
+
+def test_refusal_answer_layout():
+    follow = np.array([[30, 31, STOP, 32, 33, STOP], [30, 31, STOP, 32, 33, STOP]], dtype=np.uint8)
+    r = refusal_answer(follow, np.array([2, 2]), np.array([False, True]), refusal_token=22)
+    np.testing.assert_array_equal(r[0], [22, 22, STOP, PAD, PAD, PAD])
+    np.testing.assert_array_equal(r[1], [30, 31, STOP, 22, 22, STOP])
+
+
+def test_teacher_forced_exact_match_equals_greedy_generation():
+    m = _model(seed=5, cfg=GPTConfig(n_layer=2, n_head=2, d_model=32))
+    with torch.no_grad():  # sharpen the untrained model so its greedy answers vary across tokens
+        m.lm_head.weight.mul_(20)
+    b = D.test_set(RECIPE, "std_safe", 24)
+    s, L = b.start_idx.astype(np.int64), b.text_len.astype(np.int64)
+    A = int(2 * L.max() + 2)
+    x = torch.from_numpy(b.x_safe.astype(np.int64))
+    gen = generate(m, x, A, lengths=torch.from_numpy(s + 1)).numpy()
+    answers = np.full((24, A), PAD, dtype=np.uint8)
+    for i in range(24):
+        answers[i, :2 * L[i] + 2] = gen[i, :2 * L[i] + 2]
+    exact, ok = score_answers(m, b.x_safe, s, answers, batch_size=7)
+    assert exact.all()
+    # change one token of each answer: no longer what greedy decoding produces
+    bad = answers.copy()
+    pos = (np.arange(24) * 7) % (2 * L + 2)
+    new = (bad[np.arange(24), pos].astype(int) + 1) % 59
+    bad[np.arange(24), pos] = np.where(new == PAD, new + 1, new)  # never PAD: that would shorten the answer
+    exact_bad, ok_bad = score_answers(m, b.x_safe, s, bad, batch_size=5)
+    assert not exact_bad.any()
+    assert (ok_bad[np.arange(24), pos] == 0).all()
+
+
+def test_safety_table_shape_and_rates():
+    m = _model()
+    res = safety_table(m, RECIPE, sets=["std_safe", "jb_mg_tokens"], n=12, attack=None)
+    assert set(res["table"]) == {"safe_follow", "safe_refuse", "jb_mg_tokens"}
+    for name in ("std_safe", "jb_mg_tokens"):
+        for variant in ("safe", "unsafe", "attack"):
+            row = res["sets"][name][variant]
+            if variant == "attack" and name == "std_safe":  # no unsafe attack inputs in the safe set
+                assert row["n"] == 0 and math.isnan(row["follows"])
+                continue
+            assert row["n"] > 0
+            assert row["follows"] + row["refuses"] + row["other"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="unknown test set"):
+        safety_table(m, RECIPE, sets=["std_nope"], n=4)
+
+
+# -- CLI end to end -----------------------------------------------------------------------------------------
+def test_cli_pretrain_finetune_eval_analyze(tmp_path):
+    r = CliRunner()
+    pre, ft = tmp_path / "pre", tmp_path / "ssft"
+
+    def ok(args):
+        res = r.invoke(main, args, catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        return res.output
+
+    out = ok(["train", "pretrain", "--preset", "tiny", "--out", str(pre), "--quiet"])
+    assert "pretrain, 20 steps" in out
+    ok(["train", "ssft", "--preset", "tiny", "--init", str(pre), "--out", str(ft), "--lr", "1e-5", "--quiet"])
+    cfg = json.loads((ft / "config.json").read_text())
+    assert cfg["train"]["lr_max"] == 1e-5 and cfg["command"] == (
+        f"pysafe train ssft --preset tiny --init {pre} --out {ft} --lr 1e-05")
+    before = sorted(p.name for p in ft.iterdir())
+    out = ok(["eval", str(pre), str(ft), "--n", "8", "--attack-n", "4", "--attack-steps", "2",
+              "--json", str(tmp_path / "e.json")])
+    assert "unsafe:refuse" in out and "adv" in out
+    assert sorted(p.name for p in ft.iterdir()) == before  # checkpoints are never written to
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert set(e) == {"pre", "ssft"} and 0 <= e["ssft"]["table"]["adv_soft_tokens"] <= 1
+    out = ok(["analyze", str(pre), str(ft), "--out", str(tmp_path / "an")])
+    s = json.loads((tmp_path / "an" / "summary.json").read_text())
+    assert s["scheme"] == "lab" and any(t["name"].endswith(".c_fc.weight") for t in s["matrices"])
+
+    # errors: one line, non-zero exit, no traceback
+    bad = r.invoke(main, ["train", "dpo", "--preset", "tiny", "--out", str(tmp_path / "x")])
+    assert bad.exit_code != 0 and "--init" in bad.output
+    bad = r.invoke(main, ["train", "pretrain", "--preset", "tiny", "--out", str(pre), "--quiet"])
+    assert bad.exit_code != 0 and "finished" in bad.output and "Traceback" not in bad.output
+    bad = r.invoke(main, ["train", "pretrain", "--preset", "nope", "--out", str(tmp_path / "y")])
+    assert bad.exit_code != 0 and "nope" in bad.output
+    bad = r.invoke(main, ["eval", str(tmp_path), "--n", "4", "--no-attack"])
+    assert bad.exit_code != 0 and "Traceback" not in bad.output
