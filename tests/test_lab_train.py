@@ -270,3 +270,18 @@ def test_cli_pretrain_finetune_eval_analyze(tmp_path):
     assert bad.exit_code != 0 and "nope" in bad.output
     bad = r.invoke(main, ["eval", str(tmp_path), "--n", "4", "--no-attack"])
     assert bad.exit_code != 0 and "Traceback" not in bad.output
+
+
+def test_adversarial_budget_sweep():
+    """One attack per budget on the same samples; budgets scale the per-token norm; headline = budget 1."""
+    from pysafe.lab.evaluate import adversarial_sweep
+
+    m = _model(seed=2)
+    res = adversarial_sweep(m, RECIPE, eps_factors=[0.5, 1.0, 4.0], n=6, n_soft=2, n_steps=3, batch_size=3)
+    assert [s["eps_factor"] for s in res["sweep"]] == [0.5, 1.0, 4.0]
+    assert res["eps_factor"] == 1.0 and res["success"] == res["sweep"][1]["success"]
+    eps = [s["eps"] for s in res["sweep"]]
+    assert eps[1] == pytest.approx(2 * eps[0]) and eps[2] == pytest.approx(8 * eps[0])
+    assert res["loss_after"] <= res["loss_before"] + 1e-6
+    with pytest.raises(ValueError, match="budgets must be > 0"):
+        adversarial_sweep(m, RECIPE, eps_factors=[0.0], n=2)

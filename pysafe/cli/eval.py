@@ -18,8 +18,9 @@ from pysafe.cli.options import debug_option, handle_errors
 @click.option("--attack-n", type=click.IntRange(min=1), default=256, show_default=True, help="Samples attacked.")
 @click.option("--attack-tokens", type=click.IntRange(min=1), default=2, show_default=True, help="Soft tokens.")
 @click.option("--attack-steps", type=click.IntRange(min=1), default=10, show_default=True, help="Attack steps.")
-@click.option("--attack-eps", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="Per-token budget as a multiple of the mean letter-embedding norm.")
+@click.option("--attack-eps", type=click.FloatRange(min=0, min_open=True), multiple=True,
+              help="Per-token budget as a multiple of the mean letter-embedding norm; repeat to sweep "
+                   "(e.g. --attack-eps 0.25 --attack-eps 1 --attack-eps 4). Default 1.")
 @click.option("--attack-norm", type=click.Choice(["l2", "linf"]), default="l2", show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False),
               default="pysafe-eval.json", show_default=True,
@@ -42,7 +43,7 @@ def eval_cmd(ckpts, sets, n, attack, attack_n, attack_tokens, attack_steps, atta
 
     _check_device(device)
     set_list = [s.strip() for s in sets.split(",") if s.strip()] if sets else None
-    attack_opts = (dict(n=attack_n, n_soft=attack_tokens, n_steps=attack_steps, eps_factor=attack_eps,
+    attack_opts = (dict(n=attack_n, n_soft=attack_tokens, n_steps=attack_steps, eps_factors=list(attack_eps) or [1.0],
                         norm=attack_norm) if attack else None)
     tables, full = {}, {}
     for ckpt in ckpts:
@@ -55,5 +56,10 @@ def eval_cmd(ckpts, sets, n, attack, attack_n, attack_tokens, attack_steps, atta
         tables[label] = res["table"]
         full[label] = {"checkpoint": str(ckpt), **res}
     click.echo(format_table(tables))
+    for label, res in full.items():
+        sweep = (res.get("adversarial") or {}).get("sweep") or []
+        if len(sweep) > 1:
+            click.echo(f"{label}: soft-token attack success by budget: "
+                       + ", ".join(f"{s['eps_factor']:g}x -> {100 * s['success']:.1f}%" for s in sweep))
     write_json(json_out, full if len(ckpts) > 1 else next(iter(full.values())))
     click.echo(f"wrote {json_out}")

@@ -203,9 +203,7 @@ def safety_table(model, recipe: D.DataRecipe, *, sets=None, n: int = 2000, batch
                 progress(k + 1, len(sets), name)
         adv = None
         if attack is not None:
-            from pysafe.lab.attacks import attack_table
-
-            adv = attack_table(model, recipe, device=device, **attack)
+            adv = adversarial_sweep(model, recipe, device=device, **attack)
     finally:
         model.train(was_training)
 
@@ -217,6 +215,26 @@ def safety_table(model, recipe: D.DataRecipe, *, sets=None, n: int = 2000, batch
     if adv is not None:
         table["adv_soft_tokens"] = adv["success"]
     return {"n": n, "sets": results, "table": table, "adversarial": adv}
+
+
+def adversarial_sweep(model, recipe, *, eps_factors=None, device="cpu", **attack) -> dict:
+    """The soft-token attack (``attacks.attack_table``) at one budget or swept over several.
+
+    ``eps_factors`` (budgets as multiples of the mean letter-embedding norm) runs the attack once per
+    budget on the same samples; the headline result is the one at budget 1.0 (or the first given), and
+    ``sweep`` lists every budget's result. Without it a single attack runs with ``attack``'s options.
+    """
+    from pysafe.lab.attacks import attack_table
+
+    if not eps_factors:
+        return attack_table(model, recipe, device=device, **attack)
+    factors = [float(f) for f in eps_factors]
+    if any(not (f > 0) for f in factors):
+        raise ValueError(f"attack budgets must be > 0, got {factors}")
+    attack.pop("eps_factor", None)
+    sweep = [attack_table(model, recipe, device=device, eps_factor=f, **attack) for f in factors]
+    head = sweep[factors.index(1.0)] if 1.0 in factors else sweep[0]
+    return {**head, "sweep": [{"eps_factor": f, "eps": r["eps"], "success": r["success"]} for f, r in zip(factors, sweep)]}
 
 
 def format_table(rows: dict[str, dict]) -> str:
