@@ -17,18 +17,31 @@ from pysafe.cli.options import debug_option, handle_errors
 @click.option("--checkpoints-only", is_flag=True, help="Train the checkpoints only (no evaluation or analysis).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Start over instead of reusing finished stages in --out.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
 @debug_option
 @handle_errors
-def reproduce_cmd(preset, out, seed, lrs, eval_n, checkpoints_only, device, overwrite, debug):
+def reproduce_cmd(preset, out, seed, lrs, eval_n, checkpoints_only, device, overwrite, quiet, debug):
     """Regenerate everything from scratch: pretraining, SSFT/DPO/unlearning at both learning rates,
     the safety table of every checkpoint and `pysafe analyze` of every fine-tune."""
-    from pysafe.cli.train import _check_device
+    from pysafe.cli.train import _check_device, _command_line, _progress_bar
     from pysafe.lab.pipeline import PAPER_LRS, reproduce
 
     _check_device(device)
+
+    def bar(label):
+        update = _progress_bar(label)
+
+        def step(done, total, running):
+            update(done, total, running)
+            if done == total:
+                update(None, None, None)
+
+        return step
+
     summary = reproduce(preset, out, seed=seed, device=device, eval_n=eval_n, lrs=tuple(lrs) or PAPER_LRS,
                         checkpoints_only=checkpoints_only, overwrite=overwrite,
-                        log=lambda m: click.echo(m, err=True))
+                        log=lambda m: click.echo(m, err=True), progress=None if quiet else bar,
+                        invocation=_command_line(click.get_current_context()))
     click.echo(f"done in {summary['seconds']:.0f} s; results under {out}")
 
 

@@ -81,8 +81,12 @@ def _command_line(ctx: click.Context) -> str:
         elif getattr(param, "is_flag", False):
             if value:
                 parts.append(max(param.opts, key=len))
+        elif getattr(param, "multiple", False):
+            parts.extend(f"{max(param.opts, key=len)} {shlex.quote(f'{v:g}' if isinstance(v, float) else str(v))}"
+                         for v in value)
         elif value != param.default:
-            parts.append(f"{max(param.opts, key=len)} {shlex.quote(str(value))}")
+            v = f"{value:g}" if isinstance(value, float) else str(value)
+            parts.append(f"{max(param.opts, key=len)} {shlex.quote(v)}")
     return " ".join(parts)
 
 

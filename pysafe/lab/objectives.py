@@ -29,6 +29,21 @@ def _t(a: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=torch.long)
 
 
+def _trim(*arrays: np.ndarray) -> list[np.ndarray]:
+    """Cut the trailing columns that are PAD in every row of every array.
+
+    Exact for a causal model: positions after the last real token can influence no earlier position and
+    carry no targets. Samples end at 6 + 3L + 3 ≤ 114 of the 159 positions, so this saves about a
+    quarter of every step.
+    """
+    width = 1
+    for a in arrays:
+        cols = np.nonzero((a != PAD).any(0))[0]
+        if cols.size:
+            width = max(width, int(cols[-1]) + 1)
+    return [a[:, :width] for a in arrays]
+
+
 def token_logprobs(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log p(y_t) (0 where y is PAD) and the supervised-token mask, both [B, T]."""
     mask = y != PAD
@@ -60,7 +75,8 @@ class Pretrain:
 
     def batch(self, recipe, n: int, step: int, total_steps: int, device) -> dict:
         b = D.pretrain_batch(recipe, n, step, total_steps)
-        return {"x": _t(b.x, device), "y": _t(b.y, device)}
+        x, y = _trim(b.x, b.y)
+        return {"x": _t(x, device), "y": _t(y, device)}
 
     def loss(self, model, batch: dict, ref=None):
         logits = model(batch["x"])
@@ -86,14 +102,11 @@ class _SafetyObjective:
     def _pairs(self, recipe, n, step, device):
         b = D.safety_batch(recipe, n, step)
         pick = _pick_unsafe(n, self.p_unsafe, recipe.seed, step)
-        out = {
-            "x_chosen": _t(_choose(pick, b.x_unsafe, b.x_safe), device),
-            "y_chosen": _t(_choose(pick, b.y_unsafe, b.y_safe), device),
-            "x_rejected": _t(_choose(pick, b.x_unsafe_target, b.x_safe_target), device),
-            "y_rejected": _t(_choose(pick, b.y_unsafe_target, b.y_safe_target), device),
-            "unsafe": torch.from_numpy(pick).to(device),
-        }
-        return out
+        xc, yc, xr, yr = _trim(_choose(pick, b.x_unsafe, b.x_safe), _choose(pick, b.y_unsafe, b.y_safe),
+                               _choose(pick, b.x_unsafe_target, b.x_safe_target),
+                               _choose(pick, b.y_unsafe_target, b.y_safe_target))
+        return {"x_chosen": _t(xc, device), "y_chosen": _t(yc, device), "x_rejected": _t(xr, device),
+                "y_rejected": _t(yr, device), "unsafe": torch.from_numpy(pick).to(device)}
 
 
 @dataclass

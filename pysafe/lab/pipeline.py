@@ -79,13 +79,14 @@ def _lr_tag(lr: float) -> str:
 
 def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: int | None = None,
               lrs=PAPER_LRS, analyze: bool = True, checkpoints_only: bool = False, log=print,
-              overwrite: bool = False) -> dict:
+              overwrite: bool = False, progress=None, invocation: str | None = None) -> dict:
     """Regenerate the lab end to end under ``out``; returns the summary also written to out/summary.json.
 
     Layout: ``pretrain/``, ``{ssft,dpo,unlearn}_lr1em4/`` (and ``_lr1em5``), ``eval/<ckpt>.json``,
     ``safety_table.txt``, ``analyze/<ckpt>/`` (the ``pysafe analyze`` report against ``pretrain/``).
     Stages already finished in ``out`` are reused (so an interrupted run continues where it stopped);
-    ``overwrite`` starts over.
+    ``overwrite`` starts over. ``progress(label)`` makes a per-stage progress callback (or None);
+    ``invocation`` (the ``pysafe reproduce`` command line) is recorded in every checkpoint's config.
     """
     from pysafe.lab import ckpt as C
     from pysafe.lab.evaluate import format_table, safety_table, write_json
@@ -111,7 +112,9 @@ def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: i
             cmd += f" --lr {lr:g}"
         log(f"{ckpt_dir.name}: training ({s.train.steps} steps, batch {s.train.batch_size})")
         train(stage, ckpt_dir, model_config=s.model, recipe=s.recipe if init is None else None, train_config=s.train,
-              init=init, seed=seed, device=device, preset=s.preset_name, command=cmd)
+              init=init, seed=seed, device=device, preset=s.preset_name, command=cmd,
+              provenance={"pipeline": invocation} if invocation else None,
+              progress=progress(ckpt_dir.name) if progress else None)
         timings[ckpt_dir.name] = time.perf_counter() - t0
 
     pre = out / "pretrain"

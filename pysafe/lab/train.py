@@ -124,11 +124,14 @@ def train(
     device: str = "cpu",
     preset: str | None = None,
     command: str | None = None,
+    provenance: dict | None = None,
     overwrite: bool = False,
     progress=None,
 ) -> RunResult:
     """Run one stage and write its checkpoint directory ``out``.
 
+    ``command`` (the equivalent ``pysafe train`` invocation) and ``provenance`` (e.g. the
+    ``pysafe reproduce`` call that ran this stage) are recorded in config.json, with the pysafe version.
     ``stage`` is an objective name (pretrain, ssft, dpo, unlearn). Fine-tuning stages start from
     ``init`` (whose architecture and vocabulary they keep); DPO (and NPO unlearning) also use ``init``
     as the frozen reference. If ``out`` holds an unfinished run of the same stage, training resumes
@@ -161,6 +164,7 @@ def train(
         "init": str(init) if init is not None else None,
         "init_stage": init_config.get("stage") if init_config else None,
         "command": command,
+        **({"provenance": provenance} if provenance else {}),
     }
     config = _jsonable(config)
 
