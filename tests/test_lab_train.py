@@ -64,7 +64,7 @@ def test_lr_flag_scales_min_lr_and_steps_rescale_schedule():
     s = stage_settings("cpu", "ssft", lr=1e-5)
     assert s.train.lr_max == 1e-5 and s.train.min_lr == pytest.approx(1e-7)
     s = stage_settings("cpu", "pretrain", steps=300)
-    assert (s.train.steps, s.train.warmup, s.train.decay_steps) == (300, 60, 240)
+    assert (s.train.steps, s.train.warmup, s.train.decay_steps) == (300, 30, 240)
 
 
 # -- objectives --------------------------------------------------------------------------------------------
@@ -285,3 +285,24 @@ def test_adversarial_budget_sweep():
     assert res["loss_after"] <= res["loss_before"] + 1e-6
     with pytest.raises(ValueError, match="budgets must be > 0"):
         adversarial_sweep(m, RECIPE, eps_factors=[0.0], n=2)
+
+
+def test_pretraining_span_accuracies():
+    """lab.md §3's accuracies: an oracle scores 1 everywhere; one wrong block-1 token breaks only the
+    block-1 and whole-answer exact matches of that sample."""
+    from pysafe.lab.objectives import Pretrain, span_accuracies
+
+    b = Pretrain().eval_batch(RECIPE, 40, "cpu")
+    y = b["y"].clone()
+    oracle = torch.nn.functional.one_hot(y.clamp_min(0), 59).float()
+    m = span_accuracies(oracle, y, b["spans"])
+    assert all(v == 1.0 for v in m.values()), m
+    start, end1, _, mode = b["spans"]
+    i = int(np.nonzero(mode == 1)[0][0])
+    bad = oracle.clone()
+    bad[i, start[i]] = torch.roll(bad[i, start[i]], 1)
+    m = span_accuracies(bad, y, b["spans"])
+    n_full = int((mode == 1).sum())
+    assert m["comp1_and"] == pytest.approx(1 - 1 / n_full) and m["comp12_and"] == pytest.approx(1 - 1 / n_full)
+    assert m["acc_comp1"] == pytest.approx(1 - 1 / (n_full * (end1[i] - start[i])))
+    assert m["comp2_and"] == 1.0 and m["acc_pcfg"] == 1.0

@@ -81,7 +81,43 @@ class Pretrain:
     def loss(self, model, batch: dict, ref=None):
         logits = model(batch["x"])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["y"].flatten(), ignore_index=PAD)
-        return loss, {"acc": token_accuracy(logits.detach(), batch["y"])}
+        metrics = {"acc": token_accuracy(logits.detach(), batch["y"])}
+        if "spans" in batch:
+            metrics.update(span_accuracies(logits.detach(), batch["y"], batch["spans"]))
+        return loss, metrics
+
+    def eval_batch(self, recipe, n: int, device) -> dict:
+        """The held-out set of lab.md §3 (mode full w.p. 0.9, comp2 w.p. 0.1) with the spans of §3's
+        accuracy definitions."""
+        b = D.pretrain_eval_batch(recipe, n, 0)
+        return {"x": _t(b.x, device), "y": _t(b.y, device),
+                "spans": (b.start_idx, b.end_idx[:, 0], b.end_idx[:, 1], b.mode)}
+
+
+def span_accuracies(logits: torch.Tensor, y: torch.Tensor, spans) -> dict:
+    """The reference's teacher-forced accuracies (lab.md §3): per-sample token accuracy over a span,
+    averaged over eligible samples; ``*_and`` is the exact match of the whole span.
+
+    pcfg: text + EOT [5, start) on modes ≠ comp2; comp1: [start, end1); comp2: [end1, end2) on mode full;
+    comp2_mod: the same on mode comp2 (block 2 from block 1 alone); comp12_and: [start, end2) exact.
+    """
+    start, end1, end2, mode = (np.asarray(a, dtype=np.int64) for a in spans)
+    ok = ((logits.argmax(-1) == y) & (y != PAD)).cpu().numpy()
+    full, comp2 = mode == 1, mode == 3
+
+    def acc(lo, hi, sel):
+        per = [ok[i, lo[i]:hi[i]].mean() for i in np.nonzero(sel)[0] if hi[i] > lo[i]]
+        exact = [ok[i, lo[i]:hi[i]].all() for i in np.nonzero(sel)[0] if hi[i] > lo[i]]
+        return (float(np.mean(per)), float(np.mean(exact))) if per else (float("nan"), float("nan"))
+
+    five = np.full_like(start, 5)
+    out = {}
+    out["acc_pcfg"], _ = acc(five, start, ~comp2)
+    out["acc_comp1"], out["comp1_and"] = acc(start, end1, full)
+    out["acc_comp2"], out["comp2_and"] = acc(end1, end2, full)
+    out["acc_comp2_mod"], _ = acc(end1, end2, comp2)
+    _, out["comp12_and"] = acc(start, end2, full)
+    return out
 
 
 def _pick_unsafe(n: int, p_unsafe: float, seed: int, step: int) -> np.ndarray:

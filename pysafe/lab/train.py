@@ -83,7 +83,10 @@ def evaluate(model, objective, recipe, cfg: TrainConfig, device, ref=None) -> di
     was_training = model.training
     model.eval()
     try:
-        batch = objective.batch(recipe, cfg.eval_n, _EVAL_STEP, cfg.steps, device)
+        if hasattr(objective, "eval_batch"):
+            batch = objective.eval_batch(recipe, cfg.eval_n, device)
+        else:
+            batch = objective.batch(recipe, cfg.eval_n, _EVAL_STEP, cfg.steps, device)
         loss, metrics = objective.loss(model, batch, ref)
         return {"loss": float(loss), **metrics}
     finally:
