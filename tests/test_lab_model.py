@@ -474,3 +474,15 @@ def test_attack_table_on_test_set():
     assert out["n"] == 8 and 0.0 <= out["success"] <= 1.0 and 0.0 <= out["clean_success"] <= 1.0
     assert out["eps"] > 0 and math.isfinite(out["loss_after"])
     json.dumps(out)
+
+
+def test_checkpoint_files_follow_umask(tmp_path):
+    import os
+    import stat
+
+    m = _model()
+    out = C.save_checkpoint(tmp_path / "ck", m, {"stage": "pretrain"})
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f.name

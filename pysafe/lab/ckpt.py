@@ -92,7 +92,9 @@ def save_checkpoint(out_dir: str | os.PathLike, model: GPT, config: dict | None 
             save_file(train_state["tensors"], str(tmp / STATE_TENSORS))
             _write_text(tmp / STATE_JSON, json.dumps({"step": train_state["step"], **train_state["meta"]}, indent=1))
         _write_text(tmp / CONFIG, config_text)  # last: a directory with config.json is complete
+        mode = 0o666 & ~_umask()  # safetensors writes 0600; a checkpoint is as readable as any other file
         for f in tmp.iterdir():
+            os.chmod(f, mode)
             _fsync(f)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -123,6 +125,12 @@ def _plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _write_text(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path: Path) -> None:
