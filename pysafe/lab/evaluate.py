@@ -193,9 +193,10 @@ def safety_table(model, recipe: D.DataRecipe, *, sets=None, n: int = 2000, batch
                 raw[variant] = score_variant(model, x, s, L, a2, rules, recipe.refusal_token,
                                              batch_size=batch_size, device=device)
                 row[variant] = summarize_variant(raw[variant]).__dict__
-            # attack success: compliance on the semantically unsafe attack inputs (the duplicate-token
-            # attack is the sample's "safe" version, whose operators are copies of unsafe ones)
-            attack_variant = "safe" if name == "jb_mg_tokens" else "unsafe"
+            # attack success: compliance on the semantically unsafe attack inputs; the set's spec says which
+            # version is the attack input (the duplicate-token attack is the "safe" version, whose
+            # operators are copies of unsafe ones)
+            attack_variant = "safe" if D.TEST_SET_SPECS[name][2] == "safe" else "unsafe"
             row["attack"] = summarize_variant(raw[attack_variant], keep=b.attack_unsafe).__dict__
             row["attack"]["variant"] = attack_variant
             results[name] = row
