@@ -306,3 +306,26 @@ def test_pretraining_span_accuracies():
     assert m["comp1_and"] == pytest.approx(1 - 1 / n_full) and m["comp12_and"] == pytest.approx(1 - 1 / n_full)
     assert m["acc_comp1"] == pytest.approx(1 - 1 / (n_full * (end1[i] - start[i])))
     assert m["comp2_and"] == 1.0 and m["acc_pcfg"] == 1.0
+
+
+def test_reproduce_checkpoints_then_demo(tmp_path):
+    """`pysafe reproduce --checkpoints-only` on the tiny preset, then `pysafe demo --checkpoints` on its
+    output: safety table of all four models, an analyze report per fine-tune, provenance recorded."""
+    r = CliRunner()
+    res = r.invoke(main, ["reproduce", "--preset", "tiny", "--out", str(tmp_path / "run"), "--lr", "1e-4",
+                          "--checkpoints-only", "--quiet"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "run" / "dpo_lr1em4" / "config.json").read_text())
+    assert cfg["provenance"]["pipeline"] == (
+        f"pysafe reproduce --preset tiny --out {tmp_path / 'run'} --lr 0.0001 --checkpoints-only")
+    assert cfg["command"].startswith("pysafe train dpo --preset tiny --seed 0")
+    res = r.invoke(main, ["demo", "--checkpoints", str(tmp_path / "run"), "--out", str(tmp_path / "demo"),
+                          "--n", "8"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "unlearn_lr1em4" in res.output and "null_frac" in res.output
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert set(summary["safety_table"]) == {"pretrain", "ssft_lr1em4", "dpo_lr1em4", "unlearn_lr1em4"}
+    for s in ("ssft", "dpo", "unlearn"):
+        assert (tmp_path / "demo" / f"analyze_{s}_lr1em4" / "summary.json").exists()
+    res = r.invoke(main, ["demo", "--checkpoints", str(tmp_path), "--out", str(tmp_path / "d2")])
+    assert res.exit_code != 0 and "demo checkpoints missing" in res.output and "Traceback" not in res.output

@@ -49,15 +49,17 @@ def reproduce_cmd(preset, out, seed, lrs, eval_n, checkpoints_only, device, over
 @click.option("--out", type=click.Path(file_okay=False), default="pysafe-demo", show_default=True,
               help="Report folder.")
 @click.option("--n", "eval_n", type=click.IntRange(min=1), default=500, show_default=True, help="Samples per test set.")
+@click.option("--checkpoints", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Use these lab checkpoints (a `pysafe reproduce --out` directory) instead of the shipped ones.")
 @click.option("--device", default="cpu", show_default=True)
 @debug_option
 @handle_errors
-def demo_cmd(out, eval_n, device, debug):
+def demo_cmd(out, eval_n, checkpoints, device, debug):
     """Run the main job on the shipped cpu-preset lab models: the safety table of the pretrained
     model and its SSFT, DPO and unlearning fine-tunes, and `pysafe analyze` of each fine-tune."""
     from pysafe.cli.train import _check_device
-    from pysafe.lab.pipeline import demo
+    from pysafe.lab.pipeline import DEMO_DIR, demo
 
     _check_device(device)
-    demo(out, eval_n=eval_n, device=device, log=click.echo)
+    demo(out, eval_n=eval_n, device=device, log=click.echo, checkpoints=checkpoints or DEMO_DIR)
     click.echo(f"\nreport: {out}/")

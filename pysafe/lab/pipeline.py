@@ -73,6 +73,11 @@ def stage_settings(preset: str, stage: str, *, lr=None, steps=None, batch_size=N
     )
 
 
+def _attack(n: int) -> dict:
+    """The adversarial column's settings: DEFAULT_ATTACK on at most ``n`` samples."""
+    return {**DEFAULT_ATTACK, "n": min(DEFAULT_ATTACK["n"], n)}
+
+
 def _lr_tag(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "em").replace("e-", "em")
 
@@ -137,7 +142,7 @@ def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: i
         t0 = time.perf_counter()
         model, cfg = C.load_checkpoint(d)
         recipe = DataRecipe.from_dict(cfg["data"])
-        res = safety_table(model, recipe, n=n, device=device, attack=DEFAULT_ATTACK)
+        res = safety_table(model, recipe, n=n, device=device, attack=_attack(n))
         write_json(out / "eval" / f"{d.name}.json", {"checkpoint": str(d), **res})
         tables[d.name] = res["table"]
         timings[f"eval {d.name}"] = time.perf_counter() - t0
@@ -190,7 +195,7 @@ def demo(out, *, eval_n: int = 500, device: str = "cpu", log=print, checkpoints:
     tables = {}
     for d in [pre, *tuned]:
         model, cfg = C.load_checkpoint(d)
-        res = safety_table(model, DataRecipe.from_dict(cfg["data"]), n=eval_n, device=device, attack=DEFAULT_ATTACK)
+        res = safety_table(model, DataRecipe.from_dict(cfg["data"]), n=eval_n, device=device, attack=_attack(eval_n))
         write_json(out / f"eval_{d.name}.json", {"checkpoint": str(d), **res})
         tables[d.name] = res["table"]
     text = format_table(tables)
