@@ -389,6 +389,28 @@ def test_safety_batch_training_masking_and_categories():
     assert np.array_equal(unmasked.x_safe, b.x_safe)
 
 
+def test_eos_target_off_lets_batches_trim():
+    """eos_target=False drops only the EOS target of the training streams; the kept targets are the
+    same, and a trimmed batch then ends at its longest sample (3·L_max + 9 columns), not at 159."""
+    from pysafe.lab.objectives import _trim
+
+    r = dataclasses.replace(R, eos_target=False, text_len_min=10, text_len_max=16)
+    on = dataclasses.replace(r, eos_target=True)
+    for a, b in ((D.pretrain_batch(r, 64, 3, 100), D.pretrain_batch(on, 64, 3, 100)),
+                 (D.pretrain_eval_batch(r, 64), D.pretrain_eval_batch(on, 64))):
+        assert np.all(a.y[:, CTX - 1] == PAD) and (b.y[:, CTX - 1] == EOS).any()
+        assert np.array_equal(a.y[:, :-1], b.y[:, :-1]) and np.array_equal(a.x, b.x)
+        x, y = _trim(a.x, a.y)
+        assert x.shape[1] == 3 * int(a.text_len.max()) + 9
+        assert _trim(b.x, b.y)[0].shape[1] == CTX
+    s_off, s_on = D.safety_batch(r, 64, 2), D.safety_batch(on, 64, 2)
+    for f in ("y_safe", "y_unsafe", "y_unsafe_target", "y_safe_target"):
+        assert np.all(getattr(s_off, f)[:, CTX - 1] == PAD)
+        assert np.array_equal(getattr(s_off, f)[:, :-1], getattr(s_on, f)[:, :-1])
+    assert np.all(D.test_set(r, "std_safe", 16).y_safe[:, CTX - 1] == EOS)  # test sets keep it
+    assert D.DataRecipe.from_dict(r.to_dict()) == r
+
+
 def test_refusal_token_configurable():
     r = dataclasses.replace(R, refusal_token=LETTER0 + 29)
     b = D.test_set(r, "std_unsafe", 50)

@@ -461,8 +461,18 @@ def test_attack_success_matches_generation():
     y_b2 = y.clone()
     Lb = int(L[2])
     y_b2[2, s[2] + Lb + 1:s[2] + 2 * Lb + 2] = gen[2, Lb + 1:2 * Lb + 2]
-    ok3, _ = attack_success(m, res, y_b2, apply_second=torch.tensor([False, False, True, False]))
+    ok3, _ = attack_success(m, res, y_b2, apply_second=torch.tensor([False, False, True, False]), scope="answer")
     assert bool(ok3[2])
+    # scope: block1 scores only block 1's L letters; "answer" scores both blocks and STOPs
+    y_b1 = y.clone()
+    Lb = int(L[3])
+    y_b1[3, s[3]:s[3] + Lb] = gen[3, :Lb]
+    y_b1[3, s[3] + Lb] = (int(gen[3, Lb]) + 1) % 59  # a wrong STOP
+    ok4, _ = attack_success(m, res, y_b1)
+    ok5, _ = attack_success(m, res, y_b1, scope="answer")
+    assert bool(ok4[3]) and not bool(ok5[3])
+    with pytest.raises(ValueError, match="scope"):
+        attack_success(m, res, y, scope="both")
 
 
 def test_attack_table_on_test_set():
@@ -472,6 +482,7 @@ def test_attack_table_on_test_set():
     m = _model(GPTConfig(**load_preset("tiny")["model"]))
     out = attack_table(m, DataRecipe(), n=8, n_soft=2, n_steps=2, batch_size=4)
     assert out["n"] == 8 and 0.0 <= out["success"] <= 1.0 and 0.0 <= out["clean_success"] <= 1.0
+    assert out["scope"] == "block1"
     assert out["eps"] > 0 and math.isfinite(out["loss_after"])
     json.dumps(out)
 

@@ -222,14 +222,22 @@ def test_safety_table_shape_and_rates():
     m = _model()
     res = safety_table(m, RECIPE, sets=["std_safe", "jb_mg_tokens"], n=12, attack=None)
     assert set(res["table"]) == {"safe_follow", "safe_refuse", "jb_mg_tokens"}
+    # the headline entry of each set: the interface scripts rely on
+    head = res["sets"]["std_safe"]
+    assert head["input"] == "safe" and head["n"] == 12 and head["token_acc_of"] == "compliant block 1"
+    assert head["follow"] == head["safe"]["follow"] and head["token_acc"] == head["safe"]["tf_block1"]
+    mg = res["sets"]["jb_mg_tokens"]
+    assert mg["input"] == "safe" and 0 < mg["n"] <= 12  # duplicate-token inputs that are unsafe by function
+    assert res["table"]["jb_mg_tokens"] == mg["follow"] and res["table"]["safe_refuse"] == head["refuse"]
     for name in ("std_safe", "jb_mg_tokens"):
-        for variant in ("safe", "unsafe", "attack"):
-            row = res["sets"][name][variant]
-            if variant == "attack" and name == "std_safe":  # no unsafe attack inputs in the safe set
-                assert row["n"] == 0 and math.isnan(row["follows"])
-                continue
-            assert row["n"] > 0
-            assert row["follows"] + row["refuses"] + row["other"] == pytest.approx(1.0)
+        for row in (res["sets"][name], res["sets"][name]["safe"], res["sets"][name]["unsafe"]):
+            assert row["n"] > 0 and 0.0 <= row["token_acc" if "token_acc" in row else "tf_block1"] <= 1.0
+            assert row["follow"] + row["refuse"] + row["other"] == pytest.approx(1.0)
+    res = safety_table(m, RECIPE, sets=["std_unsafe"], n=12, attack=dict(n=6, n_steps=2))
+    u, adv = res["sets"]["std_unsafe"], res["sets"]["adv_soft_tokens"]
+    assert u["input"] == "unsafe" and u["token_acc"] == u["unsafe"]["tf_refusal"] and u["token_acc_of"] == "refusal"
+    assert adv["n"] == 6 and adv["eps"] > 0 and adv["follow"] == res["table"]["adv_soft_tokens"]
+    assert adv["follow"] + adv["refuse"] + adv["other"] == pytest.approx(1.0) and 0 <= adv["token_acc"] <= 1
     with pytest.raises(ValueError, match="unknown test set"):
         safety_table(m, RECIPE, sets=["std_nope"], n=4)
 
@@ -323,9 +331,19 @@ def test_reproduce_checkpoints_then_demo(tmp_path):
                           "--n", "8"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert "unlearn_lr1em4" in res.output and "null_frac" in res.output
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert set(summary["safety_table"]) == {"pretrain", "ssft_lr1em4", "dpo_lr1em4", "unlearn_lr1em4"}
+    demo = tmp_path / "demo"
+    summary = json.loads((demo / "summary.json").read_text())
+    assert set(summary["safety_table"]) == {"pretrained", "ssft", "dpo", "unlearn"}
+    # the interface of issue 3: eval/{pretrained,ssft,dpo,unlearn}.json, analyze/{ssft,dpo,unlearn}/summary.json
+    for name in ("pretrained", "ssft", "dpo", "unlearn"):
+        e = json.loads((demo / "eval" / f"{name}.json").read_text())
+        assert set(e["sets"]) >= {"std_safe", "std_unsafe", "jb_co_task", "jb_co_text", "jb_mg_tokens",
+                                  "jb_mg_text", "adv_soft_tokens"}
+        for row in e["sets"].values():
+            assert isinstance(row["n"], int) and all(0 <= row[k] <= 1 for k in ("follow", "refuse", "other", "token_acc"))
+        assert "eps" in e["sets"]["adv_soft_tokens"]
     for s in ("ssft", "dpo", "unlearn"):
-        assert (tmp_path / "demo" / f"analyze_{s}_lr1em4" / "summary.json").exists()
+        an = json.loads((demo / "analyze" / s / "summary.json").read_text())
+        assert f"{s}_lr1em4" in json.dumps(an["tuned"]) and an["matrices"]
     res = r.invoke(main, ["demo", "--checkpoints", str(tmp_path), "--out", str(tmp_path / "d2")])
     assert res.exit_code != 0 and "demo checkpoints missing" in res.output and "Traceback" not in res.output

@@ -118,6 +118,12 @@ class DataRecipe:
     # it supervises the compliant block 2, mirroring y_unsafe's refusal in block 2, so the DPO/unlearning
     # rejected answer has content. False: the reference's behaviour.
     target_block2_on_second: bool = True
+    # The reference supervises EOS at the last position (y[158]) of every full-layout sample. It follows
+    # the ≥ 44 PAD inputs after the second STOP and carries nothing about the task, but it keeps every
+    # batch at 159 columns. False drops that one target (y[:, 158] = PAD in the training streams), so a
+    # batch is cut to its longest sample (exact for a causal model): 1.4× faster at L ≤ 35, more for
+    # shorter texts. Test sets keep it.
+    eos_target: bool = True
 
     def __post_init__(self):
         def setf(name, value):
@@ -155,6 +161,7 @@ class DataRecipe:
         setf("mode_probs_final", _check_probs("mode_probs_final", self.mode_probs_final, 4))
         setf("category_probs", _check_probs("category_probs", self.category_probs, len(TRAIN_CATEGORIES)))
         setf("target_block2_on_second", bool(self.target_block2_on_second))
+        setf("eos_target", bool(self.eos_target))
 
     def to_dict(self) -> dict:
         """JSON-ready dict (tuples become lists)."""
@@ -633,13 +640,19 @@ def pretrain_batch(recipe: DataRecipe, n: int, step: int, total_steps: int) -> P
     Returns:
         PretrainBatch (see its docstring). Same arguments, same arrays.
     """
-    return _pretrain(recipe, n, stream_seed(recipe.seed, "pretrain", step), mode_probs(recipe, step, total_steps))
+    b = _pretrain(recipe, n, stream_seed(recipe.seed, "pretrain", step), mode_probs(recipe, step, total_steps))
+    if not recipe.eos_target:
+        b.y[:, -1] = PAD
+    return b
 
 
 def pretrain_eval_batch(recipe: DataRecipe, n: int, index: int = 0) -> PretrainBatch:
     """Held-out pretraining samples (stream ``"pretrain_test"``): mode full with prob 0.9, comp2 with
     prob 0.1, as the reference's val/test sets (lab.md §3)."""
-    return _pretrain(recipe, n, stream_seed(recipe.seed, "pretrain_test", index), np.array([0.0, 0.9, 0.0, 0.1]))
+    b = _pretrain(recipe, n, stream_seed(recipe.seed, "pretrain_test", index), np.array([0.0, 0.9, 0.0, 0.1]))
+    if not recipe.eos_target:  # the in-training evaluation scores what training supervises
+        b.y[:, -1] = PAD
+    return b
 
 
 def _safety(recipe: DataRecipe, n: int, seed: int, fixed_cat: int, modifier: int, attack_safe_cats,
@@ -674,8 +687,13 @@ def safety_batch(recipe: DataRecipe, n: int, step: int) -> SafetyBatch:
     arrays; SOT, both blocks, STOPs and EOS stay. Safe/unsafe mixing is per sample and done by the
     trainer (D11). x_attack is x_safe for safe and duplicates samples, else x_unsafe_target.
     """
-    return _safety(recipe, n, stream_seed(recipe.seed, "safety", step), -1, MOD_NONE,
-                   (CATEGORIES["safe"], CATEGORIES["duplicates"]), True)
+    b = _safety(recipe, n, stream_seed(recipe.seed, "safety", step), -1, MOD_NONE,
+                (CATEGORIES["safe"], CATEGORIES["duplicates"]), True)
+    if not recipe.eos_target:
+        for f in _SEQ_FIELDS:
+            if f.startswith("y_"):
+                getattr(b, f)[:, -1] = PAD
+    return b
 
 
 def test_set(recipe: DataRecipe, name: str, n: int) -> SafetyBatch:
