@@ -5,6 +5,7 @@ The public API. The native core (``pysafe._core``) is internal: call these inste
 
 from pysafe._loader import _core  # noqa: F401  (loads the native core and its BLAS)
 from pysafe._version import __version__
+from pysafe.distances import distance_summary, pairwise_distances, write_distance_matrix
 from pysafe.checkpoint import Checkpoint, PeftAdapter, detect_scheme, name_info
 from pysafe.errors import (
     CheckpointError,
@@ -36,6 +37,9 @@ __all__ = [
     "build_info",
     "write_report",
     "make_pair",
+    "pairwise_distances",
+    "distance_summary",
+    "write_distance_matrix",
     "PysafeError",
     "CheckpointError",
     "HeaderError",

@@ -235,6 +235,16 @@ def test_presets_load(tmp_path):
         load_preset(mine)
     with pytest.raises(FileNotFoundError, match="nope"):
         load_preset("nope")
+    # [finetune] lrs: the rates `pysafe reproduce` fine-tunes at (default: the paper's two)
+    from pysafe.lab.pipeline import PAPER_LRS, preset_lrs, stage_settings
+
+    assert preset_lrs("paper") == PAPER_LRS and preset_lrs("tiny") == PAPER_LRS
+    mine.write_text('extends = "tiny"\n[finetune]\nlrs = [3e-4, 3e-5]\n')
+    assert preset_lrs(mine) == (3e-4, 3e-5) and stage_settings(str(mine), "ssft").train.lr_max == 1e-4
+    for bad in ("[]", "[0.0]", "[1e-4, -1]", '"1e-4"'):
+        mine.write_text(f'[finetune]\nlrs = {bad}\n')
+        with pytest.raises(ValueError, match=r"\[finetune\] lrs must be a non-empty list of positive numbers"):
+            load_preset(mine)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------
@@ -401,6 +411,34 @@ def test_attack_budget_positions_and_frozen_model(norm):
     assert res.losses.shape == (9, 4)
 
 
+def test_attack_overlay_placement():
+    """overlay: nothing moves; δ (within the budget) is added to the n prompt tokens before EOT only, and
+    success is scored at the original positions."""
+    m = _model(wte_std=1.0)
+    with torch.no_grad():
+        m.lm_head.weight.normal_(0, 1.0)
+    x, y, s, L = _batch()
+    res = soft_token_attack(m, x, y, s, n_soft=3, n_steps=12, eps_factor=1.0, placement="overlay")
+    assert res.placement == "overlay" and res.inserted == 0
+    assert torch.equal(res.ids, x) and torch.equal(res.y, y) and torch.equal(res.start_idx, s)
+    assert torch.equal(res.soft_start, s - 3)
+    clean = m.transformer.wte(x).detach()
+    diff = res.embeds - clean
+    for b in range(4):
+        sb = int(s[b])
+        assert diff[b, :sb - 3].abs().max() == 0 and diff[b, sb:].abs().max() == 0
+        torch.testing.assert_close(diff[b, sb - 3:sb], res.soft[b])
+    assert float(res.soft.norm(dim=-1).max()) <= res.eps + 1e-6
+    assert (res.losses[-1] < res.losses[0]).all()
+    ok, gen = attack_success(m, res, y)
+    want = generate_from_embeds(m, res.embeds, gen.shape[1], lengths=s + 1)
+    for b in range(4):
+        Lb = int(L[b])
+        assert bool(ok[b]) == torch.equal(want[b, :Lb], y[b, s[b]:s[b] + Lb])
+    with pytest.raises(ValueError, match="placement"):
+        soft_token_attack(m, x, y, s, placement="middle")
+
+
 def test_attack_loss_decreases():
     m = _model(wte_std=1.0)
     with torch.no_grad():  # a random model at init predicts ~uniformly; sharpen it so the attack has a signal
@@ -482,7 +520,10 @@ def test_attack_table_on_test_set():
     m = _model(GPTConfig(**load_preset("tiny")["model"]))
     out = attack_table(m, DataRecipe(), n=8, n_soft=2, n_steps=2, batch_size=4)
     assert out["n"] == 8 and 0.0 <= out["success"] <= 1.0 and 0.0 <= out["clean_success"] <= 1.0
-    assert out["scope"] == "block1"
+    assert out["scope"] == "block1" and out["placement"] == "insert"  # texts of 25..35 letters
+    import dataclasses
+    fixed = dataclasses.replace(DataRecipe(), text_len_min=16, text_len_max=16)
+    assert attack_table(m, fixed, n=4, n_steps=1, batch_size=4)["placement"] == "overlay"
     assert out["eps"] > 0 and math.isfinite(out["loss_after"])
     json.dumps(out)
 

@@ -12,6 +12,7 @@
 #include "io/shard_index.h"
 #include "linalg/blas.h"
 #include "linalg/convert.h"
+#include "linalg/distance.h"
 #include "linalg/metrics.h"
 #include "linalg/svd.h"
 
@@ -376,4 +377,102 @@ PYBIND11_MODULE(_core, m) {
   }, py::arg("A"), py::arg("householder") = false,
      "Orthonormal basis of A's columns (the range finder's kernel): (Q, path), path one of cholqr2, "
      "cholqr3, householder.");
+
+  // -- activation distances (linalg/distance.h) ------------------------------------------------------------
+  auto metric_of = [](const std::string& m) {
+    if (m == "euclidean") return dist::Metric::kEuclidean;
+    if (m == "cosine") return dist::Metric::kCosine;
+    throw py::value_error("metric must be 'euclidean' or 'cosine', got '" + m + "'");
+  };
+  auto stats_dict = [](const dist::Stats& st) {
+    py::dict d;
+    d["entries"] = st.entries;
+    d["recomputed"] = st.recomputed;
+    return d;
+  };
+
+  m.def("pairwise_distances", [metric_of, stats_dict](py::array A, py::object B, const std::string& metric) {
+    const auto mt = metric_of(metric);
+    if (A.ndim() != 2) throw py::value_error("pairwise_distances: a must be 2-D (n × d)");
+    auto run = [&](auto tag) -> py::tuple {
+      using T = decltype(tag);
+      auto a = py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(A);
+      const int64_t n = a.shape(0), d = a.shape(1);
+      py::array_t<T, py::array::c_style | py::array::forcecast> b;
+      int64_t mrows = n;
+      if (!B.is_none()) {
+        b = py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(B);
+        if (!b || b.ndim() != 2) throw py::value_error("pairwise_distances: b must be 2-D (m × d)");
+        if (b.shape(1) != d)
+          throw py::value_error("pairwise_distances: a has " + std::to_string(d) + " columns, b has " +
+                                std::to_string(b.shape(1)));
+        mrows = b.shape(0);
+      }
+      py::array_t<T> out({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(mrows)});
+      dist::Stats st;
+      {
+        py::gil_scoped_release nogil;
+        st = dist::pairwise<T>(a.data(), n, B.is_none() ? nullptr : b.data(), mrows, d, mt, out.mutable_data());
+      }
+      return py::make_tuple(out, stats_dict(st));
+    };
+    if (A.dtype().is(py::dtype::of<double>())) return run(double());
+    if (A.dtype().is(py::dtype::of<float>())) return run(float());
+    throw py::type_error("pairwise_distances: expected float32 or float64 arrays");
+  }, py::arg("a"), py::arg("b") = py::none(), py::arg("metric") = "euclidean",
+     "Exact blocked pairwise distances: (n×m array in a's precision, stats). b=None: a against itself "
+     "(symmetric, zero diagonal).");
+
+  m.def("distance_rows", [metric_of, stats_dict](py::array A, const std::string& metric, int64_t r0, int64_t r1) {
+    const auto mt = metric_of(metric);
+    if (A.ndim() != 2) throw py::value_error("distance_rows: a must be 2-D (n × d)");
+    auto run = [&](auto tag) -> py::tuple {
+      using T = decltype(tag);
+      auto a = py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(A);
+      const int64_t n = a.shape(0), d = a.shape(1);
+      if (r0 < 0 || r1 < r0 || r1 > n) throw py::value_error("distance_rows: need 0 <= r0 <= r1 <= n");
+      py::array_t<T> out({static_cast<py::ssize_t>(r1 - r0), static_cast<py::ssize_t>(n)});
+      dist::Stats st;
+      {
+        py::gil_scoped_release nogil;
+        st = dist::self_rows<T>(a.data(), n, d, mt, r0, r1, out.mutable_data());
+      }
+      return py::make_tuple(out, stats_dict(st));
+    };
+    if (A.dtype().is(py::dtype::of<double>())) return run(double());
+    if (A.dtype().is(py::dtype::of<float>())) return run(float());
+    throw py::type_error("distance_rows: expected a float32 or float64 array");
+  }, py::arg("a"), py::arg("metric"), py::arg("r0"), py::arg("r1"),
+     "Rows [r0, r1) of the self-distance matrix of a, identical to those of pairwise_distances(a).");
+
+  m.def("distance_summary", [metric_of, stats_dict](py::array A, py::array_t<int64_t, py::array::c_style | py::array::forcecast> labels,
+                                                    int64_t groups, int64_t k, const std::string& metric) {
+    const auto mt = metric_of(metric);
+    if (A.ndim() != 2) throw py::value_error("distance_summary: a must be 2-D (n × d)");
+    const int64_t n = A.shape(0);
+    if (labels.ndim() != 1 || labels.shape(0) != n)
+      throw py::value_error("distance_summary: labels must be 1-D with one entry per row of a");
+    for (int64_t i = 0; i < n; ++i)
+      if (labels.data()[i] < 0 || labels.data()[i] >= groups)
+        throw py::value_error("distance_summary: label " + std::to_string(labels.data()[i]) + " of row " +
+                              std::to_string(i) + " is outside [0, " + std::to_string(groups) + ")");
+    if (k < 0 || (n > 0 && k > n - 1)) throw py::value_error("distance_summary: need 0 <= k <= n - 1");
+    py::array_t<double> sums({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(groups)});
+    py::array_t<int64_t> idx({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(k)});
+    py::array_t<double> dst({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(k)});
+    auto run = [&](auto tag) {
+      using T = decltype(tag);
+      auto a = py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(A);
+      py::gil_scoped_release nogil;
+      return dist::summarize<T>(a.data(), n, a.shape(1), labels.data(), groups, k, mt, sums.mutable_data(),
+                                idx.mutable_data(), dst.mutable_data());
+    };
+    dist::Stats st;
+    if (A.dtype().is(py::dtype::of<double>())) st = run(double());
+    else if (A.dtype().is(py::dtype::of<float>())) st = run(float());
+    else throw py::type_error("distance_summary: expected a float32 or float64 array");
+    return py::make_tuple(sums, idx, dst, stats_dict(st));
+  }, py::arg("a"), py::arg("labels"), py::arg("groups"), py::arg("k"), py::arg("metric") = "euclidean",
+     "Streaming summaries of a's self distances without the n×n matrix: (group_sum n×g, knn_idx n×k, "
+     "knn_dist n×k, stats); group_sum[i, c] sums the distances from i to the other members of group c.");
 }

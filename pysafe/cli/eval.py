@@ -22,6 +22,10 @@ from pysafe.cli.options import debug_option, handle_errors
               help="Per-token budget as a multiple of the mean letter-embedding norm; repeat to sweep "
                    "(e.g. --attack-eps 0.25 --attack-eps 1 --attack-eps 4). Default 1.")
 @click.option("--attack-norm", type=click.Choice(["l2", "linf"]), default="l2", show_default=True)
+@click.option("--attack-placement", type=click.Choice(["auto", "insert", "overlay"]), default="auto", show_default=True,
+              help="insert: a soft block before EOT (analyses.md A5); overlay: δ added to the tokens before EOT. "
+                   "auto: overlay when all texts have one length (the models then place outputs by absolute "
+                   "position, which an insertion breaks), else insert.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False),
               default="pysafe-eval.json", show_default=True,
               help="Where to write the full results as JSON (checkpoint directories are never written to).")
@@ -29,7 +33,7 @@ from pysafe.cli.options import debug_option, handle_errors
 @click.option("--device", default="cpu", show_default=True)
 @debug_option
 @handle_errors
-def eval_cmd(ckpts, sets, n, attack, attack_n, attack_tokens, attack_steps, attack_eps, attack_norm, json_out,
+def eval_cmd(ckpts, sets, n, attack, attack_n, attack_tokens, attack_steps, attack_eps, attack_norm, attack_placement, json_out,
              batch_size, device, debug):
     """Evaluate lab checkpoints on whole test sets and print the paper's safety table.
 
@@ -44,7 +48,7 @@ def eval_cmd(ckpts, sets, n, attack, attack_n, attack_tokens, attack_steps, atta
     _check_device(device)
     set_list = [s.strip() for s in sets.split(",") if s.strip()] if sets else None
     attack_opts = (dict(n=attack_n, n_soft=attack_tokens, n_steps=attack_steps, eps_factors=list(attack_eps) or [1.0],
-                        norm=attack_norm) if attack else None)
+                        norm=attack_norm, placement=attack_placement) if attack else None)
     tables, full = {}, {}
     for ckpt in ckpts:
         model, cfg = C.load_checkpoint(ckpt)

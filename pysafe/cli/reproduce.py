@@ -12,7 +12,8 @@ from pysafe.cli.options import debug_option, handle_errors
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory for everything.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--lr", "lrs", type=click.FloatRange(min=0, min_open=True), multiple=True,
-              help="Fine-tuning peak learning rate(s) (default: the paper's 1e-4 and 1e-5).")
+              help="Fine-tuning peak learning rate(s); repeat for several (default: the preset's [finetune] lrs; "
+                   "paper: 1e-4 and 1e-5).")
 @click.option("--n", "eval_n", type=click.IntRange(min=1), default=None, help="Samples per test set (preset's default).")
 @click.option("--checkpoints-only", is_flag=True, help="Train the checkpoints only (no evaluation or analysis).")
 @click.option("--device", default="cpu", show_default=True)
@@ -24,7 +25,7 @@ def reproduce_cmd(preset, out, seed, lrs, eval_n, checkpoints_only, device, over
     """Regenerate everything from scratch: pretraining, SSFT/DPO/unlearning at both learning rates,
     the safety table of every checkpoint and `pysafe analyze` of every fine-tune."""
     from pysafe.cli.train import _check_device, _command_line, _progress_bar
-    from pysafe.lab.pipeline import PAPER_LRS, reproduce
+    from pysafe.lab.pipeline import reproduce
 
     _check_device(device)
 
@@ -38,7 +39,7 @@ def reproduce_cmd(preset, out, seed, lrs, eval_n, checkpoints_only, device, over
 
         return step
 
-    summary = reproduce(preset, out, seed=seed, device=device, eval_n=eval_n, lrs=tuple(lrs) or PAPER_LRS,
+    summary = reproduce(preset, out, seed=seed, device=device, eval_n=eval_n, lrs=tuple(lrs) or None,
                         checkpoints_only=checkpoints_only, overwrite=overwrite,
                         log=lambda m: click.echo(m, err=True), progress=None if quiet else bar,
                         invocation=_command_line(click.get_current_context()))

@@ -23,6 +23,7 @@ PRESETS = ("paper", "cpu", "tiny")
 _TOP = {"name": str, "description": str, "extends": str}
 _TABLES = ("model", "data", "pretrain", "finetune", "eval")
 _INT, _FLOAT, _PAIR = "an integer", "a number", "a list of two numbers"
+_RATES = "a non-empty list of positive numbers"
 _TRAIN_KEYS = {
     "steps": _INT, "batch_size": _INT, "lr_max": _FLOAT, "min_lr": _FLOAT, "warmup": _INT,
     "decay_steps": _INT, "weight_decay": _FLOAT, "betas": _PAIR, "grad_clip": _FLOAT, "log_every": _INT,
@@ -104,8 +105,9 @@ def _validate(cfg: dict, path: Path) -> None:
         GPTConfig(**cfg["model"])
     except ValueError as e:
         raise ValueError(f"{path}: [model]: {e}") from None
-    for table in ("pretrain", "finetune"):
-        _check_keys(cfg[table], _TRAIN_KEYS, path, table)
+    _check_keys(cfg["pretrain"], _TRAIN_KEYS, path, "pretrain")
+    # [finetune] also lists the peak learning rates `pysafe reproduce` fine-tunes at (default: the paper's)
+    _check_keys(cfg["finetune"], {**_TRAIN_KEYS, "lrs": _RATES}, path, "finetune")
     _check_keys(cfg["eval"], _EVAL_KEYS, path, "eval")
 
 
@@ -119,6 +121,8 @@ def _check_keys(table: dict, spec: dict, path: Path, where: str) -> None:
             _FLOAT: isinstance(value, (int, float)) and not isinstance(value, bool),
             _PAIR: isinstance(value, list) and len(value) == 2
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
+            _RATES: isinstance(value, list) and len(value) >= 1
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value),
         }[kind]
         if not ok:
             extra = " (non-negative)" if kind == _INT else ""

@@ -46,6 +46,7 @@ def stage_settings(preset: str, stage: str, *, lr=None, steps=None, batch_size=N
     cfg = load_preset(preset)
     table = "pretrain" if stage == "pretrain" else "finetune"
     tc = dict(cfg[table])
+    tc.pop("lrs", None)
     if lr is not None:
         scale = lr / float(tc.get("lr_max", TrainConfig.lr_max))
         tc["lr_max"] = lr
@@ -71,6 +72,12 @@ def stage_settings(preset: str, stage: str, *, lr=None, steps=None, batch_size=N
         eval_n=int(cfg.get("eval", {}).get("n", 2000)),
         raw=cfg,
     )
+
+
+def preset_lrs(preset: str) -> tuple:
+    """The fine-tuning peak learning rates ``pysafe reproduce`` runs for ``preset`` (its ``[finetune] lrs``;
+    default the paper's 1e-4 and 1e-5)."""
+    return tuple(float(v) for v in load_preset(preset)["finetune"].get("lrs", PAPER_LRS))
 
 
 def _attack(n: int) -> dict:
@@ -103,10 +110,11 @@ def _lr_tag(lr: float) -> str:
 
 
 def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: int | None = None,
-              lrs=PAPER_LRS, analyze: bool = True, checkpoints_only: bool = False, log=print,
+              lrs=None, analyze: bool = True, checkpoints_only: bool = False, log=print,
               overwrite: bool = False, progress=None, invocation: str | None = None) -> dict:
     """Regenerate the lab end to end under ``out``; returns the summary also written to out/summary.json.
 
+    ``lrs`` defaults to the preset's fine-tuning rates (:func:`preset_lrs`).
     Layout: ``pretrain/``, ``{ssft,dpo,unlearn}_lr1em4/`` (and ``_lr1em5``), ``eval/<ckpt>.json``,
     ``safety_table.txt``, ``analyze/<ckpt>/`` (the ``pysafe analyze`` report against ``pretrain/``).
     Stages already finished in ``out`` are reused (so an interrupted run continues where it stopped);
@@ -116,6 +124,7 @@ def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: i
     from pysafe.lab.evaluate import format_table, write_json
     from pysafe.lab.train import train
 
+    lrs = preset_lrs(preset) if not lrs else tuple(lrs)
     out = Path(out)
     if overwrite and out.exists():
         shutil.rmtree(out)

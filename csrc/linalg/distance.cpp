@@ -1,0 +1,372 @@
+#include "linalg/distance.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <exception>
+#include <limits>
+#include <mutex>
+#include <thread>
+#include <utility>
+
+#include "core/parallel.h"
+#include "linalg/blas.h"
+
+namespace pysafe::dist {
+namespace {
+
+// Block edge of the tiling: a 512×512×d GEMM runs near the sgemm peak and its tile (1 MiB in f32) stays
+// in L2/L3. Self distances use a square grid so that every entry has one canonical block.
+constexpr int64_t kBlock = 512;
+// Target relative error of ‖a−b‖² from the Gram path (the distance's is half of it). An entry is recomputed
+// difference-first in f64 when its rounding estimate 2·√d·u·‖a‖‖b‖ (the usual probabilistic bound of a
+// length-d dot product, with a factor 2 of margin) exceeds kTol·‖a−b‖².
+constexpr double kTol = 1e-5;
+
+template <typename T>
+struct Prepared {
+  const T* orig = nullptr;       // the caller's rows
+  int64_t n = 0, d = 0;
+  std::vector<T> X;              // centred (Euclidean) or normalised (cosine) rows, in T
+  std::vector<double> sq;        // ‖X_i‖² in f64, of the rows as stored in X
+  std::vector<double> inv_norm;  // cosine: 1/‖orig_i‖ (0 for a zero row)
+  std::vector<uint8_t> zero;     // cosine: the row is all zeros
+};
+
+/// Column means over the rows of A (and B), in f64.
+template <typename T>
+std::vector<double> common_mean(const T* A, int64_t n, const T* B, int64_t m, int64_t d) {
+  std::vector<double> mu(static_cast<size_t>(d), 0.0);
+  for (const auto& [P, r] : {std::pair<const T*, int64_t>{A, n}, std::pair<const T*, int64_t>{B, m}}) {
+    if (P == nullptr) continue;
+    for (int64_t i = 0; i < r; ++i)
+      for (int64_t k = 0; k < d; ++k) mu[k] += static_cast<double>(P[i * d + k]);
+  }
+  const double total = static_cast<double>(n + (B ? m : 0));
+  if (total > 0)
+    for (auto& v : mu) v /= total;
+  return mu;
+}
+
+template <typename T>
+Prepared<T> prepare(const T* P, int64_t n, int64_t d, Metric metric, const std::vector<double>& mu) {
+  Prepared<T> p;
+  p.orig = P;
+  p.n = n;
+  p.d = d;
+  p.X.resize(static_cast<size_t>(n * d));
+  p.sq.assign(static_cast<size_t>(n), 0.0);
+  if (metric == Metric::kCosine) {
+    p.inv_norm.assign(static_cast<size_t>(n), 0.0);
+    p.zero.assign(static_cast<size_t>(n), 0);
+  }
+  parallel_for(static_cast<size_t>(n), 64, [&](size_t b, size_t e) {
+    for (size_t i = b; i < e; ++i) {
+      const T* row = P + i * d;
+      T* out = p.X.data() + i * d;
+      if (metric == Metric::kEuclidean) {
+        for (int64_t k = 0; k < d; ++k) out[k] = static_cast<T>(static_cast<double>(row[k]) - mu[k]);
+      } else {
+        double s = 0;
+        for (int64_t k = 0; k < d; ++k) s += static_cast<double>(row[k]) * static_cast<double>(row[k]);
+        const double inv = s > 0 ? 1.0 / std::sqrt(s) : 0.0;
+        p.inv_norm[i] = inv;
+        p.zero[i] = s > 0 ? 0 : 1;
+        for (int64_t k = 0; k < d; ++k) out[k] = static_cast<T>(static_cast<double>(row[k]) * inv);
+      }
+      double s = 0;
+      for (int64_t k = 0; k < d; ++k) s += static_cast<double>(out[k]) * static_cast<double>(out[k]);
+      p.sq[i] = s;
+    }
+  });
+  return p;
+}
+
+/// ‖a−b‖² difference-first in f64 (cosine: of the normalised rows).
+template <typename T>
+double exact_sq(const Prepared<T>& A, int64_t i, const Prepared<T>& B, int64_t j, Metric metric) {
+  const T* a = A.orig + i * A.d;
+  const T* b = B.orig + j * B.d;
+  double s = 0;
+  if (metric == Metric::kEuclidean) {
+    for (int64_t k = 0; k < A.d; ++k) {
+      const double t = static_cast<double>(a[k]) - static_cast<double>(b[k]);
+      s += t * t;
+    }
+  } else {
+    const double ia = A.inv_norm[i], ib = B.inv_norm[j];
+    for (int64_t k = 0; k < A.d; ++k) {
+      const double t = static_cast<double>(a[k]) * ia - static_cast<double>(b[k]) * ib;
+      s += t * t;
+    }
+  }
+  return s;
+}
+
+/// Distances of the block rows [i0, i0+bi) × cols [j0, j0+bj) into D (f64, row stride bj).
+/// G is scratch of bi·bj T. `self`: A and B are the same set (the diagonal i == j is exactly 0).
+template <typename T>
+int64_t block(const Prepared<T>& A, int64_t i0, int64_t bi, const Prepared<T>& B, int64_t j0, int64_t bj,
+              Metric metric, bool self, std::vector<T>& G, double* D) {
+  const int64_t d = A.d;
+  if (d > 0)
+    blas::gemm<T>(false, true, bi, bj, d, T(1), A.X.data() + i0 * d, d, B.X.data() + j0 * d, d, T(0), G.data(), bj);
+  const double u = std::numeric_limits<T>::epsilon() / 2;
+  const double c = 2.0 * std::sqrt(static_cast<double>(std::max<int64_t>(d, 1))) * u / kTol;
+  int64_t redo = 0;
+  for (int64_t r = 0; r < bi; ++r) {
+    const int64_t i = i0 + r;
+    const double sa = A.sq[i];
+    for (int64_t q = 0; q < bj; ++q) {
+      const int64_t j = j0 + q;
+      double v;
+      if (self && i == j) {
+        v = 0.0;
+      } else if (metric == Metric::kCosine && (A.zero[i] || B.zero[j])) {
+        v = 1.0;
+      } else {
+        const double sb = B.sq[j];
+        double s2 = sa + sb - 2.0 * static_cast<double>(d > 0 ? G[r * bj + q] : T(0));
+        if (s2 < c * std::sqrt(sa * sb)) {
+          s2 = exact_sq(A, i, B, j, metric);
+          ++redo;
+        }
+        s2 = std::max(s2, 0.0);
+        v = metric == Metric::kEuclidean ? std::sqrt(s2) : std::min(0.5 * s2, 2.0);
+      }
+      D[r * bj + q] = v;
+    }
+  }
+  return redo;
+}
+
+/// Run work(item, scratch) for item in [0, count) on num_threads() workers pulling items from a shared
+/// counter; BLAS is single-threaded inside (the parallelism is across blocks). `Scratch` is per worker.
+template <typename Scratch, typename Make, typename Work>
+std::vector<Scratch> run_blocks(int64_t count, Make make, Work work) {
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads(), count)));
+  std::vector<Scratch> scratch;
+  scratch.reserve(static_cast<size_t>(nt));
+  for (int t = 0; t < nt; ++t) scratch.push_back(make());
+  std::atomic<int64_t> next{0};
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(nt));
+  auto loop = [&](int t) {
+    try {
+      for (int64_t it = next++; it < count; it = next++) work(it, scratch[static_cast<size_t>(t)]);
+    } catch (...) {
+      errors[static_cast<size_t>(t)] = std::current_exception();
+    }
+  };
+  {
+    blas::ScopedThreads one(1);
+    std::vector<std::thread> pool;
+    for (int t = 1; t < nt; ++t) pool.emplace_back(loop, t);
+    loop(0);
+    for (auto& th : pool) th.join();
+  }
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+  return scratch;
+}
+
+/// The canonical blocks (I, J ≥ I) of the self grid, as (I, J) index pairs.
+std::vector<std::pair<int64_t, int64_t>> upper_blocks(int64_t nb) {
+  std::vector<std::pair<int64_t, int64_t>> v;
+  for (int64_t I = 0; I < nb; ++I)
+    for (int64_t J = I; J < nb; ++J) v.emplace_back(I, J);
+  return v;
+}
+
+template <typename T>
+struct Tile {
+  std::vector<T> G;
+  std::vector<double> D;
+  int64_t redo = 0, entries = 0;
+  Tile() : G(static_cast<size_t>(kBlock * kBlock)), D(static_cast<size_t>(kBlock * kBlock)) {}
+};
+
+template <typename T>
+Prepared<T> prepare_self(const T* A, int64_t n, int64_t d, Metric metric) {
+  const std::vector<double> mu = metric == Metric::kEuclidean ? common_mean<T>(A, n, nullptr, 0, d)
+                                                               : std::vector<double>(static_cast<size_t>(d), 0.0);
+  return prepare<T>(A, n, d, metric, mu);
+}
+
+}  // namespace
+
+template <typename T>
+Stats pairwise(const T* A, int64_t n, const T* B, int64_t m, int64_t d, Metric metric, T* out) {
+  Stats st;
+  if (B == nullptr) {
+    Prepared<T> P = prepare_self<T>(A, n, d, metric);
+    const int64_t nb = (n + kBlock - 1) / kBlock;
+    const auto blocks = upper_blocks(nb);
+    auto tiles = run_blocks<Tile<T>>(static_cast<int64_t>(blocks.size()), [] { return Tile<T>(); },
+                                     [&](int64_t it, Tile<T>& t) {
+      const auto [I, J] = blocks[static_cast<size_t>(it)];
+      const int64_t i0 = I * kBlock, j0 = J * kBlock;
+      const int64_t bi = std::min(kBlock, n - i0), bj = std::min(kBlock, n - j0);
+      t.redo += block<T>(P, i0, bi, P, j0, bj, metric, true, t.G, t.D.data());
+      t.entries += bi * bj;
+      for (int64_t r = 0; r < bi; ++r)
+        for (int64_t q = 0; q < bj; ++q) {
+          if (I == J && q < r) continue;  // the diagonal block: the upper triangle, mirrored below
+          const T v = static_cast<T>(t.D[r * bj + q]);
+          out[(i0 + r) * n + (j0 + q)] = v;
+          out[(j0 + q) * n + (i0 + r)] = v;
+        }
+    });
+    for (const auto& t : tiles) {
+      st.recomputed += t.redo;
+      st.entries += t.entries;
+    }
+    return st;
+  }
+  const std::vector<double> mu = metric == Metric::kEuclidean ? common_mean<T>(A, n, B, m, d)
+                                                               : std::vector<double>(static_cast<size_t>(d), 0.0);
+  Prepared<T> PA = prepare<T>(A, n, d, metric, mu);
+  Prepared<T> PB = prepare<T>(B, m, d, metric, mu);
+  const int64_t nbi = (n + kBlock - 1) / kBlock, nbj = (m + kBlock - 1) / kBlock;
+  auto tiles = run_blocks<Tile<T>>(nbi * nbj, [] { return Tile<T>(); }, [&](int64_t it, Tile<T>& t) {
+    const int64_t I = it / nbj, J = it % nbj;
+    const int64_t i0 = I * kBlock, j0 = J * kBlock;
+    const int64_t bi = std::min(kBlock, n - i0), bj = std::min(kBlock, m - j0);
+    t.redo += block<T>(PA, i0, bi, PB, j0, bj, metric, false, t.G, t.D.data());
+    t.entries += bi * bj;
+    for (int64_t r = 0; r < bi; ++r)
+      for (int64_t q = 0; q < bj; ++q) out[(i0 + r) * m + (j0 + q)] = static_cast<T>(t.D[r * bj + q]);
+  });
+  for (const auto& t : tiles) {
+    st.recomputed += t.redo;
+    st.entries += t.entries;
+  }
+  return st;
+}
+
+template <typename T>
+Stats self_rows(const T* A, int64_t n, int64_t d, Metric metric, int64_t r0, int64_t r1, T* out) {
+  Stats st;
+  Prepared<T> P = prepare_self<T>(A, n, d, metric);
+  const int64_t nb = (n + kBlock - 1) / kBlock;
+  const int64_t I0 = r0 / kBlock, I1 = r1 <= r0 ? I0 : (r1 - 1) / kBlock + 1;
+  // every block (I, J) meeting the stripe, computed in its canonical orientation (min, max)
+  std::vector<std::pair<int64_t, int64_t>> items;
+  for (int64_t I = I0; I < I1; ++I)
+    for (int64_t J = 0; J < nb; ++J) items.emplace_back(I, J);
+  auto tiles = run_blocks<Tile<T>>(static_cast<int64_t>(items.size()), [] { return Tile<T>(); },
+                                   [&](int64_t it, Tile<T>& t) {
+    const auto [I, J] = items[static_cast<size_t>(it)];
+    const int64_t P0 = std::min(I, J) * kBlock, Q0 = std::max(I, J) * kBlock;
+    const int64_t bp = std::min(kBlock, n - P0), bq = std::min(kBlock, n - Q0);
+    t.redo += block<T>(P, P0, bp, P, Q0, bq, metric, true, t.G, t.D.data());
+    t.entries += bp * bq;
+    for (int64_t r = 0; r < bp; ++r)
+      for (int64_t q = 0; q < bq; ++q) {
+        int64_t i = P0 + r, j = Q0 + q;
+        if (I == J && q < r) continue;
+        double v = t.D[r * bq + q];
+        // the canonical block holds (min-block row, max-block col); place it at (i, j) or (j, i)
+        for (int pass = 0; pass < 2; ++pass) {
+          const int64_t row = pass == 0 ? i : j, col = pass == 0 ? j : i;
+          if (row >= r0 && row < r1 && row / kBlock == I) out[(row - r0) * n + col] = static_cast<T>(v);
+          if (i == j) break;
+        }
+      }
+  });
+  for (const auto& t : tiles) {
+    st.recomputed += t.redo;
+    st.entries += t.entries;
+  }
+  return st;
+}
+
+namespace {
+struct Neighbour {
+  double dist;
+  int64_t idx;
+  bool operator<(const Neighbour& o) const { return dist < o.dist || (dist == o.dist && idx < o.idx); }
+};
+
+template <typename T>
+struct Acc : Tile<T> {
+  std::vector<double> sums;                    // n × g
+  std::vector<std::vector<Neighbour>> heaps;   // per row, a max-heap of the k best
+  int64_t k = 0;
+  void push(int64_t i, Neighbour nb) {
+    auto& h = heaps[static_cast<size_t>(i)];
+    if (static_cast<int64_t>(h.size()) < k) {
+      h.push_back(nb);
+      std::push_heap(h.begin(), h.end());
+    } else if (k > 0 && nb < h.front()) {
+      std::pop_heap(h.begin(), h.end());
+      h.back() = nb;
+      std::push_heap(h.begin(), h.end());
+    }
+  }
+};
+}  // namespace
+
+template <typename T>
+Stats summarize(const T* A, int64_t n, int64_t d, const int64_t* labels, int64_t g, int64_t k, Metric metric,
+                double* group_sum, int64_t* knn_idx, double* knn_dist) {
+  Stats st;
+  Prepared<T> P = prepare_self<T>(A, n, d, metric);
+  const int64_t nb = (n + kBlock - 1) / kBlock;
+  const auto blocks = upper_blocks(nb);
+  auto accs = run_blocks<Acc<T>>(static_cast<int64_t>(blocks.size()),
+                                 [&] {
+                                   Acc<T> a;
+                                   a.sums.assign(static_cast<size_t>(n * g), 0.0);
+                                   a.heaps.resize(static_cast<size_t>(n));
+                                   a.k = k;
+                                   return a;
+                                 },
+                                 [&](int64_t it, Acc<T>& a) {
+    const auto [I, J] = blocks[static_cast<size_t>(it)];
+    const int64_t i0 = I * kBlock, j0 = J * kBlock;
+    const int64_t bi = std::min(kBlock, n - i0), bj = std::min(kBlock, n - j0);
+    a.redo += block<T>(P, i0, bi, P, j0, bj, metric, true, a.G, a.D.data());
+    a.entries += bi * bj;
+    for (int64_t r = 0; r < bi; ++r)
+      for (int64_t q = 0; q < bj; ++q) {
+        const int64_t i = i0 + r, j = j0 + q;
+        if (j <= i) continue;  // each unordered pair once (the diagonal block's upper triangle)
+        const double v = a.D[r * bj + q];
+        a.sums[static_cast<size_t>(i * g + labels[j])] += v;
+        a.sums[static_cast<size_t>(j * g + labels[i])] += v;
+        a.push(i, {v, j});
+        a.push(j, {v, i});
+      }
+  });
+  std::fill(group_sum, group_sum + n * g, 0.0);
+  for (auto& a : accs) {
+    st.recomputed += a.redo;
+    st.entries += a.entries;
+    for (int64_t x = 0; x < n * g; ++x) group_sum[x] += a.sums[static_cast<size_t>(x)];
+  }
+  parallel_for(static_cast<size_t>(n), 256, [&](size_t b, size_t e) {
+    std::vector<Neighbour> all;
+    for (size_t i = b; i < e; ++i) {
+      all.clear();
+      for (auto& a : accs) all.insert(all.end(), a.heaps[i].begin(), a.heaps[i].end());
+      std::sort(all.begin(), all.end());
+      for (int64_t r = 0; r < k; ++r) {
+        knn_idx[i * k + r] = r < static_cast<int64_t>(all.size()) ? all[static_cast<size_t>(r)].idx : -1;
+        knn_dist[i * k + r] = r < static_cast<int64_t>(all.size()) ? all[static_cast<size_t>(r)].dist
+                                                                    : std::numeric_limits<double>::quiet_NaN();
+      }
+    }
+  });
+  return st;
+}
+
+#define PYSAFE_DIST_INSTANTIATE(T)                                                                          \
+  template Stats pairwise<T>(const T*, int64_t, const T*, int64_t, int64_t, Metric, T*);                   \
+  template Stats summarize<T>(const T*, int64_t, int64_t, const int64_t*, int64_t, int64_t, Metric, double*, \
+                              int64_t*, double*);                                                          \
+  template Stats self_rows<T>(const T*, int64_t, int64_t, Metric, int64_t, int64_t, T*);
+PYSAFE_DIST_INSTANTIATE(float)
+PYSAFE_DIST_INSTANTIATE(double)
+#undef PYSAFE_DIST_INSTANTIATE
+
+}  // namespace pysafe::dist
