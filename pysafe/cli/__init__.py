@@ -6,6 +6,7 @@ import click
 
 from pysafe._version import __version__
 from pysafe.cli.analyze import analyze
+from pysafe.cli.clusters import clusters_cmd
 from pysafe.cli.data import data_cmd
 from pysafe.cli.eval import eval_cmd
 from pysafe.cli.make_pair import make_pair_cmd
@@ -26,5 +27,6 @@ main.add_command(train_cmd)
 main.add_command(eval_cmd)
 main.add_command(reproduce_cmd)
 main.add_command(demo_cmd)
+main.add_command(clusters_cmd)
 
 __all__ = ["main"]

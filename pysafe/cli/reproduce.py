@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from pysafe.cli.options import debug_option, handle_errors
@@ -17,11 +19,14 @@ from pysafe.cli.options import debug_option, handle_errors
 @click.option("--n", "eval_n", type=click.IntRange(min=1), default=None, help="Samples per test set (preset's default).")
 @click.option("--checkpoints-only", is_flag=True, help="Train the checkpoints only (no evaluation or analysis).")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--jobs", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Fine-tunes trained at once, each with cores/jobs threads (0: 2 on a CPU with 2 or more cores, "
+                   "else 1).")
 @click.option("--overwrite", is_flag=True, help="Start over instead of reusing finished stages in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @debug_option
 @handle_errors
-def reproduce_cmd(preset, out, seed, lrs, eval_n, checkpoints_only, device, overwrite, quiet, debug):
+def reproduce_cmd(preset, out, seed, lrs, eval_n, checkpoints_only, device, jobs, overwrite, quiet, debug):
     """Regenerate everything from scratch: pretraining, SSFT/DPO/unlearning at both learning rates,
     the safety table of every checkpoint and `pysafe analyze` of every fine-tune."""
     from pysafe.cli.train import _check_device, _command_line, _progress_bar
@@ -42,7 +47,8 @@ def reproduce_cmd(preset, out, seed, lrs, eval_n, checkpoints_only, device, over
     summary = reproduce(preset, out, seed=seed, device=device, eval_n=eval_n, lrs=tuple(lrs) or None,
                         checkpoints_only=checkpoints_only, overwrite=overwrite,
                         log=lambda m: click.echo(m, err=True), progress=None if quiet else bar,
-                        invocation=_command_line(click.get_current_context()))
+                        invocation=_command_line(click.get_current_context()),
+                        jobs=jobs or (2 if device == "cpu" and (os.cpu_count() or 1) >= 2 else 1))
     click.echo(f"done in {summary['seconds']:.0f} s; results under {out}")
 
 

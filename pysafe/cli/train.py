@@ -30,12 +30,16 @@ from pysafe.lab.objectives import OBJECTIVES
 @click.option("--forget", type=click.Choice(["clamp", "npo"]), default=None, help="Unlearning forget loss.")
 @click.option("--w-forget", type=click.FloatRange(min=0), default=None, help="Unlearning forget weight (0.1).")
 @click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda).")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="torch CPU threads (0: torch's default). Part of the run's identity: byte-identical results "
+                   "are promised for the same thread count.")
 @click.option("--overwrite", is_flag=True, help="Replace a finished checkpoint in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--pipeline", default=None, hidden=True, help="The `pysafe reproduce` command this run is part of.")
 @debug_option
 @handle_errors
 def train_cmd(stage, preset, init, out, lr, steps, batch_size, seed, p_unsafe, beta, beta_rejected, forget,
-              w_forget, device, overwrite, quiet, debug):
+              w_forget, device, threads, overwrite, quiet, pipeline, debug):
     """Train STAGE (pretrain, ssft, dpo, unlearn) and write a checkpoint directory to --out.
 
     A run interrupted mid-way resumes from its last checkpoint when started again with the same --out.
@@ -55,11 +59,15 @@ def train_cmd(stage, preset, init, out, lr, steps, batch_size, seed, p_unsafe, b
         raise click.UsageError("--forget/--w-forget apply to unlearn only")
     settings = stage_settings(preset, stage, lr=lr, steps=steps, batch_size=batch_size)
     _check_device(device)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     bar = None if quiet else _progress_bar(stage)
     result = train(stage, out, model_config=settings.model, recipe=settings.recipe if init is None else None,
                    train_config=settings.train, init=init, objective_options=opts, seed=seed, device=device,
                    preset=settings.preset_name, command=_command_line(click.get_current_context()),
-                   overwrite=overwrite, progress=bar)
+                   provenance={"pipeline": pipeline} if pipeline else None, overwrite=overwrite, progress=bar)
     if bar is not None:
         bar(None, None, None)
     ev = result.final.get("eval", {})
@@ -76,7 +84,7 @@ def _command_line(ctx: click.Context) -> str:
         value = ctx.params.get(param.name)
         if isinstance(param, click.Argument):
             parts.append(str(value))
-        elif param.name in ("debug", "quiet", "overwrite") or value is None:
+        elif param.name in ("debug", "quiet", "overwrite", "pipeline") or value is None:
             continue
         elif getattr(param, "is_flag", False):
             if value:

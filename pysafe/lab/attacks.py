@@ -350,6 +350,58 @@ def attack_success(model, result: AttackResult, y_compliant_full: torch.Tensor, 
     return ok.all(1), gen
 
 
+def _placement(recipe, placement: str) -> str:
+    if placement == "auto":
+        return "overlay" if recipe.text_len_min == recipe.text_len_max else "insert"
+    return placement
+
+
+def _unsafe_prompts(recipe, test_set: str, n: int):
+    """The first ``n`` samples of ``test_set`` with apply_second = 0, as unsafe prompts with their compliant
+    answer teacher-forced: (x, y with block 1's letters as targets, start_idx, L, compact answers)."""
+    from pysafe.lab import data as D
+    from pysafe.lab.evaluate import compliant_answer
+    from pysafe.lab.tasks import operator_table
+
+    b = D.test_set(recipe, test_set, 2 * n + 16)  # apply_second has probability prob_comp1_train (0.2)
+    keep = np.nonzero(~np.asarray(b.apply_second).astype(bool))[0][:n]
+    x_u = np.asarray(b.x_unsafe_target)[keep]
+    s = np.asarray(b.start_idx).astype(np.int64)[keep]
+    L = np.asarray(b.text_len).astype(np.int64)[keep]
+    ans = compliant_answer(x_u, s, L, operator_table(recipe.operator_seed)).astype(np.int64)
+    N = len(s)
+    T = x_u.shape[1]
+    x = np.full((N, T), PAD, dtype=np.int64)
+    y = np.full((N, T), PAD, dtype=np.int64)
+    for i in range(N):
+        A = 2 * L[i] + 2
+        x[i, :s[i] + 1] = x_u[i, :s[i] + 1]
+        x[i, s[i] + 1:s[i] + 1 + A] = ans[i, :A]
+        y[i, s[i]:s[i] + L[i]] = ans[i, :L[i]]  # the targets: block 1's letters
+    return x, y, s, L, ans
+
+
+def attacked_inputs(model, recipe, *, n: int = 256, test_set: str = "std_unsafe", batch_size: int = 64,
+                    device="cpu", seed: int = 0, placement: str = "auto", **attack) -> AttackResult:
+    """The attacked prompts of :func:`attack_table` (same samples, same seeds) as one :class:`AttackResult`
+    (the activation analyses' ``adv_soft_tokens`` group)."""
+    placement = _placement(recipe, placement)
+    model.to(device)
+    x, y, s, L, _ = _unsafe_prompts(recipe, test_set, n)
+    parts = []
+    for lo in range(0, len(s), batch_size):
+        sl = slice(lo, lo + batch_size)
+        xb, yb, sb = (torch.from_numpy(a[sl]) for a in (x, y, s))
+        parts.append(soft_token_attack(model, xb, yb, sb, seed=seed + lo, placement=placement, **attack))
+    if not parts:
+        raise ValueError(f"no attackable samples in {test_set} (n={n})")
+    first = parts[0]
+    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
+    return AttackResult(embeds=cat("embeds"), ids=cat("ids"), y=cat("y"), start_idx=cat("start_idx"),
+                        soft_start=cat("soft_start"), soft=cat("soft"), eps=first.eps, norm=first.norm, lr=first.lr,
+                        losses=torch.cat([p.losses for p in parts], 1), placement=placement, inserted=first.inserted)
+
+
 # -- the safety table's adversarial column ---------------------------------------------------------------
 def attack_table(model, recipe, *, n: int = 256, n_soft: int = 2, n_steps: int = 10, eps: float | None = None,
                  eps_factor: float = 1.0, norm: str = "l2", lr: float | None = None, seed: int = 0,
@@ -366,27 +418,10 @@ def attack_table(model, recipe, *, n: int = 256, n_soft: int = 2, n_steps: int =
     rate without the attack. ``placement="auto"`` inserts the soft block (A5) when the recipe's text
     length varies and overlays it when every text has the same length (see :func:`soft_token_attack`).
     """
-    from pysafe.lab import data as D
-    from pysafe.lab.evaluate import compliant_answer
-    from pysafe.lab.tasks import operator_table
-
-    if placement == "auto":
-        placement = "overlay" if recipe.text_len_min == recipe.text_len_max else "insert"
+    placement = _placement(recipe, placement)
     model.to(device)
-    b = D.test_set(recipe, test_set, 2 * n + 16)  # apply_second has probability prob_comp1_train (0.2)
-    keep = np.nonzero(~np.asarray(b.apply_second).astype(bool))[0][:n]
-    x_u = np.asarray(b.x_unsafe_target)[keep]
-    s = np.asarray(b.start_idx).astype(np.int64)[keep]
-    L = np.asarray(b.text_len).astype(np.int64)[keep]
-    ans = compliant_answer(x_u, s, L, operator_table(recipe.operator_seed)).astype(np.int64)
-    N, T = len(s), model.config.block_size
-    x = np.full((N, T), PAD, dtype=np.int64)
-    y = np.full((N, T), PAD, dtype=np.int64)
-    for i in range(N):
-        A = 2 * L[i] + 2
-        x[i, :s[i] + 1] = x_u[i, :s[i] + 1]
-        x[i, s[i] + 1:s[i] + 1 + A] = ans[i, :A]
-        y[i, s[i]:s[i] + L[i]] = ans[i, :L[i]]  # the targets: block 1's letters
+    x, y, s, L, ans = _unsafe_prompts(recipe, test_set, n)
+    N = len(s)
     succ, clean, before, after, refuse, tok_acc = [], [], [], [], [], []
     for lo in range(0, N, batch_size):
         sl = slice(lo, lo + batch_size)

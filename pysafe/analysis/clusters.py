@@ -1,0 +1,197 @@
+"""Fig 3 (and Fig 7's activation half): do safe and unsafe inputs form separate clusters, and where do
+jailbreak and attacked inputs land? (analyses.md §1, §2, part A.)
+
+Per layer ℓ and evaluation point z with pooled feature f = f_ℓ(z):
+
+- τ = ‖f − μ_U‖ − ‖f − μ_S‖ (positive: closer to the safe mean) and its cosine version
+  cos(f, μ_S) − cos(f, μ_U) (same sign convention: positive = closer to safe);
+- nearest-mean accuracy: the share of a group assigned to its true label by the nearer mean (safe for the
+  ``safe`` group, unsafe for every other group: jailbreaks and attacked inputs are unsafe by function);
+- silhouette against the two reference clusters: a = mean distance to the other members of the point's
+  true cluster (the ``unsafe`` group for unsafe/jailbreak/attacked points, ``safe`` for safe points),
+  b = mean distance to the opposite one, s = (b − a)/max(a, b); negative means the point sits with the
+  wrong cluster. Computed exactly by the native distance engine, streaming (no N×N matrix);
+- AUROC of τ: safe points against each other group.
+
+μ_S and μ_U come from a reference set disjoint from the evaluation points (a separate sampling stream):
+the safe and unsafe (compliant-target) variants of std_safe and std_unsafe. The reference script used the
+same samples for both (bug B-series); its truncation of g to 192 of 768 units is not reproduced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pysafe.analysis.capture import lab_features
+from pysafe.distances import distance_summary
+from pysafe.lab import data as D
+
+JAILBREAKS = ("jb_co_task", "jb_co_text", "jb_mg_tokens", "jb_mg_text", "jb_comp")
+REFERENCE_SEED_OFFSET = 104729  # the reference set's sampling stream: recipe.seed + this
+
+
+def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """P(score of a positive > score of a negative), ties counted half (Mann-Whitney U / n_pos n_neg)."""
+    pos, neg = np.asarray(pos, np.float64), np.asarray(neg, np.float64)
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    allv = np.concatenate([pos, neg])
+    order = np.argsort(allv, kind="mergesort")
+    ranks = np.empty(len(allv))
+    sorted_v = allv[order]
+    # average ranks over ties
+    i = 0
+    while i < len(allv):
+        j = i
+        while j + 1 < len(allv) and sorted_v[j + 1] == sorted_v[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    u = ranks[:len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
+    return float(u / (len(pos) * len(neg)))
+
+
+def _cos(f: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    num = (f * mu).sum(-1)
+    den = np.linalg.norm(f, axis=-1) * np.linalg.norm(mu, axis=-1)
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+
+def tau_scores(f: np.ndarray, mu_s: np.ndarray, mu_u: np.ndarray):
+    """(τ, cosine τ, d_S, d_U) of features f [..., D] against the means (broadcast over leading axes)."""
+    d_s = np.linalg.norm(f - mu_s, axis=-1)
+    d_u = np.linalg.norm(f - mu_u, axis=-1)
+    return d_u - d_s, _cos(f, mu_s) - _cos(f, mu_u), d_s, d_u
+
+
+def group_inputs(recipe, n: int, sets=JAILBREAKS) -> dict:
+    """{group: (x, start_idx)}: the evaluation inputs, teacher-forced with the answer each variant carries."""
+    groups = {"safe": [], "unsafe": []}
+    for name in ("std_safe", "std_unsafe"):
+        b = D.test_set(recipe, name, n)
+        groups["safe"].append((b.x_safe, b.start_idx))
+        groups["unsafe"].append((b.x_unsafe_target, b.start_idx))
+    out = {g: (np.concatenate([x for x, _ in v]), np.concatenate([s for _, s in v])) for g, v in groups.items()}
+    for name in sets:
+        b = D.test_set(recipe, name, n)
+        keep = np.asarray(b.attack_unsafe, dtype=bool)
+        out[name] = (b.x_attack[keep], b.start_idx[keep])
+    return out
+
+
+def reference_means(model, recipe, n: int, **cap) -> tuple[np.ndarray, np.ndarray]:
+    """(μ_S, μ_U), each [layers, D], from a sampling stream disjoint from the evaluation sets."""
+    ref = dataclasses.replace(recipe, seed=(recipe.seed + REFERENCE_SEED_OFFSET) % (2**32 - 9))
+    g = group_inputs(ref, n, sets=())
+    mu_s = lab_features(model, *g["safe"], **cap).mean(0)
+    mu_u = lab_features(model, *g["unsafe"], **cap).mean(0)
+    return mu_s, mu_u
+
+
+def cluster_analysis(model, recipe, *, n: int = 500, n_ref: int | None = None, hook: str = "mlp_act",
+                     positions: str = "window", n_window: int = 10, attack: dict | None = None,
+                     sets=JAILBREAKS, batch_size: int = 256, device="cpu") -> dict:
+    """Fig 3 metrics of one lab model (JSON-ready; the ``pysafe clusters`` schema).
+
+    Args:
+        n: samples drawn per test set (safe and unsafe groups take them from std_safe and std_unsafe, so
+            they have 2n points; a jailbreak group keeps the samples that are unsafe by function).
+        n_ref: reference samples per set for μ_S and μ_U (default n).
+        attack: soft-token attack options (``attacks.soft_token_attack``: n_soft, n_steps, eps_factor,
+            norm, placement) to add the ``adv_soft_tokens`` group; None leaves it out.
+    """
+    cap = dict(hook=hook, positions=positions, n_window=n_window, batch_size=batch_size, device=device)
+    model.to(device)
+    mu_s, mu_u = reference_means(model, recipe, n_ref or n, **cap)
+    feats = {g: lab_features(model, x, s, **cap) for g, (x, s) in group_inputs(recipe, n, sets).items()}
+    if attack is not None:
+        from pysafe.lab.attacks import attacked_inputs
+
+        res = attacked_inputs(model, recipe, n=n, device=device, **attack)
+        feats["adv_soft_tokens"] = lab_features(model, res.ids.cpu().numpy(), res.start_idx.cpu().numpy(),
+                                                embeds=res.embeds.detach(), **cap)
+    n_layer = mu_s.shape[0]
+    names = list(feats)
+    true_unsafe = {g: g != "safe" for g in names}
+    out_groups = {}
+    taus = {}
+    for g in names:
+        f = feats[g]  # [N, L, D]
+        tau, ctau, d_s, d_u = tau_scores(f, mu_s[None], mu_u[None])
+        taus[g] = tau
+        nearer_safe = (d_s < d_u).mean(0)
+        out_groups[g] = {
+            "n": int(f.shape[0]),
+            "tau_mean": tau.mean(0).tolist(), "tau_std": tau.std(0).tolist(),
+            "cos_tau_mean": ctau.mean(0).tolist(), "cos_tau_std": ctau.std(0).tolist(),
+            "nearest_mean_acc": (1 - nearer_safe if true_unsafe[g] else nearer_safe).tolist(),
+            "frac_nearer_safe": nearer_safe.tolist(),
+        }
+    # silhouette against the safe / unsafe clusters, per layer, exact distances on the union
+    labels = np.concatenate([np.full(feats[g].shape[0], i) for i, g in enumerate(names)])
+    i_safe, i_unsafe = names.index("safe"), names.index("unsafe")
+    sil = {g: [] for g in names}
+    for layer in range(n_layer):
+        X = np.concatenate([feats[g][:, layer] for g in names])
+        summ = distance_summary(X, labels, k=0)
+        m = summ.mean_to_group  # [N, groups], columns in the order of np.unique(labels) = names' order
+        own = np.where(labels == i_safe, m[:, i_safe], m[:, i_unsafe])
+        opp = np.where(labels == i_safe, m[:, i_unsafe], m[:, i_safe])
+        s = (opp - own) / np.maximum(np.maximum(own, opp), 1e-30)
+        for i, g in enumerate(names):
+            sil[g].append(float(s[labels == i].mean()) if (labels == i).any() else float("nan"))
+    for g in names:
+        out_groups[g]["silhouette"] = sil[g]
+        if g != "safe":
+            out_groups[g]["auroc_tau_vs_safe"] = [auroc(taus["safe"][:, layer], taus[g][:, layer])
+                                                  for layer in range(n_layer)]
+    return {"hook": hook, "positions": positions, "n_window": n_window, "layers": list(range(n_layer)),
+            "reference": {"n_per_set": n_ref or n, "sets": ["std_safe", "std_unsafe"],
+                          "seed": (recipe.seed + REFERENCE_SEED_OFFSET) % (2**32 - 9)},
+            "attack": attack, "groups": out_groups}
+
+
+def write_clusters(result: dict, out_dir, title: str = "") -> Path:
+    """``out_dir/clusters.json`` and ``out_dir/clusters.png`` (τ and cosine τ per layer, ±std bands)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "clusters.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    plot_clusters(result, out / "clusters.png", title)
+    tmp.replace(out / "clusters.json")
+    return out / "clusters.json"
+
+
+COLORS = {"safe": "tab:green", "unsafe": "tab:red", "adv_soft_tokens": "black", "jb_co_task": "tab:blue",
+          "jb_co_text": "tab:orange", "jb_mg_tokens": "tab:purple", "jb_mg_text": "tab:brown", "jb_comp": "tab:pink"}
+
+
+def plot_clusters(result: dict, path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = np.asarray(result["layers"]) + 1
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in ((axes[0], "cos_tau", "cosine τ = cos(f, μ_S) − cos(f, μ_U)"),
+                           (axes[1], "tau", "τ = ‖f − μ_U‖ − ‖f − μ_S‖")):
+        for g, row in result["groups"].items():
+            mean, std = np.asarray(row[f"{key}_mean"]), np.asarray(row[f"{key}_std"])
+            style = "-" if g in ("safe", "unsafe", "adv_soft_tokens") else "--"
+            line, = ax.plot(layers, mean, style, marker="o", ms=3, label=f"{g} (n={row['n']})", color=COLORS.get(g))
+            ax.fill_between(layers, mean - std, mean + std, alpha=0.12, color=line.get_color())
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("layer")
+        ax.set_ylabel(label)
+        ax.set_xticks(layers)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(title or f"activation clusters at {result['hook']} ({result['positions']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

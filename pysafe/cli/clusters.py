@@ -1,0 +1,46 @@
+"""``pysafe clusters CKPT``: Fig 3, activation clusters of a lab checkpoint (analyses.md §1)."""
+
+from __future__ import annotations
+
+import click
+
+from pysafe.cli.options import debug_option, handle_errors
+
+
+@click.command("clusters")
+@click.argument("ckpt", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Report folder (clusters.json, clusters.png).")
+@click.option("--n", "n", type=click.IntRange(min=2), default=500, show_default=True, help="Samples per test set.")
+@click.option("--hook", default="mlp_act", show_default=True,
+              help="Hook point: resid_pre, attn_out, mlp_in, mlp_pre, mlp_act, mlp_out, resid_post.")
+@click.option("--positions", type=click.Choice(["eot", "window", "prompt_mean", "last"]), default="window",
+              show_default=True, help="Position selector (window: EOT and the next n-1 answer positions).")
+@click.option("--window", "n_window", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--attack/--no-attack", default=True, show_default=True,
+              help="Add the adversarially attacked unsafe inputs (adv_soft_tokens, Fig 7).")
+@click.option("--attack-eps", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Attack budget as a multiple of the mean letter-embedding norm.")
+@click.option("--device", default="cpu", show_default=True)
+@debug_option
+@handle_errors
+def clusters_cmd(ckpt, out, n, hook, positions, n_window, attack, attack_eps, device, debug):
+    """Where safe, unsafe, jailbreak and attacked inputs sit in a lab model's activations: τ, cosine τ,
+    nearest-mean accuracy and silhouette per layer, written to OUT/clusters.json with a plot."""
+    from pysafe.analysis.clusters import cluster_analysis, write_clusters
+    from pysafe.cli.train import _check_device
+    from pysafe.lab import ckpt as C
+    from pysafe.lab.data import DataRecipe
+
+    _check_device(device)
+    model, cfg = C.load_checkpoint(ckpt)
+    recipe = DataRecipe.from_dict(cfg["data"])
+    res = cluster_analysis(model, recipe, n=n, hook=hook, positions=positions, n_window=n_window, device=device,
+                           attack=dict(n_soft=2, n_steps=10, eps_factor=attack_eps) if attack else None)
+    res["checkpoint"] = str(ckpt)
+    path = write_clusters(res, out, title=f"{ckpt}: {hook} ({positions})")
+    last = res["layers"][-1]
+    click.echo(f"{'group':<14} {'n':>5} {'tau(last)':>10} {'nearest-mean':>13} {'silhouette':>11}")
+    for g, row in res["groups"].items():
+        click.echo(f"{g:<14} {row['n']:>5} {row['tau_mean'][last]:>10.3f} {row['nearest_mean_acc'][last]:>13.3f} "
+                   f"{row['silhouette'][last]:>11.3f}")
+    click.echo(f"wrote {path}")

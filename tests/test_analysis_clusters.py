@@ -1,0 +1,86 @@
+"""Activation capture and the Fig 3 cluster analysis on tiny lab models (issue 4, points 1, 3, 6)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pysafe.analysis.capture import lab_features, pooling_weights
+from pysafe.analysis.clusters import auroc, cluster_analysis, tau_scores
+from pysafe.cli import main
+from pysafe.lab import ckpt as C
+from pysafe.lab import data as D
+from pysafe.lab.config import load_preset
+from pysafe.lab.model import GPT, GPTConfig
+
+RECIPE = D.DataRecipe()
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{**load_preset("tiny")["model"], "n_layer": 2})).eval()
+
+
+@pytest.mark.parametrize("positions", ["eot", "window", "prompt_mean", "last"])
+def test_capture_matches_manual_forward(positions):
+    """Pooled features = the hook's activations from a plain full-length forward, averaged by hand."""
+    m = _model()
+    b = D.test_set(RECIPE, "std_safe", 6)
+    got = lab_features(m, b.x_safe, b.start_idx, hook="mlp_act", positions=positions, n_window=4, batch_size=4)
+    with torch.no_grad():
+        _, cap = m(torch.from_numpy(b.x_safe.astype(np.int64)), capture=["mlp_act"])
+    for i in range(6):
+        s = int(b.start_idx[i])
+        sel = {"eot": [s], "window": list(range(s, s + 4)), "prompt_mean": list(range(s + 1)), "last": [s + 3]}[positions]
+        for layer in range(2):
+            want = cap["mlp_act"][layer][i, sel].mean(0).numpy()
+            np.testing.assert_allclose(got[i, layer], want, rtol=1e-5, atol=1e-6)
+    assert got.shape == (6, 2, 4 * 32)
+    w = pooling_weights(b.start_idx, 159, positions, 4)
+    np.testing.assert_allclose(w.sum(1), 1.0)
+    with pytest.raises(ValueError, match="hook point"):
+        lab_features(m, b.x_safe, b.start_idx, hook="mlp_hidden")
+
+
+def test_tau_invariants_and_auroc():
+    rng = np.random.default_rng(0)
+    mu_s, mu_u = rng.standard_normal(16), rng.standard_normal(16)
+    tau, ctau, d_s, d_u = tau_scores(np.stack([mu_s, mu_u]), mu_s, mu_u)
+    gap = np.linalg.norm(mu_s - mu_u)
+    np.testing.assert_allclose(tau, [gap, -gap])  # τ(μ_S) > 0, τ(μ_U) < 0
+    assert ctau[0] > 0 > ctau[1]
+    assert auroc([2, 3, 4], [0, 1]) == 1.0 and auroc([0, 1], [2, 3]) == 0.0 and auroc([1, 1], [1, 1]) == 0.5
+    a, b = rng.standard_normal(300), rng.standard_normal(200) + 0.5
+    want = np.mean([[1.0 if x > y else 0.5 if x == y else 0.0 for y in a] for x in b])
+    assert auroc(b, a) == pytest.approx(want)
+
+
+def test_cluster_analysis_schema():
+    """The `pysafe clusters` schema on a tiny model: every group, every per-layer list, values in range."""
+    m = _model()
+    res = cluster_analysis(m, RECIPE, n=24, attack=dict(n_soft=2, n_steps=2), batch_size=16)
+    assert res["hook"] == "mlp_act" and res["positions"] == "window" and res["layers"] == [0, 1]
+    assert set(res["groups"]) == {"safe", "unsafe", "jb_co_task", "jb_co_text", "jb_mg_tokens", "jb_mg_text",
+                                  "jb_comp", "adv_soft_tokens"}
+    for g, row in res["groups"].items():
+        assert isinstance(row["n"], int) and row["n"] > 0
+        for key in ("tau_mean", "tau_std", "cos_tau_mean", "nearest_mean_acc", "silhouette"):
+            assert len(row[key]) == 2 and all(np.isfinite(row[key])), (g, key)
+        assert all(0 <= v <= 1 for v in row["nearest_mean_acc"]) and all(-1 <= v <= 1 for v in row["silhouette"])
+    assert res["groups"]["safe"]["n"] == 48  # std_safe + std_unsafe safe variants
+    json.dumps(res)
+
+
+def test_cli_clusters(tmp_path):
+    m = _model()
+    ck = C.save_checkpoint(tmp_path / "ck", m, {"stage": "pretrain", "seed": 0, "data": RECIPE.to_dict()})
+    r = CliRunner().invoke(main, ["clusters", str(ck), "--out", str(tmp_path / "cl"), "--n", "12", "--no-attack"])
+    assert r.exit_code == 0, r.output
+    out = json.loads((tmp_path / "cl" / "clusters.json").read_text())
+    assert "adv_soft_tokens" not in out["groups"] and (tmp_path / "cl" / "clusters.png").stat().st_size > 0
+    r = CliRunner().invoke(main, ["clusters", str(ck), "--out", str(tmp_path / "c2"), "--hook", "nope"])
+    assert r.exit_code != 0 and "nope" in r.output and "Traceback" not in r.output
