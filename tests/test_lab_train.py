@@ -343,8 +343,38 @@ def test_reproduce_checkpoints_then_demo(tmp_path):
         for row in e["sets"].values():
             assert isinstance(row["n"], int) and all(0 <= row[k] <= 1 for k in ("follow", "refuse", "other", "token_acc"))
         assert "eps" in e["sets"]["adv_soft_tokens"]
+    # issue 4's interface: claims.json and clusters/{pretrained,ssft,dpo,unlearn}/clusters.json
+    claims = json.loads((demo / "claims.json").read_text())
+    assert claims and all(set(c) == {"claim", "measured", "control", "holds"} and isinstance(c["holds"], bool)
+                          for c in claims)
+    for name in ("pretrained", "ssft", "dpo", "unlearn"):
+        cl = json.loads((demo / "clusters" / name / "clusters.json").read_text())
+        assert {"safe", "unsafe", "adv_soft_tokens"} <= set(cl["groups"])
     for s in ("ssft", "dpo", "unlearn"):
         an = json.loads((demo / "analyze" / s / "summary.json").read_text())
         assert f"{s}_lr1em4" in json.dumps(an["tuned"]) and an["matrices"]
     res = r.invoke(main, ["demo", "--checkpoints", str(tmp_path), "--out", str(tmp_path / "d2")])
     assert res.exit_code != 0 and "demo checkpoints missing" in res.output and "Traceback" not in res.output
+
+
+def test_reproduce_end_to_end_tiny(tmp_path):
+    """`pysafe reproduce` from nothing on the tiny preset: both learning rates, safety tables, analyze
+    reports, clusters of every checkpoint and the claims table (with the strength claim); a second run reuses
+    every finished stage."""
+    from pysafe.lab.pipeline import reproduce
+
+    out = tmp_path / "run"
+    logs = []
+    summary = reproduce("tiny", out, eval_n=8, log=logs.append, jobs=1)
+    names = {"pretrain", *(f"{s}_lr{t}" for s in ("ssft", "dpo", "unlearn") for t in ("1em4", "1em5"))}
+    assert set(summary["safety_table"]) == names
+    assert {p.stem for p in (out / "eval").glob("*.json")} == names
+    assert {p.name for p in (out / "analyze").iterdir()} == names - {"pretrain"}
+    assert {p.name for p in (out / "clusters").iterdir()} == {"pretrained", "ssft", "dpo", "unlearn", "ssft_lr1em5",
+                                                               "dpo_lr1em5", "unlearn_lr1em5"}
+    claims = json.loads((out / "claims.json").read_text())
+    assert any("grows with fine-tuning strength" in c["claim"] for c in claims)
+    assert (out / "safety_table.txt").read_text().startswith("checkpoint")
+    logs.clear()
+    reproduce("tiny", out, eval_n=8, log=logs.append, jobs=1, analyze=False)
+    assert sum("finished earlier, reused" in m for m in logs) == 7

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from pysafe.lab.config import load_preset
 from pysafe.lab.data import DataRecipe
 from pysafe.lab.model import GPTConfig
@@ -105,6 +107,71 @@ def _safety_tables(ckpts, n: int, device, json_path, timings: dict | None = None
     return tables
 
 
+def _clusters_and_claims(named: dict, out: Path, n: int, device, log=None, weaker: dict | None = None) -> list:
+    """``out/clusters/<name>/clusters.json`` (+ plot) for each {name: checkpoint dir} and the claims of the
+    activation analyses measured on them; returns the claims (also written by the caller to claims.json).
+
+    ``named`` must hold "pretrained" and the fine-tunes; ``weaker`` maps a fine-tune's name to the same
+    method at the lower learning rate (claim: the separation grows with fine-tuning strength).
+    """
+    from pysafe.analysis.clusters import cluster_analysis, write_clusters
+    from pysafe.lab import ckpt as C
+
+    res = {}
+    for name, d in named.items():
+        model, cfg = C.load_checkpoint(d)
+        r = cluster_analysis(model, DataRecipe.from_dict(cfg["data"]), n=n, device=device,
+                             attack=dict(n_soft=DEFAULT_ATTACK["n_soft"], n_steps=DEFAULT_ATTACK["n_steps"],
+                                         eps_factor=DEFAULT_ATTACK["eps_factor"], norm=DEFAULT_ATTACK["norm"]))
+        r["checkpoint"] = str(d)
+        write_clusters(r, out / "clusters" / name, title=f"{name}: {r['hook']} ({r['positions']})")
+        res[name] = r
+        if log is not None:
+            log(f"{name}: clusters written")
+    return cluster_claims(res, weaker or {})
+
+
+def cluster_claims(res: dict, weaker: dict) -> list:
+    """The paper's activation-space claims, measured at the last layer from ``{name: cluster_analysis()}``."""
+    def last(r, g, key="tau_mean"):
+        return r["groups"][g][key][-1] if g in r["groups"] else float("nan")
+
+    def sep(r):  # separation of the clusters: mean τ of safe points minus that of unsafe points
+        return last(r, "safe") - last(r, "unsafe")
+
+    claims = []
+    tuned = [k for k in res if k != "pretrained" and k not in weaker.values()]
+    base = sep(res["pretrained"])
+    for k in tuned:
+        claims.append({"claim": f"safe and unsafe inputs form separate clusters after {k} (τ_safe − τ_unsafe, "
+                                f"last layer, vs the pretrained model)",
+                       "measured": sep(res[k]), "control": base, "holds": bool(sep(res[k]) > max(base, 0.0))})
+    for k, w in weaker.items():
+        if k in res and w in res:
+            claims.append({"claim": f"the separation grows with fine-tuning strength: {k} vs {w} (the lower rate)",
+                           "measured": sep(res[k]), "control": sep(res[w]), "holds": bool(sep(res[k]) > sep(res[w]))})
+    for k in tuned:
+        r = res[k]
+        jb = [g for g in r["groups"] if g.startswith("jb_")]
+        shift = float(np.mean([last(r, g) - last(r, "unsafe") for g in jb])) if jb else float("nan")
+        claims.append({"claim": f"jailbreak inputs sit closer to the safe cluster than unsafe inputs do ({k}: mean over "
+                                f"{len(jb)} jailbreak sets of τ_jb − τ_unsafe, last layer)",
+                       "measured": shift, "control": 0.0, "holds": bool(shift > 0)})
+        if "adv_soft_tokens" in r["groups"]:
+            adv = last(r, "adv_soft_tokens") - last(r, "unsafe")
+            claims.append({"claim": f"adversarially attacked inputs move toward the safe cluster ({k}: τ_adv − τ_unsafe, "
+                                    f"last layer)", "measured": adv, "control": 0.0, "holds": bool(adv > 0)})
+    return claims
+
+
+def format_claims(claims: list) -> str:
+    lines = ["claims (activation analyses):"]
+    for c in claims:
+        ctl = "" if c["control"] is None else f" (control {c['control']:.3g})"
+        lines.append(f"  [{'holds' if c['holds'] else 'fails'}] {c['claim']}: {c['measured']:.3g}{ctl}")
+    return "\n".join(lines)
+
+
 def _lr_tag(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "em").replace("e-", "em")
 
@@ -189,6 +256,20 @@ def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: i
             write_report(cmp, out / "analyze" / d.name, overwrite=True)
             timings[f"analyze {d.name}"] = time.perf_counter() - t0
         log(f"analyze: {len(tuned)} reports under {out / 'analyze'}")
+
+    if analyze:
+        t0 = time.perf_counter()
+        main, rest = lrs[0], lrs[1:]
+        named = {"pretrained": pre, **{st: out / f"{st}_lr{_lr_tag(main)}" for st in FINETUNES}}
+        weaker = {}
+        for lr in rest:
+            for st in FINETUNES:
+                named[f"{st}_lr{_lr_tag(lr)}"] = out / f"{st}_lr{_lr_tag(lr)}"
+                weaker[st] = f"{st}_lr{_lr_tag(lr)}"
+        claims = _clusters_and_claims(named, out, min(n, 500), device, log, weaker)
+        write_json(out / "claims.json", claims)
+        timings["clusters"] = time.perf_counter() - t0
+        log(format_claims(claims))
 
     summary = {"preset": preset, "seed": seed, "eval_n": n, "safety_table": tables,
                "seconds": round(time.perf_counter() - t_start, 1), "timings": {k: round(v, 1) for k, v in timings.items()}}
@@ -277,6 +358,9 @@ def demo(out, *, eval_n: int = 500, device: str = "cpu", log=print, checkpoints:
         cmp = compare(pre, d)
         write_report(cmp, out / "analyze" / label[d], overwrite=True)
         log(f"\n{label[d]} ({d.name}) vs pretrained (pysafe analyze):\n{weights_table(cmp)}")
+    claims = _clusters_and_claims({label[d]: d for d in [pre, *tuned]}, out, min(eval_n, 500), device)
+    write_json(out / "claims.json", claims)
+    log("\n" + format_claims(claims))
     summary = {"eval_n": eval_n, "safety_table": tables, "checkpoints": {label[d]: str(d) for d in [pre, *tuned]}}
     write_json(out / "summary.json", summary)
     return summary
