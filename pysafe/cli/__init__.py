@@ -7,6 +7,7 @@ import click
 from pysafe._version import __version__
 from pysafe.cli.analyze import analyze
 from pysafe.cli.clusters import clusters_cmd
+from pysafe.cli.figures import colspace_cmd, lipschitz_cmd, rowspace_cmd
 from pysafe.cli.data import data_cmd
 from pysafe.cli.eval import eval_cmd
 from pysafe.cli.make_pair import make_pair_cmd
@@ -28,5 +29,8 @@ main.add_command(eval_cmd)
 main.add_command(reproduce_cmd)
 main.add_command(demo_cmd)
 main.add_command(clusters_cmd)
+main.add_command(colspace_cmd)
+main.add_command(rowspace_cmd)
+main.add_command(lipschitz_cmd)
 
 __all__ = ["main"]

@@ -1,0 +1,125 @@
+"""Fig 6: local Lipschitzness of a lab model on safe and unsafe inputs (analyses.md §5, fixes L1-L4).
+
+Two estimates per prompt, both with respect to the token embeddings E of the prompt positions 0..s−1
+(BOS, operators, SOT, text; positions are added by the model and not perturbed):
+
+- ``grad``: L̂ = ‖∂ z*/∂E‖_F with z* = max_v logits[s, v], the top raw logit at EOT (the reference's
+  statistic, named precisely);
+- ``fd``: a finite-difference estimate, max over K Gaussian perturbations δ of radius r·‖E‖_F of
+  ‖logits[s](E + δ) − logits[s](E)‖₂ / ‖δ‖_F.
+
+Histograms use shared bins (L4); summaries are the medians and the AUROC of each estimate separating safe
+from unsafe prompts (P(L̂_safe > L̂_unsafe)).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pysafe.analysis.clusters import auroc
+
+
+def _prompt_embeddings(model, x: np.ndarray, s: np.ndarray, device):
+    T = int(s.max()) + 1
+    ids = torch.from_numpy(x[:, :T].astype(np.int64)).to(device)
+    E = model.transformer.wte(ids).detach()
+    pos = torch.arange(T, device=device)[None, :]
+    mask = (pos < torch.from_numpy(s).to(device)[:, None]).to(E.dtype)[..., None]  # rows 0..s-1
+    return ids, E, mask
+
+
+def lipschitz_estimates(model, x, start_idx, *, fd_samples: int = 8, fd_radius: float = 1e-2, seed: int = 0,
+                        batch_size: int = 128, device="cpu") -> dict:
+    """Per-sample ``grad`` and ``fd`` estimates (float64 arrays [N]) for prompts x[:, :s+1]."""
+    x = np.asarray(x)
+    s_all = np.asarray(start_idx, dtype=np.int64)
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    model.requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    grads, fds = [], []
+    try:
+        for lo in range(0, len(s_all), batch_size):
+            sl = slice(lo, lo + batch_size)
+            s = s_all[sl]
+            ids, E, mask = _prompt_embeddings(model, x[sl], s, device)
+            rows = torch.arange(len(s), device=device)
+            st = torch.from_numpy(s).to(device)
+            key_pad = ids == 20
+            with torch.enable_grad():
+                Eg = E.clone().requires_grad_(True)
+                logits = model(inputs_embeds=Eg, key_pad=key_pad)
+                z = logits[rows, st].max(-1).values
+                (g,) = torch.autograd.grad(z.sum(), Eg)  # samples are independent: row b holds ∂z_b/∂E_b
+            grads.append((g * mask).flatten(1).norm(dim=1).double().cpu().numpy())
+            with torch.no_grad():
+                base = model(inputs_embeds=E, key_pad=key_pad)[rows, st]
+                scale = (E * mask).flatten(1).norm(dim=1)
+                best = torch.zeros(len(s), dtype=torch.float64, device=device)
+                for _ in range(fd_samples):
+                    d = torch.randn(E.shape, generator=gen).to(device, E.dtype) * mask
+                    d = d * (fd_radius * scale / d.flatten(1).norm(dim=1).clamp_min(1e-30))[:, None, None]
+                    out = model(inputs_embeds=E + d, key_pad=key_pad)[rows, st]
+                    ratio = (out - base).norm(dim=-1).double() / d.flatten(1).norm(dim=1).double().clamp_min(1e-300)
+                    best = torch.maximum(best, ratio)
+            fds.append(best.cpu().numpy())
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+    return {"grad": np.concatenate(grads) if grads else np.zeros(0),
+            "fd": np.concatenate(fds) if fds else np.zeros(0)}
+
+
+def lipschitz_analysis(model, recipe, *, n: int = 500, fd_samples: int = 8, fd_radius: float = 1e-2, bins: int = 30,
+                       device="cpu") -> dict:
+    """Fig 6 on the safe and unsafe variants of std_safe and std_unsafe (JSON-ready, with shared-bin
+    histograms)."""
+    from pysafe.lab import data as D
+
+    est = {"safe": {"grad": [], "fd": []}, "unsafe": {"grad": [], "fd": []}}
+    for name in ("std_safe", "std_unsafe"):
+        b = D.test_set(recipe, name, n)
+        for g, x in (("safe", b.x_safe), ("unsafe", b.x_unsafe_target)):
+            e = lipschitz_estimates(model, x, b.start_idx, fd_samples=fd_samples, fd_radius=fd_radius, device=device)
+            for k in ("grad", "fd"):
+                est[g][k].append(e[k])
+    out = {"fd_samples": fd_samples, "fd_radius": fd_radius, "estimates": {}}
+    for k in ("grad", "fd"):
+        safe = np.concatenate(est["safe"][k])
+        unsafe = np.concatenate(est["unsafe"][k])
+        edges = np.histogram_bin_edges(np.concatenate([safe, unsafe]), bins=bins)
+        out["estimates"][k] = {
+            "bins": edges.tolist(),
+            "safe": {"n": int(len(safe)), "median": float(np.median(safe)), "mean": float(safe.mean()),
+                     "density": np.histogram(safe, edges, density=True)[0].tolist()},
+            "unsafe": {"n": int(len(unsafe)), "median": float(np.median(unsafe)), "mean": float(unsafe.mean()),
+                       "density": np.histogram(unsafe, edges, density=True)[0].tolist()},
+            "auroc_safe_gt_unsafe": auroc(safe, unsafe),
+            "median_ratio_unsafe_to_safe": float(np.median(unsafe) / max(np.median(safe), 1e-300)),
+        }
+    return out
+
+
+def plot_lipschitz(result: dict, path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    names = {"grad": "‖∂ max-logit / ∂E‖_F", "fd": "finite difference ‖Δlogits‖/‖δ‖"}
+    for ax, (k, r) in zip(axes, result["estimates"].items()):
+        edges = np.asarray(r["bins"])
+        for g, color in (("safe", "tab:green"), ("unsafe", "tab:red")):
+            ax.stairs(r[g]["density"], edges, fill=True, alpha=0.45, color=color,
+                      label=f"{g} (median {r[g]['median']:.3g})")
+        ax.set_xlabel(names[k], fontsize=8)
+        ax.set_title(f"AUROC(safe > unsafe) = {r['auroc_safe_gt_unsafe']:.2f}", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.suptitle(title or "local Lipschitzness (Fig 6)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,189 @@
+"""Figs 4 and 5: where the fine-tune's weights live (column space) and which inputs they read (row space).
+
+Both are computed for the MLP matrices of every layer, in float64, for W_ST and ΔW = W_ST − W_IT against
+W_IT (analyses.md part A: the reference's choice is ambiguous; all are reported), with the reference's
+bugs fixed (C1-C7, R1-R6): left singular vectors are columns of an economy SVD, no row centring unless
+asked, k = the smallest rank reaching the energy threshold, separate outputs per matrix, chance levels.
+
+Fig 4, column space: for the top-k_M left singular vectors u_i of M ∈ {W_ST, ΔW},
+sin θ_i = ‖(I − U_IT U_ITᵀ) u_i‖ with U_IT the top-k_IT left singular vectors of W_IT. Chance for a random
+unit vector: √(1 − k_IT / out).
+
+Fig 5, row space: for each input a at the true MLP input (``mlp_in``) of the fine-tuned model and each
+W ∈ {W_IT, W_ST, ΔW} with SVD W = Σ σ_j u_j v_jᵀ: score_j(a) = σ_j ⟨â, v_j⟩, so Σ_j score_j² = ‖W â‖²; a
+small ‖W â‖ means â lies near W's (approximate) null space. Reported: mean ± std over samples of |score_j|
+for the top directions, safe vs unsafe, and the mean of ‖W â‖ / σ_1.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+MATRICES = ("c_fc", "c_proj")
+
+
+def energy_rank(s: np.ndarray, energy: float = 0.9) -> int:
+    """The smallest k with Σ_{i<k} σ_i² ≥ energy · Σ σ² (at least 1)."""
+    e = np.cumsum(np.asarray(s, np.float64) ** 2)
+    if e[-1] <= 0:
+        return 1
+    return int(min(len(s), np.searchsorted(e / e[-1], energy - 1e-12) + 1))
+
+
+def _svd(W: np.ndarray, center: bool):
+    W = np.asarray(W, np.float64)
+    if center:
+        W = W - W.mean(0, keepdims=True)
+    return np.linalg.svd(W, full_matrices=False)
+
+
+def sin_theta(U_base: np.ndarray, U: np.ndarray) -> np.ndarray:
+    """‖(I − U_base U_baseᵀ) u_i‖ for the columns u_i of U (each in [0, 1] for unit u_i)."""
+    resid = U - U_base @ (U_base.T @ U)
+    return np.clip(np.linalg.norm(resid, axis=0), 0.0, 1.0)
+
+
+def row_scores(W: np.ndarray, a: np.ndarray, center: bool = False):
+    """score[i, j] = σ_j ⟨â_i, v_j⟩ for inputs a [N, in] and W [out, in] (so Σ_j score² = ‖W̃ â‖²); returns
+    (scores [N, r], σ [r])."""
+    _, S, Vt = _svd(W, center)
+    a = np.asarray(a, np.float64)
+    a_hat = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-300)
+    return (a_hat @ Vt.T) * S[None, :], S
+
+
+def _mlp_weights(state: dict, layer: int, name: str) -> np.ndarray:
+    return state[f"transformer.h.{layer}.{name}.weight"].detach().double().cpu().numpy()
+
+
+def column_space(base_model, tuned_model, *, energy: float = 0.9, center: bool = False, max_k: int = 64) -> dict:
+    """Fig 4 for two lab models (IT = base, ST = tuned): per matrix kind and layer, sin θ of the top
+    directions of W_ST and of ΔW against W_IT's top-k column space, with the chance level."""
+    sb, st = base_model.state_dict(), tuned_model.state_dict()
+    n_layer = base_model.config.n_layer
+    out = {"energy": energy, "center": center, "layers": list(range(n_layer)), "matrices": {}}
+    for name in MATRICES:
+        rows = []
+        for layer in range(n_layer):
+            Wb, Wt = _mlp_weights(sb, layer, name), _mlp_weights(st, layer, name)
+            Ub, Sb, _ = _svd(Wb, center)
+            kb = energy_rank(Sb, energy)
+            row = {"shape": list(Wb.shape), "k_base": kb, "chance": float(np.sqrt(max(0.0, 1 - kb / Wb.shape[0])))}
+            for label, M in (("tuned", Wt), ("delta", Wt - Wb)):
+                U, S, _ = _svd(M, center)
+                k = min(energy_rank(S, energy), max_k)
+                st_ = sin_theta(Ub[:, :kb], U[:, :k]) if np.any(S > 0) else np.zeros(0)
+                row[label] = {"k": k, "sin_theta": st_.tolist(),
+                              "mean_sin_theta": float(st_.mean()) if st_.size else float("nan"),
+                              "frobenius": float(np.linalg.norm(M))}
+            row["relative_change"] = row["delta"]["frobenius"] / max(float(np.linalg.norm(Wb)), 1e-300)
+            rows.append(row)
+        out["matrices"][name] = rows
+    return out
+
+
+def row_space(base_model, tuned_model, recipe, *, n: int = 500, hook: str = "mlp_in", positions: str = "eot",
+              top: int = 15, center: bool = False, device="cpu", batch_size: int = 256) -> dict:
+    """Fig 5: inputs at the tuned model's ``hook`` (default the true MLP input, at EOT) scored on the right
+    singular directions of W_IT, W_ST and ΔW (``c_fc``), for the safe and unsafe variants of std_unsafe
+    (paired: the same text) and std_safe."""
+    from pysafe.analysis.capture import lab_features
+    from pysafe.lab import data as D
+
+    feats = {"safe": [], "unsafe": []}
+    for name in ("std_safe", "std_unsafe"):
+        b = D.test_set(recipe, name, n)
+        feats["safe"].append(lab_features(tuned_model, b.x_safe, b.start_idx, hook=hook, positions=positions,
+                                          device=device, batch_size=batch_size))
+        feats["unsafe"].append(lab_features(tuned_model, b.x_unsafe_target, b.start_idx, hook=hook,
+                                            positions=positions, device=device, batch_size=batch_size))
+    feats = {k: np.concatenate(v).astype(np.float64) for k, v in feats.items()}
+    sb, st = base_model.state_dict(), tuned_model.state_dict()
+    n_layer = base_model.config.n_layer
+    out = {"hook": hook, "positions": positions, "top": top, "center": center, "layers": list(range(n_layer)),
+           "weights": {}}
+    for label in ("base", "tuned", "delta"):
+        rows = []
+        for layer in range(n_layer):
+            Wb, Wt = _mlp_weights(sb, layer, "c_fc"), _mlp_weights(st, layer, "c_fc")
+            W = {"base": Wb, "tuned": Wt, "delta": Wt - Wb}[label]
+            row = {}
+            for g, f in feats.items():
+                score, S = row_scores(W, f[:, layer], center)  # [N, r]
+                row["sigma"] = S[:top].tolist()
+                mag = np.abs(score[:, :top])
+                total = np.sqrt((score ** 2).sum(1)) / max(S[0], 1e-300)
+                row[g] = {"abs_score_mean": mag.mean(0).tolist(), "abs_score_std": mag.std(0).tolist(),
+                          "norm_ratio_mean": float(total.mean()), "norm_ratio_std": float(total.std()), "n": int(len(score))}
+            rows.append(row)
+        out["weights"][label] = rows
+    return out
+
+
+def write_json(result: dict, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def plot_column_space(result: dict, path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mats = list(result["matrices"])
+    n_layer = len(result["layers"])
+    fig, axes = plt.subplots(len(mats), n_layer, figsize=(3.2 * n_layer, 2.8 * len(mats)), squeeze=False)
+    for r, name in enumerate(mats):
+        for layer, row in enumerate(result["matrices"][name]):
+            ax = axes[r][layer]
+            for label, color in (("tuned", "tab:blue"), ("delta", "tab:red")):
+                y = row[label]["sin_theta"]
+                ax.scatter(np.arange(1, len(y) + 1), y, s=8, color=color, label=f"{'W_ST' if label == 'tuned' else 'ΔW'}")
+            ax.axhline(row["chance"], color="grey", ls="--", lw=0.8, label="chance")
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_title(f"{name}, layer {layer + 1} (k_IT={row['k_base']})", fontsize=8)
+            ax.set_xlabel("singular direction", fontsize=7)
+            if layer == 0:
+                ax.set_ylabel("sin θ to W_IT's column space", fontsize=7)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(title or "column space (Fig 4)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_row_space(result: dict, path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(result["weights"])
+    n_layer = len(result["layers"])
+    fig, axes = plt.subplots(len(labels), n_layer, figsize=(3.2 * n_layer, 2.6 * len(labels)), squeeze=False)
+    names = {"base": "W_IT", "tuned": "W_ST", "delta": "ΔW"}
+    for r, label in enumerate(labels):
+        for layer, row in enumerate(result["weights"][label]):
+            ax = axes[r][layer]
+            for g, color in (("safe", "tab:green"), ("unsafe", "tab:red")):
+                m, s = np.asarray(row[g]["abs_score_mean"]), np.asarray(row[g]["abs_score_std"])
+                x = np.arange(1, len(m) + 1)
+                ax.plot(x, m, color=color, label=g)
+                ax.fill_between(x, m - s, m + s, color=color, alpha=0.15)
+            ax.set_title(f"{names[label]}, layer {layer + 1}", fontsize=8)
+            ax.set_xlabel("direction j (by σ)", fontsize=7)
+            if layer == 0:
+                ax.set_ylabel("|σ_j ⟨â, v_j⟩|", fontsize=7)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(title or f"row space (Fig 5): {result['hook']} at {result['positions']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
