@@ -108,27 +108,75 @@ def _safety_tables(ckpts, n: int, device, json_path, timings: dict | None = None
 
 
 def _clusters_and_claims(named: dict, out: Path, n: int, device, log=None, weaker: dict | None = None) -> list:
-    """``out/clusters/<name>/clusters.json`` (+ plot) for each {name: checkpoint dir} and the claims of the
-    activation analyses measured on them; returns the claims (also written by the caller to claims.json).
+    """The analyses of Figs 3-7 on lab checkpoints and the paper's claims measured on them.
 
-    ``named`` must hold "pretrained" and the fine-tunes; ``weaker`` maps a fine-tune's name to the same
-    method at the lower learning rate (claim: the separation grows with fine-tuning strength).
+    Writes ``out/clusters/<name>/clusters.json`` (+ plot) for each {name: checkpoint dir} and
+    ``out/figures/<name>/{colspace,rowspace,lipschitz}.{json,png}`` (column and row space of each fine-tune
+    against "pretrained", Lipschitzness of every model); returns the claims (the caller writes claims.json).
+    ``named`` must hold "pretrained"; ``weaker`` maps a fine-tune's name to the same method at the lower
+    learning rate (claim: the separation grows with fine-tuning strength).
     """
     from pysafe.analysis.clusters import cluster_analysis, write_clusters
+    from pysafe.analysis.lipschitz import lipschitz_analysis, plot_lipschitz
+    from pysafe.analysis.subspaces import column_space, plot_column_space, plot_row_space, row_space
+    from pysafe.analysis.subspaces import write_json as write_result
     from pysafe.lab import ckpt as C
 
-    res = {}
+    res, figs = {}, {}
+    base_model, _ = C.load_checkpoint(named["pretrained"])
     for name, d in named.items():
         model, cfg = C.load_checkpoint(d)
-        r = cluster_analysis(model, DataRecipe.from_dict(cfg["data"]), n=n, device=device,
+        recipe = DataRecipe.from_dict(cfg["data"])
+        r = cluster_analysis(model, recipe, n=n, device=device,
                              attack=dict(n_soft=DEFAULT_ATTACK["n_soft"], n_steps=DEFAULT_ATTACK["n_steps"],
                                          eps_factor=DEFAULT_ATTACK["eps_factor"], norm=DEFAULT_ATTACK["norm"]))
         r["checkpoint"] = str(d)
         write_clusters(r, out / "clusters" / name, title=f"{name}: {r['hook']} ({r['positions']})")
         res[name] = r
+        fig_dir = out / "figures" / name
+        f = {"lipschitz": lipschitz_analysis(model, recipe, n=n, device=device)}
+        plot_lipschitz(f["lipschitz"], _mkdir(fig_dir) / "lipschitz.png", f"{name}: local Lipschitzness")
+        write_result(f["lipschitz"], fig_dir / "lipschitz.json")
+        if name != "pretrained":
+            f["colspace"] = column_space(base_model, model)
+            plot_column_space(f["colspace"], fig_dir / "colspace.png", f"{name} vs pretrained: column space")
+            write_result(f["colspace"], fig_dir / "colspace.json")
+            f["rowspace"] = row_space(base_model, model, recipe, n=n, device=device)
+            plot_row_space(f["rowspace"], fig_dir / "rowspace.png", f"{name} vs pretrained: row space at mlp_in (EOT)")
+            write_result(f["rowspace"], fig_dir / "rowspace.json")
+        figs[name] = f
         if log is not None:
-            log(f"{name}: clusters written")
-    return cluster_claims(res, weaker or {})
+            log(f"{name}: clusters and figures written")
+    return cluster_claims(res, weaker or {}) + figure_claims(figs, weaker or {})
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def figure_claims(figs: dict, weaker: dict) -> list:
+    """The claims of Figs 4-6 from ``{name: {"colspace", "rowspace", "lipschitz"}}`` (last layer, c_fc)."""
+    claims = []
+    tuned = [k for k in figs if k != "pretrained" and k not in weaker.values()]
+    base_lip = figs["pretrained"]["lipschitz"]["estimates"]["grad"]["median_ratio_unsafe_to_safe"]
+    for k in tuned:
+        f = figs[k]
+        row = f["colspace"]["matrices"]["c_fc"][-1]
+        claims.append({"claim": f"{k} is a minimal transformation: W_ST's top left singular directions stay in W_IT's "
+                                f"column space (mean sin θ, c_fc, last layer; control = chance)",
+                       "measured": row["tuned"]["mean_sin_theta"], "control": row["chance"],
+                       "holds": bool(row["tuned"]["mean_sin_theta"] < 0.5 * row["chance"])})
+        rs = f["rowspace"]["weights"]["delta"][-1]
+        claims.append({"claim": f"ΔW's top directions concentrate on the unsafe inputs ({k}: ‖ΔW â‖/σ1 at mlp_in, EOT, "
+                                f"last layer, unsafe; control = safe)",
+                       "measured": rs["unsafe"]["norm_ratio_mean"], "control": rs["safe"]["norm_ratio_mean"],
+                       "holds": bool(rs["unsafe"]["norm_ratio_mean"] > rs["safe"]["norm_ratio_mean"])})
+        lip = f["lipschitz"]["estimates"]["grad"]["median_ratio_unsafe_to_safe"]
+        claims.append({"claim": f"local Lipschitzness drops on unsafe inputs after {k} (median gradient norm, unsafe / "
+                                f"safe; control = the pretrained model's ratio)",
+                       "measured": lip, "control": base_lip, "holds": bool(lip < min(base_lip, 1.0))})
+    return claims
 
 
 def cluster_claims(res: dict, weaker: dict) -> list:
