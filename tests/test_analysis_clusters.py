@@ -82,5 +82,10 @@ def test_cli_clusters(tmp_path):
     assert r.exit_code == 0, r.output
     out = json.loads((tmp_path / "cl" / "clusters.json").read_text())
     assert "adv_soft_tokens" not in out["groups"] and (tmp_path / "cl" / "clusters.png").stat().st_size > 0
+    r = CliRunner().invoke(main, ["clusters", str(ck), "--out", str(tmp_path / "c3"), "--n", "8",
+                                  "--attack-eps", "0.5", "--attack-eps", "1"])
+    assert r.exit_code == 0, r.output
+    groups = json.loads((tmp_path / "c3" / "clusters.json").read_text())["groups"]
+    assert {"adv_soft_tokens", "adv_soft_tokens_eps0.5"} <= set(groups)  # the budget sweep of Fig 7
     r = CliRunner().invoke(main, ["clusters", str(ck), "--out", str(tmp_path / "c2"), "--hook", "nope"])
     assert r.exit_code != 0 and "nope" in r.output and "Traceback" not in r.output

@@ -103,7 +103,9 @@ def cluster_analysis(model, recipe, *, n: int = 500, n_ref: int | None = None, h
             they have 2n points; a jailbreak group keeps the samples that are unsafe by function).
         n_ref: reference samples per set for μ_S and μ_U (default n).
         attack: soft-token attack options (``attacks.soft_token_attack``: n_soft, n_steps, eps_factor,
-            norm, placement) to add the ``adv_soft_tokens`` group; None leaves it out.
+            norm, placement) to add the ``adv_soft_tokens`` group; ``eps_factors`` (a list) sweeps the budget
+            (Fig 7), one group per budget (``adv_soft_tokens_eps<f>``; budget 1 keeps the plain name). None
+            leaves the attacked groups out.
     """
     cap = dict(hook=hook, positions=positions, n_window=n_window, batch_size=batch_size, device=device)
     model.to(device)
@@ -112,9 +114,14 @@ def cluster_analysis(model, recipe, *, n: int = 500, n_ref: int | None = None, h
     if attack is not None:
         from pysafe.lab.attacks import attacked_inputs
 
-        res = attacked_inputs(model, recipe, n=n, device=device, **attack)
-        feats["adv_soft_tokens"] = lab_features(model, res.ids.cpu().numpy(), res.start_idx.cpu().numpy(),
-                                                embeds=res.embeds.detach(), **cap)
+        attack = dict(attack)
+        factors = [float(f) for f in attack.pop("eps_factors", None) or [attack.pop("eps_factor", 1.0)]]
+        for f in factors:  # Fig 7: one group per attack budget; the budget 1.0 (or a lone one) is "adv_soft_tokens"
+            res = attacked_inputs(model, recipe, n=n, device=device, eps_factor=f, **attack)
+            name = "adv_soft_tokens" if (f == 1.0 or len(factors) == 1) else f"adv_soft_tokens_eps{f:g}"
+            feats[name] = lab_features(model, res.ids.cpu().numpy(), res.start_idx.cpu().numpy(),
+                                       embeds=res.embeds.detach(), **cap)
+        attack["eps_factors"] = factors
     n_layer = mu_s.shape[0]
     names = list(feats)
     true_unsafe = {g: g != "safe" for g in names}
@@ -183,7 +190,7 @@ def plot_clusters(result: dict, path, title: str = "") -> None:
                            (axes[1], "tau", "τ = ‖f − μ_U‖ − ‖f − μ_S‖")):
         for g, row in result["groups"].items():
             mean, std = np.asarray(row[f"{key}_mean"]), np.asarray(row[f"{key}_std"])
-            style = "-" if g in ("safe", "unsafe", "adv_soft_tokens") else "--"
+            style = "-" if g in ("safe", "unsafe") or g.startswith("adv_") else "--"
             line, = ax.plot(layers, mean, style, marker="o", ms=3, label=f"{g} (n={row['n']})", color=COLORS.get(g))
             ax.fill_between(layers, mean - std, mean + std, alpha=0.12, color=line.get_color())
         ax.axhline(0, color="grey", lw=0.8)

@@ -18,8 +18,9 @@ from pysafe.cli.options import debug_option, handle_errors
 @click.option("--window", "n_window", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--attack/--no-attack", default=True, show_default=True,
               help="Add the adversarially attacked unsafe inputs (adv_soft_tokens, Fig 7).")
-@click.option("--attack-eps", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="Attack budget as a multiple of the mean letter-embedding norm.")
+@click.option("--attack-eps", type=click.FloatRange(min=0, min_open=True), multiple=True,
+              help="Attack budget as a multiple of the mean letter-embedding norm; repeat to sweep (Fig 7), "
+                   "one group per budget. Default 1.")
 @click.option("--device", default="cpu", show_default=True)
 @debug_option
 @handle_errors
@@ -35,7 +36,7 @@ def clusters_cmd(ckpt, out, n, hook, positions, n_window, attack, attack_eps, de
     model, cfg = C.load_checkpoint(ckpt)
     recipe = DataRecipe.from_dict(cfg["data"])
     res = cluster_analysis(model, recipe, n=n, hook=hook, positions=positions, n_window=n_window, device=device,
-                           attack=dict(n_soft=2, n_steps=10, eps_factor=attack_eps) if attack else None)
+                           attack=dict(n_soft=2, n_steps=10, eps_factors=list(attack_eps) or [1.0]) if attack else None)
     res["checkpoint"] = str(ckpt)
     path = write_clusters(res, out, title=f"{ckpt}: {hook} ({positions})")
     last = res["layers"][-1]
