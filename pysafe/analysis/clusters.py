@@ -93,6 +93,50 @@ def reference_means(model, recipe, n: int, **cap) -> tuple[np.ndarray, np.ndarra
     return mu_s, mu_u
 
 
+def summarize_groups(feats: dict, mu_s: np.ndarray, mu_u: np.ndarray) -> dict:
+    """Per-group, per-layer cluster metrics of pooled features ``{group: [N, L, D]}`` against the reference
+    means μ_S, μ_U ([L, D]); ``feats`` must hold "safe" and "unsafe". Every other group counts as unsafe
+    by function (jailbreaks, attacked inputs)."""
+    n_layer = mu_s.shape[0]
+    names = list(feats)
+    true_unsafe = {g: g != "safe" for g in names}
+    out_groups = {}
+    taus = {}
+    for g in names:
+        f = feats[g]  # [N, L, D]
+        tau, ctau, d_s, d_u = tau_scores(f, mu_s[None], mu_u[None])
+        taus[g] = tau
+        nearer_safe = (d_s < d_u).mean(0)
+        out_groups[g] = {
+            "n": int(f.shape[0]),
+            "tau_mean": tau.mean(0).tolist(), "tau_std": tau.std(0).tolist(),
+            "cos_tau_mean": ctau.mean(0).tolist(), "cos_tau_std": ctau.std(0).tolist(),
+            "nearest_mean_acc": (1 - nearer_safe if true_unsafe[g] else nearer_safe).tolist(),
+            "frac_nearer_safe": nearer_safe.tolist(),
+        }
+    # silhouette against the safe / unsafe clusters, per layer, exact distances on the union
+    present = [g for g in names if feats[g].shape[0] > 0]  # empty groups would shift distance_summary's columns
+    labels = np.concatenate([np.full(feats[g].shape[0], i) for i, g in enumerate(present)])
+    i_safe, i_unsafe = present.index("safe"), present.index("unsafe")
+    sil = {g: [] for g in names}
+    for layer in range(n_layer):
+        X = np.concatenate([feats[g][:, layer] for g in present])
+        summ = distance_summary(X, labels, k=0)
+        m = summ.mean_to_group  # [N, groups], columns in the order of np.unique(labels) = names' order
+        own = np.where(labels == i_safe, m[:, i_safe], m[:, i_unsafe])
+        opp = np.where(labels == i_safe, m[:, i_unsafe], m[:, i_safe])
+        s = (opp - own) / np.maximum(np.maximum(own, opp), 1e-30)
+        for g in names:
+            i = present.index(g) if g in present else -1
+            sil[g].append(float(s[labels == i].mean()) if (labels == i).any() else float("nan"))
+    for g in names:
+        out_groups[g]["silhouette"] = sil[g]
+        if g != "safe":
+            out_groups[g]["auroc_tau_vs_safe"] = [auroc(taus["safe"][:, layer], taus[g][:, layer])
+                                                  for layer in range(n_layer)]
+    return out_groups
+
+
 def cluster_analysis(model, recipe, *, n: int = 500, n_ref: int | None = None, hook: str = "mlp_act",
                      positions: str = "window", n_window: int = 10, attack: dict | None = None,
                      sets=JAILBREAKS, batch_size: int = 256, device="cpu") -> dict:
@@ -122,41 +166,8 @@ def cluster_analysis(model, recipe, *, n: int = 500, n_ref: int | None = None, h
             feats[name] = lab_features(model, res.ids.cpu().numpy(), res.start_idx.cpu().numpy(),
                                        embeds=res.embeds.detach(), **cap)
         attack["eps_factors"] = factors
+    out_groups = summarize_groups(feats, mu_s, mu_u)
     n_layer = mu_s.shape[0]
-    names = list(feats)
-    true_unsafe = {g: g != "safe" for g in names}
-    out_groups = {}
-    taus = {}
-    for g in names:
-        f = feats[g]  # [N, L, D]
-        tau, ctau, d_s, d_u = tau_scores(f, mu_s[None], mu_u[None])
-        taus[g] = tau
-        nearer_safe = (d_s < d_u).mean(0)
-        out_groups[g] = {
-            "n": int(f.shape[0]),
-            "tau_mean": tau.mean(0).tolist(), "tau_std": tau.std(0).tolist(),
-            "cos_tau_mean": ctau.mean(0).tolist(), "cos_tau_std": ctau.std(0).tolist(),
-            "nearest_mean_acc": (1 - nearer_safe if true_unsafe[g] else nearer_safe).tolist(),
-            "frac_nearer_safe": nearer_safe.tolist(),
-        }
-    # silhouette against the safe / unsafe clusters, per layer, exact distances on the union
-    labels = np.concatenate([np.full(feats[g].shape[0], i) for i, g in enumerate(names)])
-    i_safe, i_unsafe = names.index("safe"), names.index("unsafe")
-    sil = {g: [] for g in names}
-    for layer in range(n_layer):
-        X = np.concatenate([feats[g][:, layer] for g in names])
-        summ = distance_summary(X, labels, k=0)
-        m = summ.mean_to_group  # [N, groups], columns in the order of np.unique(labels) = names' order
-        own = np.where(labels == i_safe, m[:, i_safe], m[:, i_unsafe])
-        opp = np.where(labels == i_safe, m[:, i_unsafe], m[:, i_safe])
-        s = (opp - own) / np.maximum(np.maximum(own, opp), 1e-30)
-        for i, g in enumerate(names):
-            sil[g].append(float(s[labels == i].mean()) if (labels == i).any() else float("nan"))
-    for g in names:
-        out_groups[g]["silhouette"] = sil[g]
-        if g != "safe":
-            out_groups[g]["auroc_tau_vs_safe"] = [auroc(taus["safe"][:, layer], taus[g][:, layer])
-                                                  for layer in range(n_layer)]
     return {"hook": hook, "positions": positions, "n_window": n_window, "layers": list(range(n_layer)),
             "reference": {"n_per_set": n_ref or n, "sets": ["std_safe", "std_unsafe"],
                           "seed": (recipe.seed + REFERENCE_SEED_OFFSET) % (2**32 - 9)},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -61,10 +62,21 @@ class _Progress:
 @click.option("--overwrite", is_flag=True, help="Replace the pysafe outputs in a non-empty --out.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write plots/*.png.")
+@click.option("--prompts", "prompt_files", type=click.Path(dir_okay=False), multiple=True,
+              help="Also capture activations of both models (HF Llama-family checkpoints, needs pysafe[hf]) on "
+                   "these prompts: JSONL with text and group, or text files (one prompt per line, group = file "
+                   "name). Needs 'safe' and 'unsafe' groups. Adds the cluster and row-space analyses.")
+@click.option("--builtin-prompts", is_flag=True,
+              help="The same with pysafe's small operator:operand prompt set (safe, unsafe, base64 jailbreaks).")
+@click.option("--hook", default="mlp_act", show_default=True, help="Hook point of the cluster analysis.")
+@click.option("--positions", type=click.Choice(["last", "window", "prompt_mean"]), default="last", show_default=True,
+              help="Prompt positions pooled for the activation analyses.")
+@click.option("--device", default="cpu", show_default=True, help="torch device of the activation capture.")
 @debug_option
 @handle_errors
 def analyze(base, tuned, out, include, exclude, rank, energy, base_rank, base_energy, max_rank, exact, center,
-            dtype, threads, seed, save_vectors, strict, overwrite, progress, plots, debug):
+            dtype, threads, seed, save_vectors, strict, overwrite, progress, plots, prompt_files, builtin_prompts,
+            hook, positions, device, debug):
     """Compare BASE and TUNED checkpoints tensor by tensor: what did fine-tuning change?
 
     BASE and TUNED are checkpoint directories or files: model.safetensors, a sharded
@@ -87,6 +99,16 @@ def analyze(base, tuned, out, include, exclude, rank, energy, base_rank, base_en
     except ValueError as exc:  # messages start with the field name: show it as the flag
         field = str(exc).split(" ", 1)[0]
         raise click.BadParameter(str(exc), param_hint=f"'--{field.replace('_', '-')}'") from None
+    prompts = None
+    if prompt_files or builtin_prompts:
+        from pysafe.analysis.hf import builtin_prompts as _builtin
+        from pysafe.analysis.hf import read_prompts
+
+        prompts = (read_prompts(prompt_files) if prompt_files else []) + (_builtin() if builtin_prompts else [])
+        for side, path in (("BASE", base), ("TUNED", tuned)):
+            if not Path(path).is_dir():
+                raise click.BadParameter(f"{path}: activation analyses need HF checkpoint directories "
+                                         f"(config.json, tokenizer, weights)", param_hint=side)
     show = sys.stderr.isatty() if progress is None else progress
     def report_preflight(pre):
         for line in pre.lines():
@@ -101,3 +123,38 @@ def analyze(base, tuned, out, include, exclude, rank, energy, base_rank, base_en
     gb = cmp.bytes_read / 1e9
     click.echo(f"{len(cmp.records)} tensors analysed, {len(cmp.skipped)} skipped, {gb:.2f} GB read in "
                f"{cmp.seconds:.1f} s ({cmp.scheme} names) -> {out}/summary.json")
+    if prompts is not None:
+        _activations(base, tuned, prompts, outp, hook, positions, device)
+
+
+def _activations(base, tuned, prompts, outp, hook, positions, device):
+    """Clusters of both models and the row space of TUNED, written to OUT/activations/ (staged, then renamed)."""
+    import json
+    import shutil
+
+    from pysafe.analysis.clusters import plot_clusters
+    from pysafe.analysis.hf import hf_cluster_analysis, hf_row_space, load_hf
+    from pysafe.analysis.subspaces import plot_row_space
+
+    stage = outp / "activations.partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    mb, tok = load_hf(base, device)
+    mt, tok_t = load_hf(tuned, device)
+    n_groups = {g: sum(p["group"] == g for p in prompts) for g in dict.fromkeys(p["group"] for p in prompts)}
+    click.echo(f"activations: {len(prompts)} prompts ({', '.join(f'{g} {k}' for g, k in n_groups.items())}), "
+               f"hook {hook}, positions {positions}", err=True)
+    for label, model, tk in (("base", mb, tok), ("tuned", mt, tok_t)):
+        res = hf_cluster_analysis(model, tk, prompts, hook=hook, positions=positions)
+        res["checkpoint"] = str(base if label == "base" else tuned)
+        (stage / f"clusters_{label}.json").write_text(json.dumps(res, indent=1))
+        plot_clusters(res, stage / f"clusters_{label}.png", f"{label}: {hook} ({positions})")
+        last = res["layers"][-1]
+        click.echo(f"{label}: last-layer τ " + ", ".join(f"{g} {r['tau_mean'][last]:+.3f}" for g, r in res["groups"].items()))
+    rs = hf_row_space(mb, mt, tok_t, prompts, positions=positions)
+    (stage / "rowspace.json").write_text(json.dumps(rs, indent=1))
+    plot_row_space(rs, stage / "rowspace.png", f"row space of gate_proj ({positions})")
+    final = outp / "activations"
+    shutil.rmtree(final, ignore_errors=True)
+    stage.replace(final)
+    click.echo(f"activation analyses -> {final}/")
