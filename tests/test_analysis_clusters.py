@@ -89,3 +89,23 @@ def test_cli_clusters(tmp_path):
     assert {"adv_soft_tokens", "adv_soft_tokens_eps0.5"} <= set(groups)  # the budget sweep of Fig 7
     r = CliRunner().invoke(main, ["clusters", str(ck), "--out", str(tmp_path / "c2"), "--hook", "nope"])
     assert r.exit_code != 0 and "nope" in r.output and "Traceback" not in r.output
+
+
+def test_feature_cache_reuses_and_keys(tmp_path):
+    from pysafe.analysis.cache import FeatureCache
+    from pysafe.analysis.clusters import features
+
+    m = _model()
+    b = D.test_set(RECIPE, "std_safe", 10)
+    cache = FeatureCache(tmp_path / "f.h5")
+    a1 = features(m, b.x_safe, b.start_idx, cache=cache, hook="mlp_act", positions="window")
+    a2 = features(m, b.x_safe, b.start_idx, cache=cache, hook="mlp_act", positions="window")
+    assert cache.misses == 1 and cache.hits == 1 and np.array_equal(a1, a2)
+    np.testing.assert_array_equal(a1, lab_features(m, b.x_safe, b.start_idx, hook="mlp_act", positions="window"))
+    features(m, b.x_safe, b.start_idx, cache=cache, hook="mlp_act", positions="eot")  # another key
+    features(_model(seed=1), b.x_safe, b.start_idx, cache=cache, hook="mlp_act", positions="window")  # other weights
+    assert cache.misses == 3
+    res1 = cluster_analysis(m, RECIPE, n=8, cache=cache)
+    hits = cache.hits
+    res2 = cluster_analysis(m, RECIPE, n=8, cache=cache)
+    assert cache.hits == hits + 2 + 7 and res1["groups"] == res2["groups"]  # reference (2) + groups (7) reused

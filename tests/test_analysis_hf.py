@@ -98,9 +98,17 @@ def test_hf_clusters_schema(hf_pair):
 
 
 def test_cli_analyze_with_prompts(hf_pair, tmp_path):
-    r = CliRunner().invoke(main, ["analyze", str(hf_pair[0]), str(hf_pair[1]), "--out", str(tmp_path / "rep"),
-                                  "--builtin-prompts", "--no-progress"])
+    args = ["analyze", str(hf_pair[0]), str(hf_pair[1]), "--builtin-prompts", "--no-progress",
+            "--feature-cache", str(tmp_path / "cache.h5")]
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "rep")])
     assert r.exit_code == 0, r.output
+    r2 = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "rep2")])  # the second run reads the cache
+    assert r2.exit_code == 0, r2.output
+    assert (json.loads((tmp_path / "rep" / "activations" / "clusters_tuned.json").read_text())["groups"]
+            == json.loads((tmp_path / "rep2" / "activations" / "clusters_tuned.json").read_text())["groups"])
+    import h5py
+    with h5py.File(tmp_path / "cache.h5") as f:
+        assert len(f["features"]) == 3  # base mlp_act, tuned mlp_act, tuned mlp_in
     act = tmp_path / "rep" / "activations"
     for name in ("clusters_base.json", "clusters_tuned.json", "rowspace.json"):
         assert json.loads((act / name).read_text())

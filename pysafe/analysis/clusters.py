@@ -84,12 +84,24 @@ def group_inputs(recipe, n: int, sets=JAILBREAKS) -> dict:
     return out
 
 
-def reference_means(model, recipe, n: int, **cap) -> tuple[np.ndarray, np.ndarray]:
+def features(model, x, s, *, cache=None, model_key: str | None = None, **cap) -> np.ndarray:
+    """:func:`lab_features` through the optional :class:`~pysafe.analysis.cache.FeatureCache`."""
+    from pysafe.analysis.cache import cached, inputs_fingerprint, model_fingerprint
+
+    if cache is None:
+        return lab_features(model, x, s, **cap)
+    parts = {"model": model_key or model_fingerprint(model), "inputs": inputs_fingerprint(x, s),
+             "hook": cap.get("hook", "mlp_act"), "positions": cap.get("positions", "window"),
+             "n_window": cap.get("n_window", 10)}
+    return cached(cache, parts, lambda: lab_features(model, x, s, **cap))
+
+
+def reference_means(model, recipe, n: int, cache=None, model_key=None, **cap) -> tuple[np.ndarray, np.ndarray]:
     """(μ_S, μ_U), each [layers, D], from a sampling stream disjoint from the evaluation sets."""
     ref = dataclasses.replace(recipe, seed=(recipe.seed + REFERENCE_SEED_OFFSET) % (2**32 - 9))
     g = group_inputs(ref, n, sets=())
-    mu_s = lab_features(model, *g["safe"], **cap).mean(0)
-    mu_u = lab_features(model, *g["unsafe"], **cap).mean(0)
+    mu_s = features(model, *g["safe"], cache=cache, model_key=model_key, **cap).mean(0)
+    mu_u = features(model, *g["unsafe"], cache=cache, model_key=model_key, **cap).mean(0)
     return mu_s, mu_u
 
 
@@ -139,22 +151,28 @@ def summarize_groups(feats: dict, mu_s: np.ndarray, mu_u: np.ndarray) -> dict:
 
 def cluster_analysis(model, recipe, *, n: int = 500, n_ref: int | None = None, hook: str = "mlp_act",
                      positions: str = "window", n_window: int = 10, attack: dict | None = None,
-                     sets=JAILBREAKS, batch_size: int = 256, device="cpu") -> dict:
+                     sets=JAILBREAKS, batch_size: int = 256, device="cpu", cache=None) -> dict:
     """Fig 3 metrics of one lab model (JSON-ready; the ``pysafe clusters`` schema).
 
     Args:
         n: samples drawn per test set (safe and unsafe groups take them from std_safe and std_unsafe, so
             they have 2n points; a jailbreak group keeps the samples that are unsafe by function).
         n_ref: reference samples per set for μ_S and μ_U (default n).
+        cache: a :class:`~pysafe.analysis.cache.FeatureCache` for the clean groups' features (attacked
+            inputs are recomputed).
         attack: soft-token attack options (``attacks.soft_token_attack``: n_soft, n_steps, eps_factor,
             norm, placement) to add the ``adv_soft_tokens`` group; ``eps_factors`` (a list) sweeps the budget
             (Fig 7), one group per budget (``adv_soft_tokens_eps<f>``; budget 1 keeps the plain name). None
             leaves the attacked groups out.
     """
+    from pysafe.analysis.cache import model_fingerprint
+
     cap = dict(hook=hook, positions=positions, n_window=n_window, batch_size=batch_size, device=device)
     model.to(device)
-    mu_s, mu_u = reference_means(model, recipe, n_ref or n, **cap)
-    feats = {g: lab_features(model, x, s, **cap) for g, (x, s) in group_inputs(recipe, n, sets).items()}
+    key = model_fingerprint(model) if cache is not None else None
+    mu_s, mu_u = reference_means(model, recipe, n_ref or n, cache=cache, model_key=key, **cap)
+    feats = {g: features(model, x, s, cache=cache, model_key=key, **cap)
+             for g, (x, s) in group_inputs(recipe, n, sets).items()}
     if attack is not None:
         from pysafe.lab.attacks import attacked_inputs
 

@@ -175,8 +175,18 @@ def hf_features(model, tok, texts, *, hook: str = "mlp_act", positions: str = "l
     return np.concatenate(out).astype(np.float32)
 
 
+def _features(model, tok, texts, cache, model_key, **kw):
+    from pysafe.analysis.cache import cached, inputs_fingerprint
+
+    if cache is None or model_key is None:
+        return hf_features(model, tok, texts, **kw)
+    parts = {"model": model_key, "inputs": inputs_fingerprint(list(texts)), "hook": kw.get("hook", "mlp_act"),
+             "positions": kw.get("positions", "last"), "n_window": kw.get("n_window", 10)}
+    return cached(cache, parts, lambda: hf_features(model, tok, texts, **kw))
+
+
 def hf_cluster_analysis(model, tok, prompts: list[dict], *, hook: str = "mlp_act", positions: str = "last",
-                        seed: int = 0, **kw) -> dict:
+                        seed: int = 0, cache=None, model_key: str | None = None, **kw) -> dict:
     """Fig 3 on a HF model: the safe and unsafe groups are split in halves (seeded); μ_S and μ_U come from
     the first halves, and every group is evaluated on the rest (disjoint from the means). Same metrics and
     schema as :func:`pysafe.analysis.clusters.cluster_analysis`."""
@@ -184,7 +194,7 @@ def hf_cluster_analysis(model, tok, prompts: list[dict], *, hook: str = "mlp_act
 
     texts = [p["text"] for p in prompts]
     groups = np.array([p["group"] for p in prompts])
-    feats = hf_features(model, tok, texts, hook=hook, positions=positions, **kw)
+    feats = _features(model, tok, texts, cache, model_key, hook=hook, positions=positions, **kw)
     rng = np.random.default_rng(seed)
     ref = np.zeros(len(texts), dtype=bool)
     for g in ("safe", "unsafe"):
@@ -203,7 +213,7 @@ def hf_cluster_analysis(model, tok, prompts: list[dict], *, hook: str = "mlp_act
 
 
 def hf_row_space(base_model, tuned_model, tok, prompts: list[dict], *, hook: str = "mlp_in", positions: str = "last",
-                 top: int = 15, **kw) -> dict:
+                 top: int = 15, cache=None, model_key: str | None = None, **kw) -> dict:
     """Fig 5 on a HF model: the tuned model's inputs at ``hook`` (default what ``gate_proj`` reads) scored on
     the top right singular directions of W_base, W_tuned and ΔW (``gate_proj``, the paper's first MLP
     matrix), per prompt group; ``norm_ratio`` = ‖W â‖ / σ1 (small: â near W's null space)."""
@@ -211,7 +221,7 @@ def hf_row_space(base_model, tuned_model, tok, prompts: list[dict], *, hook: str
 
     texts = [p["text"] for p in prompts]
     groups = np.array([p["group"] for p in prompts])
-    feats = hf_features(tuned_model, tok, texts, hook=hook, positions=positions, **kw).astype(np.float64)
+    feats = _features(tuned_model, tok, texts, cache, model_key, hook=hook, positions=positions, **kw).astype(np.float64)
     lb, lt = _layers(base_model), _layers(tuned_model)
     out = {"hook": hook, "positions": positions, "top": top, "matrix": "mlp.gate_proj", "layers": list(range(len(lt))),
            "weights": {"base": [], "tuned": [], "delta": []}}

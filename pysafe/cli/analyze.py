@@ -72,11 +72,13 @@ class _Progress:
 @click.option("--positions", type=click.Choice(["last", "window", "prompt_mean"]), default="last", show_default=True,
               help="Prompt positions pooled for the activation analyses.")
 @click.option("--device", default="cpu", show_default=True, help="torch device of the activation capture.")
+@click.option("--feature-cache", type=click.Path(dir_okay=False), default=None,
+              help="HDF5 file caching pooled activations by (checkpoint, prompts, hook, positions) across runs.")
 @debug_option
 @handle_errors
 def analyze(base, tuned, out, include, exclude, rank, energy, base_rank, base_energy, max_rank, exact, center,
             dtype, threads, seed, save_vectors, strict, overwrite, progress, plots, prompt_files, builtin_prompts,
-            hook, positions, device, debug):
+            hook, positions, device, feature_cache, debug):
     """Compare BASE and TUNED checkpoints tensor by tensor: what did fine-tuning change?
 
     BASE and TUNED are checkpoint directories or files: model.safetensors, a sharded
@@ -124,14 +126,15 @@ def analyze(base, tuned, out, include, exclude, rank, energy, base_rank, base_en
     click.echo(f"{len(cmp.records)} tensors analysed, {len(cmp.skipped)} skipped, {gb:.2f} GB read in "
                f"{cmp.seconds:.1f} s ({cmp.scheme} names) -> {out}/summary.json")
     if prompts is not None:
-        _activations(base, tuned, prompts, outp, hook, positions, device)
+        _activations(base, tuned, prompts, outp, hook, positions, device, feature_cache)
 
 
-def _activations(base, tuned, prompts, outp, hook, positions, device):
+def _activations(base, tuned, prompts, outp, hook, positions, device, feature_cache=None):
     """Clusters of both models and the row space of TUNED, written to OUT/activations/ (staged, then renamed)."""
     import json
     import shutil
 
+    from pysafe.analysis.cache import FeatureCache, checkpoint_fingerprint
     from pysafe.analysis.clusters import plot_clusters
     from pysafe.analysis.hf import hf_cluster_analysis, hf_row_space, load_hf
     from pysafe.analysis.subspaces import plot_row_space
@@ -144,14 +147,16 @@ def _activations(base, tuned, prompts, outp, hook, positions, device):
     n_groups = {g: sum(p["group"] == g for p in prompts) for g in dict.fromkeys(p["group"] for p in prompts)}
     click.echo(f"activations: {len(prompts)} prompts ({', '.join(f'{g} {k}' for g, k in n_groups.items())}), "
                f"hook {hook}, positions {positions}", err=True)
+    cache = FeatureCache(feature_cache) if feature_cache else None
+    keys = {"base": checkpoint_fingerprint(base), "tuned": checkpoint_fingerprint(tuned)}
     for label, model, tk in (("base", mb, tok), ("tuned", mt, tok_t)):
-        res = hf_cluster_analysis(model, tk, prompts, hook=hook, positions=positions)
+        res = hf_cluster_analysis(model, tk, prompts, hook=hook, positions=positions, cache=cache, model_key=keys[label])
         res["checkpoint"] = str(base if label == "base" else tuned)
         (stage / f"clusters_{label}.json").write_text(json.dumps(res, indent=1))
         plot_clusters(res, stage / f"clusters_{label}.png", f"{label}: {hook} ({positions})")
         last = res["layers"][-1]
         click.echo(f"{label}: last-layer τ " + ", ".join(f"{g} {r['tau_mean'][last]:+.3f}" for g, r in res["groups"].items()))
-    rs = hf_row_space(mb, mt, tok_t, prompts, positions=positions)
+    rs = hf_row_space(mb, mt, tok_t, prompts, positions=positions, cache=cache, model_key=keys["tuned"])
     (stage / "rowspace.json").write_text(json.dumps(rs, indent=1))
     plot_row_space(rs, stage / "rowspace.png", f"row space of gate_proj ({positions})")
     final = outp / "activations"

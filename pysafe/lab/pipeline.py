@@ -122,12 +122,15 @@ def _clusters_and_claims(named: dict, out: Path, n: int, device, log=None, weake
     from pysafe.analysis.subspaces import write_json as write_result
     from pysafe.lab import ckpt as C
 
+    from pysafe.analysis.cache import FeatureCache
+
+    cache = FeatureCache(out / "cache" / "features.h5")  # pooled activations, reused by later runs
     res, figs = {}, {}
     base_model, _ = C.load_checkpoint(named["pretrained"])
     for name, d in named.items():
         model, cfg = C.load_checkpoint(d)
         recipe = DataRecipe.from_dict(cfg["data"])
-        r = cluster_analysis(model, recipe, n=n, device=device,
+        r = cluster_analysis(model, recipe, n=n, device=device, cache=cache,
                              attack=dict(n_soft=DEFAULT_ATTACK["n_soft"], n_steps=DEFAULT_ATTACK["n_steps"],
                                          eps_factor=DEFAULT_ATTACK["eps_factor"], norm=DEFAULT_ATTACK["norm"]))
         r["checkpoint"] = str(d)
@@ -141,7 +144,7 @@ def _clusters_and_claims(named: dict, out: Path, n: int, device, log=None, weake
             f["colspace"] = column_space(base_model, model)
             plot_column_space(f["colspace"], fig_dir / "colspace.png", f"{name} vs pretrained: column space")
             write_result(f["colspace"], fig_dir / "colspace.json")
-            f["rowspace"] = row_space(base_model, model, recipe, n=n, device=device)
+            f["rowspace"] = row_space(base_model, model, recipe, n=n, device=device, cache=cache)
             plot_row_space(f["rowspace"], fig_dir / "rowspace.png", f"{name} vs pretrained: row space at mlp_in (EOT)")
             write_result(f["rowspace"], fig_dir / "rowspace.json")
         figs[name] = f
