@@ -9,6 +9,7 @@ Three measurements, one JSON line each (``--results FILE`` also appends them to 
 - **train**: tokens/s of ``pysafe train``'s step (forward, backward, clip, AdamW) for each preset's
   pretraining stage at the preset's batch size, on this machine's CPU (``--device cuda`` on a GPU), counted
   as the non-PAD input tokens of the (trimmed) batches, and samples/s.
+- **capture**: pooled activation features per second (issue 4) for three hook/position pairs.
 - **eval**: samples/s of ``pysafe eval``'s safety table (teacher-forced and greedy, all eight test sets)
   on a ``cpu``-preset model (random weights: the cost does not depend on them).
 
@@ -28,7 +29,7 @@ import sys
 import time
 
 # --- knobs (each is a command-line flag) ---
-what = "data,train,eval"  # which measurements
+what = "data,train,eval,capture"  # which measurements
 n = 20000                 # samples per compiled sampler call (data)
 n_python = 2000           # samples for the plain-Python run (it is ~100x slower)
 presets = "tiny,cpu,paper"  # presets whose training step is timed
@@ -146,6 +147,28 @@ def bench_eval() -> None:
           "samples_per_s": round(n_sets * eval_n / dt, 1)})
 
 
+def bench_capture() -> None:
+    """Activation capture (issue 4): pooled features per second of lab_features on a cpu-preset model."""
+    import torch
+
+    from pysafe.analysis.capture import lab_features
+    from pysafe.lab import data as D
+    from pysafe.lab.model import GPT
+    from pysafe.lab.pipeline import stage_settings
+
+    s = stage_settings("cpu", "pretrain")
+    torch.manual_seed(0)
+    model = GPT(s.model).to(device).eval()
+    b = D.test_set(s.recipe, "std_unsafe", eval_n * 10)
+    for hook, positions in (("mlp_act", "window"), ("mlp_in", "eot"), ("resid_post", "prompt_mean")):
+        lab_features(model, b.x_safe[:8], b.start_idx[:8], hook=hook, positions=positions, device=device)
+        t = time.perf_counter()
+        f = lab_features(model, b.x_safe, b.start_idx, hook=hook, positions=positions, device=device)
+        dt = time.perf_counter() - t
+        emit({"what": "capture", "preset": "cpu", "hook": hook, "positions": positions, "n": len(f),
+              "feature_shape": list(f.shape[1:]), "seconds": round(dt, 3), "samples_per_s": round(len(f) / dt, 1)})
+
+
 def main() -> None:
     g = globals()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -158,7 +181,7 @@ def main() -> None:
         import torch
         torch.set_num_threads(threads)
     for part in what.split(","):
-        {"data": bench_data, "train": bench_train, "eval": bench_eval}[part]()
+        {"data": bench_data, "train": bench_train, "eval": bench_eval, "capture": bench_capture}[part]()
 
 
 if __name__ == "__main__":
