@@ -91,7 +91,9 @@ def load_hf(path, device="cpu", dtype=torch.float32):
         raise ImportError("the HF-model analyses need transformers: pip install 'pysafe[hf]'") from None
     path = str(path)
     tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+    major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
+    kw = {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}  # renamed in 4.56
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kw)
     model.to(device).eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
