@@ -20,13 +20,14 @@ from pysafe.cli import main  # noqa: E402
 
 
 def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    """A deterministic character-level tokenizer (the model's vocabulary has 128 entries)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
-    tk = Tokenizer(models.BPE(unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=128, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:100])
-    tk.train_from_iterator([p["text"] for p in builtin_prompts()], trainer)
+    chars = sorted({c for p in builtin_prompts() for c in p["text"]} | set("abcdefghijklmnopqrstuvwxyz :"))
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "<pad>", *chars])}
+    assert len(vocab) <= 128
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>",
                                                 eos_token="</s>", pad_token="<pad>")
 
