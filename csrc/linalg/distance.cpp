@@ -29,6 +29,8 @@ struct Prepared {
   int64_t n = 0, d = 0;
   std::vector<T> X;              // centred (Euclidean) or normalised (cosine) rows, in T
   std::vector<double> sq;        // ‖X_i‖² in f64, of the rows as stored in X
+  std::vector<double> nrm;       // ‖X_i‖ (for the recompute test without a square root per entry)
+  bool any_zero = false;         // cosine: some row is all zeros
   std::vector<double> inv_norm;  // cosine: 1/‖orig_i‖ (0 for a zero row)
   std::vector<uint8_t> zero;     // cosine: the row is all zeros
 };
@@ -79,6 +81,10 @@ Prepared<T> prepare(const T* P, int64_t n, int64_t d, Metric metric, const std::
       p.sq[i] = s;
     }
   });
+  p.nrm.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) p.nrm[static_cast<size_t>(i)] = std::sqrt(p.sq[static_cast<size_t>(i)]);
+  if (metric == Metric::kCosine)
+    for (uint8_t z : p.zero) p.any_zero = p.any_zero || z;
   return p;
 }
 
@@ -103,6 +109,46 @@ double exact_sq(const Prepared<T>& A, int64_t i, const Prepared<T>& B, int64_t j
   return s;
 }
 
+/// One row i of A against B's columns [j0, j0+bj) from the Gram products g (bj values): the distances into
+/// drow (f64). Returns the number of entries recomputed difference-first.
+template <typename T>
+int64_t rows_from_gram(const Prepared<T>& A, int64_t i, const Prepared<T>& B, int64_t j0, int64_t bj, Metric metric,
+                       bool self, const T* g, double* drow) {
+  const int64_t d = A.d;
+  const double u = std::numeric_limits<T>::epsilon() / 2;
+  const double c = 2.0 * std::sqrt(static_cast<double>(std::max<int64_t>(d, 1))) * u / kTol;
+  const double* sqb = B.sq.data() + j0;
+  const double* nb = B.nrm.data() + j0;
+  const double sa = A.sq[static_cast<size_t>(i)], ca = c * A.nrm[static_cast<size_t>(i)];
+  int64_t redo = 0;
+  // 1. the Gram estimate of ‖a−b‖² (vectorised)
+  if (d > 0) {
+    for (int64_t q = 0; q < bj; ++q) drow[q] = sa + sqb[q] - 2.0 * static_cast<double>(g[q]);
+  } else {
+    for (int64_t q = 0; q < bj; ++q) drow[q] = 0.0;
+  }
+  // 2. entries the estimate cannot be trusted with: difference-first in f64 (rare)
+  for (int64_t q = 0; q < bj; ++q) {
+    if (drow[q] < ca * nb[q]) {
+      drow[q] = exact_sq(A, i, B, j0 + q, metric);
+      ++redo;
+    }
+  }
+  // 3. distances (vectorised)
+  if (metric == Metric::kEuclidean) {
+    for (int64_t q = 0; q < bj; ++q) drow[q] = std::sqrt(std::max(drow[q], 0.0));
+  } else {
+    for (int64_t q = 0; q < bj; ++q) drow[q] = std::min(0.5 * std::max(drow[q], 0.0), 2.0);
+  }
+  // 4. the exact special cases
+  if (metric == Metric::kCosine && (A.any_zero || B.any_zero)) {
+    for (int64_t q = 0; q < bj; ++q)
+      if (A.zero[static_cast<size_t>(i)] || B.zero[static_cast<size_t>(j0 + q)]) drow[q] = 1.0;
+  }
+  if (self && i >= j0 && i < j0 + bj) drow[i - j0] = 0.0;
+  return redo;
+}
+
 /// Distances of the block rows [i0, i0+bi) × cols [j0, j0+bj) into D (f64, row stride bj).
 /// G is scratch of bi·bj T. `self`: A and B are the same set (the diagonal i == j is exactly 0).
 template <typename T>
@@ -111,32 +157,8 @@ int64_t block(const Prepared<T>& A, int64_t i0, int64_t bi, const Prepared<T>& B
   const int64_t d = A.d;
   if (d > 0)
     blas::gemm<T>(false, true, bi, bj, d, T(1), A.X.data() + i0 * d, d, B.X.data() + j0 * d, d, T(0), G.data(), bj);
-  const double u = std::numeric_limits<T>::epsilon() / 2;
-  const double c = 2.0 * std::sqrt(static_cast<double>(std::max<int64_t>(d, 1))) * u / kTol;
   int64_t redo = 0;
-  for (int64_t r = 0; r < bi; ++r) {
-    const int64_t i = i0 + r;
-    const double sa = A.sq[i];
-    for (int64_t q = 0; q < bj; ++q) {
-      const int64_t j = j0 + q;
-      double v;
-      if (self && i == j) {
-        v = 0.0;
-      } else if (metric == Metric::kCosine && (A.zero[i] || B.zero[j])) {
-        v = 1.0;
-      } else {
-        const double sb = B.sq[j];
-        double s2 = sa + sb - 2.0 * static_cast<double>(d > 0 ? G[r * bj + q] : T(0));
-        if (s2 < c * std::sqrt(sa * sb)) {
-          s2 = exact_sq(A, i, B, j, metric);
-          ++redo;
-        }
-        s2 = std::max(s2, 0.0);
-        v = metric == Metric::kEuclidean ? std::sqrt(s2) : std::min(0.5 * s2, 2.0);
-      }
-      D[r * bj + q] = v;
-    }
-  }
+  for (int64_t r = 0; r < bi; ++r) redo += rows_from_gram<T>(A, i0 + r, B, j0, bj, metric, self, G.data() + r * bj, D + r * bj);
   return redo;
 }
 
@@ -233,8 +255,11 @@ Stats pairwise(const T* A, int64_t n, const T* B, int64_t m, int64_t d, Metric m
     const int64_t bi = std::min(kBlock, n - i0), bj = std::min(kBlock, m - j0);
     t.redo += block<T>(PA, i0, bi, PB, j0, bj, metric, false, t.G, t.D.data());
     t.entries += bi * bj;
-    for (int64_t r = 0; r < bi; ++r)
-      for (int64_t q = 0; q < bj; ++q) out[(i0 + r) * m + (j0 + q)] = static_cast<T>(t.D[r * bj + q]);
+    for (int64_t r = 0; r < bi; ++r) {
+      T* o = out + (i0 + r) * m + j0;
+      const double* src = t.D.data() + r * bj;
+      for (int64_t q = 0; q < bj; ++q) o[q] = static_cast<T>(src[q]);
+    }
   });
   for (const auto& t : tiles) {
     st.recomputed += t.redo;
