@@ -336,10 +336,15 @@ def _parallel_finetunes(todo, preset, pre, seed, device, jobs, invocation, log) 
     from concurrent.futures import ThreadPoolExecutor
 
     threads = max(1, (os.cpu_count() or 1) // jobs)
+    # the children must import this very pysafe (with its compiled core), not a source tree in the cwd
+    import pysafe
+
+    root = str(Path(pysafe.__file__).resolve().parent.parent)
+    launcher = f"import sys; sys.path.insert(0, {root!r}); from pysafe.cli import main; main(prog_name='pysafe')"
 
     def one(job):
         stage, d, lr = job
-        argv = [sys.executable, "-m", "pysafe", "train", stage, "--preset", str(preset), "--seed", str(seed),
+        argv = [sys.executable, "-c", launcher, "train", stage, "--preset", str(preset), "--seed", str(seed),
                 "--init", str(pre), "--out", str(d), "--lr", f"{lr:g}", "--threads", str(threads), "--device", device,
                 "--quiet"]
         if invocation:
