@@ -110,42 +110,44 @@ double exact_sq(const Prepared<T>& A, int64_t i, const Prepared<T>& B, int64_t j
 }
 
 /// One row i of A against B's columns [j0, j0+bj) from the Gram products g (bj values): the distances into
-/// drow (f64). Returns the number of entries recomputed difference-first.
-template <typename T>
+/// drow (f64 for the summaries, T for the matrices). Returns the number of entries recomputed
+/// difference-first. One fused, vectorisable pass; the rare untrustworthy entries are redone after it.
+template <typename T, typename Out>
 int64_t rows_from_gram(const Prepared<T>& A, int64_t i, const Prepared<T>& B, int64_t j0, int64_t bj, Metric metric,
-                       bool self, const T* g, double* drow) {
+                       bool self, const T* g, Out* drow) {
   const int64_t d = A.d;
   const double u = std::numeric_limits<T>::epsilon() / 2;
   const double c = 2.0 * std::sqrt(static_cast<double>(std::max<int64_t>(d, 1))) * u / kTol;
   const double* sqb = B.sq.data() + j0;
   const double* nb = B.nrm.data() + j0;
   const double sa = A.sq[static_cast<size_t>(i)], ca = c * A.nrm[static_cast<size_t>(i)];
-  int64_t redo = 0;
-  // 1. the Gram estimate of ‖a−b‖² (vectorised)
-  if (d > 0) {
-    for (int64_t q = 0; q < bj; ++q) drow[q] = sa + sqb[q] - 2.0 * static_cast<double>(g[q]);
-  } else {
-    for (int64_t q = 0; q < bj; ++q) drow[q] = 0.0;
-  }
-  // 2. entries the estimate cannot be trusted with: difference-first in f64 (rare)
+  const double gscale = d > 0 ? 2.0 : 0.0;  // d = 0: no GEMM ran, g is not read
+  const bool euclid = metric == Metric::kEuclidean;
+  int flagged = 0;
   for (int64_t q = 0; q < bj; ++q) {
-    if (drow[q] < ca * nb[q]) {
-      drow[q] = exact_sq(A, i, B, j0 + q, metric);
-      ++redo;
+    const double gq = d > 0 ? static_cast<double>(g[q]) : 0.0;
+    const double s2 = sa + sqb[q] - gscale * gq;
+    flagged |= s2 < ca * nb[q];
+    const double v = euclid ? std::sqrt(std::max(s2, 0.0)) : std::min(0.5 * std::max(s2, 0.0), 2.0);
+    drow[q] = static_cast<Out>(v);
+  }
+  int64_t redo = 0;
+  if (flagged) {  // entries the Gram estimate cannot be trusted with: difference-first in f64
+    for (int64_t q = 0; q < bj; ++q) {
+      const double gq = d > 0 ? static_cast<double>(g[q]) : 0.0;
+      const double s2 = sa + sqb[q] - gscale * gq;
+      if (s2 < ca * nb[q]) {
+        const double e = exact_sq(A, i, B, j0 + q, metric);
+        drow[q] = static_cast<Out>(euclid ? std::sqrt(e) : std::min(0.5 * e, 2.0));
+        ++redo;
+      }
     }
   }
-  // 3. distances (vectorised)
-  if (metric == Metric::kEuclidean) {
-    for (int64_t q = 0; q < bj; ++q) drow[q] = std::sqrt(std::max(drow[q], 0.0));
-  } else {
-    for (int64_t q = 0; q < bj; ++q) drow[q] = std::min(0.5 * std::max(drow[q], 0.0), 2.0);
-  }
-  // 4. the exact special cases
   if (metric == Metric::kCosine && (A.any_zero || B.any_zero)) {
     for (int64_t q = 0; q < bj; ++q)
-      if (A.zero[static_cast<size_t>(i)] || B.zero[static_cast<size_t>(j0 + q)]) drow[q] = 1.0;
+      if (A.zero[static_cast<size_t>(i)] || B.zero[static_cast<size_t>(j0 + q)]) drow[q] = Out(1);
   }
-  if (self && i >= j0 && i < j0 + bj) drow[i - j0] = 0.0;
+  if (self && i >= j0 && i < j0 + bj) drow[i - j0] = Out(0);
   return redo;
 }
 
@@ -158,7 +160,7 @@ int64_t block(const Prepared<T>& A, int64_t i0, int64_t bi, const Prepared<T>& B
   if (d > 0)
     blas::gemm<T>(false, true, bi, bj, d, T(1), A.X.data() + i0 * d, d, B.X.data() + j0 * d, d, T(0), G.data(), bj);
   int64_t redo = 0;
-  for (int64_t r = 0; r < bi; ++r) redo += rows_from_gram<T>(A, i0 + r, B, j0, bj, metric, self, G.data() + r * bj, D + r * bj);
+  for (int64_t r = 0; r < bi; ++r) redo += rows_from_gram<T, double>(A, i0 + r, B, j0, bj, metric, self, G.data() + r * bj, D + r * bj);
   return redo;
 }
 
@@ -253,13 +255,11 @@ Stats pairwise(const T* A, int64_t n, const T* B, int64_t m, int64_t d, Metric m
     const int64_t I = it / nbj, J = it % nbj;
     const int64_t i0 = I * kBlock, j0 = J * kBlock;
     const int64_t bi = std::min(kBlock, n - i0), bj = std::min(kBlock, m - j0);
-    t.redo += block<T>(PA, i0, bi, PB, j0, bj, metric, false, t.G, t.D.data());
+    if (d > 0)
+      blas::gemm<T>(false, true, bi, bj, d, T(1), PA.X.data() + i0 * d, d, PB.X.data() + j0 * d, d, T(0), t.G.data(), bj);
+    for (int64_t r = 0; r < bi; ++r)  // straight into the output: no f64 staging pass
+      t.redo += rows_from_gram<T, T>(PA, i0 + r, PB, j0, bj, metric, false, t.G.data() + r * bj, out + (i0 + r) * m + j0);
     t.entries += bi * bj;
-    for (int64_t r = 0; r < bi; ++r) {
-      T* o = out + (i0 + r) * m + j0;
-      const double* src = t.D.data() + r * bj;
-      for (int64_t q = 0; q < bj; ++q) o[q] = static_cast<T>(src[q]);
-    }
   });
   for (const auto& t : tiles) {
     st.recomputed += t.redo;
