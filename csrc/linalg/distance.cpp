@@ -209,6 +209,22 @@ struct Tile {
   Tile() : G(static_cast<size_t>(kBlock * kBlock)), D(static_cast<size_t>(kBlock * kBlock)) {}
 };
 
+/// Where a canonical self block lies, once computed into its tile.
+struct BlockExtent {
+  int64_t I, J, i0, j0, bi, bj;
+};
+
+/// Compute the canonical self block (I, J) of the kBlock grid into t.D (f64 distances) and count it.
+template <typename T>
+BlockExtent self_block(const Prepared<T>& P, std::pair<int64_t, int64_t> IJ, int64_t n, Metric metric, Tile<T>& t) {
+  const auto [I, J] = IJ;
+  const int64_t i0 = I * kBlock, j0 = J * kBlock;
+  const int64_t bi = std::min(kBlock, n - i0), bj = std::min(kBlock, n - j0);
+  t.redo += block<T>(P, i0, bi, P, j0, bj, metric, true, t.G, t.D.data());
+  t.entries += bi * bj;
+  return {I, J, i0, j0, bi, bj};
+}
+
 template <typename T>
 Prepared<T> prepare_self(const T* A, int64_t n, int64_t d, Metric metric) {
   const std::vector<double> mu = metric == Metric::kEuclidean ? common_mean<T>(A, n, nullptr, 0, d)
@@ -227,11 +243,7 @@ Stats pairwise(const T* A, int64_t n, const T* B, int64_t m, int64_t d, Metric m
     const auto blocks = upper_blocks(nb);
     auto tiles = run_blocks<Tile<T>>(static_cast<int64_t>(blocks.size()), [] { return Tile<T>(); },
                                      [&](int64_t it, Tile<T>& t) {
-      const auto [I, J] = blocks[static_cast<size_t>(it)];
-      const int64_t i0 = I * kBlock, j0 = J * kBlock;
-      const int64_t bi = std::min(kBlock, n - i0), bj = std::min(kBlock, n - j0);
-      t.redo += block<T>(P, i0, bi, P, j0, bj, metric, true, t.G, t.D.data());
-      t.entries += bi * bj;
+      const auto [I, J, i0, j0, bi, bj] = self_block<T>(P, blocks[static_cast<size_t>(it)], n, metric, t);
       for (int64_t r = 0; r < bi; ++r)
         for (int64_t q = 0; q < bj; ++q) {
           if (I == J && q < r) continue;  // the diagonal block: the upper triangle, mirrored below
@@ -347,11 +359,9 @@ Stats summarize(const T* A, int64_t n, int64_t d, const int64_t* labels, int64_t
                                    return a;
                                  },
                                  [&](int64_t it, Acc<T>& a) {
-    const auto [I, J] = blocks[static_cast<size_t>(it)];
-    const int64_t i0 = I * kBlock, j0 = J * kBlock;
-    const int64_t bi = std::min(kBlock, n - i0), bj = std::min(kBlock, n - j0);
-    a.redo += block<T>(P, i0, bi, P, j0, bj, metric, true, a.G, a.D.data());
-    a.entries += bi * bj;
+    const auto [I, J, i0, j0, bi, bj] = self_block<T>(P, blocks[static_cast<size_t>(it)], n, metric, a);
+    (void)I;
+    (void)J;
     for (int64_t r = 0; r < bi; ++r)
       for (int64_t q = 0; q < bj; ++q) {
         const int64_t i = i0 + r, j = j0 + q;
