@@ -375,12 +375,14 @@ def test_reproduce_end_to_end_tiny(tmp_path):
     claims = json.loads((out / "claims.json").read_text())
     assert any("grows with fine-tuning strength" in c["claim"] for c in claims)
     for word in ("minimal transformation", "concentrate on the unsafe inputs", "Lipschitzness drops",
-                 "separate clusters", "attacked inputs"):
+                 "separate clusters", "attacked inputs", "grows with the attack budget"):
         assert any(word in c["claim"] for c in claims), word
     for name in ("ssft", "dpo", "unlearn"):
         for fig in ("colspace", "rowspace", "lipschitz", ):
             assert (out / "figures" / name / f"{fig}.png").stat().st_size > 0
     assert (out / "figures" / "pretrained" / "lipschitz.json").exists()
+    groups = json.loads((out / "clusters" / "ssft" / "clusters.json").read_text())["groups"]
+    assert {"adv_soft_tokens", "adv_soft_tokens_eps0.5", "adv_soft_tokens_eps2"} <= set(groups)  # Fig 7's sweep
     assert (out / "safety_table.txt").read_text().startswith("checkpoint")
     logs.clear()
     reproduce("tiny", out, eval_n=8, log=logs.append, jobs=1, analyze=False)

@@ -25,6 +25,7 @@ from pysafe.lab.train import TrainConfig
 FINETUNES = ("ssft", "dpo", "unlearn")
 PAPER_LRS = (1e-4, 1e-5)
 DEMO_DIR = Path(__file__).parent / "demo_checkpoints"
+ATTACK_SWEEP = (0.5, 1.0, 2.0)  # Fig 7's budgets in the reproduce/demo clusters (multiples of the letter norm)
 DEFAULT_ATTACK = {"n": 256, "n_soft": 2, "n_steps": 10, "eps_factor": 1.0, "norm": "l2"}
 DEMO_COMMAND = "pysafe reproduce --preset cpu --out pysafe/lab/demo_checkpoints"
 
@@ -132,7 +133,7 @@ def _clusters_and_claims(named: dict, out: Path, n: int, device, log=None, weake
         recipe = DataRecipe.from_dict(cfg["data"])
         r = cluster_analysis(model, recipe, n=n, device=device, cache=cache,
                              attack=dict(n_soft=DEFAULT_ATTACK["n_soft"], n_steps=DEFAULT_ATTACK["n_steps"],
-                                         eps_factor=DEFAULT_ATTACK["eps_factor"], norm=DEFAULT_ATTACK["norm"]))
+                                         eps_factors=list(ATTACK_SWEEP), norm=DEFAULT_ATTACK["norm"]))
         r["checkpoint"] = str(d)
         write_clusters(r, out / "clusters" / name, title=f"{name}: {r['hook']} ({r['positions']})")
         res[name] = r
@@ -212,6 +213,11 @@ def cluster_claims(res: dict, weaker: dict) -> list:
             adv = last(r, "adv_soft_tokens") - last(r, "unsafe")
             claims.append({"claim": f"adversarially attacked inputs move toward the safe cluster ({k}: τ_adv − τ_unsafe, "
                                     f"last layer)", "measured": adv, "control": 0.0, "holds": bool(adv > 0)})
+        lo, hi = f"adv_soft_tokens_eps{min(ATTACK_SWEEP):g}", f"adv_soft_tokens_eps{max(ATTACK_SWEEP):g}"
+        if lo in r["groups"] and hi in r["groups"]:
+            claims.append({"claim": f"the shift toward safe grows with the attack budget ({k}: τ_adv at {max(ATTACK_SWEEP):g}× "
+                                    f"the letter norm; control = at {min(ATTACK_SWEEP):g}×)",
+                           "measured": last(r, hi), "control": last(r, lo), "holds": bool(last(r, hi) > last(r, lo))})
     return claims
 
 
