@@ -21,7 +21,6 @@ same samples for both (bug B-series); its truncation of g to 192 of 768 units is
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
@@ -194,12 +193,11 @@ def cluster_analysis(model, recipe, *, n: int = 500, n_ref: int | None = None, h
 
 def write_clusters(result: dict, out_dir, title: str = "") -> Path:
     """``out_dir/clusters.json`` and ``out_dir/clusters.png`` (τ and cosine τ per layer, ±std bands)."""
+    from pysafe.lab.evaluate import write_json
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "clusters.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    plot_clusters(result, out / "clusters.png", title)
-    tmp.replace(out / "clusters.json")
+    plot_clusters(result, out / "clusters.png", title)  # creates out/
+    write_json(out / "clusters.json", result)
     return out / "clusters.json"
 
 
@@ -208,10 +206,9 @@ COLORS = {"safe": "tab:green", "unsafe": "tab:red", "adv_soft_tokens": "black", 
 
 
 def plot_clusters(result: dict, path, title: str = "") -> None:
-    import matplotlib
+    from pysafe.report.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     layers = np.asarray(result["layers"]) + 1
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -229,5 +226,4 @@ def plot_clusters(result: dict, path, title: str = "") -> None:
     axes[1].legend(fontsize=7, loc="best")
     fig.suptitle(title or f"activation clusters at {result['hook']} ({result['positions']})", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)

@@ -104,10 +104,9 @@ def lipschitz_analysis(model, recipe, *, n: int = 500, fd_samples: int = 8, fd_r
 
 
 def plot_lipschitz(result: dict, path, title: str = "") -> None:
-    import matplotlib
+    from pysafe.report.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     names = {"grad": "‖∂ max-logit / ∂E‖_F", "fd": "finite difference ‖Δlogits‖/‖δ‖"}
@@ -121,5 +120,4 @@ def plot_lipschitz(result: dict, path, title: str = "") -> None:
         ax.legend(fontsize=7)
     fig.suptitle(title or "local Lipschitzness (Fig 6)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -17,9 +17,6 @@ for the top directions, safe vs unsafe, and the mean of ‖W â‖ / σ_1.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 
 MATRICES = ("c_fc", "c_proj")
@@ -122,20 +119,10 @@ def row_space(base_model, tuned_model, recipe, *, n: int = 500, hook: str = "mlp
     return out
 
 
-def write_json(result: dict, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
-    return path
-
-
 def plot_column_space(result: dict, path, title: str = "") -> None:
-    import matplotlib
+    from pysafe.report.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     mats = list(result["matrices"])
     n_layer = len(result["layers"])
@@ -155,15 +142,13 @@ def plot_column_space(result: dict, path, title: str = "") -> None:
     axes[0][0].legend(fontsize=6)
     fig.suptitle(title or "column space (Fig 4)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_row_space(result: dict, path, title: str = "") -> None:
-    import matplotlib
+    from pysafe.report.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = list(result["weights"])
     n_layer = len(result["layers"])
@@ -184,5 +169,4 @@ def plot_row_space(result: dict, path, title: str = "") -> None:
     axes[0][0].legend(fontsize=6)
     fig.suptitle(title or f"row space (Fig 5): {result['hook']} at {result['positions']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -131,13 +131,13 @@ def analyze(base, tuned, out, include, exclude, rank, energy, base_rank, base_en
 
 def _activations(base, tuned, prompts, outp, hook, positions, device, feature_cache=None):
     """Clusters of both models and the row space of TUNED, written to OUT/activations/ (staged, then renamed)."""
-    import json
     import shutil
 
     from pysafe.analysis.cache import FeatureCache, checkpoint_fingerprint
     from pysafe.analysis.clusters import plot_clusters
     from pysafe.analysis.hf import hf_cluster_analysis, hf_row_space, load_hf
     from pysafe.analysis.subspaces import plot_row_space
+    from pysafe.lab.evaluate import write_json
 
     stage = outp / "activations.partial"
     shutil.rmtree(stage, ignore_errors=True)
@@ -152,12 +152,12 @@ def _activations(base, tuned, prompts, outp, hook, positions, device, feature_ca
     for label, model, tk in (("base", mb, tok), ("tuned", mt, tok_t)):
         res = hf_cluster_analysis(model, tk, prompts, hook=hook, positions=positions, cache=cache, model_key=keys[label])
         res["checkpoint"] = str(base if label == "base" else tuned)
-        (stage / f"clusters_{label}.json").write_text(json.dumps(res, indent=1))
+        write_json(stage / f"clusters_{label}.json", res)
         plot_clusters(res, stage / f"clusters_{label}.png", f"{label}: {hook} ({positions})")
         last = res["layers"][-1]
         click.echo(f"{label}: last-layer τ " + ", ".join(f"{g} {r['tau_mean'][last]:+.3f}" for g, r in res["groups"].items()))
     rs = hf_row_space(mb, mt, tok_t, prompts, positions=positions, cache=cache, model_key=keys["tuned"])
-    (stage / "rowspace.json").write_text(json.dumps(rs, indent=1))
+    write_json(stage / "rowspace.json", rs)
     plot_row_space(rs, stage / "rowspace.png", f"row space of gate_proj ({positions})")
     final = outp / "activations"
     shutil.rmtree(final, ignore_errors=True)

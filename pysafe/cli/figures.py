@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from pysafe.cli.options import debug_option, handle_errors
-
-
-def _outdir(out):
-    from pathlib import Path
-
-    p = Path(out)
-    p.mkdir(parents=True, exist_ok=True)
-    return p
 
 
 def _load(ckpt):
@@ -35,16 +29,16 @@ def _load(ckpt):
 def colspace_cmd(base, tuned, out, energy, center, debug):
     """Fig 4: sin θ of the top left singular directions of W_ST and ΔW against W_IT's column space, per
     MLP matrix and layer, with the chance level. BASE is the pretrained (IT) checkpoint."""
-    from pathlib import Path
-
-    from pysafe.analysis.subspaces import column_space, plot_column_space, write_json
+    from pysafe.analysis.subspaces import column_space, plot_column_space
+    from pysafe.lab.evaluate import write_json
 
     mb, _ = _load(base)
     mt, _ = _load(tuned)
     res = column_space(mb, mt, energy=energy, center=center)
     res.update(base=str(base), tuned=str(tuned))
-    plot_column_space(res, _outdir(out) / "colspace.png", f"{tuned} vs {base}")
-    path = write_json(res, _outdir(out) / "colspace.json")
+    path = Path(out) / "colspace.json"
+    plot_column_space(res, Path(out) / "colspace.png", f"{tuned} vs {base}")  # creates OUT
+    write_json(path, res)
     for name, rows in res["matrices"].items():
         for layer, row in enumerate(rows):
             click.echo(f"{name} layer {layer + 1}: mean sin θ  W_ST {row['tuned']['mean_sin_theta']:.3f}  "
@@ -66,16 +60,16 @@ def colspace_cmd(base, tuned, out, energy, center, debug):
 @handle_errors
 def rowspace_cmd(base, tuned, out, n, hook, positions, top, device, debug):
     """Fig 5: safe and unsafe inputs of TUNED scored on the right singular directions of W_IT, W_ST and ΔW."""
-    from pathlib import Path
-
-    from pysafe.analysis.subspaces import plot_row_space, row_space, write_json
+    from pysafe.analysis.subspaces import plot_row_space, row_space
+    from pysafe.lab.evaluate import write_json
 
     mb, _ = _load(base)
     mt, recipe = _load(tuned)
     res = row_space(mb, mt, recipe, n=n, hook=hook, positions=positions, top=top, device=device)
     res.update(base=str(base), tuned=str(tuned))
-    plot_row_space(res, _outdir(out) / "rowspace.png", f"{tuned} vs {base}: {hook} at {positions}")
-    path = write_json(res, _outdir(out) / "rowspace.json")
+    path = Path(out) / "rowspace.json"
+    plot_row_space(res, Path(out) / "rowspace.png", f"{tuned} vs {base}: {hook} at {positions}")  # creates OUT
+    write_json(path, res)
     last = res["layers"][-1]
     for label, rows in res["weights"].items():
         r = rows[last]
@@ -96,16 +90,15 @@ def rowspace_cmd(base, tuned, out, n, hook, positions, top, device, debug):
 @handle_errors
 def lipschitz_cmd(ckpt, out, n, fd_samples, fd_radius, device, debug):
     """Fig 6: local Lipschitzness of CKPT on safe vs unsafe prompts (gradient and finite-difference estimates)."""
-    from pathlib import Path
-
     from pysafe.analysis.lipschitz import lipschitz_analysis, plot_lipschitz
-    from pysafe.analysis.subspaces import write_json
+    from pysafe.lab.evaluate import write_json
 
     model, recipe = _load(ckpt)
     res = lipschitz_analysis(model, recipe, n=n, fd_samples=fd_samples, fd_radius=fd_radius, device=device)
     res["checkpoint"] = str(ckpt)
-    plot_lipschitz(res, _outdir(out) / "lipschitz.png", str(ckpt))
-    path = write_json(res, _outdir(out) / "lipschitz.json")
+    path = Path(out) / "lipschitz.json"
+    plot_lipschitz(res, Path(out) / "lipschitz.png", str(ckpt))  # creates OUT
+    write_json(path, res)
     for k, r in res["estimates"].items():
         click.echo(f"{k:>4}: median safe {r['safe']['median']:.4g}  unsafe {r['unsafe']['median']:.4g}  "
                    f"AUROC(safe > unsafe) {r['auroc_safe_gt_unsafe']:.3f}")

@@ -120,8 +120,8 @@ def _clusters_and_claims(named: dict, out: Path, n: int, device, log=None, weake
     from pysafe.analysis.clusters import cluster_analysis, write_clusters
     from pysafe.analysis.lipschitz import lipschitz_analysis, plot_lipschitz
     from pysafe.analysis.subspaces import column_space, plot_column_space, plot_row_space, row_space
-    from pysafe.analysis.subspaces import write_json as write_result
     from pysafe.lab import ckpt as C
+    from pysafe.lab.evaluate import write_json
 
     from pysafe.analysis.cache import FeatureCache
 
@@ -139,24 +139,19 @@ def _clusters_and_claims(named: dict, out: Path, n: int, device, log=None, weake
         res[name] = r
         fig_dir = out / "figures" / name
         f = {"lipschitz": lipschitz_analysis(model, recipe, n=n, device=device)}
-        plot_lipschitz(f["lipschitz"], _mkdir(fig_dir) / "lipschitz.png", f"{name}: local Lipschitzness")
-        write_result(f["lipschitz"], fig_dir / "lipschitz.json")
+        plot_lipschitz(f["lipschitz"], fig_dir / "lipschitz.png", f"{name}: local Lipschitzness")  # creates fig_dir
+        write_json(fig_dir / "lipschitz.json", f["lipschitz"])
         if name != "pretrained":
             f["colspace"] = column_space(base_model, model)
             plot_column_space(f["colspace"], fig_dir / "colspace.png", f"{name} vs pretrained: column space")
-            write_result(f["colspace"], fig_dir / "colspace.json")
+            write_json(fig_dir / "colspace.json", f["colspace"])
             f["rowspace"] = row_space(base_model, model, recipe, n=n, device=device, cache=cache)
             plot_row_space(f["rowspace"], fig_dir / "rowspace.png", f"{name} vs pretrained: row space at mlp_in (EOT)")
-            write_result(f["rowspace"], fig_dir / "rowspace.json")
+            write_json(fig_dir / "rowspace.json", f["rowspace"])
         figs[name] = f
         if log is not None:
             log(f"{name}: clusters and figures written")
     return cluster_claims(res, weaker or {}) + figure_claims(figs, weaker or {})
-
-
-def _mkdir(p: Path) -> Path:
-    p.mkdir(parents=True, exist_ok=True)
-    return p
 
 
 def figure_claims(figs: dict, weaker: dict) -> list:

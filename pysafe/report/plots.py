@@ -13,7 +13,8 @@ from pysafe.checkpoint import MODULE_ORDER
 HEATMAP_KEYS = ("delta_rel", "null_frac_left", "overlap_left", "effective_rank_delta")
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (shared by every pysafe plot)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -22,10 +23,19 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path, dpi: int = 110) -> Path:
+    """Save ``fig`` to ``path`` (creating its folder) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path
+
+
 def write_plots(cmp, out: str | os.PathLike) -> list[Path]:
     """Write the decay plot and the four heatmaps; returns the files written."""
     out = Path(out)
-    plt = _plt()
+    plt = pyplot()
     written = []
     recs = [r for r in cmp.records if "sv_delta" in r]
     # the decay plot shows matrices that changed; unchanged ones (σ_1 = 0) have no spectrum to draw
@@ -56,10 +66,7 @@ def write_plots(cmp, out: str | os.PathLike) -> list[Path]:
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.tight_layout()
-    p = out / "sv_decay.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    written.append(p)
+    written.append(save_figure(fig, out / "sv_decay.png"))
 
     layered = [r for r in recs if r.get("layer") is not None and r.get("module")]
     if layered:
@@ -81,8 +88,5 @@ def write_plots(cmp, out: str | os.PathLike) -> list[Path]:
             ax.set_title(key)
             fig.colorbar(im, ax=ax)
             fig.tight_layout()
-            p = out / f"heatmap_{key}.png"
-            fig.savefig(p, dpi=110)
-            plt.close(fig)
-            written.append(p)
+            written.append(save_figure(fig, out / f"heatmap_{key}.png"))
     return written
