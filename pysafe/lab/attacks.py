@@ -381,25 +381,31 @@ def _unsafe_prompts(recipe, test_set: str, n: int):
     return x, y, s, L, ans
 
 
+def _attack_batches(model, recipe, x, y, s, *, batch_size: int, seed: int, placement: str, **attack):
+    """Yield (slice, AttackResult) over the prompts in batches; batch at offset lo uses seed + lo, so
+    :func:`attack_table` and :func:`attacked_inputs` attack the same samples identically."""
+    placement = _placement(recipe, placement)
+    for lo in range(0, len(s), batch_size):
+        sl = slice(lo, lo + batch_size)
+        xb, yb, sb = (torch.from_numpy(a[sl]) for a in (x, y, s))
+        yield sl, soft_token_attack(model, xb, yb, sb, seed=seed + lo, placement=placement, **attack)
+
+
 def attacked_inputs(model, recipe, *, n: int = 256, test_set: str = "std_unsafe", batch_size: int = 64,
                     device="cpu", seed: int = 0, placement: str = "auto", **attack) -> AttackResult:
     """The attacked prompts of :func:`attack_table` (same samples, same seeds) as one :class:`AttackResult`
     (the activation analyses' ``adv_soft_tokens`` group)."""
-    placement = _placement(recipe, placement)
     model.to(device)
-    x, y, s, L, _ = _unsafe_prompts(recipe, test_set, n)
-    parts = []
-    for lo in range(0, len(s), batch_size):
-        sl = slice(lo, lo + batch_size)
-        xb, yb, sb = (torch.from_numpy(a[sl]) for a in (x, y, s))
-        parts.append(soft_token_attack(model, xb, yb, sb, seed=seed + lo, placement=placement, **attack))
+    x, y, s, _, _ = _unsafe_prompts(recipe, test_set, n)
+    parts = [res for _, res in _attack_batches(model, recipe, x, y, s, batch_size=batch_size, seed=seed,
+                                               placement=placement, **attack)]
     if not parts:
         raise ValueError(f"no attackable samples in {test_set} (n={n})")
     first = parts[0]
     cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
     return AttackResult(embeds=cat("embeds"), ids=cat("ids"), y=cat("y"), start_idx=cat("start_idx"),
                         soft_start=cat("soft_start"), soft=cat("soft"), eps=first.eps, norm=first.norm, lr=first.lr,
-                        losses=torch.cat([p.losses for p in parts], 1), placement=placement, inserted=first.inserted)
+                        losses=torch.cat([p.losses for p in parts], 1), placement=first.placement, inserted=first.inserted)
 
 
 # -- the safety table's adversarial column ---------------------------------------------------------------
@@ -423,11 +429,10 @@ def attack_table(model, recipe, *, n: int = 256, n_soft: int = 2, n_steps: int =
     x, y, s, L, ans = _unsafe_prompts(recipe, test_set, n)
     N = len(s)
     succ, clean, before, after, refuse, tok_acc = [], [], [], [], [], []
-    for lo in range(0, N, batch_size):
-        sl = slice(lo, lo + batch_size)
-        xb, yb, sb = (torch.from_numpy(a[sl]) for a in (x, y, s))
-        res = soft_token_attack(model, xb, yb, sb, n_soft=n_soft, n_steps=n_steps, eps=eps, eps_factor=eps_factor,
-                                norm=norm, lr=lr, seed=seed + lo, placement=placement)
+    batches = _attack_batches(model, recipe, x, y, s, batch_size=batch_size, seed=seed, placement=placement,
+                              n_soft=n_soft, n_steps=n_steps, eps=eps, eps_factor=eps_factor, norm=norm, lr=lr)
+    for sl, res in batches:
+        xb, sb = torch.from_numpy(x[sl]), torch.from_numpy(s[sl])
         ok, gen_adv = attack_success(model, res, torch.from_numpy(ans[sl]))
         succ.append(ok.cpu().numpy())
         Lb = torch.from_numpy(L[sl]).to(gen_adv.device)
