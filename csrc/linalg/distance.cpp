@@ -151,16 +151,18 @@ int64_t rows_from_gram(const Prepared<T>& A, int64_t i, const Prepared<T>& B, in
   return redo;
 }
 
-/// Distances of the block rows [i0, i0+bi) × cols [j0, j0+bj) into D (f64, row stride bj).
-/// G is scratch of bi·bj T. `self`: A and B are the same set (the diagonal i == j is exactly 0).
-template <typename T>
+/// Distances of the block rows [i0, i0+bi) × cols [j0, j0+bj) into D (row stride ldd; f64 for the tiles of
+/// the self matrix and the summaries, T straight into a cross-distance output). G is scratch of bi·bj T.
+/// `self`: A and B are the same set (the diagonal i == j is exactly 0).
+template <typename T, typename Out>
 int64_t block(const Prepared<T>& A, int64_t i0, int64_t bi, const Prepared<T>& B, int64_t j0, int64_t bj,
-              Metric metric, bool self, std::vector<T>& G, double* D) {
+              Metric metric, bool self, std::vector<T>& G, Out* D, int64_t ldd) {
   const int64_t d = A.d;
   if (d > 0)
     blas::gemm<T>(false, true, bi, bj, d, T(1), A.X.data() + i0 * d, d, B.X.data() + j0 * d, d, T(0), G.data(), bj);
   int64_t redo = 0;
-  for (int64_t r = 0; r < bi; ++r) redo += rows_from_gram<T, double>(A, i0 + r, B, j0, bj, metric, self, G.data() + r * bj, D + r * bj);
+  for (int64_t r = 0; r < bi; ++r)
+    redo += rows_from_gram<T, Out>(A, i0 + r, B, j0, bj, metric, self, G.data() + r * bj, D + r * ldd);
   return redo;
 }
 
@@ -220,7 +222,7 @@ BlockExtent self_block(const Prepared<T>& P, std::pair<int64_t, int64_t> IJ, int
   const auto [I, J] = IJ;
   const int64_t i0 = I * kBlock, j0 = J * kBlock;
   const int64_t bi = std::min(kBlock, n - i0), bj = std::min(kBlock, n - j0);
-  t.redo += block<T>(P, i0, bi, P, j0, bj, metric, true, t.G, t.D.data());
+  t.redo += block<T, double>(P, i0, bi, P, j0, bj, metric, true, t.G, t.D.data(), bj);
   t.entries += bi * bj;
   return {I, J, i0, j0, bi, bj};
 }
@@ -267,10 +269,8 @@ Stats pairwise(const T* A, int64_t n, const T* B, int64_t m, int64_t d, Metric m
     const int64_t I = it / nbj, J = it % nbj;
     const int64_t i0 = I * kBlock, j0 = J * kBlock;
     const int64_t bi = std::min(kBlock, n - i0), bj = std::min(kBlock, m - j0);
-    if (d > 0)
-      blas::gemm<T>(false, true, bi, bj, d, T(1), PA.X.data() + i0 * d, d, PB.X.data() + j0 * d, d, T(0), t.G.data(), bj);
-    for (int64_t r = 0; r < bi; ++r)  // straight into the output: no f64 staging pass
-      t.redo += rows_from_gram<T, T>(PA, i0 + r, PB, j0, bj, metric, false, t.G.data() + r * bj, out + (i0 + r) * m + j0);
+    // straight into the output: no f64 staging pass
+    t.redo += block<T, T>(PA, i0, bi, PB, j0, bj, metric, false, t.G, out + i0 * m + j0, m);
     t.entries += bi * bj;
   });
   for (const auto& t : tiles) {
@@ -293,10 +293,10 @@ Stats self_rows(const T* A, int64_t n, int64_t d, Metric metric, int64_t r0, int
   auto tiles = run_blocks<Tile<T>>(static_cast<int64_t>(items.size()), [] { return Tile<T>(); },
                                    [&](int64_t it, Tile<T>& t) {
     const auto [I, J] = items[static_cast<size_t>(it)];
-    const int64_t P0 = std::min(I, J) * kBlock, Q0 = std::max(I, J) * kBlock;
-    const int64_t bp = std::min(kBlock, n - P0), bq = std::min(kBlock, n - Q0);
-    t.redo += block<T>(P, P0, bp, P, Q0, bq, metric, true, t.G, t.D.data());
-    t.entries += bp * bq;
+    // the canonical block (min, max): the same computation as in pairwise(), hence bit-identical rows
+    const auto [Ic, Jc, P0, Q0, bp, bq] = self_block<T>(P, {std::min(I, J), std::max(I, J)}, n, metric, t);
+    (void)Ic;
+    (void)Jc;
     for (int64_t r = 0; r < bp; ++r)
       for (int64_t q = 0; q < bq; ++q) {
         int64_t i = P0 + r, j = Q0 + q;
