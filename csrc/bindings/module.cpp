@@ -100,6 +100,14 @@ py::tuple svd_tuple(const TruncatedSvd<T>& s) {
   return py::make_tuple(to_array(s.U, {s.m, s.r}), to_array(s.S, {s.r}), to_array(s.Vt, {s.r, s.n}), info);
 }
 
+/// run(float()) or run(double()) by A's dtype; any other dtype is a TypeError naming `what`.
+template <typename Run>
+auto by_float_dtype(const py::array& A, const std::string& what, Run&& run) {
+  if (A.dtype().is(py::dtype::of<double>())) return run(double());
+  if (A.dtype().is(py::dtype::of<float>())) return run(float());
+  throw py::type_error(what + ": expected float32 or float64");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -371,9 +379,7 @@ PYBIND11_MODULE(_core, m) {
       }
       return py::make_tuple(q, blas::ortho_path_name(path));
     };
-    if (A.dtype().is(py::dtype::of<double>())) return run(double());
-    if (A.dtype().is(py::dtype::of<float>())) return run(float());
-    throw py::type_error("orthonormalize: expected float32 or float64");
+    return by_float_dtype(A, "orthonormalize", run);
   }, py::arg("A"), py::arg("householder") = false,
      "Orthonormal basis of A's columns (the range finder's kernel): (Q, path), path one of cholqr2, "
      "cholqr3, householder.");
@@ -416,9 +422,7 @@ PYBIND11_MODULE(_core, m) {
       }
       return py::make_tuple(out, stats_dict(st));
     };
-    if (A.dtype().is(py::dtype::of<double>())) return run(double());
-    if (A.dtype().is(py::dtype::of<float>())) return run(float());
-    throw py::type_error("pairwise_distances: expected float32 or float64 arrays");
+    return by_float_dtype(A, "pairwise_distances", run);
   }, py::arg("a"), py::arg("b") = py::none(), py::arg("metric") = "euclidean",
      "Exact blocked pairwise distances: (n×m array in a's precision, stats). b=None: a against itself "
      "(symmetric, zero diagonal).");
@@ -439,9 +443,7 @@ PYBIND11_MODULE(_core, m) {
       }
       return py::make_tuple(out, stats_dict(st));
     };
-    if (A.dtype().is(py::dtype::of<double>())) return run(double());
-    if (A.dtype().is(py::dtype::of<float>())) return run(float());
-    throw py::type_error("distance_rows: expected a float32 or float64 array");
+    return by_float_dtype(A, "distance_rows", run);
   }, py::arg("a"), py::arg("metric"), py::arg("r0"), py::arg("r1"),
      "Rows [r0, r1) of the self-distance matrix of a, identical to those of pairwise_distances(a).");
 
@@ -467,10 +469,7 @@ PYBIND11_MODULE(_core, m) {
       return dist::summarize<T>(a.data(), n, a.shape(1), labels.data(), groups, k, mt, sums.mutable_data(),
                                 idx.mutable_data(), dst.mutable_data());
     };
-    dist::Stats st;
-    if (A.dtype().is(py::dtype::of<double>())) st = run(double());
-    else if (A.dtype().is(py::dtype::of<float>())) st = run(float());
-    else throw py::type_error("distance_summary: expected a float32 or float64 array");
+    const dist::Stats st = by_float_dtype(A, "distance_summary", run);
     return py::make_tuple(sums, idx, dst, stats_dict(st));
   }, py::arg("a"), py::arg("labels"), py::arg("groups"), py::arg("k"), py::arg("metric") = "euclidean",
      "Streaming summaries of a's self distances without the n×n matrix: (group_sum n×g, knn_idx n×k, "
