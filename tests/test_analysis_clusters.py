@@ -109,3 +109,10 @@ def test_feature_cache_reuses_and_keys(tmp_path):
     hits = cache.hits
     res2 = cluster_analysis(m, RECIPE, n=8, cache=cache)
     assert cache.hits == hits + 2 + 7 and res1["groups"] == res2["groups"]  # reference (2) + groups (7) reused
+    # entries are batched in memory until flush, then read back from the file by a new cache object
+    assert not cache.path.exists() and cache.pending  # nothing written yet: below flush_bytes
+    cache.flush()
+    fresh = FeatureCache(tmp_path / "f.h5")
+    np.testing.assert_array_equal(fresh.get_or_compute({"x": 1}, lambda: np.zeros(1)), np.zeros(1))
+    b2 = features(m, b.x_safe, b.start_idx, cache=fresh, hook="mlp_act", positions="window")
+    assert fresh.hits == 1 and np.array_equal(b2, a1) and not fresh.pending.keys() - {FeatureCache.key({"x": 1})}

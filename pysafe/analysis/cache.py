@@ -9,7 +9,8 @@ asks for the same key reads them instead of running the model. Keys are SHA-256 
 - the hook point, position selector and window.
 
 Each entry is a dataset ``/features/<key>`` with the key's parts as attributes. Writes go through a
-temporary file that replaces the cache whole, so an interrupted write never leaves a corrupt cache.
+temporary file that replaces the cache whole, so an interrupted write never leaves a corrupt cache; new
+entries are batched (:meth:`FeatureCache.flush`) so that the file is copied once per batch, not per entry.
 """
 
 from __future__ import annotations
@@ -54,12 +55,25 @@ def inputs_fingerprint(*arrays) -> str:
 
 class FeatureCache:
     """``cache = FeatureCache(path)``; ``cache.get_or_compute(parts, fn)`` returns ``fn()``'s array, stored
-    under the digest of ``parts`` (a JSON-able dict) the first time and read back afterwards."""
+    under the digest of ``parts`` (a JSON-able dict) the first time and read back afterwards.
 
-    def __init__(self, path):
+    New entries are held in memory and written together by :meth:`flush` (at the end of a ``with`` block,
+    or once ``flush_bytes`` are pending): each write copies the file to a temporary one, so writing entry
+    by entry would copy the whole cache once per entry.
+    """
+
+    def __init__(self, path, flush_bytes: int = 1 << 28):
         self.path = Path(path)
+        self.flush_bytes = int(flush_bytes)
+        self.pending: dict[str, tuple[dict, np.ndarray]] = {}
         self.hits = 0
         self.misses = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.flush()
 
     @staticmethod
     def key(parts: dict) -> str:
@@ -68,30 +82,42 @@ class FeatureCache:
     def get(self, parts: dict):
         import h5py
 
+        k = self.key(parts)
+        if k in self.pending:
+            return self.pending[k][1]
         if not self.path.exists():
             return None
-        k = self.key(parts)
         with h5py.File(self.path, "r") as f:
             if f"features/{k}" in f:
                 return f[f"features/{k}"][...]
         return None
 
     def put(self, parts: dict, value: np.ndarray) -> None:
+        self.pending[self.key(parts)] = (parts, np.asarray(value))
+        if sum(v.nbytes for _, v in self.pending.values()) >= self.flush_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the pending entries: the file is copied, extended and renamed over the old one."""
+        import shutil
+
         import h5py
 
+        if not self.pending:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
         if self.path.exists():
-            import shutil
-
             shutil.copyfile(self.path, tmp)
         with h5py.File(tmp, "a") as f:
-            k = self.key(parts)
-            if f"features/{k}" not in f:
+            for k, (parts, value) in self.pending.items():
+                if f"features/{k}" in f:
+                    continue
                 ds = f.create_dataset(f"features/{k}", data=value, compression="gzip", compression_opts=1)
                 for name, v in parts.items():
                     ds.attrs[name] = json.dumps(v) if not isinstance(v, str) else v
         tmp.replace(self.path)
+        self.pending.clear()
 
     def get_or_compute(self, parts: dict, fn) -> np.ndarray:
         got = self.get(parts)

@@ -157,6 +157,8 @@ def _activations(base, tuned, prompts, outp, hook, positions, device, feature_ca
         last = res["layers"][-1]
         click.echo(f"{label}: last-layer τ " + ", ".join(f"{g} {r['tau_mean'][last]:+.3f}" for g, r in res["groups"].items()))
     rs = hf_row_space(mb, mt, tok_t, prompts, positions=positions, cache=cache, model_key=keys["tuned"])
+    if cache is not None:
+        cache.flush()
     write_json(stage / "rowspace.json", rs)
     plot_row_space(rs, stage / "rowspace.png", f"row space of gate_proj ({positions})")
     final = outp / "activations"

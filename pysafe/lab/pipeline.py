@@ -126,32 +126,33 @@ def _clusters_and_claims(named: dict, out: Path, n: int, device, log=None, weake
 
     from pysafe.analysis.cache import FeatureCache
 
-    cache = FeatureCache(out / "cache" / "features.h5")  # pooled activations, reused by later runs
     res, figs = {}, {}
     base_model, _ = C.load_checkpoint(named["pretrained"])
-    for name, d in named.items():
-        model, cfg = C.load_checkpoint(d)
-        recipe = DataRecipe.from_dict(cfg["data"])
-        r = cluster_analysis(model, recipe, n=n, device=device, cache=cache,
-                             attack=dict(n_soft=DEFAULT_ATTACK["n_soft"], n_steps=DEFAULT_ATTACK["n_steps"],
-                                         eps_factors=list(ATTACK_SWEEP), norm=DEFAULT_ATTACK["norm"]))
-        r["checkpoint"] = str(d)
-        write_clusters(r, out / "clusters" / name, title=f"{name}: {r['hook']} ({r['positions']})")
-        res[name] = r
-        fig_dir = out / "figures" / name
-        f = {"lipschitz": lipschitz_analysis(model, recipe, n=n, device=device)}
-        plot_lipschitz(f["lipschitz"], fig_dir / "lipschitz.png", f"{name}: local Lipschitzness")  # creates fig_dir
-        write_json(fig_dir / "lipschitz.json", f["lipschitz"])
-        if name != "pretrained":
-            f["colspace"] = column_space(base_model, model)
-            plot_column_space(f["colspace"], fig_dir / "colspace.png", f"{name} vs pretrained: column space")
-            write_json(fig_dir / "colspace.json", f["colspace"])
-            f["rowspace"] = row_space(base_model, model, recipe, n=n, device=device, cache=cache)
-            plot_row_space(f["rowspace"], fig_dir / "rowspace.png", f"{name} vs pretrained: row space at mlp_in (EOT)")
-            write_json(fig_dir / "rowspace.json", f["rowspace"])
-        figs[name] = f
-        if log is not None:
-            log(f"{name}: clusters and figures written")
+    cache = FeatureCache(out / "cache" / "features.h5")  # pooled activations, reused by later runs
+    with cache:  # new entries are written together when the block ends
+        for name, d in named.items():
+            model, cfg = C.load_checkpoint(d)
+            recipe = DataRecipe.from_dict(cfg["data"])
+            r = cluster_analysis(model, recipe, n=n, device=device, cache=cache,
+                                 attack=dict(n_soft=DEFAULT_ATTACK["n_soft"], n_steps=DEFAULT_ATTACK["n_steps"],
+                                             eps_factors=list(ATTACK_SWEEP), norm=DEFAULT_ATTACK["norm"]))
+            r["checkpoint"] = str(d)
+            write_clusters(r, out / "clusters" / name, title=f"{name}: {r['hook']} ({r['positions']})")
+            res[name] = r
+            fig_dir = out / "figures" / name
+            f = {"lipschitz": lipschitz_analysis(model, recipe, n=n, device=device)}
+            plot_lipschitz(f["lipschitz"], fig_dir / "lipschitz.png", f"{name}: local Lipschitzness")  # creates fig_dir
+            write_json(fig_dir / "lipschitz.json", f["lipschitz"])
+            if name != "pretrained":
+                f["colspace"] = column_space(base_model, model)
+                plot_column_space(f["colspace"], fig_dir / "colspace.png", f"{name} vs pretrained: column space")
+                write_json(fig_dir / "colspace.json", f["colspace"])
+                f["rowspace"] = row_space(base_model, model, recipe, n=n, device=device, cache=cache)
+                plot_row_space(f["rowspace"], fig_dir / "rowspace.png", f"{name} vs pretrained: row space at mlp_in (EOT)")
+                write_json(fig_dir / "rowspace.json", f["rowspace"])
+            figs[name] = f
+            if log is not None:
+                log(f"{name}: clusters and figures written")
     return cluster_claims(res, weaker or {}) + figure_claims(figs, weaker or {})
 
 
