@@ -119,7 +119,7 @@ def _register(model, hook: str, store: list):
             store[i] = _first(t).detach()
 
         if hook == "resid_pre":
-            handles.append(layer.register_forward_pre_hook(lambda m, args, kw=None, s=save: s(args[0]) if args else None))
+            handles.append(layer.register_forward_pre_hook(lambda m, args, s=save: s(args[0]) if args else None))
         elif hook == "resid_post":
             handles.append(layer.register_forward_hook(lambda m, a, out, s=save: s(out)))
         elif hook == "attn_out":
