@@ -1,7 +1,9 @@
 // Exact blocked pairwise distances between activation sets (analyses.md part A, issue 4 point 2).
 //
 // Euclidean distances come from the Gram identity ‖a−b‖² = ‖a‖² + ‖b‖² − 2a·b with the products from
-// one GEMM per block (sgemm for f32 input: the machine's fastest path), made accurate by
+// GEMMs (sgemm for f32 input: the machine's fastest path; one multithreaded GEMM into the output for a
+// cross-distance matrix, 512×512 tiles for the self matrix and the streaming summaries), turned into
+// distances by one vectorised pass (gram_kernel.h) and made accurate by
 //   1. centring both sets on their common mean (computed in f64) first: distances do not change, the
 //      norms shrink to the spread of the data, and so does the cancellation;
 //   2. norms in f64;
