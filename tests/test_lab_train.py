@@ -100,6 +100,53 @@ def test_dpo_sequence_logprob_uses_each_responses_own_tokens():
         assert not torch.equal(b["y_chosen"] != PAD, b["y_rejected"] != PAD)  # the masks genuinely differ
 
 
+def test_decision_position_is_where_refusal_and_compliance_first_differ():
+    """Checked against the layout (lab.md §1.4): block 1's first letter, or block 2's when only block 2 is
+    refused (apply_second), unless the compliant letter happens to be the refusal letter itself."""
+    b = D.safety_batch(RECIPE, 64, 0)
+    from pysafe.lab.objectives import decision_positions
+
+    for yc, yr in ((b.y_unsafe, b.y_unsafe_target), (b.y_safe, b.y_safe_target)):
+        pos = decision_positions(yc, yr)
+        assert (pos.sum(1) == 1).all()
+        for i in range(64):
+            first = b.end_idx[i, 0] if b.apply_second[i] else b.start_idx[i]
+            # walk past letters on which the two answers agree (a compliant letter equal to the refusal's)
+            while yc[i, first] == yr[i, first]:
+                first += 1
+            assert np.nonzero(pos[i])[0][0] == first, i
+    assert b.apply_second.any() and (~b.apply_second).any()
+
+
+def test_decision_weight_one_is_the_plain_objective_and_w_moves_the_decision_only():
+    m = _model()
+    plain = SSFT().batch(RECIPE, 16, 2, 10, "cpu")
+    one = SSFT(decision_weight=1.0 + 1e-12).batch(RECIPE, 16, 2, 10, "cpu")  # takes the weighted path
+    assert "w" in one and "w" not in plain
+    with torch.no_grad():
+        lp, _ = SSFT().loss(m, plain)
+        lw, _ = SSFT().loss(m, one)
+        assert lw.item() == pytest.approx(lp.item(), rel=1e-6)
+        # by hand: weighted mean of per-token NLL with weight w at the decision token
+        w = 7.0
+        b = SSFT(decision_weight=w).batch(RECIPE, 16, 2, 10, "cpu")
+        loss, _ = SSFT(decision_weight=w).loss(m, b)
+        ls = torch.log_softmax(m(b["x"]), -1)
+        num = den = 0.0
+        for i in range(16):
+            for t in torch.nonzero(b["y"][i] != PAD).flatten().tolist():
+                wt = float(b["w"][i, t])
+                num -= wt * float(ls[i, t, b["y"][i, t]])
+                den += wt
+        assert loss.item() == pytest.approx(num / den, rel=1e-5)
+        assert int((b["w"] == w).sum()) == 16
+    # DPO stays log 2 at policy = reference with any weight; unlearning stays bounded
+    ref = copy.deepcopy(m)
+    dpo = DPO(decision_weight=10.0)
+    loss, _ = dpo.loss(m, dpo.batch(RECIPE, 16, 3, 10, "cpu"), ref)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
 def test_unlearning_loss_is_bounded_below():
     obj = Unlearn(w_forget=0.5)
     m = _model()
@@ -258,6 +305,13 @@ def test_cli_pretrain_finetune_eval_analyze(tmp_path):
     cfg = json.loads((ft / "config.json").read_text())
     assert cfg["train"]["lr_max"] == 1e-5 and cfg["command"] == (
         f"pysafe train ssft --preset tiny --init {pre} --out {ft} --lr 1e-05")
+    un = tmp_path / "unlearn"
+    ok(["train", "unlearn", "--preset", "tiny", "--init", str(pre), "--out", str(un), "--decision-weight", "5",
+        "--quiet"])
+    ucfg = json.loads((un / "config.json").read_text())
+    assert ucfg["objective"]["decision_weight"] == 5 and "--decision-weight 5" in ucfg["command"]
+    rows = [json.loads(line) for line in (un / "train_log.jsonl").read_text().splitlines()]
+    assert all(0 <= row["dec_safe"] <= 1 for row in rows if "dec_safe" in row) and any("dec_safe" in r for r in rows)
     before = sorted(p.name for p in ft.iterdir())
     out = ok(["eval", str(pre), str(ft), "--n", "8", "--attack-n", "4", "--attack-steps", "2",
               "--json", str(tmp_path / "e.json")])
@@ -274,6 +328,8 @@ def test_cli_pretrain_finetune_eval_analyze(tmp_path):
     assert bad.exit_code != 0 and "--init" in bad.output
     bad = r.invoke(main, ["train", "pretrain", "--preset", "tiny", "--out", str(pre), "--quiet"])
     assert bad.exit_code != 0 and "finished" in bad.output and "Traceback" not in bad.output
+    bad = r.invoke(main, ["train", "pretrain", "--preset", "tiny", "--decision-weight", "3", "--out", str(tmp_path / "z")])
+    assert bad.exit_code != 0 and "--decision-weight" in bad.output
     bad = r.invoke(main, ["train", "pretrain", "--preset", "nope", "--out", str(tmp_path / "y")])
     assert bad.exit_code != 0 and "nope" in bad.output
     bad = r.invoke(main, ["eval", str(tmp_path), "--n", "4", "--no-attack"])

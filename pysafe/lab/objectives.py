@@ -44,18 +44,42 @@ def _trim(*arrays: np.ndarray) -> list[np.ndarray]:
     return [a[:, :width] for a in arrays]
 
 
-def token_logprobs(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log p(y_t) (0 where y is PAD) and the supervised-token mask, both [B, T]."""
-    mask = y != PAD
+def token_logprobs(logits: torch.Tensor, y: torch.Tensor,
+                   weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log p(y_t) (0 where y is PAD) and the supervised-token weights (the mask, times
+    ``weight`` when given), both [B, T]. The log-probabilities are already multiplied by the weights."""
+    mask = (y != PAD).float()
+    if weight is not None:
+        mask = mask * weight
     lp = torch.log_softmax(logits.float(), dim=-1)
     tok = lp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     return tok * mask, mask
 
 
-def sequence_logprob(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Sum of log-probabilities over each sequence's own supervised (non-PAD) targets (D10), [B]."""
-    tok, _ = token_logprobs(logits, y)
+def sequence_logprob(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of log-probabilities over each sequence's own supervised (non-PAD) targets (D10), [B]
+    (weighted by ``weight`` [B, T] when given)."""
+    tok, _ = token_logprobs(logits, y, weight)
     return tok.sum(-1)
+
+
+def decision_positions(y_chosen: np.ndarray, y_rejected: np.ndarray) -> np.ndarray:
+    """bool [B, T]: the first position where the chosen and the rejected answer are both supervised and
+    differ, i.e. the token at which a model commits to refusing or complying (block 1's first letter, or
+    block 2's when only block 2 is refused). A row whose answers never differ has no such position."""
+    differ = (y_chosen != PAD) & (y_rejected != PAD) & (y_chosen != y_rejected)
+    first = differ.argmax(1)
+    out = np.zeros(differ.shape, dtype=bool)
+    rows = np.nonzero(differ.any(1))[0]
+    out[rows, first[rows]] = True
+    return out
+
+
+def decision_weights(y_chosen: np.ndarray, y_rejected: np.ndarray, w: float) -> np.ndarray:
+    """float32 [B, T]: 1 everywhere, ``w`` at each row's decision position (:func:`decision_positions`)."""
+    out = np.ones(y_chosen.shape, dtype=np.float32)
+    out[decision_positions(y_chosen, y_rejected)] = w
+    return out
 
 
 def token_accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -133,7 +157,18 @@ def _choose(pick: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @dataclass
 class _SafetyObjective:
+    """Shared by the three safety objectives.
+
+    ``decision_weight`` w multiplies the loss term of the *decision token*, the first position where the
+    chosen and the rejected answer differ (:func:`decision_positions`); every other supervised token keeps
+    weight 1, and w = 1 is the plain objective of lab.md §4. The refuse-or-comply choice is one token of an
+    L + 1 token answer, so under the plain objective it carries ~1/26 of the gradient; the rest is copying
+    that the pretrained model already does. Short CPU fine-tunes (the cpu preset) raise w to learn the
+    choice in their ~1/80 of the paper's samples (README "Status" has the measurements).
+    """
+
     p_unsafe: float = 0.5
+    decision_weight: float = 1.0
 
     def _pairs(self, recipe, n, step, device):
         b = D.safety_batch(recipe, n, step)
@@ -141,8 +176,13 @@ class _SafetyObjective:
         xc, yc, xr, yr = _trim(_choose(pick, b.x_unsafe, b.x_safe), _choose(pick, b.y_unsafe, b.y_safe),
                                _choose(pick, b.x_unsafe_target, b.x_safe_target),
                                _choose(pick, b.y_unsafe_target, b.y_safe_target))
-        return {"x_chosen": _t(xc, device), "y_chosen": _t(yc, device), "x_rejected": _t(xr, device),
-                "y_rejected": _t(yr, device), "unsafe": torch.from_numpy(pick).to(device)}
+        out = {"x_chosen": _t(xc, device), "y_chosen": _t(yc, device), "x_rejected": _t(xr, device),
+               "y_rejected": _t(yr, device), "unsafe": torch.from_numpy(pick).to(device),
+               "decision": torch.from_numpy(decision_positions(yc, yr)).to(device)}
+        if self.decision_weight != 1.0:
+            w = torch.from_numpy(decision_weights(yc, yr, self.decision_weight)).to(device)
+            out["w_chosen"] = out["w_rejected"] = w
+        return out
 
 
 @dataclass
@@ -158,19 +198,31 @@ class SSFT(_SafetyObjective):
 
     def batch(self, recipe, n, step, total_steps, device):
         p = self._pairs(recipe, n, step, device)
-        return {"x": p["x_chosen"], "y": p["y_chosen"], "unsafe": p["unsafe"]}
+        out = {"x": p["x_chosen"], "y": p["y_chosen"], "unsafe": p["unsafe"], "decision": p["decision"]}
+        if "w_chosen" in p:
+            out["w"] = p["w_chosen"]
+        return out
 
     def loss(self, model, batch, ref=None):
         logits = model(batch["x"])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["y"].flatten(), ignore_index=PAD)
-        return loss, _split_acc(logits.detach(), batch["y"], batch["unsafe"])
+        if "w" in batch:  # weighted mean over supervised tokens; w = 1 is exactly the plain cross-entropy
+            tok, weight = token_logprobs(logits, batch["y"], batch["w"])
+            loss = -tok.sum() / weight.sum().clamp_min(1e-12)
+        else:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["y"].flatten(), ignore_index=PAD)
+        return loss, _split_acc(logits.detach(), batch["y"], batch["unsafe"], batch.get("decision"))
 
 
-def _split_acc(logits, y, unsafe) -> dict:
+def _split_acc(logits, y, unsafe, decision=None) -> dict:
+    """Teacher-forced token accuracy on the safe and the unsafe samples, and (``dec_*``) the accuracy of
+    the decision token alone (:func:`decision_positions`), the one that says refuse or comply."""
     out = {}
-    for key, sel in (("acc_safe", ~unsafe), ("acc_unsafe", unsafe)):
+    for key, sel in (("safe", ~unsafe), ("unsafe", unsafe)):
         if bool(sel.any()):
-            out[key] = token_accuracy(logits[sel], y[sel])
+            out["acc_" + key] = token_accuracy(logits[sel], y[sel])
+            if decision is not None and bool(decision[sel].any()):
+                right = (logits[sel].argmax(-1) == y[sel])[decision[sel]]
+                out["dec_" + key] = float(right.float().mean())
     return out
 
 
@@ -197,17 +249,18 @@ class DPO(_SafetyObjective):
             raise ValueError("DPO needs a reference model (the --init checkpoint)")
         x = torch.cat([batch["x_chosen"], batch["x_rejected"]])
         y = torch.cat([batch["y_chosen"], batch["y_rejected"]])
+        w = torch.cat([batch["w_chosen"], batch["w_rejected"]]) if "w_chosen" in batch else None
         logits = model(x)
-        lp = sequence_logprob(logits, y)
+        lp = sequence_logprob(logits, y, w)
         with torch.no_grad():
-            lp_ref = sequence_logprob(ref(x), y)
+            lp_ref = sequence_logprob(ref(x), y, w)
         n = batch["x_chosen"].shape[0]
         d_chosen = lp[:n] - lp_ref[:n]
         d_rejected = lp[n:] - lp_ref[n:]
         beta_r = self.beta if self.beta_rejected is None else self.beta_rejected
         margin = self.beta * d_chosen - beta_r * d_rejected
         loss = -F.logsigmoid(margin).mean()
-        metrics = _split_acc(logits[:n].detach(), batch["y_chosen"], batch["unsafe"])
+        metrics = _split_acc(logits[:n].detach(), batch["y_chosen"], batch["unsafe"], batch["decision"])
         metrics["margin"] = float(margin.detach().mean())
         metrics["pref_acc"] = float((margin.detach() > 0).float().mean())
         return loss, metrics
@@ -241,8 +294,9 @@ class Unlearn(_SafetyObjective):
     def loss(self, model, batch, ref=None):
         x = torch.cat([batch["x_chosen"], batch["x_rejected"]])
         y = torch.cat([batch["y_chosen"], batch["y_rejected"]])
+        w = torch.cat([batch["w_chosen"], batch["w_rejected"]]) if "w_chosen" in batch else None
         logits = model(x)
-        tok, mask = token_logprobs(logits, y)
+        tok, mask = token_logprobs(logits, y, w)
         count = mask.sum(-1).clamp_min(1)
         nll = -tok.sum(-1) / count
         n = batch["x_chosen"].shape[0]
@@ -251,14 +305,15 @@ class Unlearn(_SafetyObjective):
             if ref is None:
                 raise ValueError("NPO unlearning needs a reference model (the --init checkpoint)")
             with torch.no_grad():
-                ref_tok, _ = token_logprobs(ref(batch["x_rejected"]), batch["y_rejected"])
+                ref_tok, _ = token_logprobs(ref(batch["x_rejected"]), batch["y_rejected"],
+                                            batch.get("w_rejected"))
             log_ratio = tok[n:].sum(-1) - ref_tok.sum(-1)
             forget_term = (2.0 / self.npo_beta) * F.softplus(self.npo_beta * log_ratio).mean()
             loss = self.w_retain * retain + self.w_forget * forget_term
         else:
             forget_term = torch.clamp(nll[n:], max=self.forget_clamp).mean()
             loss = self.w_retain * retain - self.w_forget * forget_term
-        metrics = _split_acc(logits[:n].detach(), batch["y_chosen"], batch["unsafe"])
+        metrics = _split_acc(logits[:n].detach(), batch["y_chosen"], batch["unsafe"], batch["decision"])
         metrics["nll_rejected"] = float(nll[n:].detach().mean())
         return loss, metrics
 
