@@ -247,6 +247,34 @@ def test_presets_load(tmp_path):
             load_preset(mine)
 
 
+def test_preset_objective_options(tmp_path):
+    """[objectives.<stage>] holds one safety objective's options: validated, merged through `extends`."""
+    from pysafe.lab.pipeline import stage_settings
+
+    # cpu runs DPO at the reference's effective β (its 0.1 and 0.01 over the constant 159, lab.md §4)
+    dpo = stage_settings("cpu", "dpo").objective
+    assert dpo["beta"] == pytest.approx(0.1 / 159, rel=0.01) and dpo["beta_rejected"] == pytest.approx(0.01 / 159, rel=0.01)
+    assert stage_settings("cpu", "ssft").objective == {} and stage_settings("cpu", "pretrain").objective == {}
+    assert load_preset("paper")["objectives"] == {}  # the paper preset keeps D10's defaults
+    mine = tmp_path / "mine.toml"
+    mine.write_text('extends = "cpu"\n[objectives.dpo]\nbeta = 0.2\n[objectives.unlearn]\nforget = "npo"\n')
+    cfg = load_preset(mine)
+    assert cfg["objectives"]["dpo"] == {"beta": 0.2, "beta_rejected": 6.3e-5}  # merged key by key
+    assert stage_settings(str(mine), "unlearn").objective == {"forget": "npo"}
+    for text, msg in [
+        ("[objectives.pretrain]\np_unsafe = 0.5\n", r"\[objectives\] has unknown stage 'pretrain'"),
+        ("[objectives.dpo]\nbetta = 0.5\n", r"\[objectives\.dpo\]: objective 'dpo' has no option betta"),
+        ('[objectives.dpo]\nbeta = "0.1"\n', r"\[objectives\.dpo\] beta must be a number"),
+        ("[objectives.dpo]\nbeta = 0\n", r"\[objectives\.dpo\] beta must be positive"),
+        ("[objectives.ssft]\np_unsafe = 1.5\n", r"p_unsafe must be in \[0, 1\]"),
+        ('[objectives.unlearn]\nforget = "ascend"\n', r"forget must be 'clamp' or 'npo'"),
+        ("[objectives]\ndpo = 3\n", r"'objectives\.dpo' must be a table"),
+    ]:
+        mine.write_text(text)
+        with pytest.raises(ValueError, match=r"mine\.toml: .*" + msg):
+            load_preset(mine)
+
+
 # -- checkpoints ----------------------------------------------------------------------------------------
 def _trained_pair(tmp_path):
     torch.manual_seed(0)

@@ -336,6 +336,27 @@ def test_cli_pretrain_finetune_eval_analyze(tmp_path):
     assert bad.exit_code != 0 and "Traceback" not in bad.output
 
 
+def test_cli_preset_objective_options_and_flags_override_them(tmp_path):
+    r = CliRunner()
+    pre = tmp_path / "pre"
+    preset = tmp_path / "mine.toml"
+    preset.write_text('extends = "tiny"\n[objectives.dpo]\nbeta = 0.05\nbeta_rejected = 0.005\n')
+
+    def ok(args):
+        res = r.invoke(main, args, catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        return res.output
+
+    ok(["train", "pretrain", "--preset", "tiny", "--steps", "2", "--out", str(pre), "--quiet"])
+    common = ["--preset", str(preset), "--init", str(pre), "--steps", "2", "--quiet"]
+    ok(["train", "dpo", *common, "--out", str(tmp_path / "a")])
+    ok(["train", "dpo", *common, "--beta", "0.3", "--out", str(tmp_path / "b")])
+    a = json.loads((tmp_path / "a" / "config.json").read_text())["objective"]
+    b = json.loads((tmp_path / "b" / "config.json").read_text())["objective"]
+    assert (a["beta"], a["beta_rejected"]) == (0.05, 0.005)
+    assert (b["beta"], b["beta_rejected"]) == (0.3, 0.005)  # the flag wins, the rest of the preset stays
+
+
 def test_adversarial_budget_sweep():
     """One attack per budget on the same samples; budgets scale the per-token norm; headline = budget 1."""
     from pysafe.lab.evaluate import adversarial_sweep

@@ -24,11 +24,11 @@ from pysafe.lab.objectives import OBJECTIVES
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Seed of model init and data.")
 @click.option("--p-unsafe", type=click.FloatRange(0, 1), default=None,
               help="Per-sample probability of the unsafe version (ssft 0.2, dpo/unlearn 0.5).")
-@click.option("--beta", type=click.FloatRange(min=0, min_open=True), default=None, help="DPO β (0.1).")
+@click.option("--beta", type=click.FloatRange(min=0, min_open=True), default=None, help="DPO β (0.1; a preset may set its own in [objectives.dpo], as cpu does).")
 @click.option("--beta-rejected", type=click.FloatRange(min=0, min_open=True), default=None,
               help="DPO β on the rejected term (the reference's asymmetric variant uses 0.01).")
 @click.option("--decision-weight", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Loss weight of the decision token, where refusal and compliance first differ (1: the plain objective; the cpu preset sets its own).")
+              help="Loss weight of the decision token, where refusal and compliance first differ (default 1: the paper's plain objective).")
 @click.option("--forget", type=click.Choice(["clamp", "npo"]), default=None, help="Unlearning forget loss.")
 @click.option("--w-forget", type=click.FloatRange(min=0), default=None, help="Unlearning forget weight (0.1).")
 @click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda).")
@@ -60,6 +60,7 @@ def train_cmd(stage, preset, init, out, lr, steps, batch_size, seed, p_unsafe, d
     if stage != "unlearn" and ({"forget", "w_forget"} & set(opts)):
         raise click.UsageError("--forget/--w-forget apply to unlearn only")
     settings = stage_settings(preset, stage, lr=lr, steps=steps, batch_size=batch_size)
+    opts = {**settings.objective, **opts}  # the preset's [objectives.<stage>], then the flags
     _check_device(device)
     if threads:
         import torch

@@ -1,7 +1,9 @@
 """Lab presets: named TOML files (``paper``, ``cpu``, ``tiny``) that a user can copy and edit (D17).
 
 A preset has the tables ``[model]`` (:class:`~pysafe.lab.model.GPTConfig`), ``[data]`` (the data recipe,
-passed through as a dict), ``[pretrain]`` and ``[finetune]`` (training settings) and ``[eval]``. A preset
+passed through as a dict), ``[pretrain]`` and ``[finetune]`` (training settings), ``[eval]`` and
+``[objectives.ssft|dpo|unlearn]`` (options of one safety objective, as ``pysafe train`` flags set them;
+flags given on the command line win). A preset
 may start from another with ``extends = "cpu"`` (a name or a path relative to the file) and override
 single keys; tables merge key by key.
 """
@@ -21,7 +23,8 @@ PRESET_DIR = Path(__file__).parent / "presets"
 PRESETS = ("paper", "cpu", "tiny")
 
 _TOP = {"name": str, "description": str, "extends": str}
-_TABLES = ("model", "data", "pretrain", "finetune", "eval")
+_TABLES = ("model", "data", "pretrain", "finetune", "eval", "objectives")
+_OBJECTIVE_STAGES = ("ssft", "dpo", "unlearn")
 _INT, _FLOAT, _PAIR = "an integer", "a number", "a list of two numbers"
 _RATES = "a non-empty list of positive numbers"
 _TRAIN_KEYS = {
@@ -86,7 +89,11 @@ def _load(path: Path, seen: tuple) -> dict:
         base = _load(ppath, (*seen, path.resolve()))
         cfg = {t: dict(base[t]) for t in _TABLES}
     for t in _TABLES:
-        cfg[t].update(raw.get(t, {}))
+        if t == "objectives":  # one level deeper: [objectives.dpo] merges key by key too
+            for stage, opts in raw.get(t, {}).items():
+                cfg[t][stage] = {**cfg[t].get(stage, {}), **opts} if isinstance(opts, dict) else opts
+        else:
+            cfg[t].update(raw.get(t, {}))
     cfg["name"] = raw.get("name", path.stem)
     cfg["description"] = raw.get("description", "")
     cfg["path"] = str(path)
@@ -109,6 +116,35 @@ def _validate(cfg: dict, path: Path) -> None:
     # [finetune] also lists the peak learning rates `pysafe reproduce` fine-tunes at (default: the paper's)
     _check_keys(cfg["finetune"], {**_TRAIN_KEYS, "lrs": _RATES}, path, "finetune")
     _check_keys(cfg["eval"], _EVAL_KEYS, path, "eval")
+    _check_objectives(cfg["objectives"], path)
+
+
+def _check_objectives(table: dict, path: Path) -> None:
+    """[objectives.<stage>]: only the safety stages, only their objective's options, typed as its defaults."""
+    from dataclasses import MISSING
+
+    from pysafe.lab.objectives import make_objective
+
+    for stage, opts in table.items():
+        if stage not in _OBJECTIVE_STAGES:
+            raise ValueError(f"{path}: [objectives] has unknown stage '{stage}'; known: {', '.join(_OBJECTIVE_STAGES)}")
+        if not isinstance(opts, dict):
+            raise ValueError(f"{path}: 'objectives.{stage}' must be a table ([objectives.{stage}]), found {opts!r}")
+        try:
+            obj = make_objective(stage, **opts)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: [objectives.{stage}]: {e}") from None
+        for key, value in opts.items():
+            default = type(obj).__dataclass_fields__[key].default
+            numeric = default is None or (default is not MISSING and isinstance(default, (int, float)))
+            if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{path}: [objectives.{stage}] {key} must be a number, found {value!r}")
+            if key == "p_unsafe" and not 0 <= value <= 1:
+                raise ValueError(f"{path}: [objectives.{stage}] p_unsafe must be in [0, 1], found {value!r}")
+            if numeric and key not in ("p_unsafe", "w_forget") and not value > 0:
+                raise ValueError(f"{path}: [objectives.{stage}] {key} must be positive, found {value!r}")
+            if key == "w_forget" and value < 0:
+                raise ValueError(f"{path}: [objectives.{stage}] w_forget must be non-negative, found {value!r}")
 
 
 def _check_keys(table: dict, spec: dict, path: Path, where: str) -> None:

@@ -38,6 +38,7 @@ class Settings:
     train: TrainConfig
     eval_n: int
     raw: dict
+    objective: dict  # the preset's [objectives.<stage>] options (empty for pretraining)
 
 
 def stage_settings(preset: str, stage: str, *, lr=None, steps=None, batch_size=None) -> Settings:
@@ -74,6 +75,7 @@ def stage_settings(preset: str, stage: str, *, lr=None, steps=None, batch_size=N
         train=TrainConfig.from_dict(tc, where),
         eval_n=int(cfg.get("eval", {}).get("n", 2000)),
         raw=cfg,
+        objective=dict(cfg.get("objectives", {}).get(stage, {})),
     )
 
 
@@ -269,7 +271,7 @@ def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: i
             cmd += f" --lr {lr:g}"
         log(f"{ckpt_dir.name}: training ({s.train.steps} steps, batch {s.train.batch_size})")
         train(stage, ckpt_dir, model_config=s.model, recipe=s.recipe if init is None else None, train_config=s.train,
-              init=init, seed=seed, device=device, preset=s.preset_name, command=cmd,
+              init=init, objective_options=s.objective, seed=seed, device=device, preset=s.preset_name, command=cmd,
               provenance={"pipeline": invocation} if invocation else None,
               progress=progress(ckpt_dir.name) if progress else None)
         timings[ckpt_dir.name] = time.perf_counter() - t0
