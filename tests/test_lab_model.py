@@ -292,6 +292,27 @@ def _trained_pair(tmp_path):
     return m, opt, base, tuned
 
 
+def test_checkpoint_bytes_depend_only_on_the_weights(tmp_path):
+    """The safetensors library orders __metadata__ keys at random per call; pysafe's writer must not."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    m = GPT(TINY)
+    files = [C.save_checkpoint(tmp_path / f"c{i}", m, {"stage": "pretrain", "seed": 0}) / "model.safetensors"
+             for i in range(8)]
+    first = files[0].read_bytes()
+    assert all(f.read_bytes() == first for f in files[1:])
+    n = int.from_bytes(first[:8], "little")
+    assert n % 8 == 0 and first[8:8 + n].startswith(b'{"__metadata__":{"format":"pt","pysafe":')
+    with safe_open(str(files[0]), "pt") as f:  # the reference reader agrees on metadata and tensors
+        assert f.metadata() == {"format": "pt", "pysafe": C.FORMAT}
+        for name, t in m.state_dict().items():
+            assert torch.equal(f.get_tensor(name), t)
+    native = pysafe.read_header(str(files[0]))  # and so does the native, strict reader
+    assert native["metadata"] == {"format": "pt", "pysafe": C.FORMAT}
+    assert sorted(e["name"] for e in native["entries"]) == sorted(m.state_dict())
+
+
 def test_save_load_round_trip_and_analyze(tmp_path):
     m, opt, base, tuned = _trained_pair(tmp_path)
     m2, cfg = C.load_checkpoint(tuned, expect=TINY)

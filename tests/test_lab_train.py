@@ -192,6 +192,7 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(tmp_path):
     train("pretrain", tmp_path / "c", model_config=TINY, train_config=cfg, seed=4)
     wa, wb, wc = (load_file(tmp_path / k / "model.safetensors") for k in "abc")
     assert all(np.array_equal(wa[k], wb[k]) for k in wa)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     assert not all(np.array_equal(wa[k], wc[k]) for k in wa)
 
     class Stop(Exception):

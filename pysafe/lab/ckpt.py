@@ -19,13 +19,14 @@ import json
 import os
 import random
 import shutil
+import struct
 import uuid
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from pysafe.errors import CheckpointError, ShapeMismatchError, TensorNotFoundError
 from pysafe.lab.model import GPT, GPTConfig
@@ -41,6 +42,28 @@ FORMAT_VERSION = 1
 
 
 # -- writing ---------------------------------------------------------------------------------------
+def _save_safetensors(tensors: dict, path: Path, metadata: dict | None) -> None:
+    """Write a safetensors file whose bytes depend only on the tensors and the metadata.
+
+    The safetensors library keeps ``__metadata__`` in a Rust HashMap, so its key order (and with it the
+    file's bytes) changes from one call to the next. The run's promise is byte-identical weights for the
+    same preset, seed and stage, so the header is re-written here with sorted metadata keys, in the
+    library's own compact JSON and space padding; offsets are relative to the data section and unchanged.
+    """
+    data = save(tensors)
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    header.pop("__metadata__", None)
+    if metadata:
+        header = {"__metadata__": dict(sorted(metadata.items())), **header}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        f.write(memoryview(data)[8 + n:])
+
+
 def save_checkpoint(out_dir: str | os.PathLike, model: GPT, config: dict | None = None, log_rows=None,
                     train_state: dict | None = None, *, overwrite: bool = False, command: str | None = None) -> Path:
     """Write ``model`` (and optionally its log and resume state) as the checkpoint directory ``out_dir``.
@@ -84,12 +107,12 @@ def save_checkpoint(out_dir: str | os.PathLike, model: GPT, config: dict | None 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        save_file(_plain_state(model), str(tmp / WEIGHTS), metadata={"format": "pt", "pysafe": FORMAT})
+        _save_safetensors(_plain_state(model), tmp / WEIGHTS, {"format": "pt", "pysafe": FORMAT})
         with open(tmp / LOG, "w", encoding="utf-8") as f:
             for row in log_rows or []:
                 f.write(json.dumps(row) + "\n")
         if train_state is not None:
-            save_file(train_state["tensors"], str(tmp / STATE_TENSORS))
+            _save_safetensors(train_state["tensors"], tmp / STATE_TENSORS, None)
             _write_text(tmp / STATE_JSON, json.dumps({"step": train_state["step"], **train_state["meta"]}, indent=1))
         _write_text(tmp / CONFIG, config_text)  # last: a directory with config.json is complete
         mode = 0o666 & ~_umask()  # safetensors writes 0600; a checkpoint is as readable as any other file
