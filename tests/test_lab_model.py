@@ -263,7 +263,7 @@ def test_preset_objective_options(tmp_path):
     assert stage_settings(str(mine), "unlearn").objective == {"forget": "npo"}
     for text, msg in [
         ("[objectives.pretrain]\np_unsafe = 0.5\n", r"\[objectives\] has unknown stage 'pretrain'"),
-        ("[objectives.dpo]\nbetta = 0.5\n", r"\[objectives\.dpo\]: objective 'dpo' has no option betta"),
+        ("[objectives.dpo]\nbetta = 0.5\n", r"\[objectives\.dpo\] objective 'dpo' has no option betta"),
         ('[objectives.dpo]\nbeta = "0.1"\n', r"\[objectives\.dpo\] beta must be a number"),
         ("[objectives.dpo]\nbeta = 0\n", r"\[objectives\.dpo\] beta must be positive"),
         ("[objectives.ssft]\np_unsafe = 1.5\n", r"p_unsafe must be in \[0, 1\]"),

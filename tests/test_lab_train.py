@@ -172,6 +172,16 @@ def test_per_sample_mixing_and_unknown_options():
         make_objective("dpo", gamma=1.0)
     with pytest.raises(ValueError, match="unknown objective"):
         make_objective("rlhf")
+    # option values are checked where every caller (CLI, preset, Python) passes through
+    for name, opts, msg in [("ssft", {"p_unsafe": 1.5}, r"p_unsafe must be in \[0, 1\]"),
+                            ("dpo", {"beta": 0.0}, "beta must be positive"),
+                            ("dpo", {"beta": "0.1"}, "beta must be a number"),
+                            ("dpo", {"decision_weight": True}, "decision_weight must be a number"),
+                            ("unlearn", {"w_forget": -0.1}, "w_forget must be non-negative")]:
+        with pytest.raises(ValueError, match=msg):
+            make_objective(name, **opts)
+    assert make_objective("dpo", beta_rejected=None).beta_rejected is None
+    assert make_objective("unlearn", w_forget=0.0, p_unsafe=0.0).w_forget == 0.0
 
 
 # -- training loop ------------------------------------------------------------------------------------------

@@ -330,4 +330,16 @@ def make_objective(name: str, **kwargs):
         raise ValueError(f"objective {name!r} has no option {', '.join(bad)}; options: {', '.join(sorted(fields)) or 'none'}")
     if name == "unlearn" and kwargs.get("forget", "clamp") not in ("clamp", "npo"):
         raise ValueError(f"unlearn forget must be 'clamp' or 'npo', got {kwargs['forget']!r}")
+    for key, value in kwargs.items():
+        default = cls.__dataclass_fields__[key].default
+        if (default is not None and not isinstance(default, (int, float))) or (default is None and value is None):
+            continue  # a string option (forget), checked above, or an optional number left unset
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, found {value!r}")
+        if key == "p_unsafe" and not 0 <= value <= 1:
+            raise ValueError(f"p_unsafe must be in [0, 1], found {value!r}")
+        if key == "w_forget" and value < 0:
+            raise ValueError(f"w_forget must be non-negative, found {value!r}")
+        if key not in ("p_unsafe", "w_forget") and not value > 0:
+            raise ValueError(f"{key} must be positive, found {value!r}")
     return cls(**kwargs)
