@@ -87,18 +87,22 @@ def _load(path: Path, seen: tuple) -> dict:
             raise FileNotFoundError(f"{path}: extends {parent!r}, which is neither a preset name "
                                     f"({', '.join(PRESETS)}) nor a file next to it")
         base = _load(ppath, (*seen, path.resolve()))
-        cfg = {t: dict(base[t]) for t in _TABLES}
+        cfg = {t: base[t] for t in _TABLES}
     for t in _TABLES:
-        if t == "objectives":  # one level deeper: [objectives.dpo] merges key by key too
-            for stage, opts in raw.get(t, {}).items():
-                cfg[t][stage] = {**cfg[t].get(stage, {}), **opts} if isinstance(opts, dict) else opts
-        else:
-            cfg[t].update(raw.get(t, {}))
+        cfg[t] = _merge(cfg[t], raw.get(t, {}))
     cfg["name"] = raw.get("name", path.stem)
     cfg["description"] = raw.get("description", "")
     cfg["path"] = str(path)
     _validate(cfg, path)
     return cfg
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``base`` overridden by ``over`` key by key, at every depth (so [objectives.dpo] merges like [model])."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _validate(cfg: dict, path: Path) -> None:
