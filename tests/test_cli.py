@@ -248,6 +248,11 @@ def test_out_not_empty_needs_overwrite(pair, tmp_path):
     assert result.exit_code != 0
     assert "--overwrite" in result.stderr and str(out) in result.stderr
     assert _tree(out) == before
+    # that summary.json is the user's (pysafe did not write it): --overwrite refuses to replace it
+    line = _one_line_error(_run("analyze", base, tuned, "--out", out, "--overwrite", *FAST))
+    assert "summary.json" in line and str(out) in line and "not written by pysafe" in line
+    assert _tree(out) == before
+    (out / "summary.json").unlink()
     result = _run("analyze", base, tuned, "--out", out, "--overwrite", *FAST)
     assert result.exit_code == 0, result.output
     assert (out / "notes.txt").read_text() == "mine"  # only pysafe's own outputs are replaced

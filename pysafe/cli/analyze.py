@@ -59,7 +59,8 @@ class _Progress:
               help="Store the top-k singular vectors in results.h5.")
 @click.option("--strict/--no-strict", default=False, show_default=True,
               help="Mismatched names, shapes or dtypes are errors instead of skips.")
-@click.option("--overwrite", is_flag=True, help="Replace the pysafe outputs in a non-empty --out.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the pysafe outputs in a non-empty --out, in one rename; your other files there are kept.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write plots/*.png.")
 @click.option("--prompts", "prompt_files", type=click.Path(dir_okay=False), multiple=True,
@@ -87,12 +88,10 @@ def analyze(base, tuned, out, include, exclude, rank, energy, base_rank, base_en
     """
     from pathlib import Path
 
-    from pysafe.report import format_table, write_report
+    from pysafe._atomic import atomic_dir
+    from pysafe.report import REPORT_FILES, format_table, write_report_files
     from pysafe.weights import Options, compare
 
-    outp = Path(out)
-    if outp.exists() and outp.is_dir() and any(outp.iterdir()) and not overwrite:
-        raise click.UsageError(f"--out {out} exists and is not empty; pass --overwrite to replace its pysafe outputs")
     opts = Options(include=include, exclude=exclude, rank=rank, energy=energy, base_rank=base_rank,
                    base_energy=base_energy, exact=exact, max_rank=max_rank, center=center, dtype=dtype,
                    threads=threads, seed=seed, save_vectors=save_vectors, strict=strict)
@@ -117,30 +116,37 @@ def analyze(base, tuned, out, include, exclude, rank, energy, base_rank, base_en
             click.echo(f"pre-flight: {line}", err=True)
         click.echo(f"pre-flight: {len(pre.pairs)} tensors to analyse", err=True)
 
-    cmp = compare(base, tuned, progress=_Progress(show), on_preflight=report_preflight, **vars(opts))
-    table = format_table(cmp)
-    if table:
-        click.echo(table)
-    write_report(cmp, out, overwrite=overwrite, plots=plots)
+    planned = REPORT_FILES + (ACTIVATION_FILES if prompts is not None else ())
+    # the staging directory is made first: an unwritable --out fails before any work
+    with atomic_dir(out, overwrite=overwrite, planned=planned, log=lambda m: click.echo(m, err=True)) as stage:
+        cmp = compare(base, tuned, progress=_Progress(show), on_preflight=report_preflight, **vars(opts))
+        table = format_table(cmp)
+        if table:
+            click.echo(table)
+        write_report_files(cmp, stage.path, run_id=stage.run_id, plots=plots)
+        if prompts is not None:
+            _activations(base, tuned, prompts, stage.path / "activations", hook, positions, device, feature_cache)
     gb = cmp.bytes_read / 1e9
     click.echo(f"{len(cmp.records)} tensors analysed, {len(cmp.skipped)} skipped, {gb:.2f} GB read in "
                f"{cmp.seconds:.1f} s ({cmp.scheme} names) -> {out}/summary.json")
     if prompts is not None:
-        _activations(base, tuned, prompts, outp, hook, positions, device, feature_cache)
+        click.echo(f"activation analyses -> {Path(out) / 'activations'}/")
 
 
-def _activations(base, tuned, prompts, outp, hook, positions, device, feature_cache=None):
-    """Clusters of both models and the row space of TUNED, written to OUT/activations/ (staged, then renamed)."""
-    import shutil
+#: the files of OUT/activations/ (with --prompts or --builtin-prompts)
+ACTIVATION_FILES = tuple(f"activations/{f}" for f in ("clusters_base.json", "clusters_base.png", "clusters_tuned.json",
+                                                      "clusters_tuned.png", "rowspace.json", "rowspace.png"))
 
+
+def _activations(base, tuned, prompts, stage, hook, positions, device, feature_cache=None):
+    """Clusters of both models and the row space of TUNED, written to ``stage`` (OUT/activations/ in the
+    report being built)."""
     from pysafe.analysis.cache import FeatureCache, checkpoint_fingerprint
     from pysafe.analysis.clusters import plot_clusters
     from pysafe.analysis.hf import hf_cluster_analysis, hf_row_space, load_hf
     from pysafe.analysis.subspaces import plot_row_space
     from pysafe.lab.evaluate import write_json
 
-    stage = outp / "activations.partial"
-    shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     mb, tok = load_hf(base, device)
     mt, tok_t = load_hf(tuned, device)
@@ -161,7 +167,3 @@ def _activations(base, tuned, prompts, outp, hook, positions, device, feature_ca
         cache.flush()
     write_json(stage / "rowspace.json", rs)
     plot_row_space(rs, stage / "rowspace.png", f"row space of gate_proj ({positions})")
-    final = outp / "activations"
-    shutil.rmtree(final, ignore_errors=True)
-    stage.replace(final)
-    click.echo(f"activation analyses -> {final}/")

@@ -1,56 +1,52 @@
-"""Writing an analysis to disk (engine.md §6): summary.json, results.h5, plots/*.png.
+"""Writing an analysis to disk (docs/report-directory.md): summary.json, results.h5, plots/*.png.
 
-Everything is written into a staging directory beside the target and moved in by rename, with
-summary.json last: a directory that has a summary.json holds a complete report.
+The report is written whole into a staging directory beside the target and takes its place by one
+rename (:func:`pysafe._atomic.atomic_dir`): the target holds the complete old report, the complete new
+one, or nothing; files of the user's in it are kept. summary.json, results.h5 and every plot carry the
+same ``run_id``, also recorded in the report's ``.pysafe-manifest.json``.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from pysafe.report.h5 import write_h5
-from pysafe.report.plots import write_plots
+from pysafe._atomic import atomic_dir
+from pysafe.report.h5 import read_h5, write_h5
+from pysafe.report.plots import PLOT_FILES, write_plots
 from pysafe.report.summary import summary_dict, write_json
 from pysafe.report.table import format_table
 
-OUTPUTS = ("results.h5", "plots", "summary.json")  # summary.json last: the completeness marker
+#: the files of a report (relative paths); activations/ holds more with ``analyze --prompts``
+REPORT_FILES = ("summary.json", "results.h5") + tuple(f"plots/{p}" for p in PLOT_FILES)
 
 
-def write_report(cmp, out: str | os.PathLike, *, overwrite: bool = False, plots: bool = True) -> Path:
-    """Write summary.json, results.h5 and plots/ for a :class:`~pysafe.weights.Comparison`.
+def write_report_files(cmp, directory: str | os.PathLike, *, run_id: str | None = None, plots: bool = True) -> Path:
+    """Write summary.json, results.h5 and plots/ into ``directory`` (no staging: a directory being built)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    summary = summary_dict(cmp)
+    if run_id is not None:
+        summary["run_id"] = run_id
+    write_h5(cmp, d / "results.h5", run_id=run_id)
+    (d / "plots").mkdir(exist_ok=True)
+    if plots:
+        write_plots(cmp, d / "plots", run_id=run_id)
+    write_json(summary, d / "summary.json")
+    return d
+
+
+def write_report(cmp, out: str | os.PathLike, *, overwrite: bool = False, plots: bool = True, log=None) -> Path:
+    """Write summary.json, results.h5 and plots/ for a :class:`~pysafe.weights.Comparison`, atomically.
 
     Raises:
         FileExistsError: ``out`` already holds files and ``overwrite`` is false.
+        OSError: (:class:`pysafe._atomic.OutDirError`) ``out`` cannot be written; ``out`` is unchanged.
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"--out {out}: directory exists and is not empty; pass --overwrite to replace "
-                              "the pysafe outputs in it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.pysafe-tmp-", dir=out.parent))
-    try:
-        summary = summary_dict(cmp)
-        write_h5(cmp, stage / "results.h5")
-        (stage / "plots").mkdir()
-        if plots:
-            write_plots(cmp, stage / "plots")
-        write_json(summary, stage / "summary.json")
-        out.mkdir(exist_ok=True)
-        if (out / "summary.json").exists():  # an old report stops looking complete first
-            os.unlink(out / "summary.json")
-        for name in OUTPUTS:
-            dst = out / name
-            if dst.is_dir():
-                shutil.rmtree(dst)
-            os.replace(stage / name, dst)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return out
+    with atomic_dir(out, overwrite=overwrite, planned=REPORT_FILES, log=log) as stage:
+        write_report_files(cmp, stage.path, run_id=stage.run_id, plots=plots)
+    return Path(out)
 
 
-__all__ = ["write_report", "summary_dict", "format_table", "write_h5", "write_plots"]
+__all__ = ["write_report", "write_report_files", "summary_dict", "format_table", "write_h5", "read_h5",
+           "write_plots", "REPORT_FILES"]

@@ -23,16 +23,26 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path, dpi: int = 110) -> Path:
-    """Save ``fig`` to ``path`` (creating its folder) and close it."""
+def save_figure(fig, path, dpi: int = 110, run_id: str | None = None) -> Path:
+    """Save ``fig`` to ``path`` (creating its folder) and close it; ``run_id`` goes into the PNG's text."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    pyplot().close(fig)
+    try:
+        fig.savefig(path, dpi=dpi, metadata={"pysafe_run_id": run_id} if run_id else None)
+    except OSError as exc:  # name the file: a failed write of the report says where
+        if exc.filename:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+    finally:
+        pyplot().close(fig)
     return path
 
 
-def write_plots(cmp, out: str | os.PathLike) -> list[Path]:
+#: the files write_plots may write (a report's plots/ folder holds no other file of pysafe's)
+PLOT_FILES = ("sv_decay.png",) + tuple(f"heatmap_{k}.png" for k in HEATMAP_KEYS)
+
+
+def write_plots(cmp, out: str | os.PathLike, run_id: str | None = None) -> list[Path]:
     """Write the decay plot and the four heatmaps; returns the files written."""
     out = Path(out)
     plt = pyplot()
@@ -66,7 +76,7 @@ def write_plots(cmp, out: str | os.PathLike) -> list[Path]:
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.tight_layout()
-    written.append(save_figure(fig, out / "sv_decay.png"))
+    written.append(save_figure(fig, out / "sv_decay.png", run_id=run_id))
 
     layered = [r for r in recs if r.get("layer") is not None and r.get("module")]
     if layered:
@@ -88,5 +98,5 @@ def write_plots(cmp, out: str | os.PathLike) -> list[Path]:
             ax.set_title(key)
             fig.colorbar(im, ax=ax)
             fig.tight_layout()
-            written.append(save_figure(fig, out / f"heatmap_{key}.png"))
+            written.append(save_figure(fig, out / f"heatmap_{key}.png", run_id=run_id))
     return written

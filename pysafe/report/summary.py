@@ -71,7 +71,7 @@ def summary_dict(cmp) -> dict:
 def write_json(obj: dict, path: str | os.PathLike) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    text = json.dumps(obj, indent=1, allow_nan=False) + "\n"  # before opening: a bad value leaves no file
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, allow_nan=False)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)
