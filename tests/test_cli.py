@@ -282,14 +282,15 @@ def test_failure_while_writing_keeps_the_old_report(pair, tmp_path, monkeypatch)
     assert _run("analyze", base, tuned, "--out", out, *FAST).exit_code == 0
     old = _tree(out)
 
-    def disk_full(cmp, where):
+    def disk_full(cmp, where, **_):
         (Path(where) / "half.png").write_bytes(b"\x89PNG")
-        raise OSError(28, "No space left on device")
+        raise OSError(28, "No space left on device", str(Path(where) / "half.png"))
 
     monkeypatch.setattr(pysafe.report, "write_plots", disk_full)
     result = _run("analyze", base, tuned, "--out", out, "--overwrite", "--plots", "--threads", "1")
-    assert result.exit_code == 1 and "No space left on device" in result.stderr
-    assert "Traceback" not in result.output
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    line = result.stderr.splitlines()[-1]
+    assert "No space left on device" in line and str(out) in line and "plots/half.png" in line
     assert _tree(out) == old  # the complete old report is untouched
     _no_staging(tmp_path)
     fresh = tmp_path / "fresh"
