@@ -54,19 +54,21 @@ def reproduce_cmd(preset, out, seed, lrs, eval_n, checkpoints_only, device, jobs
 
 @click.command("demo")
 @click.option("--out", type=click.Path(file_okay=False), default="pysafe-demo", show_default=True,
-              help="Report folder.")
+              help="Report folder (written whole, then put in place by one rename; see --overwrite).")
 @click.option("--n", "eval_n", type=click.IntRange(min=1), default=500, show_default=True, help="Samples per test set.")
 @click.option("--checkpoints", type=click.Path(exists=True, file_okay=False), default=None,
               help="Use these lab checkpoints (a `pysafe reproduce --out` directory) instead of the shipped ones.")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--overwrite", is_flag=True,
+              help="Replace the pysafe outputs in a non-empty --out, in one rename; your other files there are kept.")
 @debug_option
 @handle_errors
-def demo_cmd(out, eval_n, checkpoints, device, debug):
+def demo_cmd(out, eval_n, checkpoints, device, overwrite, debug):
     """Run the main job on the shipped cpu-preset lab models: the safety table of the pretrained
     model and its SSFT, DPO and unlearning fine-tunes, and `pysafe analyze` of each fine-tune."""
     from pysafe.cli.train import _check_device
     from pysafe.lab.pipeline import DEMO_DIR, demo
 
     _check_device(device)
-    demo(out, eval_n=eval_n, device=device, log=click.echo, checkpoints=checkpoints or DEMO_DIR)
+    demo(out, eval_n=eval_n, device=device, log=click.echo, checkpoints=checkpoints or DEMO_DIR, overwrite=overwrite)
     click.echo(f"\nreport: {out}/")
