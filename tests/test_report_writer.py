@@ -181,12 +181,8 @@ def test_overwrite_keeps_user_files_and_drops_stale_outputs(pair, tmp_path, old_
     base, tuned = pair
     out = tmp_path / "out"
     assert _run("analyze", base, tuned, "--out", out, "--threads", "1", "--no-progress").exit_code == 0
-    run = json.loads((out / "summary.json").read_text())["run_id"]
-    from PIL import Image
-
-    for f in ("sv_decay.png", "heatmap_delta_rel.png"):  # the real plots carry the report's run id too
-        with Image.open(out / "plots" / f) as im:
-            assert im.text["pysafe_run_id"] == run
+    first = json.loads((out / "summary.json").read_text())
+    shutil.copytree(out / "plots", tmp_path / "first")
     # activations/ of an earlier --prompts run (pysafe's), beside the user's own files
     (out / "activations").mkdir()
     for f in ("clusters_base.json", "rowspace.json", "rowspace.png"):
@@ -214,10 +210,15 @@ def test_overwrite_keeps_user_files_and_drops_stale_outputs(pair, tmp_path, old_
     assert (out / "empty_dir").is_dir() and (out / "link").is_symlink()
     assert (out / "notes.txt").stat().st_ino == ino  # kept by a hard link, not copied
     assert not (out / "plots" / "sv_decay.png").exists()  # --no-plots: the old plots went with the old report
+    assert _leftovers(tmp_path) == []
     m = json.loads((out / MANIFEST).read_text())
     assert set(m["files"]) == {"summary.json", "results.h5"} and m["complete"] is True
     assert json.loads((out / "summary.json").read_text())["run_id"] == m["run_id"]
-    assert _leftovers(tmp_path) == []
+    from PIL import Image
+
+    for f in ("sv_decay.png", "heatmap_delta_rel.png"):  # the first run's real plots carried its run id
+        with Image.open(tmp_path / "first" / f) as im:
+            assert im.text["pysafe_run_id"] == first["run_id"]
 
 
 def test_overwrite_refuses_to_replace_a_user_file(pair, tmp_path):
