@@ -461,7 +461,7 @@ def test_kill_at_every_filesystem_step(pair, tmp_path, exchange, monkeypatch):
         pytest.fail("the writer never finished")
     steps = len(outcomes) - 1
     tally = {k: list(outcomes.values()).count(k) for k in ("old", "none", "new")}
-    print(f"kill-injection ({'exchange' if exchange else 'two renames'}): {steps} steps killed, out held {tally}; "
+    print(f"kill-injection ({'exchange' if exchange else 'two renames'}): {steps} kills + 1 finished run, out held {tally}; "
           "0 mixtures, 0 leftovers after recovery")
     assert steps >= 15, outcomes  # mkdir, manifest, h5, 5 plots, summary, links, swap, cleanup...
     assert "new" in outcomes.values() and "old" in outcomes.values()
