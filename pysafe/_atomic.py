@@ -200,6 +200,21 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
+def swap_in(new: Path, out: Path, backup: Path, on_first=None) -> Path:
+    """Put the directory ``new`` at the existing directory ``out``; returns where the old one now is.
+
+    One ``renameat2(RENAME_EXCHANGE)`` where the system has it (the old directory lands at ``new``), else
+    ``out`` -> ``backup`` and ``new`` -> ``out`` (``on_first()`` runs between the two renames).
+    """
+    if _exchange(new, out):
+        return new
+    os.rename(out, backup)
+    if on_first is not None:
+        on_first()
+    os.rename(new, out)
+    return backup
+
+
 def _fsync_dir(d: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(d, os.O_RDONLY)
@@ -424,13 +439,12 @@ def _commit(st: Stage, given: Path) -> None:
         os.rename(stage, out)  # nothing there yet
     elif not had:
         os.rename(stage, out)  # an empty directory is replaced by rename(2) in one step
-    elif _exchange(stage, out):
-        st.swapped = True
-        _retire(stage, out)  # the stage's name now holds the old directory
-    else:  # no exchange here: two renames, which recover() completes or undoes after a crash
-        old = _sibling(out, _OLD, st.run_id)
-        os.rename(out, old)
-        st.swapped = True
-        os.rename(stage, out)
-        _retire(old, out)
+    else:  # one exchange, or two renames that recover() completes or undoes after a crash
+
+        def swapped():
+            st.swapped = True
+
+        old = swap_in(stage, out, _sibling(out, _OLD, st.run_id), on_first=swapped)
+        swapped()
+        _retire(old, out)  # the old directory: at the stage's name after an exchange
     _fsync_dir(out.parent)

@@ -119,10 +119,10 @@ def save_checkpoint(out_dir: str | os.PathLike, model: GPT, config: dict | None 
         for f in tmp.iterdir():
             os.chmod(f, mode)
             _fsync(f)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
+        if out.exists():  # one atomic exchange where the system has it, else two renames
+            from pysafe._atomic import swap_in
+
+            old = swap_in(tmp, out, out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
