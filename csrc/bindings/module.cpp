@@ -49,7 +49,7 @@ ByteView bytes_of(const py::buffer& b, size_t expected, const char* what) {
 
 DType dtype_of(const std::string& s) {
   DType d;
-  if (!parse_dtype(s, d)) throw py::value_error("unknown dtype '" + s + "'");
+  if (!parse_dtype(s, d)) throw py::value_error("unknown dtype '" + printable(s) + "'");
   return d;
 }
 
@@ -130,12 +130,18 @@ PYBIND11_MODULE(_core, m) {
         case ErrorKind::TensorNotFound: cls = "TensorNotFoundError"; break;
         case ErrorKind::Internal: cls = "InternalError"; break;
       }
+      // The whole message (not what(), which stops at a NUL), decoded with a safety net: the core
+      // escapes what it echoes, so 'backslashreplace' should never have anything to replace.
+      const std::string& m = e.message();
+      py::object msg = py::reinterpret_steal<py::object>(
+          PyUnicode_DecodeUTF8(m.data(), static_cast<Py_ssize_t>(m.size()), "backslashreplace"));
+      if (!msg) throw py::error_already_set();
       if (cls == nullptr) {
-        PyErr_SetString(PyExc_FileNotFoundError, e.what());
+        PyErr_SetObject(PyExc_FileNotFoundError, msg.ptr());
         return;
       }
       py::object type = errors.attr(cls);
-      py::object exc = type(e.what());
+      py::object exc = type(msg);
       exc.attr("code") = e.code();
       PyErr_SetObject(type.ptr(), exc.ptr());
     }
@@ -232,7 +238,7 @@ PYBIND11_MODULE(_core, m) {
     DType dt = dtype_of(dtype);
     size_t n = 1;
     for (auto d : shape) n *= static_cast<size_t>(d);
-    ByteView v = bytes_of(buf, n * dtype_size(dt), "upcast");
+    ByteView v = bytes_of(buf, dtype_nbytes(dt, n), "upcast");
     std::vector<py::ssize_t> shp(shape.begin(), shape.end());
     if (f64) {
       py::array_t<double> out(shp);
@@ -252,7 +258,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("fused_delta", [](py::buffer tuned, const std::string& tdt, py::buffer base, const std::string& bdt, size_t n,
                           bool f64) {
     DType t = dtype_of(tdt), b = dtype_of(bdt);
-    ByteView tv = bytes_of(tuned, n * dtype_size(t), "tuned"), bv = bytes_of(base, n * dtype_size(b), "base");
+    ByteView tv = bytes_of(tuned, dtype_nbytes(t, n), "tuned"), bv = bytes_of(base, dtype_nbytes(b, n), "base");
     py::dict stats;
     DeltaStats st;
     py::array out;
@@ -285,7 +291,7 @@ PYBIND11_MODULE(_core, m) {
                             int64_t rows, int64_t cols, const AnalyzeParams& p, bool f64) {
     DType b = dtype_of(bdt), t = dtype_of(tdt);
     size_t n = static_cast<size_t>(rows * cols);
-    ByteView bv = bytes_of(base, n * dtype_size(b), "base"), tv = bytes_of(tuned, n * dtype_size(t), "tuned");
+    ByteView bv = bytes_of(base, dtype_nbytes(b, n), "base"), tv = bytes_of(tuned, dtype_nbytes(t, n), "tuned");
     Record r;
     {
       py::gil_scoped_release nogil;
@@ -300,7 +306,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("analyze_factored", [](py::buffer base, const std::string& bdt, int64_t rows, int64_t cols, py::array L,
                                py::array R, const AnalyzeParams& p) {
     DType b = dtype_of(bdt);
-    ByteView bv = bytes_of(base, static_cast<size_t>(rows * cols) * dtype_size(b), "base");
+    ByteView bv = bytes_of(base, dtype_nbytes(b, static_cast<size_t>(rows * cols)), "base");
     if (L.ndim() != 2 || R.ndim() != 2 || L.shape(0) != rows || R.shape(1) != cols || L.shape(1) != R.shape(0))
       throw py::value_error("analyze_factored: expected L (rows×r) and R (r×cols) matching the base shape");
     int64_t r = L.shape(1);
@@ -324,7 +330,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("analyze_norms", [](py::buffer base, const std::string& bdt, py::buffer tuned, const std::string& tdt,
                             size_t n) {
     DType b = dtype_of(bdt), t = dtype_of(tdt);
-    ByteView bv = bytes_of(base, n * dtype_size(b), "base"), tv = bytes_of(tuned, n * dtype_size(t), "tuned");
+    ByteView bv = bytes_of(base, dtype_nbytes(b, n), "base"), tv = bytes_of(tuned, dtype_nbytes(t, n), "tuned");
     Record r;
     {
       py::gil_scoped_release nogil;
