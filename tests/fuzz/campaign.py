@@ -102,6 +102,8 @@ def run(cases: int, seed: int, workers: int = 1, timeout: float = 10.0, start: i
                             examples.setdefault(detail, i)
                         elif verdict in ("lenient", "mismatch", "exception"):
                             failures.append((i, verdict, detail, labels))
+                            if progress and len(failures) <= 20:
+                                print(f"  case {i}: {verdict}: {detail}", file=sys.stderr, flush=True)
                         done += 1
                         feed(s)
                         continue
@@ -113,6 +115,8 @@ def run(cases: int, seed: int, workers: int = 1, timeout: float = 10.0, start: i
                     failures.append((s.case, "hang", f"no answer in {timeout:g} s", gen.case(seed, s.case)[1]))
                 else:
                     continue
+                if progress and len(failures) <= 20:
+                    print(f"  case {s.case}: {failures[-1][1]}: {failures[-1][2]}", file=sys.stderr, flush=True)
                 s.kill()
                 done += 1
                 slots[k] = s = _Slot(ctx, seed, workdir)
