@@ -32,7 +32,7 @@ bool KeySet::insert(std::string_view key, bool stable) {
     for (size_t h = hash_of(key) & mask; table_[h] != 0; h = (h + 1) & mask)
       if (keys_[table_[h] - 1] == key) return false;
   }
-  if (!stable) key = owned_.emplace_back(key);
+  if (!stable) key = owned_.emplace_front(key);
   keys_.push_back(key);
   if (keys_.size() > kLinearKeys && keys_.size() * 2 > table_.size()) {
     size_t cap = 16;

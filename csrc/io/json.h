@@ -9,7 +9,7 @@
 #pragma once
 
 #include <cstdint>
-#include <deque>
+#include <forward_list>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -62,7 +62,7 @@ class KeySet {
   void rehash(size_t cap);
   std::vector<std::string_view> keys_;
   std::vector<uint32_t> table_;  // index + 1 into keys_, 0 = empty
-  std::deque<std::string> owned_;
+  std::forward_list<std::string> owned_;  // node-stable, and no allocation while empty
 };
 
 constexpr int kMaxDepth = 64;

@@ -138,46 +138,46 @@ struct RawEntry {
 // offsets, byte count). Throws the first failure.
 TensorEntry make_entry(const std::string& path, std::string&& name_in, RawEntry& r) {
   using namespace header_code;
-  const std::string name = printable(name_in);
-  PYSAFE_CHECK(r.type == json::Type::Object, Header, kInvalidEntry, path, ": tensor '", name,
+  // printable() only runs when a check fails (PYSAFE_CHECK builds its message lazily)
+  PYSAFE_CHECK(r.type == json::Type::Object, Header, kInvalidEntry, path, ": tensor '", printable(name_in),
                "' must be an object with dtype, shape, data_offsets; found a JSON ", json::type_name(r.type));
-  PYSAFE_CHECK(r.has_dtype && r.has_shape && r.has_offsets, Header, kInvalidEntry, path, ": tensor '", name,
+  PYSAFE_CHECK(r.has_dtype && r.has_shape && r.has_offsets, Header, kInvalidEntry, path, ": tensor '", printable(name_in),
                "' needs keys dtype, shape and data_offsets; missing ",
                !r.has_dtype ? "dtype" : (!r.has_shape ? "shape" : "data_offsets"));
-  PYSAFE_CHECK(!r.has_unexpected, Header, kInvalidEntry, path, ": tensor '", name, "' has unexpected key '",
+  PYSAFE_CHECK(!r.has_unexpected, Header, kInvalidEntry, path, ": tensor '", printable(name_in), "' has unexpected key '",
                printable(r.unexpected), "'");
   TensorEntry e;
-  PYSAFE_CHECK(r.dtype_type == json::Type::String, Header, kUnknownDtype, path, ": tensor '", name,
+  PYSAFE_CHECK(r.dtype_type == json::Type::String, Header, kUnknownDtype, path, ": tensor '", printable(name_in),
                "' dtype must be a string, found a JSON ", json::type_name(r.dtype_type));
-  PYSAFE_CHECK(parse_dtype(r.dtype, e.dtype), Header, kUnknownDtype, path, ": tensor '", name,
+  PYSAFE_CHECK(parse_dtype(r.dtype, e.dtype), Header, kUnknownDtype, path, ": tensor '", printable(name_in),
                "' has unknown dtype '", printable(r.dtype), "' (expected one of ", dtype_names(), ")");
-  PYSAFE_CHECK(r.shape_type == json::Type::Array, Header, kInvalidShape, path, ": tensor '", name,
+  PYSAFE_CHECK(r.shape_type == json::Type::Array, Header, kInvalidShape, path, ": tensor '", printable(name_in),
                "' shape must be an array, found a JSON ", json::type_name(r.shape_type));
   uint64_t numel = 1;
   for (size_t i = 0; i < r.shape.size(); ++i)
     PYSAFE_CHECK(mul_ok(numel, static_cast<uint64_t>(r.shape[i]), numel), Header, kSizeMismatch, path,
-                 ": tensor '", name, "' shape ",
+                 ": tensor '", printable(name_in), "' shape ",
                  shape_str(std::vector<int64_t>(r.shape.begin(), r.shape.begin() + static_cast<long>(i) + 1)),
                  " overflows the element count");
-  PYSAFE_CHECK(!r.shape_bad, Header, kInvalidShape, path, ": tensor '", name,
+  PYSAFE_CHECK(!r.shape_bad, Header, kInvalidShape, path, ": tensor '", printable(name_in),
                "' shape must hold non-negative integers below 2^63; found ",
                r.bad_type == json::Type::Number ? literal_str(r.bad_text) : json::type_name(r.bad_type));
   PYSAFE_CHECK(r.offsets_type == json::Type::Array && r.offsets_count == 2 && r.offsets_uint[0] && r.offsets_uint[1],
-               Header, kInvalidEntry, path, ": tensor '", name,
+               Header, kInvalidEntry, path, ": tensor '", printable(name_in),
                "' data_offsets must be [begin, end] with non-negative integers");
   e.begin = r.offsets[0];
   e.end = r.offsets[1];
-  PYSAFE_CHECK(e.begin <= e.end, Header, kOffsetsNotContiguous, path, ": tensor '", name,
+  PYSAFE_CHECK(e.begin <= e.end, Header, kOffsetsNotContiguous, path, ": tensor '", printable(name_in),
                "' has data_offsets [", e.begin, ", ", e.end, "] with begin > end");
   // 8. Checked multiply: elements x dtype size == end - begin (whole bytes for sub-byte dtypes).
   const size_t bits = dtype_bits(e.dtype);
   uint64_t nbits = 0;
-  PYSAFE_CHECK(mul_ok(numel, bits, nbits), Header, kSizeMismatch, path, ": tensor '", name, "' shape ",
+  PYSAFE_CHECK(mul_ok(numel, bits, nbits), Header, kSizeMismatch, path, ": tensor '", printable(name_in), "' shape ",
                shape_str(r.shape), " overflows the byte count");
-  PYSAFE_CHECK(nbits % 8 == 0, Header, kSizeMismatch, path, ": tensor '", name, "' has shape ", shape_str(r.shape),
+  PYSAFE_CHECK(nbits % 8 == 0, Header, kSizeMismatch, path, ": tensor '", printable(name_in), "' has shape ", shape_str(r.shape),
                " and dtype ", r.dtype, ": ", numel, " elements of ", bits, " bits do not fill whole bytes");
   const uint64_t nbytes = nbits / 8;
-  PYSAFE_CHECK(nbytes == e.end - e.begin, Header, kSizeMismatch, path, ": tensor '", name,
+  PYSAFE_CHECK(nbytes == e.end - e.begin, Header, kSizeMismatch, path, ": tensor '", printable(name_in),
                "' has shape ", shape_str(r.shape), " and dtype ", r.dtype, " (", nbytes,
                " bytes) but data_offsets [", e.begin, ", ", e.end, "] span ", e.end - e.begin, " bytes");
   e.name = std::move(name_in);
