@@ -35,7 +35,12 @@ COUNTED = ("both_accept", "both_reject", "stricter", "lenient", "mismatch", "exc
 
 def _worker(conn, seed: int, workdir: str) -> None:
     path = os.path.join(workdir, f"case-{os.getpid()}.safetensors")
+    parent = os.getppid()
     while True:
+        if not conn.poll(5):
+            if os.getppid() != parent:  # the runner was killed: do not linger
+                return
+            continue
         i = conn.recv()
         if i is None:
             return
