@@ -331,6 +331,14 @@ def test_complex_and_f6_get_a_skip_reason_not_an_error(tmp_path):
     assert ck.buffer("c").tobytes() == c64.tobytes()
     with pytest.raises(CheckpointError, match="complex dtype C64"):
         ck.read("c")
+    base = tmp_path / "base.safetensors"
+    np.testing.assert_array_equal(pysafe.read_tensor(base, "c"), c64)  # its own values, as NumPy has complex64
+    with safe_open(str(base), framework="numpy") as f:
+        np.testing.assert_array_equal(f.get_tensor("c"), c64)
+    for name, dtype in (("c", "f32"), ("f6", None), ("f6", "f64")):
+        with pytest.raises(CheckpointError) as info:
+            pysafe.read_tensor(base, name, dtype=dtype)
+        assert_one_printable_line(str(info.value), base)
 
 
 # -- item 6: headers both libraries accept that NumPy cannot hold ---------------------------------
@@ -349,6 +357,10 @@ def test_unrepresentable_shapes_give_a_pysafe_error(tmp_path, shape, data):
     assert type(info.value) is CheckpointError
     assert_one_printable_line(str(info.value), path)
     assert "tensor 'w'" in str(info.value)
+    for dtype in (None, "f64"):
+        with pytest.raises(CheckpointError) as info:
+            pysafe.read_tensor(path, "w", dtype=dtype)
+        assert type(info.value) is CheckpointError and "tensor 'w'" in str(info.value)
 
 
 def test_shape_messages_print_integers_as_integers(tmp_path):
