@@ -12,7 +12,7 @@ Cases (``--case KIND:SIZE``, repeatable):
               whole header's syntax: both must still read the whole array)
 
 Each measurement runs in a fresh subprocess (imports done first) and reports the seconds of the
-open call alone, the RSS after the imports and the process's peak RSS (``ru_maxrss``) at the end. pysafe is measured as
+open call alone, the RSS after the imports and the process's peak RSS (``VmHWM``) at the end. pysafe is measured as
 ``_core.SafetensorsFile(path)`` (validate + map, what every reader path does first; the Python list of
 entries is built after the clock and the RSS reading stop) and as ``pysafe.read_header(path)`` (which
 includes building a Python dict per tensor); the reference as
@@ -30,8 +30,14 @@ import sys
 import tempfile
 
 PROBE = r"""
-import resource, sys, time
+import sys, time
 kind, path = sys.argv[1], sys.argv[2]
+
+def hwm():
+    # VmHWM: this process's peak RSS. (ru_maxrss would not do: it keeps the parent's peak across fork+exec.)
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) * 1024 for l in fh if l.startswith("VmHWM:"))
+
 if kind == "reference":
     import torch, safetensors.torch  # safe_open(..., "pt") imports torch on first use: not part of the parse
     from safetensors import safe_open
@@ -52,17 +58,17 @@ else:
         except HeaderError as e:
             return "HeaderError:" + e.code
 run(sys.argv[3])  # warm-up on a one-tensor file: first-call costs are not parsing
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = hwm()
 t0 = time.perf_counter()
 try:
     out = run()
 except Exception as e:
     out = type(e).__name__ + ": " + str(e)[:120]
 secs = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = hwm()
 if callable(out):
     out = out()
-print(repr(out), secs, before * 1024, peak * 1024)
+print(repr(out), secs, before, peak)
 """
 
 
