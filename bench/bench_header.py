@@ -115,7 +115,7 @@ def measure(kind: str, path: str) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", action="append", help="KIND:SIZE (see the module docstring); repeatable")
-    ap.add_argument("--repeat", type=int, default=1, help="runs per tool; the fastest is reported")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per tool, interleaved; the fastest is reported")
     ap.add_argument("--tools", default="pysafe_core,pysafe_read_header,reference")
     a = ap.parse_args(argv)
     cases = a.case or ["tensors:300000", "tensors:1000000", "metadata:100000", "metadata:1000000",
@@ -126,10 +126,14 @@ def main(argv=None) -> None:
             path = os.path.join(d, f"{kind}-{size}.safetensors")
             nbytes = write_case(path, kind, int(size))
             line = {"case": c, "header_mb": round(nbytes / 1e6, 2)}
-            for tool in a.tools.split(","):
-                runs = [measure(tool, path) for _ in range(a.repeat)]
-                ok = [r for r in runs if r["seconds"] is not None]
-                line[tool] = min(ok, key=lambda r: r["seconds"]) if ok else runs[0]
+            tools = a.tools.split(",")
+            runs = {t: [] for t in tools}
+            for _ in range(a.repeat):  # interleaved, so that a busy machine slows every tool alike
+                for tool in tools:
+                    runs[tool].append(measure(tool, path))
+            for tool in tools:
+                ok = [r for r in runs[tool] if r["seconds"] is not None]
+                line[tool] = min(ok, key=lambda r: r["seconds"]) if ok else runs[tool][0]
             ref = line.get("reference", {}).get("seconds")
             for tool in ("pysafe_core", "pysafe_read_header"):
                 if ref and line.get(tool, {}).get("seconds") is not None:
