@@ -13,14 +13,16 @@ import functools
 import hashlib
 import json
 import os
+import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 from pysafe._loader import _core
-from pysafe.errors import CheckpointError, ShardIndexError, TensorNotFoundError
+from pysafe.errors import CheckpointError, ShardIndexError, TensorNotFoundError, printable
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -29,7 +31,18 @@ PEFT_CONFIG = "adapter_config.json"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 TORCH_SUFFIXES = (".bin", ".pth", ".pt")
 
-_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+#: real floating dtypes the core upcasts (F4 is OCP MX E2M1, two per byte, the first in the low nibble)
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F4"}
+#: dtypes the format allows that pysafe reads as bytes but does not turn into real values, and why
+UNSUPPORTED_DTYPES = {
+    "C64": "complex dtype C64: the weight-delta metrics are defined for real weights",
+    "F6_E2M3": "F6_E2M3 (6-bit, packed): no reference reader fixes its bit packing, so it is not decoded",
+    "F6_E3M2": "F6_E3M2 (6-bit, packed): no reference reader fixes its bit packing, so it is not decoded",
+}
+_DTYPE_BITS = {"F64": 64, "I64": 64, "U64": 64, "C64": 64, "F32": 32, "I32": 32, "U32": 32, "F16": 16, "BF16": 16,
+               "I16": 16, "U16": 16, "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4}
+_NPY_MAX_DIMS = 64
+_NPY_MAX_BYTES = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -47,16 +60,25 @@ class TensorInfo:
         n = 1
         for d in self.shape:
             n *= d
-        return n * _dtype_size(self.dtype)
+        return n * _DTYPE_BITS.get(self.dtype, 8) // 8
 
     @property
     def is_float(self) -> bool:
         return self.dtype in _FLOAT_DTYPES
 
 
-def _dtype_size(dtype: str) -> int:
-    return {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
-            "U16": 2}.get(dtype, 1)
+def _check_numpy_shape(t: TensorInfo, itemsize: int) -> None:
+    """Refuse, with pysafe's own error, a shape the format allows but a NumPy array cannot take."""
+    where = f"{t.file}: tensor '{printable(t.name)}'"
+    if len(t.shape) > _NPY_MAX_DIMS:
+        raise CheckpointError(f"{where} has {len(t.shape)} dimensions; NumPy arrays hold at most {_NPY_MAX_DIMS}, "
+                              "so it cannot be read as an array")
+    n = itemsize
+    for d in t.shape:  # NumPy's own rule: the nonzero dimensions times the item size must fit in a signed 64-bit
+        n *= d or 1
+    if n > _NPY_MAX_BYTES:
+        raise CheckpointError(f"{where} has shape {list(t.shape)}: its dimensions times {itemsize} bytes exceed "
+                              f"2^63-1, the largest extent of a NumPy array (even an empty one)")
 
 
 @dataclass
@@ -134,17 +156,17 @@ class Checkpoint:
             for e in header["entries"]:
                 name = e["name"]
                 if name in tensors:
-                    raise CheckpointError(f"{path}: tensor '{name}' appears in both "
+                    raise CheckpointError(f"{path}: tensor '{printable(name)}' appears in both "
                                           f"{Path(tensors[name].file).name} and {f.name}")
                 tensors[name] = TensorInfo(name, e["dtype"], tuple(e["shape"]), str(f), e["data_offsets"][0])
         if expected is not None:
             for name, shard in expected.items():
                 if name not in tensors:
-                    raise ShardIndexError(f"{path}/{SAFETENSORS_INDEX}: lists tensor '{name}' in shard '{shard}', "
-                                          "but that shard's header has no such tensor")
+                    raise ShardIndexError(f"{path}/{SAFETENSORS_INDEX}: lists tensor '{printable(name)}' in shard "
+                                          f"'{printable(shard)}', but that shard's header has no such tensor")
                 if Path(tensors[name].file).name != shard:
-                    raise ShardIndexError(f"{path}/{SAFETENSORS_INDEX}: lists tensor '{name}' in shard '{shard}', "
-                                          f"but it is in '{Path(tensors[name].file).name}'")
+                    raise ShardIndexError(f"{path}/{SAFETENSORS_INDEX}: lists tensor '{printable(name)}' in shard "
+                                          f"'{printable(shard)}', but it is in '{Path(tensors[name].file).name}'")
         return cls(path, fmt, tensors, [str(f) for f in files], digest.hexdigest())
 
     @classmethod
@@ -171,8 +193,12 @@ class Checkpoint:
         digest = hashlib.sha256()
         for f in files:
             try:
-                # mmap only works for the zip format; legacy (pre-1.6) pickles must load without it
-                sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
+                # mmap only works for the zip format; legacy (pre-1.6) pickles must load without it.
+                # torch warns (two lines on stderr) about any pickle protocol above 2 before it refuses
+                # or loads it; the refusal reason goes into our one-line error instead.
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=r"Detected pickle protocol", category=UserWarning)
+                    sd = torch.load(str(f), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
             except Exception as exc:  # noqa: BLE001 - torch raises many types; name the file
                 raise CheckpointError(f"{f}: cannot be read with torch.load(weights_only=True): "
                                       f"{_torch_load_reason(f, exc)}") from exc
@@ -184,7 +210,7 @@ class Checkpoint:
                 if not isinstance(t, torch.Tensor):
                     continue
                 if name in tensors:
-                    raise CheckpointError(f"{path}: tensor '{name}' appears in both "
+                    raise CheckpointError(f"{path}: tensor '{printable(name)}' appears in both "
                                           f"{Path(tensors[name].file).name} and {f.name}")
                 dtype = _torch_dtype_map().get(t.dtype)
                 if dtype is None:
@@ -202,8 +228,8 @@ class Checkpoint:
             return self.tensors[name]
         except KeyError:
             near = difflib.get_close_matches(name, list(self.tensors), n=3)
-            raise TensorNotFoundError(f"{self.path}: no tensor '{name}'"
-                                      + (f"; nearest: {', '.join(near)}" if near else "")) from None
+            raise TensorNotFoundError(f"{self.path}: no tensor '{printable(name)}'"
+                                      + (f"; nearest: {', '.join(printable(n) for n in near)}" if near else "")) from None
 
     def buffer(self, name: str):
         """Raw bytes of a tensor (a read-only uint8 view; zero-copy for safetensors)."""
@@ -231,6 +257,10 @@ class Checkpoint:
     def read(self, name: str, dtype: str = "f32"):
         """A tensor as a new NumPy array: upcast to float32/float64 (any stored dtype)."""
         t = self.info(name)
+        if t.dtype in UNSUPPORTED_DTYPES:
+            raise CheckpointError(f"{t.file}: tensor '{printable(name)}' cannot be read as real values: "
+                                  f"{UNSUPPORTED_DTYPES[t.dtype]}")
+        _check_numpy_shape(t, 8 if dtype == "f64" else 4)
         return _core.upcast(self.buffer(name), t.dtype, list(t.shape), dtype == "f64")
 
     def close(self) -> None:
@@ -244,16 +274,37 @@ class Checkpoint:
 
 def _torch_load_reason(f: Path, exc: Exception) -> str:
     """The one useful line of a torch.load failure (its text suggests weights_only=False: never do that)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    refused = "Weights only load failed" in text or "WeightsUnpickler error:" in text
     with open(f, "rb") as fh:
         magic = fh.read(2)
-    if not zipfile.is_zipfile(f) and not magic.startswith(b"\x80"):
+    if not refused and not zipfile.is_zipfile(f) and not magic.startswith(b"\x80"):
         return "not a PyTorch checkpoint (neither a zip archive nor a pickle)"
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
-    for line in text.splitlines():
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
         if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].strip() + " (refused: only tensors are loaded)"
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln]
-    return lines[0] if lines else type(exc).__name__
+            # the reason follows on the same line, or (for some refusals) on the next non-empty one
+            rest = [line.split("WeightsUnpickler error:", 1)[1].strip()] + [ln.strip() for ln in lines[i + 1:]]
+            reason = next((r for r in rest if r), "")
+            return _name_opcode(reason) + " (refused: only tensors are loaded)"
+    useful = [ln.strip() for ln in lines
+              if ln.strip() and "weights_only" not in ln and not ln.strip().startswith("Check the documentation")]
+    if useful and (refused or isinstance(exc, pickle.UnpicklingError)):
+        return useful[0] + " (refused: only tensors are loaded)"
+    return useful[0] if useful else type(exc).__name__
+
+
+def _name_opcode(reason: str) -> str:
+    """'Unsupported operand 149' -> '... (pickle opcode FRAME, 0x95)': say which instruction was refused."""
+    m = re.fullmatch(r"Unsupported operand (\d+)", reason)
+    if not m:
+        return reason
+    import pickletools
+
+    code = int(m.group(1))
+    op = pickletools.code2op.get(chr(code)) if code < 256 else None
+    name = f"pickle opcode {op.name}, 0x{code:02x}, protocol {op.proto}+" if op else f"pickle opcode 0x{code:02x}"
+    return f"{reason} ({name})"
 
 
 def _header_bytes(f: Path) -> bytes:
@@ -269,8 +320,9 @@ def _torch_dtype_map() -> dict:
     m = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
          torch.bool: "BOOL"}
-    for attr, st in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"),
-                     ("uint32", "U32"), ("uint64", "U64")):
+    for attr, st in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("float8_e8m0fnu", "F8_E8M0"),
+                     ("float8_e4m3fnuz", "F8_E4M3FNUZ"), ("float8_e5m2fnuz", "F8_E5M2FNUZ"), ("complex64", "C64"),
+                     ("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64")):
         if hasattr(torch, attr):
             m[getattr(torch, attr)] = st
     return m

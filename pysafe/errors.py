@@ -58,7 +58,25 @@ class InternalError(PysafeError, RuntimeError):
     code = "internal"
 
 
+_INVISIBLE = {0x2028, 0x2029, 0x200E, 0x200F, 0x061C, 0xFEFF, *range(0x202A, 0x202F), *range(0x2066, 0x206A)}
+
+
+def printable(s: str) -> str:
+    """``s`` made safe to echo in a one-line message, as the native core does it: control
+    characters (C0, DEL, C1, line separators, bidi overrides) become ``\\uXXXX``, lone surrogates
+    (undecodable bytes of a file name) ``\\udcXX``; nothing is dropped or cut."""
+    out = []
+    for c in s:
+        o = ord(c)
+        if o < 0x20 or 0x7F <= o <= 0x9F or o in _INVISIBLE or 0xD800 <= o <= 0xDFFF:
+            out.append(f"\\u{o:04x}")
+        else:
+            out.append(c)
+    return "".join(out)
+
+
 __all__ = [
+    "printable",
     "PysafeError",
     "CheckpointError",
     "HeaderError",

@@ -32,8 +32,9 @@ def read_tensor(path: str | os.PathLike, name: str, dtype: str | None = None) ->
     Args:
         path: a ``.safetensors`` file.
         name: the tensor's name, verbatim.
-        dtype: ``None`` returns the stored values in their NumPy dtype where NumPy has one (a copy)
-            and float32 for BF16/F8; ``"f32"`` or ``"f64"`` upcasts.
+        dtype: ``None`` returns the stored values in their NumPy dtype where NumPy has one (a copy,
+            complex64 for C64) and float32 for BF16/F8/F4; ``"f32"`` or ``"f64"`` upcasts. F6 tensors,
+            and shapes no NumPy array can take, raise :class:`~pysafe.errors.CheckpointError`.
 
     Returns:
         ndarray with the tensor's shape.
@@ -41,13 +42,22 @@ def read_tensor(path: str | os.PathLike, name: str, dtype: str | None = None) ->
     f = _core.SafetensorsFile(os.fspath(path))
     entry = next((e for e in f.entries() if e["name"] == name), None)
     if entry is None:
-        from pysafe.errors import TensorNotFoundError
+        from pysafe.errors import TensorNotFoundError, printable
 
-        raise TensorNotFoundError(f"{path}: no tensor '{name}'")
+        raise TensorNotFoundError(f"{path}: no tensor '{printable(name)}'")
     raw = f.buffer(name)
     st = entry["dtype"]
     shape = list(entry["shape"])
-    if dtype is None and st in _NUMPY:
+    from pysafe.checkpoint import UNSUPPORTED_DTYPES, TensorInfo, _check_numpy_shape
+    from pysafe.errors import CheckpointError, printable
+
+    native = dtype is None and st in _NUMPY
+    if st in UNSUPPORTED_DTYPES and not native:
+        raise CheckpointError(f"{path}: tensor '{printable(name)}' cannot be read as real values: "
+                              f"{UNSUPPORTED_DTYPES[st]}")
+    _check_numpy_shape(TensorInfo(name, st, tuple(shape), os.fspath(path), 0),
+                       np.dtype(_NUMPY[st]).itemsize if native else (8 if dtype == "f64" else 4))
+    if native:
         return np.frombuffer(raw, dtype=_NUMPY[st]).reshape(shape).copy()
     if dtype not in (None, "f32", "f64"):
         raise ValueError(f"dtype must be None, 'f32' or 'f64', got {dtype!r}")
@@ -55,7 +65,7 @@ def read_tensor(path: str | os.PathLike, name: str, dtype: str | None = None) ->
 
 
 _NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
-          "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
+          "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?", "C64": "<c8"}
 
 
 def truncated_svd(A: np.ndarray, *, rank: int | None = None, energy: float = 0.9, exact: bool = False,

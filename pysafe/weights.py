@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from pysafe._loader import _core
-from pysafe.checkpoint import Checkpoint, PeftAdapter, detect_scheme, name_info
+from pysafe.checkpoint import UNSUPPORTED_DTYPES, Checkpoint, PeftAdapter, detect_scheme, name_info
 from pysafe.errors import CheckpointError, ShapeMismatchError
 
 #: values of sv_* and sin_theta_* kept in summary.json (results.h5 keeps the full arrays)
@@ -196,7 +196,10 @@ def preflight(b: Checkpoint, t: Checkpoint, opts: Options) -> Preflight:
         if bi.dtype != ti.dtype:
             pre.dtype_differs.append({"name": name, "base": bi.dtype, "tuned": ti.dtype})
         if not (bi.is_float and ti.is_float):
-            pre.not_matrix.append({"name": name, "reason": f"non-float dtype (base {bi.dtype}, tuned {ti.dtype})"})
+            special = UNSUPPORTED_DTYPES.get(bi.dtype) or UNSUPPORTED_DTYPES.get(ti.dtype)
+            reason = (f"{special} (base {bi.dtype}, tuned {ti.dtype})" if special
+                      else f"non-float dtype (base {bi.dtype}, tuned {ti.dtype})")
+            pre.not_matrix.append({"name": name, "reason": reason})
             continue
         if len(bi.shape) > 2:
             pre.not_matrix.append({"name": name, "reason": f"{len(bi.shape)}-D tensor {list(bi.shape)}: "

@@ -20,15 +20,22 @@ namespace {
 struct DTypeInfo {
   DType d;
   const char* name;
-  size_t size;
+  size_t bits;
 };
 
 constexpr DTypeInfo kDTypes[] = {
-    {DType::F64, "F64", 8},        {DType::F32, "F32", 4},        {DType::F16, "F16", 2},
-    {DType::BF16, "BF16", 2},      {DType::F8_E4M3, "F8_E4M3", 1}, {DType::F8_E5M2, "F8_E5M2", 1},
-    {DType::I64, "I64", 8},        {DType::I32, "I32", 4},        {DType::I16, "I16", 2},
-    {DType::I8, "I8", 1},          {DType::U64, "U64", 8},        {DType::U32, "U32", 4},
-    {DType::U16, "U16", 2},        {DType::U8, "U8", 1},          {DType::BOOL, "BOOL", 1},
+    {DType::F64, "F64", 64},          {DType::F32, "F32", 32},
+    {DType::F16, "F16", 16},          {DType::BF16, "BF16", 16},
+    {DType::F8_E4M3, "F8_E4M3", 8},   {DType::F8_E5M2, "F8_E5M2", 8},
+    {DType::F8_E8M0, "F8_E8M0", 8},   {DType::F8_E4M3FNUZ, "F8_E4M3FNUZ", 8},
+    {DType::F8_E5M2FNUZ, "F8_E5M2FNUZ", 8},
+    {DType::F6_E2M3, "F6_E2M3", 6},   {DType::F6_E3M2, "F6_E3M2", 6},
+    {DType::F4, "F4", 4},             {DType::C64, "C64", 64},
+    {DType::I64, "I64", 64},          {DType::I32, "I32", 32},
+    {DType::I16, "I16", 16},          {DType::I8, "I8", 8},
+    {DType::U64, "U64", 64},          {DType::U32, "U32", 32},
+    {DType::U16, "U16", 16},          {DType::U8, "U8", 8},
+    {DType::BOOL, "BOOL", 8},
 };
 
 std::string shape_str(const std::vector<int64_t>& shape) {
@@ -42,14 +49,6 @@ std::string shape_str(const std::vector<int64_t>& shape) {
 
 std::string sys_error(int err) { return std::strerror(err); }
 
-// A JSON number as the user wrote it: "-1" rather than "-1.000000".
-std::string number_str(double v) {
-  std::ostringstream os;
-  os.precision(17);
-  os << v;
-  return os.str();
-}
-
 // Checked a * b for uint64; false on overflow.
 bool mul_ok(uint64_t a, uint64_t b, uint64_t& out) {
   if (a != 0 && b > UINT64_MAX / a) return false;
@@ -57,11 +56,20 @@ bool mul_ok(uint64_t a, uint64_t b, uint64_t& out) {
   return true;
 }
 
+// A number literal as the user wrote it (an integer stays an integer, whatever its size); a very
+// long literal is shown by its ends, saying how many digits were left out.
+std::string literal_str(std::string_view text) {
+  constexpr size_t kShow = 48;
+  if (text.size() <= kShow) return std::string(text);
+  return std::string(text.substr(0, 24)) + "..." + std::string(text.substr(text.size() - 16)) + " (a " +
+         std::to_string(text.size()) + "-character number)";
+}
+
 }  // namespace
 
-size_t dtype_size(DType d) {
+size_t dtype_bits(DType d) {
   for (auto& i : kDTypes)
-    if (i.d == d) return i.size;
+    if (i.d == d) return i.bits;
   PYSAFE_ASSERT(false);
   return 0;
 }
@@ -71,6 +79,15 @@ const char* dtype_name(DType d) {
     if (i.d == d) return i.name;
   PYSAFE_ASSERT(false);
   return "?";
+}
+
+const char* dtype_names() {
+  static const std::string all = [] {
+    std::string s;
+    for (auto& i : kDTypes) s += (s.empty() ? "" : " ") + std::string(i.name);
+    return s;
+  }();
+  return all.c_str();
 }
 
 bool parse_dtype(const std::string& s, DType& out) {
@@ -89,10 +106,86 @@ uint64_t TensorEntry::numel() const {
 }
 
 long Header::find(const std::string& name) const {
-  for (size_t i = 0; i < entries.size(); ++i)
-    if (entries[i].name == name) return static_cast<long>(i);
+  auto it = std::lower_bound(by_name.begin(), by_name.end(), name,
+                             [this](uint32_t i, const std::string& n) { return entries[i].name < n; });
+  if (it != by_name.end() && entries[*it].name == name) return static_cast<long>(*it);
   return -1;
 }
+
+namespace {
+
+// What the header says about one tensor, gathered while streaming through its JSON object; only
+// what the checks below need is kept (a value under an unknown key is syntax-checked, not stored).
+struct RawEntry {
+  json::Type type = json::Type::Null;  // of the tensor's value
+  bool has_dtype = false, has_shape = false, has_offsets = false;
+  bool has_unexpected = false;
+  std::string unexpected;              // the first unexpected key
+  json::Type dtype_type = json::Type::Null;
+  std::string dtype;
+  json::Type shape_type = json::Type::Null;
+  std::vector<int64_t> shape;          // the valid dimensions before the first bad one
+  bool shape_bad = false;              // a dimension that is not a non-negative int64
+  json::Type bad_type = json::Type::Null;
+  std::string bad_text;
+  json::Type offsets_type = json::Type::Null;
+  size_t offsets_count = 0;
+  bool offsets_uint[2] = {false, false};
+  uint64_t offsets[2] = {0, 0};
+};
+
+// The checks of one tensor entry, in their fixed order (engine order: entry form, dtype, shape,
+// offsets, byte count). Throws the first failure.
+TensorEntry make_entry(const std::string& path, std::string&& name_in, RawEntry& r) {
+  using namespace header_code;
+  // printable() only runs when a check fails (PYSAFE_CHECK builds its message lazily)
+  PYSAFE_CHECK(r.type == json::Type::Object, Header, kInvalidEntry, path, ": tensor '", printable(name_in),
+               "' must be an object with dtype, shape, data_offsets; found a JSON ", json::type_name(r.type));
+  PYSAFE_CHECK(r.has_dtype && r.has_shape && r.has_offsets, Header, kInvalidEntry, path, ": tensor '", printable(name_in),
+               "' needs keys dtype, shape and data_offsets; missing ",
+               !r.has_dtype ? "dtype" : (!r.has_shape ? "shape" : "data_offsets"));
+  PYSAFE_CHECK(!r.has_unexpected, Header, kInvalidEntry, path, ": tensor '", printable(name_in), "' has unexpected key '",
+               printable(r.unexpected), "'");
+  TensorEntry e;
+  PYSAFE_CHECK(r.dtype_type == json::Type::String, Header, kUnknownDtype, path, ": tensor '", printable(name_in),
+               "' dtype must be a string, found a JSON ", json::type_name(r.dtype_type));
+  PYSAFE_CHECK(parse_dtype(r.dtype, e.dtype), Header, kUnknownDtype, path, ": tensor '", printable(name_in),
+               "' has unknown dtype '", printable(r.dtype), "' (expected one of ", dtype_names(), ")");
+  PYSAFE_CHECK(r.shape_type == json::Type::Array, Header, kInvalidShape, path, ": tensor '", printable(name_in),
+               "' shape must be an array, found a JSON ", json::type_name(r.shape_type));
+  uint64_t numel = 1;
+  for (size_t i = 0; i < r.shape.size(); ++i)
+    PYSAFE_CHECK(mul_ok(numel, static_cast<uint64_t>(r.shape[i]), numel), Header, kSizeMismatch, path,
+                 ": tensor '", printable(name_in), "' shape ",
+                 shape_str(std::vector<int64_t>(r.shape.begin(), r.shape.begin() + static_cast<long>(i) + 1)),
+                 " overflows the element count");
+  PYSAFE_CHECK(!r.shape_bad, Header, kInvalidShape, path, ": tensor '", printable(name_in),
+               "' shape must hold non-negative integers below 2^63; found ",
+               r.bad_type == json::Type::Number ? literal_str(r.bad_text) : json::type_name(r.bad_type));
+  PYSAFE_CHECK(r.offsets_type == json::Type::Array && r.offsets_count == 2 && r.offsets_uint[0] && r.offsets_uint[1],
+               Header, kInvalidEntry, path, ": tensor '", printable(name_in),
+               "' data_offsets must be [begin, end] with non-negative integers");
+  e.begin = r.offsets[0];
+  e.end = r.offsets[1];
+  PYSAFE_CHECK(e.begin <= e.end, Header, kOffsetsNotContiguous, path, ": tensor '", printable(name_in),
+               "' has data_offsets [", e.begin, ", ", e.end, "] with begin > end");
+  // 8. Checked multiply: elements x dtype size == end - begin (whole bytes for sub-byte dtypes).
+  const size_t bits = dtype_bits(e.dtype);
+  uint64_t nbits = 0;
+  PYSAFE_CHECK(mul_ok(numel, bits, nbits), Header, kSizeMismatch, path, ": tensor '", printable(name_in), "' shape ",
+               shape_str(r.shape), " overflows the byte count");
+  PYSAFE_CHECK(nbits % 8 == 0, Header, kSizeMismatch, path, ": tensor '", printable(name_in), "' has shape ", shape_str(r.shape),
+               " and dtype ", r.dtype, ": ", numel, " elements of ", bits, " bits do not fill whole bytes");
+  const uint64_t nbytes = nbits / 8;
+  PYSAFE_CHECK(nbytes == e.end - e.begin, Header, kSizeMismatch, path, ": tensor '", printable(name_in),
+               "' has shape ", shape_str(r.shape), " and dtype ", r.dtype, " (", nbytes,
+               " bytes) but data_offsets [", e.begin, ", ", e.end, "] span ", e.end - e.begin, " bytes");
+  e.name = std::move(name_in);
+  e.shape = std::move(r.shape);
+  return e;
+}
+
+}  // namespace
 
 Header parse_header_json(const std::string& path, const char* json_bytes, uint64_t n, uint64_t file_size) {
   using namespace header_code;
@@ -101,78 +194,128 @@ Header parse_header_json(const std::string& path, const char* json_bytes, uint64
   PYSAFE_CHECK(json::is_valid_utf8(json_bytes, n, &bad), Header, kInvalidUtf8, path,
                ": header is not valid UTF-8: invalid byte 0x", std::hex, static_cast<unsigned>(
                    static_cast<unsigned char>(json_bytes[bad])), std::dec, " at header byte ", bad, " of ", n);
-  json::Value root;
-  json::ParseError perr;
-  PYSAFE_CHECK(json::parse(json_bytes, n, root, perr), Header, kInvalidJson, path,
-               ": header is not valid JSON: ", perr.what, " at header byte ", perr.offset);
-  PYSAFE_CHECK(root.type == json::Type::Object, Header, kNotObject, path,
-               ": header must be a JSON object, found a JSON ", json::type_name(root.type));
 
+  // One streaming pass: the syntax of the whole document is checked (it takes precedence, as a
+  // JSON error), while each tensor entry is checked as soon as it is read; the first entry
+  // failure is held back until the syntax is known to be good. Nothing under a key the format
+  // does not use is stored, so memory stays a small multiple of the header.
+  json::Parser ps(json_bytes, static_cast<size_t>(n));
   Header h;
   h.data_start = 8 + n;
   h.file_size = file_size;
-  for (auto& kv : root.object) {
-    const std::string& name = kv.first;
-    const json::Value& v = kv.second;
-    if (name == "__metadata__") {
-      PYSAFE_CHECK(v.type == json::Type::Object, Header, kInvalidMetadata, path,
-                   ": __metadata__ must be an object of strings, found a JSON ", json::type_name(v.type));
-      for (auto& m : v.object) {
-        PYSAFE_CHECK(m.second.type == json::Type::String, Header, kInvalidMetadata, path,
-                     ": __metadata__['", m.first, "'] must be a string, found a JSON ",
-                     json::type_name(m.second.type));
-        h.metadata[m.first] = m.second.string;
+  std::unique_ptr<Error> held;  // the first semantic failure, in document order
+  auto hold = [&](const Error& e) {
+    if (!held) held = std::make_unique<Error>(e);
+  };
+
+  auto read_tensor = [&](RawEntry& r, int depth) {
+    r.type = ps.peek_type();
+    if (r.type != json::Type::Object) return ps.skip(depth);
+    return ps.object(depth, [&](std::string_view key) {
+      const int d = depth + 1;
+      if (key == "dtype") {
+        r.has_dtype = true;
+        r.dtype_type = ps.peek_type();
+        if (r.dtype_type == json::Type::String) return ps.string(r.dtype);
+        return ps.skip(d);
       }
-      continue;
+      if (key == "shape") {
+        r.has_shape = true;
+        r.shape_type = ps.peek_type();
+        if (r.shape_type != json::Type::Array) return ps.skip(d);
+        return ps.array(d, [&](size_t) {
+          json::Type t = ps.peek_type();
+          if (t != json::Type::Number || r.shape_bad) {
+            if (!r.shape_bad) {
+              r.shape_bad = true;
+              r.bad_type = t;
+            }
+            return ps.skip(d + 1);
+          }
+          json::Number num;
+          if (!ps.number(num, false)) return false;
+          if (num.is_uint && num.uint <= static_cast<uint64_t>(INT64_MAX)) {
+            r.shape.push_back(static_cast<int64_t>(num.uint));
+          } else {
+            r.shape_bad = true;
+            r.bad_type = json::Type::Number;
+            r.bad_text = std::string(num.text);
+          }
+          return true;
+        });
+      }
+      if (key == "data_offsets") {
+        r.has_offsets = true;
+        r.offsets_type = ps.peek_type();
+        if (r.offsets_type != json::Type::Array) return ps.skip(d);
+        return ps.array(d, [&](size_t i) {
+          r.offsets_count = i + 1;
+          if (i >= 2 || ps.peek_type() != json::Type::Number) return ps.skip(d + 1);
+          json::Number num;
+          if (!ps.number(num, false)) return false;
+          r.offsets_uint[i] = num.is_uint;
+          r.offsets[i] = num.uint;
+          return true;
+        });
+      }
+      if (!r.has_unexpected) {
+        r.has_unexpected = true;
+        r.unexpected = std::string(key);
+      }
+      return ps.skip(d);
+    });
+  };
+
+  auto read_metadata = [&](int depth) {
+    json::Type t = ps.peek_type();
+    if (t != json::Type::Object) {
+      if (!held)
+        hold(Error(ErrorKind::Header, kInvalidMetadata,
+                   detail::concat(path, ": __metadata__ must be an object of strings, found a JSON ",
+                                  json::type_name(t))));
+      return ps.skip(depth);
     }
-    PYSAFE_CHECK(v.type == json::Type::Object, Header, kInvalidEntry, path, ": tensor '", name,
-                 "' must be an object with dtype, shape, data_offsets; found a JSON ", json::type_name(v.type));
-    const json::Value* jd = v.find("dtype");
-    const json::Value* js = v.find("shape");
-    const json::Value* jo = v.find("data_offsets");
-    PYSAFE_CHECK(jd && js && jo, Header, kInvalidEntry, path, ": tensor '", name,
-                 "' needs keys dtype, shape and data_offsets; missing ",
-                 !jd ? "dtype" : (!js ? "shape" : "data_offsets"));
-    for (auto& f : v.object)
-      PYSAFE_CHECK(f.first == "dtype" || f.first == "shape" || f.first == "data_offsets", Header,
-                   kInvalidEntry, path, ": tensor '", name, "' has unexpected key '", f.first, "'");
-    TensorEntry e;
-    e.name = name;
-    // 6. Known dtype, non-negative integer shape.
-    PYSAFE_CHECK(jd->type == json::Type::String, Header, kUnknownDtype, path, ": tensor '", name,
-                 "' dtype must be a string, found a JSON ", json::type_name(jd->type));
-    PYSAFE_CHECK(parse_dtype(jd->string, e.dtype), Header, kUnknownDtype, path, ": tensor '", name,
-                 "' has unknown dtype '", jd->string,
-                 "' (expected one of F64 F32 F16 BF16 F8_E4M3 F8_E5M2 I64 I32 I16 I8 U64 U32 U16 U8 BOOL)");
-    PYSAFE_CHECK(js->type == json::Type::Array, Header, kInvalidShape, path, ": tensor '", name,
-                 "' shape must be an array, found a JSON ", json::type_name(js->type));
-    uint64_t numel = 1;
-    for (auto& d : js->array) {
-      PYSAFE_CHECK(d.type == json::Type::Number && d.is_uint && d.uint <= static_cast<uint64_t>(INT64_MAX),
-                   Header, kInvalidShape, path, ": tensor '", name,
-                   "' shape must hold non-negative integers; found ",
-                   d.type == json::Type::Number ? number_str(d.number) : json::type_name(d.type));
-      e.shape.push_back(static_cast<int64_t>(d.uint));
-      PYSAFE_CHECK(mul_ok(numel, d.uint, numel), Header, kSizeMismatch, path, ": tensor '", name,
-                   "' shape ", shape_str(e.shape), " overflows the element count");
-    }
-    PYSAFE_CHECK(jo->type == json::Type::Array && jo->array.size() == 2 && jo->array[0].is_uint &&
-                     jo->array[1].is_uint,
-                 Header, kInvalidEntry, path, ": tensor '", name,
-                 "' data_offsets must be [begin, end] with non-negative integers");
-    e.begin = jo->array[0].uint;
-    e.end = jo->array[1].uint;
-    PYSAFE_CHECK(e.begin <= e.end, Header, kOffsetsNotContiguous, path, ": tensor '", name,
-                 "' has data_offsets [", e.begin, ", ", e.end, "] with begin > end");
-    // 8. Checked multiply: elements x dtype size == end - begin.
-    uint64_t nbytes = 0;
-    PYSAFE_CHECK(mul_ok(numel, dtype_size(e.dtype), nbytes), Header, kSizeMismatch, path, ": tensor '",
-                 name, "' shape ", shape_str(e.shape), " overflows the byte count");
-    PYSAFE_CHECK(nbytes == e.end - e.begin, Header, kSizeMismatch, path, ": tensor '", name,
-                 "' has shape ", shape_str(e.shape), " and dtype ", jd->string, " (", nbytes,
-                 " bytes) but data_offsets [", e.begin, ", ", e.end, "] span ", e.end - e.begin, " bytes");
-    h.entries.push_back(std::move(e));
+    return ps.object(depth, [&](std::string_view key) {
+      json::Type vt = ps.peek_type();
+      if (vt != json::Type::String) {
+        if (!held)
+          hold(Error(ErrorKind::Header, kInvalidMetadata,
+                     detail::concat(path, ": __metadata__['", printable(key), "'] must be a string, found a JSON ",
+                                    json::type_name(vt))));
+        return ps.skip(depth + 1);
+      }
+      std::string v;
+      if (!ps.string(v)) return false;
+      if (!held) h.metadata[std::string(key)] = std::move(v);
+      return true;
+    });
+  };
+
+  json::Type root_type = ps.peek_type();
+  bool ok;
+  if (root_type != json::Type::Object) {
+    ok = ps.skip(0);
+  } else {
+    ok = ps.object(0, [&](std::string_view key) {
+      if (key == "__metadata__") return read_metadata(1);
+      if (held) return ps.skip(1);  // an earlier entry failed: only the syntax matters now
+      RawEntry r;
+      if (!read_tensor(r, 1)) return false;
+      try {
+        h.entries.push_back(make_entry(path, std::string(key), r));
+      } catch (const Error& e) {
+        hold(e);
+      }
+      return true;
+    });
   }
+  if (ok && !ps.at_end()) ok = ps.fail("trailing characters after the JSON value");
+  PYSAFE_CHECK(ok, Header, kInvalidJson, path, ": header is not valid JSON: ", ps.error().what, " at header byte ",
+               ps.error().offset);
+  PYSAFE_CHECK(root_type == json::Type::Object, Header, kNotObject, path,
+               ": header must be a JSON object, found a JSON ", json::type_name(root_type));
+  if (held) throw *held;
+
   // 7. Offsets sorted, contiguous from 0, non-overlapping.
   std::stable_sort(h.entries.begin(), h.entries.end(), [](const TensorEntry& a, const TensorEntry& b) {
     return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
@@ -180,9 +323,10 @@ Header parse_header_json(const std::string& path, const char* json_bytes, uint64
   uint64_t expect = 0;
   const TensorEntry* prev = nullptr;
   for (auto& e : h.entries) {
-    PYSAFE_CHECK(e.begin == expect, Header, kOffsetsNotContiguous, path, ": tensor '", e.name,
+    PYSAFE_CHECK(e.begin == expect, Header, kOffsetsNotContiguous, path, ": tensor '", printable(e.name),
                  "' data_offsets begin at ", e.begin, " but ",
-                 prev ? "the previous tensor '" + prev->name + "' ends at " : std::string("the data section starts at "),
+                 prev ? "the previous tensor '" + printable(prev->name) + "' ends at "
+                      : std::string("the data section starts at "),
                  expect, e.begin < expect ? " (overlap)" : " (gap)");
     expect = e.end;
     prev = &e;
@@ -192,6 +336,10 @@ Header parse_header_json(const std::string& path, const char* json_bytes, uint64
   PYSAFE_CHECK(expect == data_len, Header, kDataSizeMismatch, path, ": tensors end at data offset ", expect,
                " but the data section holds ", data_len, " bytes (file size ", file_size, ", header ", n,
                " bytes)", expect > data_len ? "; the file looks truncated" : "; trailing bytes after the last tensor");
+  h.by_name.resize(h.entries.size());
+  for (size_t i = 0; i < h.entries.size(); ++i) h.by_name[i] = static_cast<uint32_t>(i);
+  std::sort(h.by_name.begin(), h.by_name.end(),
+            [&h](uint32_t a, uint32_t b) { return h.entries[a].name < h.entries[b].name; });
   return h;
 }
 
@@ -296,7 +444,7 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : map_(std::make_share
 
 const TensorEntry& SafetensorsFile::entry(const std::string& name) const {
   long i = header_.find(name);
-  PYSAFE_CHECK(i >= 0, TensorNotFound, "tensor_not_found", path(), ": no tensor named '", name, "'");
+  PYSAFE_CHECK(i >= 0, TensorNotFound, "tensor_not_found", path(), ": no tensor named '", printable(name), "'");
   return header_.entries[static_cast<size_t>(i)];
 }
 

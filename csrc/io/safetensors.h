@@ -12,11 +12,20 @@
 
 namespace pysafe {
 
-/// Every dtype of the safetensors format.
-enum class DType { F64, F32, F16, BF16, F8_E4M3, F8_E5M2, I64, I32, I16, I8, U64, U32, U16, U8, BOOL };
+/// Every dtype of the safetensors format (0.8): F6_* and F4 are packed below a byte per element
+/// (4 elements in 3 bytes, 2 in 1), C64 is a pair of F32 (real, imaginary).
+enum class DType {
+  F64, F32, F16, BF16, F8_E4M3, F8_E5M2, F8_E8M0, F8_E4M3FNUZ, F8_E5M2FNUZ, F6_E2M3, F6_E3M2, F4, C64,
+  I64, I32, I16, I8, U64, U32, U16, U8, BOOL
+};
 
-/// Size in bytes of one element.
-size_t dtype_size(DType d);
+/// Bits of one element.
+size_t dtype_bits(DType d);
+/// Bytes of `n` elements: n * bits / 8. For the sub-byte dtypes n * bits must be a multiple of 8
+/// (the header check refuses other shapes, as the format's own reader does).
+inline uint64_t dtype_nbytes(DType d, uint64_t n) { return n * dtype_bits(d) / 8; }
+/// Every dtype name, space separated, for messages.
+const char* dtype_names();
 /// The format's spelling ("BF16"); inverse of parse_dtype.
 const char* dtype_name(DType d);
 /// Parse the format's spelling; returns false for an unknown dtype.
@@ -62,8 +71,10 @@ struct Header {
   uint64_t data_start = 0;  ///< 8 + N: absolute file offset of the data section
   uint64_t file_size = 0;
 
-  /// Index of `name` in entries, or -1.
+  /// Index of `name` in entries, or -1: O(log n) through `by_name`.
   long find(const std::string& name) const;
+  /// Indices of entries sorted by name (built by parse_header_json).
+  std::vector<uint32_t> by_name;
 };
 
 /// Validate a header given its bytes. `n_declared` is the 8-byte length field, `file_size` the

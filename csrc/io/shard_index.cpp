@@ -32,11 +32,11 @@ ShardIndex parse_shard_index(const std::string& path) {
   ShardIndex idx;
   for (auto& kv : wm->object) {
     PYSAFE_CHECK(kv.second.type == json::Type::String, ShardIndex, "bad_weight_map", path, ": weight_map['",
-                 kv.first, "'] must be a shard file name, found a JSON ", json::type_name(kv.second.type));
+                 printable(kv.first), "'] must be a shard file name, found a JSON ", json::type_name(kv.second.type));
     const std::string& shard = kv.second.string;
     PYSAFE_CHECK(!shard.empty() && shard.find('/') == std::string::npos && shard.find('\\') == std::string::npos &&
                      shard != "." && shard != "..",
-                 ShardIndex, "bad_shard_name", path, ": weight_map['", kv.first, "'] names shard '", shard,
+                 ShardIndex, "bad_shard_name", path, ": weight_map['", printable(kv.first), "'] names shard '", printable(shard),
                  "'; expected a plain file name in the checkpoint directory");
     idx.weight_map[kv.first] = shard;
   }

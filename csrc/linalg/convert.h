@@ -32,5 +32,11 @@ DeltaStats fused_delta(const uint8_t* tuned, DType tuned_dtype, const uint8_t* b
 float half_to_float(uint16_t h);
 float f8e4m3_to_float(uint8_t v);
 float f8e5m2_to_float(uint8_t v);
+float f8e8m0_to_float(uint8_t v);
+float f8e4m3fnuz_to_float(uint8_t v);
+float f8e5m2fnuz_to_float(uint8_t v);
+float f4e2m1_to_float(uint8_t nibble);
+/// False for the dtypes upcast refuses: C64 (complex) and the F6 formats (no reference decoder).
+bool dtype_convertible(DType d);
 
 }  // namespace pysafe

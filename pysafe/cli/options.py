@@ -8,7 +8,7 @@ import traceback
 
 import click
 
-from pysafe.errors import PysafeError
+from pysafe.errors import PysafeError, printable
 
 
 def debug_option(f):
@@ -55,4 +55,5 @@ def _one_line(exc: BaseException) -> str:
     msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
     if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in msg:
         msg = f"{exc.filename}: {exc.strerror or msg}"
-    return " ".join(msg.split()) or type(exc).__name__
+    # one line, and nothing that a terminal would act on (a tensor name may hold ESC or NUL)
+    return printable(" ".join(msg.split())) or type(exc).__name__
