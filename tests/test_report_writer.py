@@ -235,8 +235,8 @@ def test_overwrite_refuses_to_replace_a_user_file(pair, tmp_path):
 
 @pytest.fixture
 def quick_demo(monkeypatch):
-    """`pysafe demo` on the shipped checkpoints with its slow parts (evaluation, clusters) replaced by stubs
-    that write the same files: the folder rules are what is tested here."""
+    """`pysafe demo` on the shipped checkpoints with its slow parts (evaluation, clusters, plots) replaced by
+    stubs that write the same files: the folder rules are what is tested here."""
     from pysafe.lab import pipeline
 
     def tables(named, n, device, eval_dir, *a, **k):
@@ -252,6 +252,7 @@ def quick_demo(monkeypatch):
 
     monkeypatch.setattr(pipeline, "_safety_tables", tables)
     monkeypatch.setattr(pipeline, "_clusters_and_claims", clusters)
+    monkeypatch.setattr(pysafe.report, "write_plots", _small_plots)  # 15 matplotlib figures per demo otherwise
     import pysafe.lab.evaluate as ev
 
     monkeypatch.setattr(ev, "format_table", lambda t: "table")
