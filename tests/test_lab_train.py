@@ -475,3 +475,21 @@ def test_reproduce_end_to_end_tiny(tmp_path):
     logs.clear()
     reproduce("tiny", out, eval_n=8, log=logs.append, jobs=1, analyze=False)
     assert sum("finished earlier, reused" in m for m in logs) == 7
+
+
+def test_reproduce_overwrite_keeps_user_files(tmp_path):
+    """`pysafe reproduce --overwrite` removes what reproduce wrote (checkpoints, reports) and nothing else:
+    a user's notes in the same folder survive (before: the whole folder was removed with rmtree)."""
+    from pysafe.lab.pipeline import _remove_reproduce_outputs
+
+    out = tmp_path / "run"
+    for d in ("pretrain", "ssft_lr1em4", "dpo_lr1em5", "eval", "analyze/ssft_lr1em4", "clusters/ssft", "mine"):
+        (out / d).mkdir(parents=True)
+        (out / d / "f.txt").write_text("x")
+    for f in ("claims.json", "summary.json", "safety_table.txt", "notes.md"):
+        (out / f).write_text("{}")
+    logs = []
+    _remove_reproduce_outputs(out, (1e-4, 1e-5), logs.append)
+    assert sorted(p.name for p in out.iterdir()) == ["mine", "notes.md"]
+    assert (out / "mine" / "f.txt").read_text() == "x"
+    assert "pretrain" in logs[0] and "notes.md" not in logs[0]

@@ -232,7 +232,29 @@ def _lr_tag(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "em").replace("e-", "em")
 
 
-def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: int | None = None,
+#: what ``reproduce`` writes directly under its ``--out`` besides the checkpoint directories
+REPRODUCE_OUTPUTS = ("eval", "analyze", "clusters", "figures", "cache", "safety_table.txt", "claims.json", "summary.json")
+
+
+def _remove_reproduce_outputs(out: Path, lrs, log=print) -> None:
+    """``reproduce --overwrite``: remove what reproduce writes in ``out`` (its checkpoint directories and
+    report files), never anything else: a user's own files in the folder are kept."""
+    names = ["pretrain", *(f"{st}_lr{_lr_tag(lr)}" for lr in lrs for st in FINETUNES), *REPRODUCE_OUTPUTS]
+    removed = []
+    for name in names:
+        p = out / name
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+        elif p.is_dir():
+            shutil.rmtree(p)
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        log(f"--overwrite: removed {', '.join(removed)} from {out}")
+
+
+def reproduce(preset: str, out, *,def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: int | None = None,
               lrs=None, analyze: bool = True, checkpoints_only: bool = False, log=print,
               overwrite: bool = False, progress=None, invocation: str | None = None, jobs: int = 1) -> dict:
     """Regenerate the lab end to end under ``out``; returns the summary also written to out/summary.json.
@@ -253,7 +275,7 @@ def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: i
     lrs = preset_lrs(preset) if not lrs else tuple(lrs)
     out = Path(out)
     if overwrite and out.exists():
-        shutil.rmtree(out)
+        _remove_reproduce_outputs(out, lrs, log)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
