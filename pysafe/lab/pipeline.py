@@ -254,7 +254,7 @@ def _remove_reproduce_outputs(out: Path, lrs, log=print) -> None:
         log(f"--overwrite: removed {', '.join(removed)} from {out}")
 
 
-def reproduce(preset: str, out, *,def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: int | None = None,
+def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: int | None = None,
               lrs=None, analyze: bool = True, checkpoints_only: bool = False, log=print,
               overwrite: bool = False, progress=None, invocation: str | None = None, jobs: int = 1) -> dict:
     """Regenerate the lab end to end under ``out``; returns the summary also written to out/summary.json.
