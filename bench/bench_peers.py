@@ -50,6 +50,8 @@ layers = None              # override the preset's number of layers
 alpha = 0.6                # ΔW spectrum σ_i ∝ i^-alpha over all min(m, n) values (full rank)
 delta_scale = 0.02         # ‖ΔW‖_F / ‖W_base‖_F per matrix
 seed = 0                   # seed of ΔW's singular vectors
+generator = "auto"         # who writes the power-law ΔW: "pysafe" (make_pair's delta_spectrum option, where this
+                           # build has it), "bench" (this script), "auto" (pysafe if it can, else bench)
 data_dir = None            # where the pair lives (default bench/data/peers-<preset>[-L<layers>]-a<alpha>)
 threads = 2                # threads of every tool (0: all cores)
 rank = 8                   # (a) ΔW's k
@@ -74,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for name, val in (("preset", preset), ("layers", layers), ("alpha", alpha), ("delta-scale", delta_scale),
-                      ("seed", seed), ("data-dir", data_dir), ("threads", threads), ("rank", rank),
+                      ("seed", seed), ("generator", generator), ("data-dir", data_dir), ("threads", threads),
+                      ("rank", rank),
                       ("base-rank", base_rank), ("niter", niter), ("oversample", oversample),
                       ("md-top-k", md_top_k), ("tol", tol), ("accuracy-sample", accuracy_sample),
                       ("agree-rtol", agree_rtol), ("read-probe-mb", read_probe_mb), ("sgemm-n", sgemm_n),
@@ -92,17 +95,44 @@ def build_parser() -> argparse.ArgumentParser:
 # The pair
 # ------------------------------------------------------------------------------------------------
 
-def ensure_pair(args) -> Path:
+def pysafe_has_spectrum() -> bool:
+    from pysafe.synthetic import PairSpec
+
+    return "delta_spectrum" in {f.name for f in dataclasses.fields(PairSpec)}
+
+
+def ensure_pair(args) -> tuple[Path, str]:
+    """The pair and who wrote its ΔW: make_pair's own power-law option where this pysafe has it (and
+    --generator allows), else W_base from make_pair and the tuned side rewritten here."""
+    import pysafe
+
+    gen_kind = args.generator
+    if gen_kind == "auto":
+        gen_kind = "pysafe" if pysafe_has_spectrum() else "bench"
+    if gen_kind == "pysafe" and not pysafe_has_spectrum():
+        sys.exit("--generator pysafe: this pysafe's make_pair has no delta_spectrum option")
+    tag = (f"peers-{args.preset}" + (f"-L{args.layers}" if args.layers else "")
+           + f"-a{args.alpha:g}-s{args.seed}-{gen_kind}")
+    out = Path(args.data_dir) if args.data_dir else REPO / "bench" / "data" / tag
+    want = {"alpha": args.alpha, "delta_scale": args.delta_scale, "seed": args.seed, "preset": args.preset,
+            "layers": args.layers, "generator": gen_kind}
+    if gen_kind == "pysafe":
+        marker = out / "peers_delta.json"
+        if not (marker.exists() and json.loads(marker.read_text()) == want):
+            pysafe.make_pair(out, args.preset, layers=args.layers, seed=args.seed, delta_scale=args.delta_scale,
+                             delta_spectrum=f"powerlaw:{args.alpha:g}")
+            marker.write_text(json.dumps(want))
+        return out, gen_kind
+    return write_bench_pair(out, args, want), gen_kind
+
+
+def write_bench_pair(out: Path, args, want: dict) -> Path:
     """W_base from make_pair; tuned rewritten with the power-law ΔW (shard layout of make_pair's tuned)."""
     import pysafe
     import torch
     from safetensors.torch import load_file, save_file
 
-    tag = f"peers-{args.preset}" + (f"-L{args.layers}" if args.layers else "") + f"-a{args.alpha:g}-s{args.seed}"
-    out = Path(args.data_dir) if args.data_dir else REPO / "bench" / "data" / tag
     marker = out / "tuned" / "peers_delta.json"
-    want = {"alpha": args.alpha, "delta_scale": args.delta_scale, "seed": args.seed, "preset": args.preset,
-            "layers": args.layers}
     if marker.exists() and json.loads(marker.read_text()) == want:
         return out
     t0 = time.perf_counter()
@@ -183,7 +213,10 @@ def _record_flops(r: dict, opts: dict) -> tuple[float, str]:
         if method == "exact" or method.startswith("exact") or method.startswith("gesdd"):
             values_only = "values" in method
             big, small = max(m, n), min(m, n)
-            total += (4 * big * small ** 2 - 4 * small ** 3 / 3) if values_only else (6 * big * small ** 2 + 20 * small ** 3)
+            if values_only:
+                total += 4 * big * small ** 2 - 4 * small ** 3 / 3
+            else:
+                total += 6 * big * small ** 2 + 20 * small ** 3
             return
         # sketch-based (randomized range finder, subspace or block Krylov iteration): count passes over A
         passes = None
@@ -418,7 +451,7 @@ def main(argv=None) -> None:
             import modeldelta  # noqa: F401
         except ImportError:
             sys.exit("modeldelta is not installed: pip install modeldelta==0.4.4 (or --skip modeldelta)")
-    pair = ensure_pair(args)
+    pair, gen_kind = ensure_pair(args)
     base, tuned = ba.side_tensors(pair / "base"), ba.side_tensors(pair / "tuned")
     mats = {n: tuple(base[n]["shape"]) for n in base if n in tuned and len(base[n]["shape"]) == 2}
     nbytes = sum(base[n]["nbytes"] + tuned[n]["nbytes"] for n in base if n in tuned)
@@ -427,6 +460,7 @@ def main(argv=None) -> None:
     nthreads = ba.resolve_threads(args.threads)
     env = {**ba.git_info(), "cpu": ba.cpu_model(), "ncpu": os.cpu_count()}
     common = {"bench": "peers", "preset": args.preset, "layers": args.layers, "alpha": args.alpha,
+              "generator": gen_kind,
               "delta_scale": args.delta_scale, "threads": nthreads, "n_matrices": len(mats),
               "shapes": ba.shapes_summary(mats), "pair_bytes": nbytes}
     cfg = {"base": str(pair / "base"), "tuned": str(pair / "tuned"), "files": files, "threads": nthreads,
@@ -541,8 +575,8 @@ def main(argv=None) -> None:
 
 def markdown(lines: list[dict]) -> str:
     """The results as one markdown table (tools) plus the summary's ratios."""
-    rows = ["| tool | seconds | peak RSS MB | floor s (term) | × floor | top-k σ rel. err ΔW / W_base | eff. rank rel. err "
-            "| ‖ΔW‖/‖W‖ rel. err |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| tool | seconds | peak RSS MB | floor s (term) | × floor | top-k σ rel. err ΔW / W_base "
+            "| eff. rank rel. err | ‖ΔW‖/‖W‖ rel. err |", "|---|---|---|---|---|---|---|---|"]
     summ = {}
     for r in lines:
         if r["tool"] == "machine":

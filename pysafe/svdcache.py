@@ -56,7 +56,12 @@ _FIELDS = ("rows", "cols", "k", "f64", "method", "full_spectrum", "energy_reache
 def default_dir() -> Path:
     """``$XDG_CACHE_HOME/pysafe`` (``~/.cache/pysafe`` when unset)."""
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return Path(xdg if xdg else Path.home() / ".cache") / "pysafe"
+    if xdg:
+        return Path(xdg) / "pysafe"
+    try:
+        return Path.home() / ".cache" / "pysafe"
+    except (RuntimeError, KeyError):  # no home directory (a bare container user)
+        return Path(tempfile.gettempdir()) / f"pysafe-cache-{os.getuid()}"
 
 
 def _core_build_id() -> list:
