@@ -451,6 +451,11 @@ def main(argv=None) -> None:
             import modeldelta  # noqa: F401
         except ImportError:
             sys.exit("modeldelta is not installed: pip install modeldelta==0.4.4 (or --skip modeldelta)")
+    if args.tol is not None:
+        from pysafe.weights import Options
+
+        if "tol" not in {f.name for f in dataclasses.fields(Options)}:
+            sys.exit("--tol: this pysafe build has no tol option (it comes with the engine's stopping rule)")
     pair, gen_kind = ensure_pair(args)
     base, tuned = ba.side_tensors(pair / "base"), ba.side_tensors(pair / "tuned")
     mats = {n: tuple(base[n]["shape"]) for n in base if n in tuned and len(base[n]["shape"]) == 2}
