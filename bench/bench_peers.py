@@ -66,7 +66,7 @@ exact_norms = True         # float64 ‖ΔW‖/‖W_base‖ of every matrix as a
 cold = True                # drop the pair from the page cache before each tool
 read_probe_mb = 2048       # cap of each read-bandwidth probe
 sgemm_n = 4096             # size of the sgemm probe
-skip = ""                  # comma-separated tools to skip: torch, modeldelta, pysafe_default
+skip = ""                  # comma-separated tools to skip: torch, modeldelta, pysafe_default, cached
 results = None             # also append the JSON lines to this file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -251,8 +251,16 @@ def worker_pysafe(cfg: dict) -> dict:
     pysafe._core.set_num_threads(cfg["threads"])
     pysafe.truncated_svd(np.random.default_rng(0).standard_normal((256, 512), dtype=np.float32), rank=16,
                          exact_max_dim=0)  # warm-up: core, OpenBLAS threads (no file page touched)
+    cache = None
+    if cfg.get("cached"):  # a second fine-tune against the same base: fill the cache first (not timed)
+        from pysafe.svdcache import BaseCache
+
+        cache = BaseCache(cfg["cache_dir"])
+        pysafe.compare(cfg["base"], cfg["tuned"], cache=cache, **opts)
+        if cfg.get("cold"):  # the timed run reads the pair cold again, as the others do
+            ba.drop_cache(cfg["files"])
     t0 = time.perf_counter()
-    cmp = pysafe.compare(cfg["base"], cfg["tuned"], **opts)
+    cmp = pysafe.compare(cfg["base"], cfg["tuned"], cache=cache, **opts)
     seconds = time.perf_counter() - t0
     flops, notes, per = 0.0, set(), {}
     methods = {}
@@ -271,6 +279,7 @@ def worker_pysafe(cfg: dict) -> dict:
                           "effective_rank_delta": r["effective_rank_delta"],
                           "effective_rank_delta_err": r.get("effective_rank_delta_err")}
     return {"seconds": seconds, "bytes_read": int(cmp.bytes_read), "flops": flops, "flop_notes": sorted(notes),
+            "cache": cmp.cache,
             "methods": methods, "params": {k: v for k, v in cmp.params.items() if k not in ("include", "exclude")},
             "per_matrix": per}
 
@@ -488,15 +497,24 @@ def main(argv=None) -> None:
         return max(nbytes / read_bw, flops / sgemm)
 
     runs = {}
+    cache_dir = tempfile.mkdtemp(prefix="pysafe-peers-cache-")
     todo = [("pysafe_fixed", "pysafe", {"options": {"rank": args.rank, "base_rank": args.base_rank}}),
+            ("pysafe_fixed_cached", "pysafe", {"options": {"rank": args.rank, "base_rank": args.base_rank},
+                                               "cached": True, "cache_dir": cache_dir, "cold": args.cold}),
             ("torch_lowrank", "torch", {}),
             ("pysafe_md", "pysafe", {"options": {"rank": args.md_top_k, "base_rank": 1}}),
             ("modeldelta", "modeldelta", {}),
             ("pysafe_default", "pysafe", {"options": {}})]
-    skip_map = {"torch": "torch_lowrank", "modeldelta": "modeldelta", "pysafe_default": "pysafe_default"}
+    skip_map = {"torch": "torch_lowrank", "modeldelta": "modeldelta", "pysafe_default": "pysafe_default",
+                "cached": "pysafe_fixed_cached"}
     todo = [t for t in todo if t[0] not in {skip_map.get(s, s) for s in skipped_tools}]
-    for label, kind, extra in todo:
-        runs[label] = run_worker(kind, {**cfg, **extra}, files, args.cold)
+    try:
+        for label, kind, extra in todo:
+            runs[label] = run_worker(kind, {**cfg, **extra}, files, args.cold)
+    finally:
+        import shutil
+
+        shutil.rmtree(cache_dir, ignore_errors=True)
 
     ref = exact_reference(base, tuned, sample) if sample else {}
     ref_norms = exact_norms(base, tuned, mats) if args.exact_norms else {}
@@ -512,14 +530,14 @@ def main(argv=None) -> None:
             rec.update({"flops": r["flops"], "floor_seconds": ba._r(fl, 3), "x_floor": ba._r(r["seconds"] / fl, 2),
                         "floor_term": "read" if nbytes / read_bw >= r["flops"] / sgemm else "sgemm"})
         if label.startswith("pysafe"):
-            rec.update({"svd_methods": r["methods"], "flop_notes": r["flop_notes"],
+            rec.update({"svd_methods": r["methods"], "flop_notes": r["flop_notes"], "cache": r.get("cache"),
                         "options": {k: r["params"].get(k) for k in ("rank", "base_rank", "energy", "base_energy",
                                                                      "power_iters", "oversample", "max_rank", "tol",
                                                                      "exact_max_dim") if k in r["params"]}})
         if ref_norms:
             key = "frob_norm_relative" if label == "modeldelta" else "delta_rel"
             rec["relative_norm_rel_err"] = _sig(_mx(rel(per.get(n, {}).get(key), x) for n, x in ref_norms.items()))
-        if label in ("pysafe_fixed", "torch_lowrank"):
+        if label in ("pysafe_fixed", "pysafe_fixed_cached", "torch_lowrank"):
             rec["sv_rel_err_delta"] = _sig(_mx(max_rel(per.get(n, {}).get("sv_delta"), ref[n]["sv_delta"])
                                                for n in ref))
             rec["sv_rel_err_base"] = _sig(_mx(max_rel(per.get(n, {}).get("sv_base"), ref[n]["sv_base"])
@@ -569,7 +587,14 @@ def main(argv=None) -> None:
         summary["b_rss_ratio_modeldelta_over_pysafe"] = ba._r(m["peak_rss_mb"] / a["peak_rss_mb"], 3)
         if "pysafe_default" in runs:
             summary["b_default_speedup_vs_modeldelta"] = ba._r(m["seconds"] / runs["pysafe_default"]["seconds"], 3)
-    for label in ("pysafe_fixed", "pysafe_md", "pysafe_default"):
+    if "pysafe_fixed" in runs and "pysafe_fixed_cached" in runs:
+        fixed, cached = runs["pysafe_fixed"]["seconds"], runs["pysafe_fixed_cached"]["seconds"]
+        summary["cache_speedup_fixed"] = ba._r(fixed / cached, 3)
+        # the per-matrix numbers kept here (spectra, norms, ranks) must be identical with and without the cache
+        summary["cache_records_identical"] = (json.dumps(runs["pysafe_fixed"]["per_matrix"], sort_keys=True)
+                                              == json.dumps(runs["pysafe_fixed_cached"]["per_matrix"], sort_keys=True))
+        summary["cache_hits"] = (runs["pysafe_fixed_cached"].get("cache") or {}).get("hits")
+    for label in ("pysafe_fixed", "pysafe_fixed_cached", "pysafe_md", "pysafe_default"):
         if label in runs and "flops" in runs[label]:
             summary[f"c_{label}_x_floor"] = ba._r(runs[label]["seconds"] / floor(runs[label]["flops"]), 2)
     summary["agree_rtol"] = args.agree_rtol
@@ -602,7 +627,7 @@ def markdown(lines: list[dict]) -> str:
             f"{mach.get('read_cold_gbps')} GB/s, warm {mach.get('read_warm_gbps')} GB/s, sgemm "
             f"{mach.get('sgemm_gflops')} GFLOP/s\n")
     ratios = "\n".join(f"- {k}: {v}" for k, v in summ.items()
-                       if k.startswith(("a_", "b_", "c_")))
+                       if k.startswith(("a_", "b_", "c_", "cache_")))
     return head + "\n" + "\n".join(rows) + "\n\n" + ratios
 
 

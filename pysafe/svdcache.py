@@ -132,9 +132,14 @@ class BaseCache:
         self.notes.append(msg)
         log.debug(msg)
 
-    def summary(self) -> dict:
-        return {"dir": str(self.dir), "hits": self.hits, "misses": self.misses, "writes": self.writes,
-                "notes": len(self.notes)}
+    def summary(self, since: dict | None = None) -> dict:
+        """Counts of hits, misses, writes and notes (those since an earlier ``summary()`` when given)."""
+        out = {"dir": str(self.dir), "hits": self.hits, "misses": self.misses, "writes": self.writes,
+               "notes": len(self.notes)}
+        if since is not None:
+            for k in ("hits", "misses", "writes", "notes"):
+                out[k] -= since[k]
+        return out
 
     # -- keys -------------------------------------------------------------------------------------------------
     def _file_identity(self, file: str) -> list:

@@ -157,6 +157,7 @@ def compare(base, tuned, *, progress: ProgressFn | None = None,
     from pysafe.svdcache import open_cache
 
     bc = open_cache(cache)
+    cache_before = bc.summary() if bc is not None else None
     t0 = time.perf_counter()
     b = base if isinstance(base, (Checkpoint, PeftAdapter)) else Checkpoint.open(base)
     t = tuned if isinstance(tuned, (Checkpoint, PeftAdapter)) else Checkpoint.open(tuned)
@@ -180,7 +181,7 @@ def compare(base, tuned, *, progress: ProgressFn | None = None,
             t.close()
     return Comparison(base=b.describe(), tuned=t.describe(), params=asdict(opts), records=records, skipped=skipped,
                       preflight=pre, scheme=scheme, seconds=time.perf_counter() - t0, bytes_read=nbytes,
-                      cache=bc.summary() if bc is not None else None)
+                      cache=bc.summary(since=cache_before) if bc is not None else None)
 
 
 def preflight(b: Checkpoint, t: Checkpoint, opts: Options) -> Preflight:
