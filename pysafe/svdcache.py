@@ -9,7 +9,8 @@ Key (SHA-256 of): the base file's identity (resolved path, device, inode, size, 
 checkpoint's header digest, the tensor's name, dtype, shape and data offset, a digest of 17 sampled 4 KiB
 windows of the tensor's bytes, every base SVD option the core exposes (rank, energy, max rank, oversampling,
 power iterations, seed, exact, ... and any option added later), ``center``, ``transpose``, the precision,
-pysafe's version, this format's schema number and the compiled core's size and mtime.
+the core's path (dense or factored) and thread count (the base SVD's rounding depends on both), pysafe's
+version, this format's schema number and the compiled core's size and mtime.
 
 Trade-off: hashing every byte of a 13 GB base would cost about as long as the analysis itself, so the key
 relies on the file's identity instead. Rewriting a file in any usual way (save, copy, download, ``git
@@ -151,9 +152,14 @@ class BaseCache:
             self._stat_cache[file] = ident
         return ident
 
-    def key(self, ckpt, name: str, buf, params, f64: bool) -> str | None:
+    def key(self, ckpt, name: str, buf, params, f64: bool, path: str = "dense") -> str | None:
         """The entry key of tensor ``name`` of checkpoint ``ckpt`` (``buf``: its raw bytes) analysed with
-        ``params`` (a ``_core.AnalyzeParams``); None (no caching) when the file cannot be identified."""
+        ``params`` (a ``_core.AnalyzeParams``) on the core's ``path`` ("dense" or "factored"); None (no
+        caching) when the file cannot be identified.
+
+        The path and the core's thread count enter the key because the base SVD runs with another BLAS
+        thread layout on each, and blocked reductions round differently: an entry is only reused where
+        recomputing it would give the same bits."""
         info = ckpt.tensors[name]
         try:
             ident = self._file_identity(info.file)
@@ -168,7 +174,8 @@ class BaseCache:
                  "header_digest": ckpt.header_digest, "tensor": name, "dtype": info.dtype,
                  "shape": list(info.shape), "offset": info.offset, "sample": sample_digest(buf),
                  "base_svd": svd_options_dict(params.base), "center": bool(params.center),
-                 "transpose": bool(params.transpose), "f64": bool(f64)}
+                 "transpose": bool(params.transpose), "f64": bool(f64), "path": path,
+                 "threads": _core.get_num_threads()}
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
     def _path(self, key: str) -> Path:

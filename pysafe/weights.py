@@ -271,7 +271,7 @@ def _record(name: str, shape, bi, ti, scheme: str, raw: dict) -> dict:
     return rec
 
 
-def _analyze_cached(run, cache, b: Checkpoint, name: str, buf, params, f64: bool) -> dict:
+def _analyze_cached(run, cache, b: Checkpoint, name: str, buf, params, f64: bool, path: str) -> dict:
     """``run(**kw)`` is the core's analyze_dense/analyze_factored on this tensor; with a cache, W_base's
     decomposition is read from it when present and stored after computing it otherwise."""
     if cache is None:
@@ -279,7 +279,7 @@ def _analyze_cached(run, cache, b: Checkpoint, name: str, buf, params, f64: bool
         raw["base_svd_cached"] = False
         return raw
     bi = b.tensors[name]
-    key = cache.key(b, name, buf, params, f64)
+    key = cache.key(b, name, buf, params, f64, path)
     found = cache.load(key, bi.shape[0], bi.shape[1], f64)
     if found is not None:
         try:
@@ -320,7 +320,7 @@ def _compare_dense(b: Checkpoint, t: Checkpoint, opts: Options, scheme: str, pro
             def run(**kw):
                 return _core.analyze_dense(bbuf, bi.dtype, tbuf, ti.dtype, bi.shape[0], bi.shape[1], params, f64, **kw)
 
-            raw = _analyze_cached(run, cache, b, name, bbuf, params, f64)
+            raw = _analyze_cached(run, cache, b, name, bbuf, params, f64, "dense")
         else:
             n = int(np.prod(bi.shape)) if bi.shape else 1
             raw = _core.analyze_norms(bbuf, bi.dtype, tbuf, ti.dtype, n)
@@ -396,7 +396,7 @@ def _compare_adapter(b: Checkpoint, t: PeftAdapter, opts: Options, scheme: str, 
         def run(**kw):
             return _core.analyze_factored(bbuf, bi.dtype, bi.shape[0], bi.shape[1], Lc, Rc, params, **kw)
 
-        raw = _analyze_cached(run, cache, b, tg.base_name, bbuf, params, f64)
+        raw = _analyze_cached(run, cache, b, tg.base_name, bbuf, params, f64, "factored")
         del bbuf
         b.advise(tg.base_name, "dontneed")
         raw["lora_rank"] = int(tg.rank)
