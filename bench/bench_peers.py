@@ -208,32 +208,42 @@ def _record_flops(r: dict, opts: dict) -> tuple[float, str]:
 
     def side(method, l, k, suffix):
         nonlocal total
+        big, small = max(m, n), min(m, n)
         if method in (None, "none", "factored", "cache"):
             return
         if method == "exact" or method.startswith("exact") or method.startswith("gesdd"):
-            values_only = "values" in method
-            big, small = max(m, n), min(m, n)
-            if values_only:
+            if "values" in method:
                 total += 4 * big * small ** 2 - 4 * small ** 3 / 3
             else:
                 total += 6 * big * small ** 2 + 20 * small ** 3
             return
-        # sketch-based (randomized range finder, subspace or block Krylov iteration): count passes over A
+        if method == "gram_eig":
+            # Gram matrix (syrk, big·small² flops) and tridiagonal reduction (4/3·small³) in float64, counted
+            # twice (f64 runs at about half the f32 rate), plus the top-k eigenvectors mapped back (2·m·n·k)
+            total += 2 * (big * small ** 2 + 4 * small ** 3 / 3) + 2.0 * m * n * k
+            notes.append("gram_eig model")
+            return
+        # sketch-based (randomized range finder, subspace iteration): width l (at least k + oversampling,
+        # as records may keep only the k reported values) times the passes over A
+        l = min(small, max(l, k + int(opts.get("oversample", 10) or 0)))
         passes = None
-        for key in (f"svd_passes{suffix}", f"svd_matmuls{suffix}", f"svd_power_iters{suffix}", f"svd_iters{suffix}"):
-            if key in r and r[key] is not None:
+        for key in (f"svd_passes{suffix}", f"svd_matmuls{suffix}", f"svd_iterations{suffix}",
+                    f"svd_power_iters{suffix}", f"svd_iters{suffix}"):
+            if key in r and r[key] is not None and math.isfinite(float(r[key])) and float(r[key]) > 0:
                 v = float(r[key])
                 passes = v if "passes" in key or "matmuls" in key else 2 * v + 2
-                notes.append(key)
+                notes.append(key.replace(suffix, "") if suffix else key)
                 break
         if passes is None:
-            passes = 2 * opts.get("power_iters", 2) + 2
+            q = opts.get("power_iters", 2)
+            passes = 2 * (q if q is not None and q >= 0 else 2) + 2
             notes.append("passes from options")
         total += 2.0 * m * n * l * passes + 4.0 * max(m, n) * l * l * (passes / 2)
 
     sd, sb = r.get("sv_delta"), r.get("sv_base")
     kb = int(r.get("rank_base", 0) or 0)
-    side(r.get("svd_method"), len(sd) if sd is not None else 0, int(r.get("rank_delta", 0) or 0), "")
+    delta_suffix = "_delta" if any(k.endswith("_delta") and k.startswith("svd_iterations") for k in r) else ""
+    side(r.get("svd_method"), len(sd) if sd is not None else 0, int(r.get("rank_delta", 0) or 0), delta_suffix)
     if not r.get("base_svd_cached"):
         side(r.get("svd_method_base"), len(sb) if sb is not None else 0, kb, "_base")
     total += 2.0 * m * n * min(kb, d) * 2  # ΔW's projections on W_base's column and row spaces

@@ -50,6 +50,7 @@ SCHEMA = 1
 DEFAULT_MAX_BYTES = 16 << 30
 _SAMPLES = 16
 _WINDOW = 4096
+#: fields every entry has (the core may return more; they are stored and handed back as they are)
 _FIELDS = ("rows", "cols", "k", "f64", "method", "full_spectrum", "energy_reached", "fro2", "rel_error",
            "tail_rel", "sketch_passes")
 
@@ -100,10 +101,11 @@ def sample_digest(buf) -> str:
     return h.hexdigest()
 
 
-def _arrays_digest(U, S, Vt) -> str:
+def _arrays_digest(arrays: dict) -> str:
     h = hashlib.blake2b(digest_size=16)
-    for x in (U, S, Vt):
-        h.update(str(x.dtype).encode() + str(x.shape).encode())
+    for name in sorted(arrays):
+        x = arrays[name]
+        h.update(name.encode() + str(x.dtype).encode() + str(x.shape).encode())
         h.update(np.ascontiguousarray(x).tobytes())
     return h.hexdigest()
 
@@ -190,8 +192,8 @@ class BaseCache:
         try:
             with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
                 meta = json.loads(bytes(z["meta"]).decode())
-                U, S, Vt = z["U"], z["S"], z["Vt"]
-            problem = self._check(meta, key, U, S, Vt, rows, cols, f64)
+                arrays = {name: z[name] for name in z.files if name != "meta"}
+            problem = self._check(meta, key, arrays, rows, cols, f64)
         except FileNotFoundError:
             self.misses += 1
             return None
@@ -206,26 +208,30 @@ class BaseCache:
         except OSError:
             pass
         self.hits += 1
-        d = {f: meta[f] for f in _FIELDS}
-        d.update(U=U, S=S, Vt=Vt)
+        d = dict(meta["fields"])
+        d.update(arrays)
         return d
 
     @staticmethod
-    def _check(meta, key, U, S, Vt, rows, cols, f64) -> str | None:
+    def _check(meta, key, arrays, rows, cols, f64) -> str | None:
         if meta.get("schema") != SCHEMA or meta.get("key") != key:
             return "schema or key does not match"
-        if any(f not in meta for f in _FIELDS):
+        fields = meta.get("fields")
+        if not isinstance(fields, dict) or any(f not in fields for f in _FIELDS):
             return "metadata incomplete"
+        if any(n not in arrays for n in ("U", "S", "Vt")):
+            return "arrays U, S, Vt missing"
+        U, S, Vt = arrays["U"], arrays["S"], arrays["Vt"]
         want = np.float64 if f64 else np.float32
-        k = meta["k"]
-        if (meta["rows"], meta["cols"], bool(meta["f64"])) != (rows, cols, bool(f64)):
-            return f"holds a {meta['rows']}x{meta['cols']} f{64 if meta['f64'] else 32} matrix, " \
+        k = fields["k"]
+        if (fields["rows"], fields["cols"], bool(fields["f64"])) != (rows, cols, bool(f64)):
+            return f"holds a {fields['rows']}x{fields['cols']} f{64 if fields['f64'] else 32} matrix, " \
                    f"expected {rows}x{cols} f{64 if f64 else 32}"
         if U.dtype != want or S.dtype != want or Vt.dtype != want:
             return f"arrays are {U.dtype}/{S.dtype}/{Vt.dtype}, expected {np.dtype(want)}"
         if U.shape != (rows, k) or Vt.shape != (k, cols) or S.ndim != 1 or not (k <= S.size <= min(rows, cols)):
             return f"array shapes U {U.shape}, S {S.shape}, Vt {Vt.shape} do not fit k = {k}"
-        if _arrays_digest(U, S, Vt) != meta.get("digest"):
+        if _arrays_digest(arrays) != meta.get("digest"):
             return "array digest does not match (damaged file)"
         return None
 
@@ -234,19 +240,25 @@ class BaseCache:
         """Write a decomposition returned by the core (atomically; errors become notes)."""
         if key is None or d is None:
             return
-        U, S, Vt = d["U"], d["S"], d["Vt"]
-        size = U.nbytes + S.nbytes + Vt.nbytes
+        # Every array of the core's dict is stored as an .npz member and every other value in the JSON
+        # metadata, so that fields the core adds later round-trip without a change here.
+        arrays = {n: np.ascontiguousarray(v) for n, v in d.items() if isinstance(v, np.ndarray)}
+        fields = {n: v for n, v in d.items() if not isinstance(v, np.ndarray)}
+        if any(n == "meta" or not n.isidentifier() for n in arrays):
+            self._note(f"{tensor}: unexpected array names {sorted(arrays)}; not stored")
+            return
+        size = sum(a.nbytes for a in arrays.values())
         if size > self.max_bytes:
             self._note(f"{tensor}: decomposition of {size / 1e6:.0f} MB exceeds the cache bound; not stored")
             return
-        meta = {f: d[f] for f in _FIELDS}
-        meta.update(schema=SCHEMA, key=key, tensor=tensor, digest=_arrays_digest(U, S, Vt), created=time.time())
+        meta = {"schema": SCHEMA, "key": key, "tensor": tensor, "fields": fields, "digest": _arrays_digest(arrays),
+                "created": time.time()}
         tmp = None
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=self.dir)
             with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, U=U, S=S, Vt=Vt, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+                np.savez(fh, **arrays, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
             os.replace(tmp, self._path(key))
             tmp = None
             self.writes += 1
