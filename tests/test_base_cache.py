@@ -330,3 +330,25 @@ def test_adapter_path_hits_and_matches(pair, tmp_path):
     one = compare(base, adapter, cache=cache, threads=1)
     assert one.cache["hits"] == 0
     _same_records(compare(base, adapter, threads=1), one)
+
+
+def test_extra_fields_round_trip(tmp_path):
+    """Arrays and values beyond U, S, Vt (fields a newer core returns) come back as they were stored."""
+    cache = BaseCache(tmp_path)
+    rng = np.random.default_rng(1)
+    d = {"U": rng.standard_normal((30, 3)).astype(np.float32), "S": np.array([3.0, 2.0, 1.0, 0.5], np.float32),
+         "Vt": rng.standard_normal((3, 20)).astype(np.float32), "rows": 30, "cols": 20, "k": 3, "f64": False,
+         "method": "exact", "full_spectrum": True, "energy_reached": True, "fro2": 14.25, "rel_error": float("nan"),
+         "tail_rel": 0.1, "sketch_passes": 0, "spectrum": np.linspace(3, 0.1, 20), "tol_reached": True}
+    cache.store("cd" * 32, d, "t")
+    got = cache.load("cd" * 32, 30, 20, False)
+    assert got is not None and cache.notes == []
+    assert set(got) == set(d)
+    for k, v in d.items():
+        if isinstance(v, np.ndarray):
+            assert got[k].dtype == v.dtype and np.array_equal(got[k], v), k
+        elif isinstance(v, float) and np.isnan(v):
+            assert np.isnan(got[k])
+        else:
+            assert got[k] == v, k
+    assert cache.load("cd" * 32, 30, 21, False) is None and "expected 30x21" in cache.notes[-1]
