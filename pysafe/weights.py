@@ -109,6 +109,7 @@ class Comparison:
     scheme: str
     seconds: float = 0.0
     bytes_read: int = 0
+    cache: dict | None = None  # base-decomposition cache use: dir, hits, misses, writes (None: no cache)
 
     def to_pandas(self):
         """The records as a pandas DataFrame (spectra left out). Needs pandas."""
@@ -128,7 +129,7 @@ ProgressFn = Callable[[int, int, int, int, str], None]
 
 
 def compare(base, tuned, *, progress: ProgressFn | None = None,
-            on_preflight: Callable[[Preflight], None] | None = None, **options) -> Comparison:
+            on_preflight: Callable[[Preflight], None] | None = None, cache=None, **options) -> Comparison:
     """Compare two checkpoints tensor by tensor (engine.md §4–5).
 
     Args:
@@ -137,6 +138,10 @@ def compare(base, tuned, *, progress: ProgressFn | None = None,
         progress: called as ``progress(done, total, bytes_done, bytes_total, name)`` after each tensor.
         on_preflight: called with the :class:`Preflight` as soon as pairing is done, before any data
             is read (the CLI prints mismatches there, in the first second).
+        cache: reuse W_base's decompositions across runs (:mod:`pysafe.svdcache`): None/False (default) for
+            none, True for the user's cache directory (``$XDG_CACHE_HOME/pysafe``), a directory path, or a
+            :class:`pysafe.svdcache.BaseCache`. Records are identical with and without it, apart from the
+            ``time_*`` keys and ``base_svd_cached``.
         **options: any field of :class:`Options` (``rank``, ``energy``, ``exact``, ``center``, ...).
 
     Returns:
@@ -149,6 +154,10 @@ def compare(base, tuned, *, progress: ProgressFn | None = None,
     """
     opts = Options(**options)
     opts.validate()
+    from pysafe.svdcache import open_cache
+
+    bc = open_cache(cache)
+    cache_before = bc.summary() if bc is not None else None
     t0 = time.perf_counter()
     b = base if isinstance(base, (Checkpoint, PeftAdapter)) else Checkpoint.open(base)
     t = tuned if isinstance(tuned, (Checkpoint, PeftAdapter)) else Checkpoint.open(tuned)
@@ -159,9 +168,11 @@ def compare(base, tuned, *, progress: ProgressFn | None = None,
     scheme = detect_scheme(b.tensors)
     try:
         if isinstance(t, PeftAdapter):
-            records, skipped, pre, nbytes = _compare_adapter(b, t, opts, scheme, progress, on_preflight)
+            records, skipped, pre, nbytes = _compare_adapter(b, t, opts, scheme, progress, on_preflight, bc)
         else:
-            records, skipped, pre, nbytes = _compare_dense(b, t, opts, scheme, progress, on_preflight)
+            records, skipped, pre, nbytes = _compare_dense(b, t, opts, scheme, progress, on_preflight, bc)
+        if bc is not None:
+            bc.prune()
     finally:
         _core.set_num_threads(threads_before)  # do not leak our setting into the caller's process
         if not isinstance(base, (Checkpoint, PeftAdapter)):
@@ -169,7 +180,8 @@ def compare(base, tuned, *, progress: ProgressFn | None = None,
         if not isinstance(tuned, (Checkpoint, PeftAdapter)):
             t.close()
     return Comparison(base=b.describe(), tuned=t.describe(), params=asdict(opts), records=records, skipped=skipped,
-                      preflight=pre, scheme=scheme, seconds=time.perf_counter() - t0, bytes_read=nbytes)
+                      preflight=pre, scheme=scheme, seconds=time.perf_counter() - t0, bytes_read=nbytes,
+                      cache=bc.summary(since=cache_before) if bc is not None else None)
 
 
 def preflight(b: Checkpoint, t: Checkpoint, opts: Options) -> Preflight:
@@ -262,7 +274,30 @@ def _record(name: str, shape, bi, ti, scheme: str, raw: dict) -> dict:
     return rec
 
 
-def _compare_dense(b: Checkpoint, t: Checkpoint, opts: Options, scheme: str, progress, on_preflight):
+def _analyze_cached(run, cache, b: Checkpoint, name: str, buf, params, f64: bool, path: str) -> dict:
+    """``run(**kw)`` is the core's analyze_dense/analyze_factored on this tensor; with a cache, W_base's
+    decomposition is read from it when present and stored after computing it otherwise."""
+    if cache is None:
+        raw = run()
+        raw["base_svd_cached"] = False
+        return raw
+    bi = b.tensors[name]
+    key = cache.key(b, name, buf, params, f64, path)
+    found = cache.load(key, bi.shape[0], bi.shape[1], f64)
+    if found is not None:
+        try:
+            raw = run(base_decomposition=found)
+            raw["base_svd_cached"] = True
+            return raw
+        except ValueError as exc:  # the core refused the entry: recompute, and overwrite it below
+            cache._note(f"{name}: cached decomposition refused ({exc}); recomputed")
+    raw, dec = run(return_base=True)
+    cache.store(key, dec, name)
+    raw["base_svd_cached"] = False
+    return raw
+
+
+def _compare_dense(b: Checkpoint, t: Checkpoint, opts: Options, scheme: str, progress, on_preflight, cache=None):
     pre = preflight(b, t, opts)
     if on_preflight:
         on_preflight(pre)
@@ -283,8 +318,12 @@ def _compare_dense(b: Checkpoint, t: Checkpoint, opts: Options, scheme: str, pro
         bbuf, tbuf = b.buffer(name), t.buffer(name)
         if len(bi.shape) == 2:
             ni = name_info(name, scheme)
-            raw = _core.analyze_dense(bbuf, bi.dtype, tbuf, ti.dtype, bi.shape[0], bi.shape[1],
-                                      _params(opts, name, ni.transposed), f64)
+            params = _params(opts, name, ni.transposed)
+
+            def run(**kw):
+                return _core.analyze_dense(bbuf, bi.dtype, tbuf, ti.dtype, bi.shape[0], bi.shape[1], params, f64, **kw)
+
+            raw = _analyze_cached(run, cache, b, name, bbuf, params, f64, "dense")
         else:
             n = int(np.prod(bi.shape)) if bi.shape else 1
             raw = _core.analyze_norms(bbuf, bi.dtype, tbuf, ti.dtype, n)
@@ -305,7 +344,8 @@ def _finish(name, shape, bi, ti, scheme, raw, records, skipped):
         records.append(_record(name, shape, bi, ti, scheme, raw))
 
 
-def _compare_adapter(b: Checkpoint, t: PeftAdapter, opts: Options, scheme: str, progress, on_preflight):
+def _compare_adapter(b: Checkpoint, t: PeftAdapter, opts: Options, scheme: str, progress, on_preflight,
+                     cache=None):
     """ΔW = scale · B · A per target module, analysed from its factors (never forming B·A)."""
     pre = Preflight()
     inc = re.compile(opts.include) if opts.include else None
@@ -351,10 +391,16 @@ def _compare_adapter(b: Checkpoint, t: PeftAdapter, opts: Options, scheme: str, 
             L, R = np.ascontiguousarray(A.T), np.ascontiguousarray(tg.scale * B.T)
         else:
             L, R = np.ascontiguousarray(tg.scale * B), A
-        raw = _core.analyze_factored(b.buffer(tg.base_name), bi.dtype, bi.shape[0], bi.shape[1],
-                                     L.astype(np.float64 if f64 else np.float32, copy=False),
-                                     R.astype(np.float64 if f64 else np.float32, copy=False),
-                                     _params(opts, tg.base_name, ni.transposed))
+        bbuf = b.buffer(tg.base_name)
+        params = _params(opts, tg.base_name, ni.transposed)
+        Lc = L.astype(np.float64 if f64 else np.float32, copy=False)
+        Rc = R.astype(np.float64 if f64 else np.float32, copy=False)
+
+        def run(**kw):
+            return _core.analyze_factored(bbuf, bi.dtype, bi.shape[0], bi.shape[1], Lc, Rc, params, **kw)
+
+        raw = _analyze_cached(run, cache, b, tg.base_name, bbuf, params, f64, "factored")
+        del bbuf
         b.advise(tg.base_name, "dontneed")
         raw["lora_rank"] = int(tg.rank)
         raw["lora_scale"] = float(tg.scale)

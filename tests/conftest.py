@@ -7,6 +7,15 @@ import pytest
 from pysafe import _core
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_dir(tmp_path_factory):
+    """`pysafe analyze` caches base decompositions under $XDG_CACHE_HOME by default: keep the tests' out of
+    the user's cache directory."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
+
+
 def pytest_collection_modifyitems(config, items):
     if _core.cuda_device_count() == 0:
         skip = pytest.mark.skip(reason="no CUDA device")

@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include <cstring>
+#include <memory>
 
 #include "core/error.h"
 #include "core/parallel.h"
@@ -130,6 +131,63 @@ py::tuple svd_tuple(const TruncatedSvd<T>& s) {
   info["tail_rel"] = s.tail_rel;
   info["sketch_passes"] = s.sketch_passes;
   return py::make_tuple(to_array(s.U, {s.m, s.r}), to_array(s.S, {s.r}), to_array(s.Vt, {s.r, s.n}), info);
+}
+
+// W_base's decomposition (metrics.h) to and from a dict of arrays and values, so that Python can
+// store it and hand it back. U and Vt come out in the analysis' precision (float32 or float64).
+py::object decomposition_dict(const BaseDecomposition& d) {
+  if (d.rows == 0 && d.cols == 0) return py::none();  // skipped tensor: nothing was decomposed
+  py::dict out;
+  auto arr = [&](const std::vector<double>& v, std::vector<py::ssize_t> shape) -> py::array {
+    if (d.f64) return to_array(v, shape);
+    std::vector<float> f(v.begin(), v.end());
+    return to_array(f, shape);
+  };
+  out["U"] = arr(d.U, {d.rows, d.k});
+  out["S"] = arr(d.S, {static_cast<py::ssize_t>(d.S.size())});
+  out["Vt"] = arr(d.Vt, {d.k, d.cols});
+  out["rows"] = d.rows;
+  out["cols"] = d.cols;
+  out["k"] = d.k;
+  out["f64"] = d.f64;
+  out["method"] = d.method;
+  out["full_spectrum"] = d.full_spectrum;
+  out["energy_reached"] = d.energy_reached;
+  out["fro2"] = d.fro2;
+  out["rel_error"] = d.rel_error;
+  out["tail_rel"] = d.tail_rel;
+  out["sketch_passes"] = d.sketch_passes;
+  return std::move(out);
+}
+
+BaseDecomposition decomposition_from(const py::dict& in) {
+  BaseDecomposition d;
+  auto vec = [&](const char* key) {
+    auto a = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(in[key]);
+    if (!a) throw py::value_error(std::string("base_decomposition: '") + key + "' is not a numeric array");
+    return std::vector<double>(a.data(), a.data() + a.size());
+  };
+  try {
+    d.rows = in["rows"].cast<int64_t>();
+    d.cols = in["cols"].cast<int64_t>();
+    d.k = in["k"].cast<int64_t>();
+    d.f64 = in["f64"].cast<bool>();
+    d.method = in["method"].cast<std::string>();
+    d.full_spectrum = in["full_spectrum"].cast<bool>();
+    d.energy_reached = in["energy_reached"].cast<bool>();
+    d.fro2 = in["fro2"].cast<double>();
+    d.rel_error = in["rel_error"].cast<double>();
+    d.tail_rel = in["tail_rel"].cast<double>();
+    d.sketch_passes = in["sketch_passes"].cast<int64_t>();
+  } catch (const py::error_already_set& e) {
+    throw py::value_error(std::string("base_decomposition: missing or malformed field (") + e.what() + ")");
+  } catch (const py::cast_error& e) {
+    throw py::value_error(std::string("base_decomposition: malformed field (") + e.what() + ")");
+  }
+  d.U = vec("U");
+  d.S = vec("S");
+  d.Vt = vec("Vt");
+  return d;
 }
 
 /// run(float()) or run(double()) by A's dtype; any other dtype is a TypeError naming `what`.
@@ -316,44 +374,60 @@ PYBIND11_MODULE(_core, m) {
      py::arg("f64") = false, "ΔW = upcast(tuned) − upcast(base) in one pass; returns (delta, stats).");
 
   m.def("analyze_dense", [](py::buffer base, const std::string& bdt, py::buffer tuned, const std::string& tdt,
-                            int64_t rows, int64_t cols, const AnalyzeParams& p, bool f64) {
+                            int64_t rows, int64_t cols, const AnalyzeParams& p, bool f64, py::object base_decomposition,
+                            bool return_base) -> py::object {
     DType b = dtype_of(bdt), t = dtype_of(tdt);
     size_t n = static_cast<size_t>(rows * cols);
     ByteView bv = bytes_of(base, dtype_nbytes(b, n), "base"), tv = bytes_of(tuned, dtype_nbytes(t, n), "tuned");
+    std::unique_ptr<BaseDecomposition> in;
+    if (!base_decomposition.is_none()) in.reset(new BaseDecomposition(decomposition_from(base_decomposition)));
+    BaseDecomposition out;
     Record r;
     {
       py::gil_scoped_release nogil;
-      r = f64 ? analyze_dense<double>(bv.ptr, b, tv.ptr, t, rows, cols, p)
-              : analyze_dense<float>(bv.ptr, b, tv.ptr, t, rows, cols, p);
+      r = f64 ? analyze_dense<double>(bv.ptr, b, tv.ptr, t, rows, cols, p, in.get(), return_base ? &out : nullptr)
+              : analyze_dense<float>(bv.ptr, b, tv.ptr, t, rows, cols, p, in.get(), return_base ? &out : nullptr);
     }
-    return record_dict(std::move(r));
+    if (!return_base) return record_dict(std::move(r));
+    return py::make_tuple(record_dict(std::move(r)), decomposition_dict(out));
   }, py::arg("base"), py::arg("base_dtype"), py::arg("tuned"), py::arg("tuned_dtype"), py::arg("rows"),
-     py::arg("cols"), py::arg("params"), py::arg("f64") = false,
-     "All metrics of one stored rows×cols matrix pair (engine.md §5), ΔW formed in f32 or f64.");
+     py::arg("cols"), py::arg("params"), py::arg("f64") = false, py::arg("base_decomposition") = py::none(),
+     py::arg("return_base") = false,
+     "All metrics of one stored rows×cols matrix pair (engine.md §5), ΔW formed in f32 or f64. "
+     "base_decomposition: W_base's decomposition from an earlier return_base=True call with the same base "
+     "tensor and options (its SVD is then not recomputed); return_base=True returns (record, decomposition "
+     "or None for a skipped tensor).");
 
   m.def("analyze_factored", [](py::buffer base, const std::string& bdt, int64_t rows, int64_t cols, py::array L,
-                               py::array R, const AnalyzeParams& p) {
+                               py::array R, const AnalyzeParams& p, py::object base_decomposition, bool return_base) -> py::object {
     DType b = dtype_of(bdt);
     ByteView bv = bytes_of(base, dtype_nbytes(b, static_cast<size_t>(rows * cols)), "base");
     if (L.ndim() != 2 || R.ndim() != 2 || L.shape(0) != rows || R.shape(1) != cols || L.shape(1) != R.shape(0))
       throw py::value_error("analyze_factored: expected L (rows×r) and R (r×cols) matching the base shape");
     int64_t r = L.shape(1);
     bool f64 = L.dtype().is(py::dtype::of<double>());
+    std::unique_ptr<BaseDecomposition> in;
+    if (!base_decomposition.is_none()) in.reset(new BaseDecomposition(decomposition_from(base_decomposition)));
+    BaseDecomposition out;
+    BaseDecomposition* outp = return_base ? &out : nullptr;
     Record rec;
     if (f64) {
       auto Lc = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(L);
       auto Rc = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(R);
       py::gil_scoped_release nogil;
-      rec = analyze_factored<double>(bv.ptr, b, rows, cols, Lc.data(), Rc.data(), r, p);
+      rec = analyze_factored<double>(bv.ptr, b, rows, cols, Lc.data(), Rc.data(), r, p, in.get(), outp);
     } else {
       auto Lc = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(L);
       auto Rc = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(R);
       py::gil_scoped_release nogil;
-      rec = analyze_factored<float>(bv.ptr, b, rows, cols, Lc.data(), Rc.data(), r, p);
+      rec = analyze_factored<float>(bv.ptr, b, rows, cols, Lc.data(), Rc.data(), r, p, in.get(), outp);
     }
-    return record_dict(std::move(rec));
+    if (!return_base) return record_dict(std::move(rec));
+    return py::make_tuple(record_dict(std::move(rec)), decomposition_dict(out));
   }, py::arg("base"), py::arg("base_dtype"), py::arg("rows"), py::arg("cols"), py::arg("L"), py::arg("R"),
-     py::arg("params"), "Metrics of a low-rank ΔW = L·R (PEFT adapters) without forming L·R.");
+     py::arg("params"), py::arg("base_decomposition") = py::none(), py::arg("return_base") = false,
+     "Metrics of a low-rank ΔW = L·R (PEFT adapters) without forming L·R. base_decomposition and "
+     "return_base as in analyze_dense.");
 
   m.def("analyze_norms", [](py::buffer base, const std::string& bdt, py::buffer tuned, const std::string& tdt,
                             size_t n) {

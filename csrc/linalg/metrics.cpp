@@ -7,6 +7,7 @@
 #include <exception>
 #include <limits>
 #include <thread>
+#include <type_traits>
 
 #include "core/error.h"
 #include "core/parallel.h"
@@ -287,11 +288,72 @@ void chance_levels(SideMetrics& m, int64_t kb, int64_t kd, int64_t dim, double c
   m.overlap_chance = kmin > 0 ? static_cast<double>(std::max(kb, kd)) / dim : kNaN;
 }
 
+// W_base's SVD reduced to what the metrics read (the k kept vectors, every computed value) and
+// back. The computed and the reused (cached) paths both go through this form, so their records
+// are identical bit for bit.
+template <typename T>
+BaseDecomposition to_decomposition(const TruncatedSvd<T>& s) {
+  BaseDecomposition d;
+  d.rows = s.m;
+  d.cols = s.n;
+  d.k = s.k;
+  d.f64 = std::is_same<T, double>::value;
+  d.S.assign(s.S.begin(), s.S.begin() + std::min<int64_t>(s.r, static_cast<int64_t>(s.S.size())));
+  d.U.resize(static_cast<size_t>(s.m * s.k));
+  for (int64_t r = 0; r < s.m; ++r)
+    for (int64_t c = 0; c < s.k; ++c) d.U[r * s.k + c] = s.U[r * s.r + c];
+  d.Vt.assign(s.Vt.begin(), s.Vt.begin() + s.k * s.n);
+  d.method = s.method;
+  d.full_spectrum = s.full_spectrum;
+  d.energy_reached = s.energy_reached;
+  d.fro2 = s.fro2;
+  d.rel_error = s.rel_error;
+  d.tail_rel = s.tail_rel;
+  d.sketch_passes = s.sketch_passes;
+  return d;
+}
+
+// A TruncatedSvd with r = k columns (S keeps every value; the metrics read only S[0, k) of it).
+template <typename T>
+TruncatedSvd<T> from_decomposition(const BaseDecomposition& d) {
+  TruncatedSvd<T> s;
+  s.m = d.rows;
+  s.n = d.cols;
+  s.r = d.k;
+  s.k = d.k;
+  s.U.assign(d.U.begin(), d.U.end());
+  s.S.assign(d.S.begin(), d.S.end());
+  s.Vt.assign(d.Vt.begin(), d.Vt.end());
+  s.method = d.method;
+  s.full_spectrum = d.full_spectrum;
+  s.energy_reached = d.energy_reached;
+  s.fro2 = d.fro2;
+  s.rel_error = d.rel_error;
+  s.tail_rel = d.tail_rel;
+  s.sketch_passes = d.sketch_passes;
+  return s;
+}
+
+// A decomposition handed in for reuse must be of this matrix, in this precision.
+template <typename T>
+void check_decomposition(const BaseDecomposition& d, int64_t rows, int64_t cols) {
+  const bool f64 = std::is_same<T, double>::value;
+  PYSAFE_CHECK(d.rows == rows && d.cols == cols, Value, "base_decomposition",
+               "base decomposition is of a ", d.rows, "x", d.cols, " matrix, expected ", rows, "x", cols);
+  PYSAFE_CHECK(d.f64 == f64, Value, "base_decomposition", "base decomposition was computed in ",
+               d.f64 ? "f64" : "f32", ", this analysis runs in ", f64 ? "f64" : "f32");
+  PYSAFE_CHECK(d.k >= 0 && d.k <= std::min(rows, cols) && static_cast<int64_t>(d.S.size()) >= d.k &&
+                   static_cast<int64_t>(d.S.size()) <= std::min(rows, cols) &&
+                   static_cast<int64_t>(d.U.size()) == rows * d.k && static_cast<int64_t>(d.Vt.size()) == d.k * cols,
+               Value, "base_decomposition", "base decomposition has k = ", d.k, ", ", d.S.size(), " values, U of ",
+               d.U.size(), " and Vt of ", d.Vt.size(), " entries: inconsistent with a ", rows, "x", cols, " matrix");
+}
+
 }  // namespace
 
 template <typename T>
 Record analyze_dense(const uint8_t* base, DType bdt, const uint8_t* tuned, DType tdt, int64_t rows, int64_t cols,
-                     const AnalyzeParams& p) {
+                     const AnalyzeParams& p, const BaseDecomposition* base_in, BaseDecomposition* base_out) {
   // Shapes (stored): W_b, ΔW (rows×cols). U_b (rows×kb), V_b (cols×kb), U_Δ (rows×kd), V_Δ (cols×kd).
   Record rec;
   const size_t n = static_cast<size_t>(rows * cols);
@@ -305,27 +367,42 @@ Record analyze_dense(const uint8_t* base, DType bdt, const uint8_t* tuned, DType
   if (skip_nonfinite(rec, st)) return rec;
   double base_fro2 = st.sumsq_base, delta_fro2 = st.sumsq_delta;
   double base_svd_fro2 = base_fro2, delta_svd_fro2 = delta_fro2;
+  if (base_in) check_decomposition<T>(*base_in, rows, cols);
   if (p.center) {
-    base_svd_fro2 = center_matrix(Wb, rows, cols, p.transpose);
+    if (!base_in) base_svd_fro2 = center_matrix(Wb, rows, cols, p.transpose);
     delta_svd_fro2 = center_matrix(dW, rows, cols, p.transpose);
   }
   SvdOptions od = p.delta, ob = p.base;
   ob.residual_check = false;  // the record's svd_rel_error is ΔW's; skip a pass over W_b
   // The two SVDs are independent: side by side (their times overlap when they do).
   TruncatedSvd<T> sd, sb;
+  BaseDecomposition computed;
   double time_svd_base = 0.0;  // written by the second lane: the record's map is the first lane's
-  two_lanes(
-      [&] {
-        auto t = std::chrono::steady_clock::now();
-        sd = truncated_svd<T>(dW, rows, cols, delta_svd_fro2, od);
-        rec.scalars["time_svd_delta"] = seconds_since(t);
-      },
-      [&] {
-        auto t = std::chrono::steady_clock::now();
-        sb = truncated_svd<T>(Wb, rows, cols, base_svd_fro2, ob);
-        time_svd_base = seconds_since(t);
-      });
+  if (base_in) {
+    // W_base's SVD reused: only ΔW's, with the BLAS threads of its lane in two_lanes. Blocked
+    // reductions depend on the thread count, so this keeps the record identical bit for bit.
+    std::unique_ptr<blas::ScopedThreads> lane;
+    if (num_threads() >= 2) lane.reset(new blas::ScopedThreads(std::max(1, num_threads() / 2)));
+    auto t = std::chrono::steady_clock::now();
+    sd = truncated_svd<T>(dW, rows, cols, delta_svd_fro2, od);
+    rec.scalars["time_svd_delta"] = seconds_since(t);
+  } else {
+    two_lanes(
+        [&] {
+          auto t = std::chrono::steady_clock::now();
+          sd = truncated_svd<T>(dW, rows, cols, delta_svd_fro2, od);
+          rec.scalars["time_svd_delta"] = seconds_since(t);
+        },
+        [&] {
+          auto t = std::chrono::steady_clock::now();
+          sb = truncated_svd<T>(Wb, rows, cols, base_svd_fro2, ob);
+          time_svd_base = seconds_since(t);
+        });
+  }
   rec.scalars["time_svd_base"] = time_svd_base;
+  if (!base_in) computed = to_decomposition(sb);
+  const BaseDecomposition& bd = base_in ? *base_in : computed;
+  sb = from_decomposition<T>(bd);
   t0 = std::chrono::steady_clock::now();
   const int64_t kb = sb.k, kd = sd.k;
 
@@ -374,12 +451,15 @@ Record analyze_dense(const uint8_t* base, DType bdt, const uint8_t* tuned, DType
   }
   rec.scalars["time_metrics"] = seconds_since(t0);
   fill_common(rec, sd, sb, base_fro2, delta_fro2, left, right, p, rows, cols);
+  rec.arrays["sv_base"] = bd.S;  // every computed value (sb holds only the k kept vectors)
+  if (base_out) *base_out = base_in ? *base_in : std::move(computed);
   return rec;
 }
 
 template <typename T>
 Record analyze_factored(const uint8_t* base, DType bdt, int64_t rows, int64_t cols, const T* Lf, const T* Rf,
-                        int64_t r, const AnalyzeParams& p) {
+                        int64_t r, const AnalyzeParams& p, const BaseDecomposition* base_in,
+                        BaseDecomposition* base_out) {
   // Stored ΔW = L R, L (rows×r), R (r×cols). With L = U_L S_L Vt_L and M = S_L Vt_L R (r×cols) = Um Sm Vtm:
   // ΔW = (U_L Um) Sm Vtm exactly, a rank-r SVD obtained from two thin SVDs.
   Record rec;
@@ -396,8 +476,9 @@ Record analyze_factored(const uint8_t* base, DType bdt, int64_t rows, int64_t co
     return rec;
   }
   double base_fro2 = sumsq(Wb.data(), n), base_svd_fro2 = base_fro2;
+  if (base_in) check_decomposition<T>(*base_in, rows, cols);
   if (p.center) {
-    base_svd_fro2 = center_matrix(Wb.data(), rows, cols, p.transpose);
+    if (!base_in) base_svd_fro2 = center_matrix(Wb.data(), rows, cols, p.transpose);
     if (!p.transpose) {  // ΔW − 1·meanᵀ = (L − 1·l̄ᵀ) R
       for (int64_t j = 0; j < r; ++j) {
         double m = 0.0;
@@ -450,7 +531,10 @@ Record analyze_factored(const uint8_t* base, DType bdt, int64_t rows, int64_t co
   }
   SvdOptions ob = p.base;
   ob.residual_check = false;
-  TruncatedSvd<T> sb = truncated_svd<T>(Wb.data(), rows, cols, base_svd_fro2, ob);
+  BaseDecomposition computed;
+  if (!base_in) computed = to_decomposition(truncated_svd<T>(Wb.data(), rows, cols, base_svd_fro2, ob));
+  const BaseDecomposition& bd = base_in ? *base_in : computed;
+  TruncatedSvd<T> sb = from_decomposition<T>(bd);
   const int64_t kb = sb.k, kd = sd.k;
   SideMetrics left, right;
   if (delta_fro2 > 0) {
@@ -491,6 +575,8 @@ Record analyze_factored(const uint8_t* base, DType bdt, int64_t rows, int64_t co
     delta_fro2_raw = sumsq(full.data(), n);
   }
   fill_common(rec, sd, sb, base_fro2, delta_fro2_raw, left, right, p, rows, cols);
+  rec.arrays["sv_base"] = bd.S;  // every computed value (sb holds only the k kept vectors)
+  if (base_out) *base_out = base_in ? *base_in : std::move(computed);
   return rec;
 }
 
@@ -506,12 +592,12 @@ Record analyze_norms(const uint8_t* base, DType bdt, const uint8_t* tuned, DType
 }
 
 template Record analyze_dense<float>(const uint8_t*, DType, const uint8_t*, DType, int64_t, int64_t,
-                                     const AnalyzeParams&);
+                                     const AnalyzeParams&, const BaseDecomposition*, BaseDecomposition*);
 template Record analyze_dense<double>(const uint8_t*, DType, const uint8_t*, DType, int64_t, int64_t,
-                                      const AnalyzeParams&);
+                                      const AnalyzeParams&, const BaseDecomposition*, BaseDecomposition*);
 template Record analyze_factored<float>(const uint8_t*, DType, int64_t, int64_t, const float*, const float*, int64_t,
-                                        const AnalyzeParams&);
+                                        const AnalyzeParams&, const BaseDecomposition*, BaseDecomposition*);
 template Record analyze_factored<double>(const uint8_t*, DType, int64_t, int64_t, const double*, const double*,
-                                         int64_t, const AnalyzeParams&);
+                                         int64_t, const AnalyzeParams&, const BaseDecomposition*, BaseDecomposition*);
 
 }  // namespace pysafe

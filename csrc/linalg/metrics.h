@@ -36,17 +36,38 @@ struct Record {
   std::string skip_reason;                             ///< non-empty: the tensor was skipped
 };
 
+/// W_base's decomposition as the metrics use it: stored orientation, after --center, the kept k
+/// components plus every singular value computed. It depends only on W_base and the base SVD options,
+/// so it can be reused across comparisons against the same base (pysafe's on-disk cache).
+/// Values are held as double; a float analysis stores floats exactly, so a round trip is lossless.
+struct BaseDecomposition {
+  int64_t rows = 0, cols = 0;  ///< stored shape of W_base
+  int64_t k = 0;               ///< components kept by the base rank rule
+  bool f64 = false;            ///< precision of the analysis that computed it (T = double)
+  std::vector<double> S;       ///< every computed singular value (>= k of them), descending
+  std::vector<double> U;       ///< rows×k row-major
+  std::vector<double> Vt;      ///< k×cols row-major
+  std::string method;          ///< TruncatedSvd::method
+  bool full_spectrum = false, energy_reached = true;
+  double fro2 = 0.0, rel_error = 0.0, tail_rel = 0.0;
+  int64_t sketch_passes = 0;
+};
+
 /// Dense path: ΔW = tuned − base formed in T (float or double) from the raw stored bytes.
 /// `rows`×`cols` is the stored shape.
 template <typename T>
 Record analyze_dense(const uint8_t* base, DType base_dtype, const uint8_t* tuned, DType tuned_dtype, int64_t rows,
-                     int64_t cols, const AnalyzeParams& p);
+                     int64_t cols, const AnalyzeParams& p, const BaseDecomposition* base_in = nullptr,
+                     BaseDecomposition* base_out = nullptr);
 
 /// Factored path (PEFT/LoRA): stored ΔW = L · R with L rows×r, R r×cols (already scaled), analysed
 /// exactly from its factors without forming L·R.
+/// Both paths: with `base_in` (matching shape and precision) W_base's SVD is not computed but taken
+/// from it; with `base_out` the decomposition used is written there (left empty for a skipped tensor).
 template <typename T>
 Record analyze_factored(const uint8_t* base, DType base_dtype, int64_t rows, int64_t cols, const T* L, const T* R,
-                        int64_t r, const AnalyzeParams& p);
+                        int64_t r, const AnalyzeParams& p, const BaseDecomposition* base_in = nullptr,
+                        BaseDecomposition* base_out = nullptr);
 
 /// Norm-only path for 1-D tensors (and any tensor analysed without SVD): delta_fro, delta_rel.
 Record analyze_norms(const uint8_t* base, DType base_dtype, const uint8_t* tuned, DType tuned_dtype, uint64_t n);

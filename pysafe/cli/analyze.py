@@ -73,13 +73,18 @@ class _Progress:
 @click.option("--positions", type=click.Choice(["last", "window", "prompt_mean"]), default="last", show_default=True,
               help="Prompt positions pooled for the activation analyses.")
 @click.option("--device", default="cpu", show_default=True, help="torch device of the activation capture.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
+              help="Directory caching W_base's decompositions across runs, so that comparing several fine-tunes "
+                   "against one base computes the base SVDs once (default: $XDG_CACHE_HOME/pysafe, else "
+                   "~/.cache/pysafe; bounded to PYSAFE_CACHE_MAX_GB, default 16, least recently used first).")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the base-decomposition cache.")
 @click.option("--feature-cache", type=click.Path(dir_okay=False), default=None,
               help="HDF5 file caching pooled activations by (checkpoint, prompts, hook, positions) across runs.")
 @debug_option
 @handle_errors
 def analyze(base, tuned, out, include, exclude, rank, energy, base_rank, base_energy, max_rank, exact, center,
             dtype, threads, seed, save_vectors, strict, overwrite, progress, plots, prompt_files, builtin_prompts,
-            hook, positions, device, feature_cache, debug):
+            hook, positions, device, cache_dir, no_cache, feature_cache, debug):
     """Compare BASE and TUNED checkpoints tensor by tensor: what did fine-tuning change?
 
     BASE and TUNED are checkpoint directories or files: model.safetensors, a sharded
@@ -116,16 +121,30 @@ def analyze(base, tuned, out, include, exclude, rank, energy, base_rank, base_en
             click.echo(f"pre-flight: {line}", err=True)
         click.echo(f"pre-flight: {len(pre.pairs)} tensors to analyse", err=True)
 
+    if no_cache and cache_dir is not None:
+        raise click.UsageError("--cache and --no-cache contradict each other; pass one")
+    from pysafe.svdcache import BaseCache
+
+    cache = None if no_cache else BaseCache(cache_dir)
     planned = REPORT_FILES + (ACTIVATION_FILES if prompts is not None else ())
     # the staging directory is made first: an unwritable --out fails before any work
     with atomic_dir(out, overwrite=overwrite, planned=planned, log=lambda m: click.echo(m, err=True)) as stage:
-        cmp = compare(base, tuned, progress=_Progress(show), on_preflight=report_preflight, **vars(opts))
+        cmp = compare(base, tuned, progress=_Progress(show), on_preflight=report_preflight, cache=cache,
+                      **vars(opts))
         table = format_table(cmp)
         if table:
             click.echo(table)
         write_report_files(cmp, stage.path, run_id=stage.run_id, plots=plots)
         if prompts is not None:
             _activations(base, tuned, prompts, stage.path / "activations", hook, positions, device, feature_cache)
+    if cache is not None:
+        c = cache.summary()
+        ignored = f", {c['notes']} cache notes (--debug shows them)" if c["notes"] and not debug else ""
+        click.echo(f"base decompositions: {c['hits']} from cache, {c['writes']} stored ({c['dir']}){ignored}",
+                   err=True)
+        if debug:
+            for note in cache.notes:
+                click.echo(f"cache: {note}", err=True)
     gb = cmp.bytes_read / 1e9
     click.echo(f"{len(cmp.records)} tensors analysed, {len(cmp.skipped)} skipped, {gb:.2f} GB read in "
                f"{cmp.seconds:.1f} s ({cmp.scheme} names) -> {out}/summary.json")

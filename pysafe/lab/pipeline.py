@@ -326,11 +326,13 @@ def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: i
 
     if analyze:
         from pysafe.report import write_report
+        from pysafe.svdcache import BaseCache
         from pysafe.weights import compare
 
+        cache = BaseCache()  # one base, several fine-tunes: the base SVDs are computed once
         for d in tuned:
             t0 = time.perf_counter()
-            cmp = compare(pre, d)
+            cmp = compare(pre, d, cache=cache)
             write_report(cmp, out / "analyze" / d.name, overwrite=True)
             timings[f"analyze {d.name}"] = time.perf_counter() - t0
         log(f"analyze: {len(tuned)} reports under {out / 'analyze'}")
@@ -428,6 +430,7 @@ def demo(out, *, eval_n: int = 500, device: str = "cpu", log=print, checkpoints:
     from pysafe.lab.evaluate import format_table, write_json
     from pysafe.report import format_table as weights_table
     from pysafe.report import write_report_files
+    from pysafe.svdcache import BaseCache
     from pysafe.weights import compare
 
     checkpoints = Path(checkpoints)
@@ -446,8 +449,9 @@ def demo(out, *, eval_n: int = 500, device: str = "cpu", log=print, checkpoints:
         text = format_table(tables)
         (root / "safety_table.txt").write_text(text + "\n")
         log(text)
+        cache = BaseCache()  # three fine-tunes against one base: its SVDs are computed once (and kept across runs)
         for name, d in zip(FINETUNES, tuned):
-            cmp = compare(pre, d)
+            cmp = compare(pre, d, cache=cache)
             write_report_files(cmp, root / "analyze" / name, run_id=stage.run_id)
             log(f"\n{name} ({d.name}) vs pretrained (pysafe analyze):\n{weights_table(cmp)}")
         claims = _clusters_and_claims(named, root, min(eval_n, 500), device)

@@ -56,6 +56,7 @@ def summary_dict(cmp) -> dict:
         "scheme": cmp.scheme,
         "seconds": round(cmp.seconds, 3),
         "bytes_read": cmp.bytes_read,
+        "cache": getattr(cmp, "cache", None),
         "preflight": {
             "only_in_base": len(cmp.preflight.only_in_base),
             "only_in_tuned": len(cmp.preflight.only_in_tuned),
