@@ -390,7 +390,15 @@ bool subspace_iteration(const T* A, int64_t m, int64_t n, double fro2, int64_t k
     for (int64_t r = 0; r < n; ++r)
       for (int64_t j = 0; j < l; ++j) B[j * n + r] = Z[r * l + j];
     std::vector<T> Ub;
-    blas::svd_thin<T>(l, n, B.data(), Ub, s.S, s.Vt);  // B = Ub Σ Vt, Ub l×l, Vt l×n
+    if constexpr (std::is_same_v<T, double>) {
+      blas::svd_thin<T>(l, n, B.data(), Ub, s.S, s.Vt);  // B = Ub Σ Vt, Ub l×l, Vt l×n
+    } else {  // the small Rayleigh–Ritz SVD in double: its rounding stays below the GEMMs'
+      std::vector<double> Bd(B.begin(), B.end()), Ubd, Sd, Vtd;
+      blas::svd_thin<double>(l, n, Bd.data(), Ubd, Sd, Vtd);
+      Ub.assign(Ubd.begin(), Ubd.end());
+      s.S.assign(Sd.begin(), Sd.end());
+      s.Vt.assign(Vtd.begin(), Vtd.end());
+    }
     s.U.resize(static_cast<size_t>(m * l));
     blas::gemm<T>(false, false, m, l, l, T(1), Q.data(), l, Ub.data(), l, T(0), s.U.data(), l);
     blas::gemm<T>(false, true, m, l, n, T(1), A, n, s.Vt.data(), n, T(0), Y.data(), l);  // Y = A V (next iterate)
@@ -440,16 +448,34 @@ TruncatedSvd<T> truncated_svd(const T* A, int64_t m, int64_t n, double fro2, con
   const int64_t want = fixed ? std::min(o.rank, dmin) : -1;
   // The exact path, also where gram_eig cannot certify the tolerance (values near zero are known
   // from the Gram matrix only to about sqrt(δ); gesdd resolves them to u·σ_1).
+  // Computed in double whatever T: gesdd's error in float (observed up to ~0.1·(m+n)·u·σ_1 on
+  // zero singular values) would make a relative tol of 1e-4 uncertifiable below ~σ_1/10.
   auto exact = [&] {
-    s = exact_svd<T>(A, m, n);
+    if constexpr (std::is_same_v<T, double>) {
+      s = exact_svd<T>(A, m, n);
+      s.spectrum.assign(s.S.begin(), s.S.end());
+    } else {
+      std::vector<double> Ad(A, A + m * n);
+      TruncatedSvd<double> sd = exact_svd<double>(Ad.data(), m, n);
+      s = TruncatedSvd<T>();
+      s.m = m;
+      s.n = n;
+      s.r = sd.r;
+      s.method = sd.method;
+      s.full_spectrum = true;
+      s.U.assign(sd.U.begin(), sd.U.end());
+      s.S.assign(sd.S.begin(), sd.S.end());
+      s.Vt.assign(sd.Vt.begin(), sd.Vt.end());
+      s.spectrum = std::move(sd.S);
+    }
     s.fro2 = fro2;
-    s.spectrum.assign(s.S.begin(), s.S.end());
     bool reached = true;
     s.k = rank_from_spectrum(s.spectrum, fro2, o, reached);
     s.energy_reached = reached;
     // gesdd is backward stable: |σ̂_i − σ_i| <= p(m, n)·u·σ_1 with p modest (LAPACK's own estimate
-    // takes p = 1; we take √(m+n), see working_error).
-    const double wp = working_error<T>(m, n, s.spectrum[0]);
+    // takes p = 1; we take m + n, in double), plus the rounding of σ̂ to T.
+    const double wp = static_cast<double>(m + n) * unit_roundoff<double>() * s.spectrum[0] +
+                      unit_roundoff<T>() * s.spectrum[0];
     s.spectrum_err = 2.0 * wp * s.spectrum[0];
     s.err.assign(static_cast<size_t>(s.k), wp);
     finish_bounds(s, o, std::min(s.spectrum[0], 2.0 * wp / o.tol));
