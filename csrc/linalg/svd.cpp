@@ -302,26 +302,46 @@ TruncatedSvd<T> gram_svd(const T* A, int64_t m, int64_t n, double fro2, const Sv
   const double s1 = s.spectrum.empty() ? 0.0 : s.spectrum[0];
   const double floor = std::min(s1, 2.0 * std::sqrt(s.spectrum_err / o.tol));
   if (k > 0) {
-    // Z (k×d, rows = eigenvectors) in T; the other side = A·(vectors) / σ.
+    // Z (k×d, rows = eigenvectors, double); the other side = A·(vectors) / σ, formed in double by
+    // blocks (A's rows or columns converted on the fly): orthonormal to the eigenvectors' accuracy,
+    // so no re-orthonormalisation is needed except where a σ is at the noise level.
     std::vector<T> E(Z.begin(), Z.end());
     const int64_t other = columns ? m : n;
-    std::vector<T> W(static_cast<size_t>(other * k));
-    if (columns)  // W = A Vᵀᵀ : (m×n)(n×k)
-      blas::gemm<T>(false, true, m, k, n, T(1), A, n, E.data(), n, T(0), W.data(), k);
-    else  // W = Aᵀ U : (n×m)(m×k), U = Eᵀ
-      blas::gemm<T>(true, true, n, k, m, T(1), A, n, E.data(), m, T(0), W.data(), k);
+    std::vector<double> Wd(static_cast<size_t>(other * k));
+    {
+      const int64_t bs = 256;
+      if (columns) {  // W = A V : row block (b×n) · Vᵀᵀ (n×k)
+        std::vector<double> Ab(static_cast<size_t>(std::min(bs, m) * n));
+        for (int64_t r0 = 0; r0 < m; r0 += bs) {
+          const int64_t b = std::min(bs, m - r0);
+          std::copy(A + r0 * n, A + (r0 + b) * n, Ab.begin());
+          blas::gemm<double>(false, true, b, k, n, 1.0, Ab.data(), n, Z.data(), n, 0.0, Wd.data() + r0 * k, k);
+        }
+      } else {  // W = Aᵀ U : column block of A (m×b)ᵀ · U (m×k), U = Zᵀ
+        std::vector<double> Ab(static_cast<size_t>(m * std::min(bs, n)));
+        for (int64_t c0 = 0; c0 < n; c0 += bs) {
+          const int64_t b = std::min(bs, n - c0);
+          for (int64_t r = 0; r < m; ++r) std::copy(A + r * n + c0, A + r * n + c0 + b, Ab.begin() + r * b);
+          blas::gemm<double>(true, true, b, k, m, 1.0, Ab.data(), b, Z.data(), m, 0.0, Wd.data() + c0 * k, k);
+        }
+      }
+    }
     std::vector<double> norms(static_cast<size_t>(k));
+    bool complete = false;
     for (int64_t j = 0; j < k; ++j) {
       const double sv = s.spectrum[j];
-      const T inv = sv > 0 ? static_cast<T>(1.0 / sv) : T(0);
+      const double inv = sv > 0 ? 1.0 / sv : 0.0;
       double nn = 0.0;
       for (int64_t r = 0; r < other; ++r) {
-        W[r * k + j] *= inv;
-        nn += static_cast<double>(W[r * k + j]) * W[r * k + j];
+        Wd[r * k + j] *= inv;
+        nn += Wd[r * k + j] * Wd[r * k + j];
       }
       norms[j] = sv > std::sqrt(s.spectrum_err) ? std::sqrt(nn) : 0.0;  // below the noise: no direction
+      complete = complete || !(norms[j] > 0.5);
     }
-    complete_basis(W, other, k, norms, 0.5, o.seed);
+    std::vector<T> W(Wd.begin(), Wd.end());
+    Wd = std::vector<double>();
+    if (complete) complete_basis(W, other, k, norms, 0.5, o.seed);
     if (columns) {
       s.U = std::move(W);
       s.Vt = std::move(E);
