@@ -376,8 +376,9 @@ double gram_cost(int64_t m, int64_t n, int64_t k) {
 // its own η (assuming, as for every Krylov/subspace method, that no singular value above σ̃_l is
 // missing from the random start). Since σ̃_i <= σ_i (interlacing), err_i = min(η_i, η_i²/gap_i)
 // + u·σ̃_1 (working precision). Stops when err_i <= tol·σ̃_i for i < k, or after q+1 iterations
-// when power_iters = q is given, or when the next iteration would cost more than gram_eig
-// (returns false then: the caller switches to gram_eig).
+// when power_iters = q is given, or when the iterations would cost more than gram_eig (the budget,
+// or earlier when the observed per-iteration reduction of the error extrapolates past it; returns
+// false then: the caller switches to gram_eig).
 template <typename T>
 bool subspace_iteration(const T* A, int64_t m, int64_t n, double fro2, int64_t k, const SvdOptions& o,
                         TruncatedSvd<T>& s) {
@@ -400,7 +401,7 @@ bool subspace_iteration(const T* A, int64_t m, int64_t n, double fro2, int64_t k
   s.r = l;
   bool converged = false;
   int64_t it = 0;
-  double floor = 0.0;
+  double floor = 0.0, prev_worst = 0.0;
   std::vector<double> eta(static_cast<size_t>(l));
   while (it < budget) {
     ++it;
@@ -433,6 +434,7 @@ bool subspace_iteration(const T* A, int64_t m, int64_t n, double fro2, int64_t k
     floor = std::min(s1, 2.0 * wp / o.tol);
     s.err.assign(static_cast<size_t>(k), 0.0);
     converged = true;
+    double worst = 0.0;  // max_i err_i / (tol·ref_i): converged when <= 1
     for (int64_t i = 0; i < k; ++i) {
       const double si = static_cast<double>(s.S[i]);
       double gap = si;  // distance to the eigenvalues −σ_j and 0 of the augmented matrix
@@ -440,9 +442,18 @@ bool subspace_iteration(const T* A, int64_t m, int64_t n, double fro2, int64_t k
         if (j != i) gap = std::min(gap, std::abs(si - static_cast<double>(s.S[j])) - eta[j]);
       const double lin = eta[i], quad = gap > 0 ? eta[i] * eta[i] / gap : INFINITY;
       s.err[i] = std::min(lin, quad) + wp;
-      if (s.err[i] > o.tol * tol_reference(si, floor)) converged = false;
+      const double ratio = s.err[i] / (o.tol * tol_reference(si, floor));
+      worst = std::max(worst, ratio);
+      if (ratio > 1.0) converged = false;
     }
     if (converged && !fixed_q) break;
+    // Give up early when the observed rate of convergence says the budget will not suffice (slow
+    // decay or no gap at k): the caller then pays for gram_eig once, not for both.
+    if (!fixed_q && it >= 3 && prev_worst > 0) {
+      const double rate = worst / prev_worst;
+      if (!(rate < 1.0) || it + std::log(worst) / -std::log(rate) > static_cast<double>(budget)) break;
+    }
+    prev_worst = worst;
   }
   s.sketch_passes = it;
   finish_bounds(s, o, floor);
