@@ -171,7 +171,10 @@ def test_randomized_matches_exact_on_large_matrix(tmp_path):
     rnd = pysafe.compare(bp, tp, rank=10, base_rank=10, exact_max_dim=0, spectrum="none").record("w")
     exact = pysafe.compare(bp, tp, rank=10, base_rank=10, exact=True).record("w")
     assert rnd["svd_method"] == "subspace_iteration" and exact["svd_method"] == "exact"
-    assert rnd["svd_method_base"] == "subspace_iteration" and rnd["tol_reached_delta"] and rnd["tol_reached_base"]
+    # W_base is Gaussian (a flat spectrum, no gap at k): subspace iteration or, when its observed
+    # convergence says it would cost more, gram_eig; the tolerance is met either way
+    assert rnd["svd_method_base"] in ("subspace_iteration", "gram_eig")
+    assert rnd["tol_reached_delta"] and rnd["tol_reached_base"]
     np.testing.assert_allclose(rnd["sv_delta"][:10], exact["sv_delta"][:10], rtol=1e-4)
     ref = np.linalg.svd(st - sb, compute_uv=False)
     np.testing.assert_allclose(rnd["sv_delta"][:10], ref[:10], rtol=1e-4)
