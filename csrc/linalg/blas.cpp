@@ -249,30 +249,6 @@ void svd_thin<double>(int64_t m, int64_t n, double* A, std::vector<double>& U, s
 
 namespace pysafe::blas {
 
-template <>
-void svd_values<float>(int64_t m, int64_t n, float* A, std::vector<float>& S) {
-  const int64_t r = std::min(m, n);
-  S.assign(static_cast<size_t>(r), 0.f);
-  if (r == 0) return;
-  float dummy = 0.f;
-  lapack_int info = scipy_LAPACKE_sgesdd(LAPACK_COL_MAJOR, 'N', to_int(n), to_int(m), A, to_int(n), S.data(),
-                                         &dummy, 1, &dummy, 1);
-  PYSAFE_CHECK(info == 0, Value, "lapack", "sgesdd (values only) failed to converge on a ", m, "x", n,
-               " matrix (info=", info, ")");
-}
-
-template <>
-void svd_values<double>(int64_t m, int64_t n, double* A, std::vector<double>& S) {
-  const int64_t r = std::min(m, n);
-  S.assign(static_cast<size_t>(r), 0.0);
-  if (r == 0) return;
-  double dummy = 0.0;
-  lapack_int info = scipy_LAPACKE_dgesdd(LAPACK_COL_MAJOR, 'N', to_int(n), to_int(m), A, to_int(n), S.data(),
-                                         &dummy, 1, &dummy, 1);
-  PYSAFE_CHECK(info == 0, Value, "lapack", "dgesdd (values only) failed to converge on a ", m, "x", n,
-               " matrix (info=", info, ")");
-}
-
 template <typename T>
 void gram_f64(int64_t m, int64_t n, const T* A, bool columns, std::vector<double>& G) {
   const int64_t d = columns ? n : m;

@@ -56,11 +56,6 @@ class ScopedThreads {
 template <typename T>
 void svd_thin(int64_t m, int64_t n, T* A, std::vector<T>& U, std::vector<T>& S, std::vector<T>& Vt);
 
-/// Singular values only of the m×n row-major A (destroyed), descending: gesdd with JOBZ='N'
-/// (no vectors: about a third of the full SVD's work).
-template <typename T>
-void svd_values(int64_t m, int64_t n, T* A, std::vector<T>& S);
-
 /// The Gram matrix of A (m×n row-major) in double: G = AᵀA (n×n) when `columns`, else AAᵀ (m×m).
 /// Accumulated by blocks of rows (or columns) converted to double, so A in float is never copied
 /// whole; only G's upper triangle (row-major) is written.
