@@ -20,7 +20,11 @@ class SvdOptions:
     power_iters: int
     seed: int
     residual_check: bool
+    tol: float
+    full_spectrum: bool
     def __init__(self) -> None: ...
+
+def sin_theta_chance(n: int, k: int) -> float: ...
 
 class AnalyzeParams:
     delta: SvdOptions

@@ -68,14 +68,25 @@ _NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", 
           "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?", "C64": "<c8"}
 
 
+def sin_theta_chance(n: int, k: int) -> float:
+    """E[sin θ] between a uniformly random unit vector of R^n and a fixed k-dimensional subspace:
+    Γ(n/2)·Γ((n−k+1)/2) / (Γ((n−k)/2)·Γ((n+1)/2)), the chance level of a mean sin θ (docs/metrics.md).
+    The engine's own definition (one for the whole package)."""
+    if not (0 <= k <= n) or n < 1:
+        raise ValueError(f"sin_theta_chance: need 0 <= k <= n and n >= 1, got n={n}, k={k}")
+    return float(_core.sin_theta_chance(int(n), int(k)))
+
+
 def truncated_svd(A: np.ndarray, *, rank: int | None = None, energy: float = 0.9, exact: bool = False,
-                  max_rank: int = 256, exact_max_dim: int = 1024, oversample: int = 10, power_iters: int = 2,
-                  seed: int = 0):
-    """Truncated SVD of a 2-D float32/float64 array with the engine's rules (engine.md §4).
+                  max_rank: int | None = None, exact_max_dim: int = 1024, oversample: int = 10,
+                  power_iters: int | None = None, tol: float = 1e-4, full_spectrum: bool = False, seed: int = 0):
+    """Truncated SVD of a 2-D float32/float64 array with the engine's rules (docs/metrics.md).
 
     Returns:
-        (U (m×r), S (r,), Vt (r×n), info) with info["k"] the kept rank, info["method"],
-        info["rel_error"] and info["energy_reached"].
+        (U (m×r), S (r,), Vt (r×n), info) with info["k"] the kept rank, info["method"] (exact, gram_eig or
+        subspace_iteration), info["rel_error"] (bound on the top-k values' relative error), info["err"]
+        (per-value absolute bounds), info["tol_reached"], info["energy_reached"] and, when computed,
+        info["spectrum"] (all singular values).
     """
     A = np.asarray(A)
     if A.ndim != 2:
@@ -84,6 +95,8 @@ def truncated_svd(A: np.ndarray, *, rank: int | None = None, energy: float = 0.9
         raise TypeError(f"expected float32 or float64, got {A.dtype}")
     o = _core.SvdOptions()
     o.rank = -1 if rank is None else rank
-    o.energy, o.exact, o.max_rank, o.exact_max_dim = energy, exact, max_rank, exact_max_dim
-    o.oversample, o.power_iters, o.seed = oversample, power_iters, seed
+    o.energy, o.exact, o.exact_max_dim = energy, exact, exact_max_dim
+    o.max_rank = -1 if max_rank is None else max_rank
+    o.power_iters = -1 if power_iters is None else power_iters
+    o.oversample, o.tol, o.full_spectrum, o.seed = oversample, tol, full_spectrum, seed
     return _core.truncated_svd(np.ascontiguousarray(A), o)

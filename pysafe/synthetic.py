@@ -2,7 +2,8 @@
 
 ``make_pair(out, preset)`` writes ``out/base`` and ``out/tuned``: HF-Llama names, bf16, sharded with
 ``model.safetensors.index.json`` (the two sides with different shard sizes, so pairing by shard would
-fail), and a planted low-rank ΔW in the MLP and attention matrices. The tuned side is stored as
+fail), and a planted ΔW in the MLP and attention matrices: low rank (``delta_rank``) by default, or
+full rank with a power-law spectrum σ_i ∝ i^-A (``delta_spectrum="powerlaw:A"``). The tuned side is stored as
 bf16(bf16(base) + ΔW), as a real fine-tune saved in bf16 is, so ΔW also carries bf16 rounding noise.
 Generated tensor by tensor: memory stays at about one shard per side.
 """
@@ -32,11 +33,27 @@ class PairSpec:
     kv_heads: int
     vocab: int
     delta_rank: int = 8            # rank of the planted ΔW per matrix
+    delta_spectrum: str = "lowrank"  # "lowrank" (rank delta_rank) or "powerlaw:A": full rank, σ_i ∝ i^-A
     delta_scale: float = 0.02      # ‖ΔW‖_F / ‖W_base‖_F of the planted part
     base_rank: int = 64            # rank of the structured part of W_base (the rest is Gaussian)
     seed: int = 0
     base_shard_mb: int = 2000      # max shard size of the base side
     tuned_shard_mb: int = 3000     # ... and of the tuned side (different on purpose)
+
+
+def delta_exponent(spectrum: str) -> float | None:
+    """None for "lowrank", A for "powerlaw:A" (A > 0); ValueError naming the value otherwise."""
+    if spectrum == "lowrank":
+        return None
+    kind, _, arg = spectrum.partition(":")
+    try:
+        a = float(arg)
+    except ValueError:
+        a = float("nan")
+    if kind != "powerlaw" or not a > 0 or a == float("inf"):
+        raise ValueError(f"delta spectrum must be 'lowrank' or 'powerlaw:A' with A > 0 (e.g. powerlaw:0.6), "
+                         f"got {spectrum!r}")
+    return a
 
 
 def spec_for(preset: str, **overrides) -> PairSpec:
@@ -45,7 +62,9 @@ def spec_for(preset: str, **overrides) -> PairSpec:
     h, i, n, a, kv, v = PRESETS[preset]
     shard = {"tiny": (0.05, 0.08), "small": (20, 30)}.get(preset, (2000, 3000))
     spec = PairSpec(h, i, n, a, kv, v, base_shard_mb=shard[0], tuned_shard_mb=shard[1])
-    return replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+    spec = replace(spec, **{k: v for k, v in overrides.items() if v is not None})
+    delta_exponent(spec.delta_spectrum)
+    return spec
 
 
 def _tensors(spec: PairSpec):
@@ -128,6 +147,7 @@ def make_pair(out: str | os.PathLike, preset: str = "small", **overrides) -> Pat
         if _existing_spec(out) == {"preset": preset, **asdict(spec)}:
             return out  # the same pair is already there: reuse it
         raise FileExistsError(f"{out}: already holds a different base/ or tuned/; choose an empty directory")
+    alpha = delta_exponent(spec.delta_spectrum)
     g = torch.Generator().manual_seed(spec.seed)
     wb = _ShardWriter(out / "base", int(spec.base_shard_mb * 1e6))
     wt = _ShardWriter(out / "tuned", int(spec.tuned_shard_mb * 1e6))
@@ -147,10 +167,17 @@ def make_pair(out: str | os.PathLike, preset: str = "small", **overrides) -> Pat
                 base32.addmm_(U * s, V.T)
             base = base32.to(torch.bfloat16)
             if "proj" in name:
-                k = min(spec.delta_rank, rows, cols)
-                B = torch.randn(rows, k, generator=g)
-                A = torch.randn(k, cols, generator=g)
-                delta = B @ A
+                if alpha is None:
+                    k = min(spec.delta_rank, rows, cols)
+                    B = torch.randn(rows, k, generator=g)
+                    A = torch.randn(k, cols, generator=g)
+                    delta = B @ A
+                else:  # full rank, σ_i = i^-α exactly (as a full fine-tune's ΔW decays slowly)
+                    d = min(rows, cols)
+                    U = torch.linalg.qr(torch.randn(rows, d, generator=g))[0]
+                    V = torch.linalg.qr(torch.randn(cols, d, generator=g))[0]
+                    sig = torch.arange(1, d + 1, dtype=torch.float32).pow_(-alpha)
+                    delta = (U * sig) @ V.T
                 delta.mul_(spec.delta_scale * base32.norm() / delta.norm())
                 tuned = (base.float() + delta).to(torch.bfloat16)
             else:

@@ -34,10 +34,12 @@ class Options:
     base_rank: int | None = None      # fixed k for W_base
     base_energy: float = 0.9          # energy fraction for W_base's k
     exact: bool = False               # force exact SVDs
-    max_rank: int = 256               # largest k the randomized SVD computes under the energy rule
+    max_rank: int | None = None       # explicit cap on k under the energy rule (None: the energy is reached)
     exact_max_dim: int = 1024         # exact SVD when min(out, in) <= this
     oversample: int = 10              # randomized SVD oversampling p
-    power_iters: int = 2              # randomized SVD power iterations q
+    power_iters: int | None = None    # None: iterate until tol is met; q: exactly q + 1 subspace iterations
+    tol: float = 1e-4                 # relative error allowed on the reported top singular values
+    spectrum: str = "full"            # "full": whole spectrum of ΔW (effective rank, energy ranks); "none": skip
     center: bool = False              # subtract the mean row before the SVDs (the paper's variant)
     dtype: str = "f32"                # precision of ΔW and the linear algebra: f32 or f64
     threads: int = 0                  # 0: all cores
@@ -56,9 +58,13 @@ class Options:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v}")
+        if not (0.0 < self.tol < 1.0) or math.isnan(self.tol):
+            raise ValueError(f"tol must be in (0, 1), got {self.tol}")
+        if self.spectrum not in ("full", "none"):
+            raise ValueError(f"spectrum must be 'full' or 'none', got {self.spectrum!r}")
         for name, lo in (("max_rank", 1), ("exact_max_dim", 0), ("oversample", 0), ("power_iters", 0),
                          ("threads", 0), ("seed", 0)):
-            if getattr(self, name) < lo:
+            if getattr(self, name) is not None and getattr(self, name) < lo:
                 raise ValueError(f"{name} must be >= {lo}, got {getattr(self, name)}")
         for name in ("include", "exclude"):
             pattern = getattr(self, name)
@@ -233,15 +239,17 @@ def preflight(b: Checkpoint, t: Checkpoint, opts: Options) -> Preflight:
     return pre
 
 
-def _svd_options(rank, energy, opts: Options, seed: int):
+def _svd_options(rank, energy, opts: Options, seed: int, full_spectrum: bool = False):
     o = _core.SvdOptions()
     o.rank = -1 if rank is None else int(rank)
     o.energy = float(energy)
     o.exact = opts.exact
     o.exact_max_dim = opts.exact_max_dim
-    o.max_rank = opts.max_rank
+    o.max_rank = -1 if opts.max_rank is None else int(opts.max_rank)
     o.oversample = opts.oversample
-    o.power_iters = opts.power_iters
+    o.power_iters = -1 if opts.power_iters is None else int(opts.power_iters)
+    o.tol = float(opts.tol)
+    o.full_spectrum = full_spectrum
     o.seed = seed
     return o
 
@@ -250,7 +258,7 @@ def _params(opts: Options, name: str, transposed: bool):
     # Seeds depend on (seed, tensor name) only: results do not depend on the order of tensors.
     h = zlib.crc32(name.encode())
     p = _core.AnalyzeParams()
-    p.delta = _svd_options(opts.rank, opts.energy, opts, (opts.seed << 32) ^ (2 * h))
+    p.delta = _svd_options(opts.rank, opts.energy, opts, (opts.seed << 32) ^ (2 * h), opts.spectrum == "full")
     p.base = _svd_options(opts.base_rank, opts.base_energy, opts, (opts.seed << 32) ^ (2 * h + 1))
     p.center = opts.center
     p.transpose = transposed
@@ -265,9 +273,12 @@ def _record(name: str, shape, bi, ti, scheme: str, raw: dict) -> dict:
            "stored_shape": [int(s) for s in shape], "transposed": ni.transposed,
            "dtype_base": bi.dtype, "dtype_tuned": ti.dtype if ti is not None else None}
     for k, v in raw.items():
-        if k in ("energy_reached_delta", "energy_reached_base"):
+        if k in ("energy_reached_delta", "energy_reached_base", "tol_reached_delta", "tol_reached_base"):
             rec[k] = bool(v)
-        elif k in ("rank_delta", "rank_base", "nonfinite", "svd_sketch_passes", "out_features", "in_features"):
+        elif k in ("rank_delta", "rank_base", "nonfinite", "svd_sketch_passes", "out_features", "in_features",
+                   "svd_iterations_delta", "svd_iterations_base"):
+            rec[k] = int(v)
+        elif k.startswith("energy_rank_") and isinstance(v, float) and math.isfinite(v):
             rec[k] = int(v)
         else:
             rec[k] = v

@@ -98,11 +98,14 @@ def test_deterministic_for_seed_and_threads(tmp_path):
     rng = np.random.default_rng(0)
     from safetensors.numpy import save_file as save_np
 
-    save_np({"w": rng.standard_normal((1100, 1030)).astype(np.float32)}, str(tmp_path / "b.safetensors"))
-    save_np({"w": rng.standard_normal((1100, 1030)).astype(np.float32)}, str(tmp_path / "t.safetensors"))
+    b = rng.standard_normal((1100, 1030)).astype(np.float32)
+    # ΔW with a decaying spectrum (and a noise floor), so that ΔW's SVD is the seeded iteration
+    d = (rng.standard_normal((1100, 12)) * np.geomspace(1, 0.1, 12)) @ rng.standard_normal((12, 1030)) / 30
+    save_np({"w": b}, str(tmp_path / "b.safetensors"))
+    save_np({"w": (b + d + 1e-3 * rng.standard_normal((1100, 1030))).astype(np.float32)}, str(tmp_path / "t.safetensors"))
     runs = [pysafe.compare(tmp_path / "b.safetensors", tmp_path / "t.safetensors", rank=8, base_rank=8,
-                           threads=t, seed=s).record("w") for t, s in ((1, 0), (1, 0), (2, 0), (1, 1))]
-    assert runs[0]["svd_method"] == "randomized"
+                           threads=t, seed=s, spectrum="none").record("w") for t, s in ((1, 0), (1, 0), (2, 0), (1, 1))]
+    assert runs[0]["svd_method"] == "subspace_iteration"
     assert runs[0]["sv_delta"].tolist() == runs[1]["sv_delta"].tolist()  # bit-identical rerun
     np.testing.assert_allclose(runs[2]["sv_delta"][:8], runs[0]["sv_delta"][:8], rtol=1e-4)
     assert runs[3]["sv_delta"].tolist() != runs[0]["sv_delta"].tolist()  # another seed, another sketch

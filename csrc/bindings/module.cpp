@@ -130,6 +130,12 @@ py::tuple svd_tuple(const TruncatedSvd<T>& s) {
   info["rel_error"] = s.rel_error;
   info["tail_rel"] = s.tail_rel;
   info["sketch_passes"] = s.sketch_passes;
+  info["iterations"] = s.sketch_passes;
+  info["tol_reached"] = s.tol_reached;
+  info["err"] = s.err;
+  info["full_spectrum"] = s.full_spectrum;
+  info["spectrum"] = s.spectrum;
+  info["spectrum_err"] = s.spectrum_err;
   return py::make_tuple(to_array(s.U, {s.m, s.r}), to_array(s.S, {s.r}), to_array(s.Vt, {s.r, s.n}), info);
 }
 
@@ -265,7 +271,13 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("oversample", &SvdOptions::oversample)
       .def_readwrite("power_iters", &SvdOptions::power_iters)
       .def_readwrite("seed", &SvdOptions::seed)
-      .def_readwrite("residual_check", &SvdOptions::residual_check);
+      .def_readwrite("residual_check", &SvdOptions::residual_check)
+      .def_readwrite("tol", &SvdOptions::tol)
+      .def_readwrite("full_spectrum", &SvdOptions::full_spectrum);
+
+  m.def("sin_theta_chance", &sin_theta_chance, py::arg("n"), py::arg("k"),
+        "E[‖(I − P)u‖] for u uniform on the unit sphere of R^n and P a rank-k projector: the chance "
+        "level of a mean sin θ against a k-dimensional subspace.");
 
   py::class_<AnalyzeParams>(m, "AnalyzeParams", "Options of one matrix analysis (see metrics.h).")
       .def(py::init<>())

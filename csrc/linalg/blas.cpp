@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <type_traits>
 
 #include "core/error.h"
 
@@ -243,5 +244,85 @@ void svd_thin<double>(int64_t m, int64_t n, double* A, std::vector<double>& U, s
   PYSAFE_CHECK(info == 0, Value, "lapack", "dgesdd failed to converge on a ", m, "x", n, " matrix (info=", info,
                ")");
 }
+
+}  // namespace pysafe::blas
+
+namespace pysafe::blas {
+
+template <typename T>
+void gram_f64(int64_t m, int64_t n, const T* A, bool columns, std::vector<double>& G) {
+  const int64_t d = columns ? n : m;
+  G.assign(static_cast<size_t>(d * d), 0.0);
+  if (d == 0) return;
+  if constexpr (std::is_same_v<T, double>) {
+    // G = AᵀA: upper(G) by syrk over A (m×n); AAᵀ: the same over Aᵀ (NoTrans).
+    scipy_cblas_dsyrk(CblasRowMajor, CblasUpper, columns ? CblasTrans : CblasNoTrans, to_int(d),
+                      to_int(columns ? m : n), 1.0, A, to_int(n), 0.0, G.data(), to_int(d));
+  } else {
+    const int64_t bs = 256;
+    if (columns) {  // Σ over row blocks B (b×n): G += BᵀB
+      std::vector<double> B(static_cast<size_t>(std::min(bs, m) * n));
+      for (int64_t r0 = 0; r0 < m; r0 += bs) {
+        const int64_t b = std::min(bs, m - r0);
+        std::copy(A + r0 * n, A + (r0 + b) * n, B.begin());
+        scipy_cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, to_int(n), to_int(b), 1.0, B.data(), to_int(n),
+                          1.0, G.data(), to_int(n));
+      }
+    } else {  // Σ over column blocks C (m×b): G += CCᵀ
+      std::vector<double> C(static_cast<size_t>(m * std::min(bs, n)));
+      for (int64_t c0 = 0; c0 < n; c0 += bs) {
+        const int64_t b = std::min(bs, n - c0);
+        for (int64_t r = 0; r < m; ++r) std::copy(A + r * n + c0, A + r * n + c0 + b, C.begin() + r * b);
+        scipy_cblas_dsyrk(CblasRowMajor, CblasUpper, CblasNoTrans, to_int(m), to_int(b), 1.0, C.data(), to_int(b),
+                          1.0, G.data(), to_int(m));
+      }
+    }
+  }
+}
+
+template void gram_f64<float>(int64_t, int64_t, const float*, bool, std::vector<double>&);
+template void gram_f64<double>(int64_t, int64_t, const double*, bool, std::vector<double>&);
+
+namespace detail_eig {
+
+void tridiagonalize(int64_t n, double* G, std::vector<double>& d, std::vector<double>& e, std::vector<double>& tau) {
+  d.assign(static_cast<size_t>(n), 0.0);
+  e.assign(static_cast<size_t>(std::max<int64_t>(n, 1)), 0.0);
+  tau.assign(static_cast<size_t>(std::max<int64_t>(n - 1, 1)), 0.0);
+  // Row-major upper triangle = column-major lower triangle of the same memory.
+  lapack_int info = scipy_LAPACKE_dsytrd(LAPACK_COL_MAJOR, 'L', to_int(n), G, to_int(n), d.data(), e.data(),
+                                         tau.data());
+  PYSAFE_CHECK(info == 0, Value, "lapack", "dsytrd failed on a ", n, "x", n, " Gram matrix (info=", info, ")");
+}
+
+void tridiagonal_values(int64_t n, const std::vector<double>& d, const std::vector<double>& e,
+                        std::vector<double>& w) {
+  w = d;
+  std::vector<double> ec(e);
+  lapack_int info = scipy_LAPACKE_dsterf(to_int(n), w.data(), ec.data());
+  PYSAFE_CHECK(info == 0, Value, "lapack", "dsterf failed to converge on a ", n, "x", n, " tridiagonal (info=",
+               info, ")");
+}
+
+void top_vectors(int64_t n, const double* G, const std::vector<double>& d, const std::vector<double>& e,
+                 const std::vector<double>& tau, int64_t il, int64_t iu, std::vector<double>& Z) {
+  const int64_t k = iu - il + 1;
+  std::vector<double> dc(d), ec(e), w(static_cast<size_t>(n));
+  ec.resize(static_cast<size_t>(n), 0.0);
+  Z.assign(static_cast<size_t>(n * k), 0.0);
+  std::vector<lapack_int> isuppz(static_cast<size_t>(2 * k));
+  lapack_int found = 0;
+  lapack_logical tryrac = 1;
+  lapack_int info = scipy_LAPACKE_dstemr(LAPACK_COL_MAJOR, 'V', 'I', to_int(n), dc.data(), ec.data(), 0.0, 0.0,
+                                         to_int(il), to_int(iu), &found, w.data(), Z.data(), to_int(n), to_int(k),
+                                         isuppz.data(), &tryrac);
+  PYSAFE_CHECK(info == 0 && found == k, Value, "lapack", "dstemr failed on a ", n, "x", n,
+               " tridiagonal (info=", info, ", found ", found, " of ", k, " eigenvectors)");
+  info = scipy_LAPACKE_dormtr(LAPACK_COL_MAJOR, 'L', 'L', 'N', to_int(n), to_int(k), G, to_int(n),
+                              tau.data(), Z.data(), to_int(n));
+  PYSAFE_CHECK(info == 0, Value, "lapack", "dormtr failed (info=", info, ")");
+}
+
+}  // namespace detail_eig
 
 }  // namespace pysafe::blas

@@ -56,4 +56,20 @@ class ScopedThreads {
 template <typename T>
 void svd_thin(int64_t m, int64_t n, T* A, std::vector<T>& U, std::vector<T>& S, std::vector<T>& Vt);
 
+/// The Gram matrix of A (m×n row-major) in double: G = AᵀA (n×n) when `columns`, else AAᵀ (m×m).
+/// Accumulated by blocks of rows (or columns) converted to double, so A in float is never copied
+/// whole; only G's upper triangle (row-major) is written.
+template <typename T>
+void gram_f64(int64_t m, int64_t n, const T* A, bool columns, std::vector<double>& G);
+
+/// Eigen-decomposition of the symmetric d×d matrix G (row-major upper triangle, destroyed) in two
+/// steps sharing one tridiagonal reduction (dsytrd): all eigenvalues (dsterf), returned in
+/// descending order in `evals`; then `choose_k(evals)` says how many top eigenvectors to compute
+/// (dstemr on the tridiagonal, dormtr back). Vt (k×d row-major) holds them as rows, descending.
+template <typename F>
+void sym_eig_top(int64_t d, std::vector<double>& G, std::vector<double>& evals, F&& choose_k,
+                 std::vector<double>& Vt, int64_t& k);
+
 }  // namespace pysafe::blas
+
+#include "linalg/blas_eig.inl"

@@ -197,24 +197,23 @@ std::vector<T> transpose_rows(const std::vector<T>& Vt, int64_t cols, int64_t k)
   return V;
 }
 
-double effective_rank(const std::vector<double>& sv, double fro2, bool full) {
-  // exp(entropy) of p_i = σ_i² / Σσ²; a truncated spectrum adds one bucket for the residual energy.
-  std::vector<double> e;
-  double kept = 0.0;
-  for (double s : sv) {
-    e.push_back(s * s);
-    kept += s * s;
-  }
-  if (!full && fro2 > kept) e.push_back(fro2 - kept);
+// exp(entropy) of p_i = σ_i² / Σσ_j² over the whole spectrum `sv`, and a first-order bound on its
+// error when every σ_i² is known to within ±delta: ∂H/∂λ_j = −(log p_j + H) / Λ (Λ = Σλ), with
+// p_j floored at delta/Λ where the logarithm's slope is unbounded.
+double effective_rank(const std::vector<double>& sv, double delta, double& err) {
+  err = kNaN;
   double total = 0.0;
-  for (double v : e) total += v;
+  for (double s : sv) total += s * s;
   if (total <= 0.0) return kNaN;
   double h = 0.0;
-  for (double v : e)
-    if (v > 0.0) {
-      double p = v / total;
-      h -= p * std::log(p);
-    }
+  for (double s : sv) {
+    const double p = s * s / total;
+    if (p > 0.0) h -= p * std::log(p);
+  }
+  const double floor_p = std::max(delta / total, 1e-300);
+  double slope = 0.0;
+  for (double s : sv) slope += std::abs(std::log(std::max(s * s / total, floor_p)) + h);
+  err = std::exp(h) * std::expm1(std::min(700.0, slope * delta / total));
   return std::exp(h);
 }
 
@@ -240,17 +239,48 @@ void fill_common(Record& rec, const TruncatedSvd<T>& sd, const TruncatedSvd<T>& 
   s["energy_topk_delta"] = sd.fro2 > 0 ? std::min(1.0, kept / sd.fro2) : kNaN;
   s["energy_reached_delta"] = sd.energy_reached ? 1.0 : 0.0;
   s["energy_reached_base"] = sb.energy_reached ? 1.0 : 0.0;
-  s["stable_rank_delta"] = (sd.r > 0 && sd.S[0] > 0) ? sd.fro2 / (static_cast<double>(sd.S[0]) * sd.S[0]) : kNaN;
-  std::vector<double> svd_d = to_double(sd.S, sd.r), svd_b = to_double(sb.S, sb.r);
-  s["effective_rank_delta"] = effective_rank(svd_d, sd.fro2, sd.full_spectrum);
-  rec.strings["effective_rank_from"] = sd.full_spectrum ? "full_spectrum" : "topk_plus_residual";
+  const double s1 = sd.k > 0 ? static_cast<double>(sd.S[0]) : (sd.spectrum.empty() ? 0.0 : sd.spectrum[0]);
+  s["stable_rank_delta"] = s1 > 0 ? sd.fro2 / (s1 * s1) : kNaN;
+  // err on σ_1 (relative ε) moves ‖ΔW‖²/σ_1² by a relative 2ε/(1−ε).
+  const double e1 = sd.err.empty() || s1 <= 0 ? 0.0 : sd.err[0] / s1;
+  s["stable_rank_delta_err"] = s1 > 0 ? s["stable_rank_delta"] * 2.0 * e1 / std::max(1e-300, 1.0 - e1) : kNaN;
+  if (sd.full_spectrum && !sd.spectrum.empty()) {
+    double err = kNaN;
+    s["effective_rank_delta"] = effective_rank(sd.spectrum, sd.spectrum_err, err);
+    s["effective_rank_delta_err"] = err;
+    rec.strings["effective_rank_from"] = "full_spectrum";
+    for (auto [key, e] : {std::pair<const char*, double>{"energy_rank_50_delta", 0.5},
+                          {"energy_rank_90_delta", 0.9}, {"energy_rank_99_delta", 0.99}}) {
+      int64_t k = rank_for_energy(sd.spectrum, static_cast<int64_t>(sd.spectrum.size()), sd.fro2, e);
+      s[key] = sd.fro2 > 0 ? static_cast<double>(k < 0 ? static_cast<int64_t>(sd.spectrum.size()) : k) : kNaN;
+    }
+  } else {
+    // Never from a truncated spectrum presented as the whole: not computed (spectrum='none').
+    s["effective_rank_delta"] = kNaN;
+    s["effective_rank_delta_err"] = kNaN;
+    rec.strings["effective_rank_from"] = "not_computed";
+    for (const char* key : {"energy_rank_50_delta", "energy_rank_90_delta", "energy_rank_99_delta"}) s[key] = kNaN;
+  }
+  auto method = [](const TruncatedSvd<T>& t) { return t.method; };
   s["svd_rel_error"] = sd.method == "none" ? kNaN : sd.rel_error;
+  s["svd_rel_error_delta"] = s["svd_rel_error"];
+  s["svd_rel_error_base"] = sb.method == "none" ? kNaN : sb.rel_error;
+  s["tol"] = p.delta.tol;
+  s["tol_reached_delta"] = sd.tol_reached ? 1.0 : 0.0;
+  s["tol_reached_base"] = sb.tol_reached ? 1.0 : 0.0;
   s["svd_tail_rel"] = sd.method == "none" ? kNaN : sd.tail_rel;
   s["svd_sketch_passes"] = static_cast<double>(sd.sketch_passes);
-  rec.strings["svd_method"] = sd.method;
-  rec.strings["svd_method_base"] = sb.method;
-  rec.arrays["sv_delta"] = svd_d;
-  rec.arrays["sv_base"] = svd_b;
+  s["svd_iterations_delta"] = static_cast<double>(sd.sketch_passes);
+  s["svd_iterations_base"] = static_cast<double>(sb.sketch_passes);
+  rec.strings["svd_method"] = method(sd);
+  rec.strings["svd_method_delta"] = method(sd);
+  rec.strings["svd_method_base"] = method(sb);
+  if (!sd.tol_reached || !sb.tol_reached)
+    rec.strings["tol_note"] = detail::concat("tolerance ", p.delta.tol, " not reached: bound on the top singular "
+                                             "values' relative error is ", sd.rel_error, " (delta), ", sb.rel_error,
+                                             " (base)");
+  rec.arrays["sv_delta"] = sd.full_spectrum && !sd.spectrum.empty() ? sd.spectrum : to_double(sd.S, sd.k);
+  rec.arrays["sv_base"] = sb.full_spectrum && !sb.spectrum.empty() ? sb.spectrum : to_double(sb.S, sb.k);
 
   const SideMetrics& L = p.transpose ? stored_right : stored_left;  // logical left = output side
   const SideMetrics& R = p.transpose ? stored_left : stored_right;
@@ -279,10 +309,24 @@ void fill_common(Record& rec, const TruncatedSvd<T>& sd, const TruncatedSvd<T>& 
   }
 }
 
+}  // namespace
+
+double sin_theta_chance(int64_t n, int64_t k) {
+  // u uniform on the unit sphere of R^n, P a fixed rank-k projector: ‖(I − P)u‖² ~ Beta((n−k)/2, k/2),
+  // and E[X^{1/2}] = B(a + 1/2, b) / B(a, b) = Γ(n/2) Γ((n−k+1)/2) / (Γ((n−k)/2) Γ((n+1)/2)).
+  if (n <= 0 || k < 0 || k > n) return kNaN;
+  if (k == 0) return 1.0;
+  if (k == n) return 0.0;
+  const double a = 0.5 * static_cast<double>(n - k), nn = static_cast<double>(n);
+  return std::exp(std::lgamma(0.5 * nn) + std::lgamma(a + 0.5) - std::lgamma(a) - std::lgamma(0.5 * (nn + 1.0)));
+}
+
+namespace {
+
 template <typename T>
 void chance_levels(SideMetrics& m, int64_t kb, int64_t kd, int64_t dim, double cos2_sum) {
   m.null_frac_chance = 1.0 - static_cast<double>(kb) / dim;
-  m.sin_chance = 1.0 - static_cast<double>(kb) / dim;
+  m.sin_chance = sin_theta_chance(dim, kb);
   int64_t kmin = std::min(kb, kd);
   m.overlap = kmin > 0 ? cos2_sum / static_cast<double>(kmin) : kNaN;
   m.overlap_chance = kmin > 0 ? static_cast<double>(std::max(kb, kd)) / dim : kNaN;
@@ -561,11 +605,22 @@ Record analyze_factored(const uint8_t* base, DType bdt, int64_t rows, int64_t co
     chance_levels<T>(right, kb, 0, cols, 0.0);
   }
   // Exact SVD from the factors: the residual bound is that of the two thin SVDs (≈ machine precision).
-  sd.rel_error = 0.0;
   {
     double kept = 0.0;
     for (int64_t i = 0; i < sd.k; ++i) kept += static_cast<double>(sd.S[i]) * sd.S[i];
     sd.tail_rel = delta_fro2 > 0 ? std::sqrt(std::max(0.0, delta_fro2 - kept) / delta_fro2) : 0.0;
+    // ΔW has rank <= r: its nonzero spectrum is Sm (the remaining values are exactly zero).
+    sd.spectrum = to_double(sd.S, sd.r);
+    // Working precision of the two thin SVDs and the GEMMs (as the engine's exact path).
+    const double s1 = sd.r > 0 ? static_cast<double>(sd.S[0]) : 0.0;
+    const double wp = std::sqrt(static_cast<double>(rows + cols)) * std::numeric_limits<T>::epsilon() / 2 * s1;
+    sd.spectrum_err = 2.0 * wp * s1;
+    sd.err.assign(static_cast<size_t>(sd.k), wp);
+    sd.rel_error = 0.0;
+    const double floor = std::min(s1, 2.0 * wp / p.delta.tol);
+    for (int64_t i = 0; i < sd.k; ++i)
+      sd.rel_error = std::max(sd.rel_error, floor > 0 ? wp / std::max(static_cast<double>(sd.S[i]), floor) : 0.0);
+    sd.tol_reached = sd.rel_error <= p.delta.tol;
   }
   // delta_fro before centering equals ‖L R‖ of the uncentered factors: recompute when centered.
   double delta_fro2_raw = delta_fro2;

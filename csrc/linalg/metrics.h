@@ -69,6 +69,10 @@ Record analyze_factored(const uint8_t* base, DType base_dtype, int64_t rows, int
                         int64_t r, const AnalyzeParams& p, const BaseDecomposition* base_in = nullptr,
                         BaseDecomposition* base_out = nullptr);
 
+/// E[‖(I − P) u‖] for u uniform on the unit sphere of R^n and P a rank-k orthogonal projector: the
+/// chance level of a mean sin θ against a k-dimensional subspace (exact, through lgamma).
+double sin_theta_chance(int64_t n, int64_t k);
+
 /// Norm-only path for 1-D tensors (and any tensor analysed without SVD): delta_fro, delta_rel.
 Record analyze_norms(const uint8_t* base, DType base_dtype, const uint8_t* tuned, DType tuned_dtype, uint64_t n);
 

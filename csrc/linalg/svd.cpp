@@ -5,6 +5,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 
 #include "core/error.h"
 #include "core/parallel.h"
@@ -21,31 +22,6 @@ uint64_t splitmix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-
-// a-posteriori quantities from A V_k (one GEMM of the kept components).
-template <typename T>
-void posterior(const T* A, TruncatedSvd<T>& s) {
-  const int64_t m = s.m, n = s.n, k = s.k;
-  double kept = 0.0;
-  for (int64_t i = 0; i < k; ++i) kept += static_cast<double>(s.S[i]) * s.S[i];
-  s.tail_rel = s.fro2 > 0 ? std::sqrt(std::max(0.0, s.fro2 - kept) / s.fro2) : 0.0;
-  if (k == 0 || s.S[0] == T(0)) {
-    s.rel_error = 0.0;
-    return;
-  }
-  // AV = A · V_k  (m×k); residual column i: AV[:, i] − σ_i U[:, i].
-  std::vector<T> AV(static_cast<size_t>(m * k));
-  blas::gemm<T>(false, true, m, k, n, T(1), A, n, s.Vt.data(), n, T(0), AV.data(), k);
-  std::vector<double> res(static_cast<size_t>(k), 0.0);
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t i = 0; i < k; ++i) {
-      double d = static_cast<double>(AV[r * k + i]) - static_cast<double>(s.S[i]) * s.U[r * s.r + i];
-      res[i] += d * d;
-    }
-  double worst = 0.0;
-  for (auto v : res) worst = std::max(worst, std::sqrt(v));
-  s.rel_error = worst / static_cast<double>(s.S[0]);
-}
 
 // Rows [0, rows) of the Gaussian test matrix Ωᵀ (rows×n, row-major) for `seed`: entry (c, j) is
 // normal number c·n + j of the counter-based stream, so a wider sketch extends a narrower one and
@@ -221,6 +197,275 @@ TruncatedSvd<T> randomized_svd(const T* A, int64_t m, int64_t n, int64_t l, int6
   return svd_from_sketch(sk, m, n);
 }
 
+namespace {
+
+template <typename T>
+constexpr double unit_roundoff() {
+  return std::numeric_limits<T>::epsilon() / 2;
+}
+
+// The k kept by the rank rule from the full spectrum (values descending), capped by max_rank.
+int64_t rank_from_spectrum(const std::vector<double>& sv, double fro2, const SvdOptions& o, bool& reached) {
+  const int64_t d = static_cast<int64_t>(sv.size());
+  reached = true;
+  if (o.rank >= 0) return std::min(o.rank, d);
+  int64_t k = rank_for_energy(sv, d, fro2, o.energy);
+  if (k < 0) k = d;  // rounding of Σσ² vs ‖A‖²: every component
+  if (o.max_rank >= 0 && k > o.max_rank) {
+    reached = false;
+    k = o.max_rank;
+  }
+  return k;
+}
+
+// What an error on σ̂_i is measured against: σ̂_i itself, but not below `floor`, the value under
+// which the algorithm's own precision (err(σ) = tol·σ) cannot certify a relative tol: values there
+// (zero singular values of a rank-deficient matrix, say) are held to the absolute tol·floor.
+inline double tol_reference(double si, double floor) { return std::max(si, floor); }
+
+// Working-precision error of a value computed in T from m×n data by GEMMs and an SVD: √(m+n)·u·σ_1
+// (the typical, random-rounding size of γ_{m+n}·σ_1; LAPACK's own estimate for gesdd is u·σ_1).
+template <typename T>
+double working_error(int64_t m, int64_t n, double s1) {
+  return std::sqrt(static_cast<double>(m + n)) * unit_roundoff<T>() * s1;
+}
+
+// Relative-error bookkeeping shared by the algorithms: rel_error = max_{i<k} err_i / σ̂_i.
+template <typename T>
+void finish_bounds(TruncatedSvd<T>& s, const SvdOptions& o, double floor) {
+  double worst = 0.0;
+  for (int64_t i = 0; i < s.k; ++i) {
+    const double ref = tol_reference(static_cast<double>(s.S[i]), floor);
+    worst = std::max(worst, ref > 0 ? s.err[i] / ref : 0.0);
+  }
+  s.rel_error = worst;
+  s.tol_reached = worst <= o.tol;
+  double kept = 0.0;
+  for (int64_t i = 0; i < s.k; ++i) kept += static_cast<double>(s.S[i]) * s.S[i];
+  s.tail_rel = s.fro2 > 0 ? std::sqrt(std::max(0.0, s.fro2 - kept) / s.fro2) : 0.0;
+}
+
+// Replace columns of X (rows×k, row-major) whose norm is below `floor` by Gaussian columns and
+// orthonormalise (CholeskyQR keeps the order and, for a nearly orthonormal X, the columns).
+template <typename T>
+void complete_basis(std::vector<T>& X, int64_t rows, int64_t k, const std::vector<double>& norms, double floor,
+                    uint64_t seed) {
+  for (int64_t j = 0; j < k; ++j)
+    if (!(norms[j] > floor))
+      for (int64_t r = 0; r < rows; ++r) {
+        double g0, g1;
+        gaussian_pair(seed ^ 0x5bd1e995ull, static_cast<uint64_t>(j * rows + r), g0, g1);
+        X[r * k + j] = static_cast<T>(g0);
+      }
+  blas::orthonormalize<T>(rows, k, X.data());
+}
+
+// gram_eig: all singular values from G = AᵀA (columns side, m >= n) or AAᵀ (m < n), formed in
+// double; then the top-k eigenvectors of G from the same tridiagonal reduction; the other side's
+// vectors are A v_i / σ_i (resp. Aᵀ u_i / σ_i), orthonormalised.
+// Error bound: the computed G = AᵀA + E with ‖E‖₂ <= γ_D ‖A‖_F² (D the summed dimension, γ_D = D·u
+// in double) and the symmetric eigensolver is backward stable (another O(d·u)‖G‖₂), so
+// |σ̂_i² − σ_i²| <= δ := (D + d)·u_64·‖A‖_F², hence |σ̂_i − σ_i| <= min(√δ, δ / σ̂_i).
+template <typename T>
+TruncatedSvd<T> gram_svd(const T* A, int64_t m, int64_t n, double fro2, const SvdOptions& o) {
+  TruncatedSvd<T> s;
+  s.m = m;
+  s.n = n;
+  s.fro2 = fro2;
+  s.method = "gram_eig";
+  const bool columns = m >= n;
+  const int64_t d = std::min(m, n), D = std::max(m, n);
+  std::vector<double> G, evals, Z;
+  blas::gram_f64<T>(m, n, A, columns, G);
+  int64_t k = 0;
+  bool reached = true;
+  blas::sym_eig_top(
+      d, G, evals,
+      [&](const std::vector<double>& ev) {
+        s.spectrum.resize(ev.size());
+        for (size_t i = 0; i < ev.size(); ++i) s.spectrum[i] = std::sqrt(std::max(0.0, ev[i]));
+        return rank_from_spectrum(s.spectrum, fro2, o, reached);
+      },
+      Z, k);
+  s.full_spectrum = true;
+  s.energy_reached = reached;
+  s.spectrum_err = static_cast<double>(D + d) * unit_roundoff<double>() * fro2;
+  s.k = s.r = k;
+  s.S.resize(static_cast<size_t>(k));
+  for (int64_t i = 0; i < k; ++i) s.S[i] = static_cast<T>(s.spectrum[i]);
+  s.err.resize(static_cast<size_t>(k));
+  for (int64_t i = 0; i < k; ++i) {
+    const double sv = s.spectrum[i], delta = s.spectrum_err;
+    // Plus the rounding of σ̂ to T when T is float.
+    s.err[i] = std::min(std::sqrt(delta), sv > 0 ? delta / sv : INFINITY) + unit_roundoff<T>() * sv;
+  }
+  const double s1 = s.spectrum.empty() ? 0.0 : s.spectrum[0];
+  const double floor = std::min(s1, 2.0 * std::sqrt(s.spectrum_err / o.tol));
+  if (k > 0) {
+    // Z (k×d, rows = eigenvectors, double); the other side = A·(vectors) / σ, formed in double by
+    // blocks (A's rows or columns converted on the fly): orthonormal to the eigenvectors' accuracy,
+    // so no re-orthonormalisation is needed except where a σ is at the noise level.
+    std::vector<T> E(Z.begin(), Z.end());
+    const int64_t other = columns ? m : n;
+    std::vector<double> Wd(static_cast<size_t>(other * k));
+    {
+      const int64_t bs = 256;
+      if (columns) {  // W = A V : row block (b×n) · Vᵀᵀ (n×k)
+        std::vector<double> Ab(static_cast<size_t>(std::min(bs, m) * n));
+        for (int64_t r0 = 0; r0 < m; r0 += bs) {
+          const int64_t b = std::min(bs, m - r0);
+          std::copy(A + r0 * n, A + (r0 + b) * n, Ab.begin());
+          blas::gemm<double>(false, true, b, k, n, 1.0, Ab.data(), n, Z.data(), n, 0.0, Wd.data() + r0 * k, k);
+        }
+      } else {  // W = Aᵀ U : column block of A (m×b)ᵀ · U (m×k), U = Zᵀ
+        std::vector<double> Ab(static_cast<size_t>(m * std::min(bs, n)));
+        for (int64_t c0 = 0; c0 < n; c0 += bs) {
+          const int64_t b = std::min(bs, n - c0);
+          for (int64_t r = 0; r < m; ++r) std::copy(A + r * n + c0, A + r * n + c0 + b, Ab.begin() + r * b);
+          blas::gemm<double>(true, true, b, k, m, 1.0, Ab.data(), b, Z.data(), m, 0.0, Wd.data() + c0 * k, k);
+        }
+      }
+    }
+    std::vector<double> norms(static_cast<size_t>(k));
+    bool complete = false;
+    for (int64_t j = 0; j < k; ++j) {
+      const double sv = s.spectrum[j];
+      const double inv = sv > 0 ? 1.0 / sv : 0.0;
+      double nn = 0.0;
+      for (int64_t r = 0; r < other; ++r) {
+        Wd[r * k + j] *= inv;
+        nn += Wd[r * k + j] * Wd[r * k + j];
+      }
+      norms[j] = sv > std::sqrt(s.spectrum_err) ? std::sqrt(nn) : 0.0;  // below the noise: no direction
+      complete = complete || !(norms[j] > 0.5);
+    }
+    std::vector<T> W(Wd.begin(), Wd.end());
+    Wd = std::vector<double>();
+    if (complete) complete_basis(W, other, k, norms, 0.5, o.seed);
+    if (columns) {
+      s.U = std::move(W);
+      s.Vt = std::move(E);
+    } else {
+      s.Vt.resize(static_cast<size_t>(k * n));
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t j = 0; j < k; ++j) s.Vt[j * n + r] = W[r * k + j];
+      s.U.resize(static_cast<size_t>(m * k));
+      for (int64_t j = 0; j < k; ++j)
+        for (int64_t r = 0; r < m; ++r) s.U[r * k + j] = E[j * m + r];
+    }
+  }
+  finish_bounds(s, o, floor);
+  return s;
+}
+
+// Cost model in flops of T's GEMM (docs/metrics.md): double work counts twice when T is float;
+// the tridiagonal reduction (half matrix–vector) runs at about a sixth of the GEMM rate.
+template <typename T>
+double gram_cost(int64_t m, int64_t n, int64_t k) {
+  const double w = std::is_same_v<T, float> ? 2.0 : 1.0;
+  const double d = static_cast<double>(std::min(m, n)), D = static_cast<double>(std::max(m, n));
+  return w * (D * d * d + 8.0 * d * d * d) + 2.0 * m * n * static_cast<double>(k);
+}
+
+// subspace_iteration: Y = AΩ; then per iteration Q = orth(Y), B = QᵀA (= (AᵀQ)ᵀ), B = U_b Σ Vᵀ
+// (Rayleigh–Ritz), Y = A V. The product A V is both the next iterate and the residual
+// r_i = A v_i − σ̃_i u_i (Aᵀ u_i = σ̃_i v_i holds exactly by construction), so the bound costs no
+// extra pass. With η_i = ‖r_i‖ / √2, the residual of (u_i; v_i)/√2 as an eigenvector of
+// [[0, A], [Aᵀ, 0]], some singular value lies within η_i of σ̃_i, and within η_i² / gap_i
+// (Kato–Temple) where gap_i is the distance from σ̃_i to the other Ritz values, each widened by
+// its own η (assuming, as for every Krylov/subspace method, that no singular value above σ̃_l is
+// missing from the random start). Since σ̃_i <= σ_i (interlacing), err_i = min(η_i, η_i²/gap_i)
+// + u·σ̃_1 (working precision). Stops when err_i <= tol·σ̃_i for i < k, or after q+1 iterations
+// when power_iters = q is given, or when the iterations would cost more than gram_eig (the budget,
+// or earlier when the observed per-iteration reduction of the error extrapolates past it; returns
+// false then: the caller switches to gram_eig).
+template <typename T>
+bool subspace_iteration(const T* A, int64_t m, int64_t n, double fro2, int64_t k, const SvdOptions& o,
+                        TruncatedSvd<T>& s) {
+  const int64_t dmin = std::min(m, n);
+  const int64_t l = std::min(dmin, k + std::max<int64_t>(o.oversample, 1));
+  const bool fixed_q = o.power_iters >= 0;
+  const double per_iter = 4.0 * m * n * static_cast<double>(l);
+  const int64_t budget =
+      fixed_q ? o.power_iters + 1
+              : std::max<int64_t>(1, static_cast<int64_t>((gram_cost<T>(m, n, k) - 2.0 * m * n * l) / per_iter));
+  auto Om = gaussian_rows<T>(o.seed, n, l);
+  std::vector<T> Y(static_cast<size_t>(m * l)), Z(static_cast<size_t>(n * l)), B(static_cast<size_t>(l * n));
+  blas::gemm<T>(false, true, m, l, n, T(1), A, n, Om->data(), n, T(0), Y.data(), l);
+  s = TruncatedSvd<T>();
+  s.m = m;
+  s.n = n;
+  s.fro2 = fro2;
+  s.method = "subspace_iteration";
+  s.k = k;
+  s.r = l;
+  bool converged = false;
+  int64_t it = 0;
+  double floor = 0.0;
+  std::vector<double> history;  // worst ratio per iteration
+  std::vector<double> eta(static_cast<size_t>(l));
+  while (it < budget) {
+    ++it;
+    std::vector<T>& Q = Y;
+    blas::orthonormalize<T>(m, l, Q.data());
+    blas::gemm<T>(true, false, n, l, m, T(1), A, n, Q.data(), l, T(0), Z.data(), l);  // Z = AᵀQ (n×l)
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t j = 0; j < l; ++j) B[j * n + r] = Z[r * l + j];
+    std::vector<T> Ub;
+    if constexpr (std::is_same_v<T, double>) {
+      blas::svd_thin<T>(l, n, B.data(), Ub, s.S, s.Vt);  // B = Ub Σ Vt, Ub l×l, Vt l×n
+    } else {  // the small Rayleigh–Ritz SVD in double: its rounding stays below the GEMMs'
+      std::vector<double> Bd(B.begin(), B.end()), Ubd, Sd, Vtd;
+      blas::svd_thin<double>(l, n, Bd.data(), Ubd, Sd, Vtd);
+      Ub.assign(Ubd.begin(), Ubd.end());
+      s.S.assign(Sd.begin(), Sd.end());
+      s.Vt.assign(Vtd.begin(), Vtd.end());
+    }
+    s.U.resize(static_cast<size_t>(m * l));
+    blas::gemm<T>(false, false, m, l, l, T(1), Q.data(), l, Ub.data(), l, T(0), s.U.data(), l);
+    blas::gemm<T>(false, true, m, l, n, T(1), A, n, s.Vt.data(), n, T(0), Y.data(), l);  // Y = A V (next iterate)
+    std::fill(eta.begin(), eta.end(), 0.0);
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t j = 0; j < l; ++j) {
+        const double dd = static_cast<double>(Y[r * l + j]) - static_cast<double>(s.S[j]) * s.U[r * l + j];
+        eta[j] += dd * dd;
+      }
+    for (auto& e : eta) e = std::sqrt(e / 2.0);
+    const double s1 = static_cast<double>(s.S[0]), wp = working_error<T>(m, n, s1);
+    floor = std::min(s1, 2.0 * wp / o.tol);
+    s.err.assign(static_cast<size_t>(k), 0.0);
+    converged = true;
+    double worst = 0.0;  // max_i err_i / (tol·ref_i): converged when <= 1
+    for (int64_t i = 0; i < k; ++i) {
+      const double si = static_cast<double>(s.S[i]);
+      double gap = si;  // distance to the eigenvalues −σ_j and 0 of the augmented matrix
+      for (int64_t j = 0; j < l; ++j)
+        if (j != i) gap = std::min(gap, std::abs(si - static_cast<double>(s.S[j])) - eta[j]);
+      const double lin = eta[i], quad = gap > 0 ? eta[i] * eta[i] / gap : INFINITY;
+      s.err[i] = std::min(lin, quad) + wp;
+      const double ratio = s.err[i] / (o.tol * tol_reference(si, floor));
+      worst = std::max(worst, ratio);
+      if (ratio > 1.0) converged = false;
+    }
+    if (converged && !fixed_q) break;
+    // Give up early when the observed rate of convergence says the budget will not suffice (slow
+    // decay or no gap at k): the caller then pays for gram_eig once, not for both.
+    // The rate is taken over the last 4 iterations (the bound is not monotone step by step: the
+    // gaps it uses move with the neighbours' residuals).
+    history.push_back(worst);
+    if (!fixed_q && history.size() >= 5) {
+      const double then = history[history.size() - 5];
+      const double rate = then > 0 ? std::pow(worst / then, 0.25) : 0.0;
+      if (!(rate < 1.0) || it + std::log(worst) / -std::log(rate) > static_cast<double>(budget)) break;
+    }
+  }
+  s.sketch_passes = it;
+  finish_bounds(s, o, floor);
+  return converged || fixed_q;
+}
+
+}  // namespace
+
 template <typename T>
 TruncatedSvd<T> truncated_svd(const T* A, int64_t m, int64_t n, double fro2, const SvdOptions& o) {
   const int64_t dmin = std::min(m, n);
@@ -231,60 +476,56 @@ TruncatedSvd<T> truncated_svd(const T* A, int64_t m, int64_t n, double fro2, con
     s.method = "none";
     s.fro2 = fro2;
     s.full_spectrum = true;
+    s.spectrum.assign(static_cast<size_t>(dmin), 0.0);
     return s;
   }
   const bool fixed = o.rank >= 0;
-  const int64_t want = fixed ? std::min(o.rank, dmin) : std::min(o.max_rank, dmin);
-  const bool exact = o.exact || dmin <= o.exact_max_dim || want + o.oversample >= dmin / 2;
-  if (exact) {
-    s = exact_svd<T>(A, m, n);
-    s.fro2 = fro2;
-    if (fixed) {
-      s.k = want;
+  const int64_t want = fixed ? std::min(o.rank, dmin) : -1;
+  // The exact path, also where gram_eig cannot certify the tolerance (values near zero are known
+  // from the Gram matrix only to about sqrt(δ); gesdd resolves them to u·σ_1).
+  // Computed in double whatever T: gesdd's error in float (observed up to ~0.1·(m+n)·u·σ_1 on
+  // zero singular values) would make a relative tol of 1e-4 uncertifiable below ~σ_1/10.
+  auto exact = [&] {
+    if constexpr (std::is_same_v<T, double>) {
+      s = exact_svd<T>(A, m, n);
+      s.spectrum.assign(s.S.begin(), s.S.end());
     } else {
-      int64_t k = rank_for_energy(s.S, s.r, fro2, o.energy);
-      s.energy_reached = k >= 0;
-      s.k = k >= 0 ? k : s.r;
-    }
-  } else if (fixed) {
-    s = randomized_svd<T>(A, m, n, std::min(dmin, want + o.oversample), o.power_iters, o.seed);
-    s.fro2 = fro2;
-    s.k = want;
-    s.sketch_passes = 1;
-  } else {
-    // Energy rule: sketch k = 32, 64, ... up to max_rank until Σσ² reaches E·‖A‖²; each larger
-    // sketch adds columns to the previous one instead of starting over.
-    int64_t K = std::min<int64_t>(32, want);
-    int64_t passes = 0;
-    Sketch<T> sk;
-    while (true) {
-      extend_sketch(A, m, n, sk, std::min(dmin, K + o.oversample), o.power_iters, o.seed);
-      s = svd_from_sketch(sk, m, n);
-      ++passes;
-      int64_t k = rank_for_energy(s.S, std::min(K, s.r), fro2, o.energy);
-      if (k >= 0) {
-        s.k = k;
-        break;
-      }
-      if (K >= want) {
-        s.k = std::min(K, s.r);
-        s.energy_reached = false;
-        break;
-      }
-      K = std::min(2 * K, want);
+      std::vector<double> Ad(A, A + m * n);
+      TruncatedSvd<double> sd = exact_svd<double>(Ad.data(), m, n);
+      s = TruncatedSvd<T>();
+      s.m = m;
+      s.n = n;
+      s.r = sd.r;
+      s.method = sd.method;
+      s.full_spectrum = true;
+      s.U.assign(sd.U.begin(), sd.U.end());
+      s.S.assign(sd.S.begin(), sd.S.end());
+      s.Vt.assign(sd.Vt.begin(), sd.Vt.end());
+      s.spectrum = std::move(sd.S);
     }
     s.fro2 = fro2;
-    s.sketch_passes = passes;
-  }
-  if (o.residual_check) {
-    posterior(A, s);
-  } else {
-    double kept = 0.0;
-    for (int64_t i = 0; i < s.k; ++i) kept += static_cast<double>(s.S[i]) * s.S[i];
-    s.tail_rel = fro2 > 0 ? std::sqrt(std::max(0.0, fro2 - kept) / fro2) : 0.0;
-    s.rel_error = std::numeric_limits<double>::quiet_NaN();
-  }
-  return s;
+    bool reached = true;
+    s.k = rank_from_spectrum(s.spectrum, fro2, o, reached);
+    s.energy_reached = reached;
+    // gesdd is backward stable: |σ̂_i − σ_i| <= p(m, n)·u·σ_1 with p modest (LAPACK's own estimate
+    // takes p = 1; we take m + n, in double), plus the rounding of σ̂ to T.
+    const double wp = static_cast<double>(m + n) * unit_roundoff<double>() * s.spectrum[0] +
+                      unit_roundoff<T>() * s.spectrum[0];
+    s.spectrum_err = 2.0 * wp * s.spectrum[0];
+    s.err.assign(static_cast<size_t>(s.k), wp);
+    finish_bounds(s, o, std::min(s.spectrum[0], 2.0 * wp / o.tol));
+    return s;
+  };
+  if (o.exact || dmin <= o.exact_max_dim) return exact();
+  auto gram = [&] {
+    TruncatedSvd<T> g = gram_svd<T>(A, m, n, fro2, o);
+    return g.tol_reached ? g : exact();
+  };
+  // Every singular value is needed (energy rule: k is defined by the whole spectrum; or the
+  // spectrum-wide metrics): gram_eig gives them all, and the top-k vectors at little extra cost.
+  if (!fixed || o.full_spectrum) return gram();
+  if (subspace_iteration<T>(A, m, n, fro2, want, o, s)) return s;
+  return gram();  // subspace iteration would cost more than gram_eig to converge
 }
 
 template int64_t rank_for_energy<float>(const std::vector<float>&, int64_t, double, double);

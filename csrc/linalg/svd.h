@@ -1,7 +1,14 @@
-// Truncated SVD for the engine: exact (LAPACK gesdd) for small matrices, seeded randomized
-// (Halko–Martinsson–Tropp range finder, oversampling p, q power iterations with
-// re-orthonormalisation) for large ones. Rank by a fixed k or by an energy fraction E of ‖A‖_F²,
-// which is known exactly before any SVD (engine.md §4).
+// Truncated SVD for the engine, with an accuracy contract (docs/metrics.md): the reported top
+// singular values meet a relative tolerance `tol`, or the result says which bound they reach.
+// Per matrix the cheapest of three algorithms that meets it:
+//   exact               LAPACK gesdd (all components) when min(m, n) <= exact_max_dim or forced;
+//   gram_eig            the whole spectrum from the Gram matrix AᵀA (or AAᵀ) formed in double,
+//                       one tridiagonal reduction, then only the top-k eigenvectors: used when every
+//                       singular value is needed (the energy rule, spectrum-wide metrics) or when
+//                       subspace iteration would cost more;
+//   subspace_iteration  seeded randomized subspace iteration with a Rayleigh–Ritz step per
+//                       iteration, stopped by an a-posteriori residual bound (fixed k).
+// Rank by a fixed k or by an energy fraction E of ‖A‖_F², which is known exactly before any SVD.
 #pragma once
 
 #include <cstdint>
@@ -16,11 +23,13 @@ struct SvdOptions {
   double energy = 0.9;          ///< E in the energy rule (used when rank == -1)
   bool exact = false;           ///< force the exact path whatever the size
   int64_t exact_max_dim = 1024; ///< exact when min(m, n) <= this
-  int64_t max_rank = 256;       ///< largest k the randomized path computes (energy rule)
+  int64_t max_rank = -1;        ///< explicit cap on k under the energy rule; -1: none (the energy is reached)
   int64_t oversample = 10;      ///< p: extra columns of the sketch
-  int64_t power_iters = 2;      ///< q: power iterations, re-orthonormalised between them
+  int64_t power_iters = -1;     ///< -1: iterate until `tol` is met; q >= 0: exactly q + 1 iterations
   uint64_t seed = 0;            ///< seed of the Gaussian test matrix (counter-based: thread-independent)
-  bool residual_check = true;   ///< compute rel_error (one more pass over A: A·V_k)
+  bool residual_check = true;   ///< kept for compatibility: the error bound is always computed
+  double tol = 1e-4;            ///< relative error allowed on the top-k singular values
+  bool full_spectrum = false;   ///< compute all min(m, n) singular values (spectrum-wide metrics)
 };
 
 /// The top components of A (m×n, row-major) and how they were obtained.
@@ -32,13 +41,17 @@ struct TruncatedSvd {
   std::vector<T> U;       ///< m×r row-major
   std::vector<T> S;       ///< r, descending
   std::vector<T> Vt;      ///< r×n row-major
-  std::string method;     ///< "exact" or "randomized"
-  bool full_spectrum = false;   ///< S holds all min(m, n) singular values
-  bool energy_reached = true;   ///< energy rule met within the computed components
+  std::string method;     ///< "exact", "gram_eig", "subspace_iteration", "randomized" (randomized_svd), "none"
+  bool full_spectrum = false;   ///< `spectrum` holds all min(m, n) singular values
+  bool energy_reached = true;   ///< energy rule met (false only under an explicit max_rank cap)
   double fro2 = 0.0;            ///< ‖A‖_F² (exact, from the data)
-  double rel_error = 0.0;       ///< a-posteriori bound: max_{i<k} ‖A v_i − σ_i u_i‖ / σ_1
-  double tail_rel = 0.0;        ///< ‖A − U_k U_kᵀ A‖_F / ‖A‖_F
-  int64_t sketch_passes = 0;    ///< randomized: number of sketches (energy rule may double k)
+  double rel_error = 0.0;       ///< bound on max_{i<k} |σ̂_i − σ_i| / σ̂_i (NaN: not computed)
+  double tail_rel = 0.0;        ///< sqrt(1 − Σ_{i<k} σ_i² / ‖A‖_F²)
+  int64_t sketch_passes = 0;    ///< subspace_iteration: Rayleigh–Ritz iterations run
+  bool tol_reached = true;      ///< rel_error <= tol
+  std::vector<double> err;      ///< per kept value: bound on |σ̂_i − σ_i| (k values)
+  std::vector<double> spectrum; ///< all min(m, n) singular values when full_spectrum, descending
+  double spectrum_err = 0.0;    ///< bound on |σ̂_i² − σ_i²| for every value of `spectrum`
 };
 
 /// Smallest k with Σ_{i<k} σ_i² >= energy · fro2; returns -1 when not reached in S.

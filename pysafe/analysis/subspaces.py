@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pysafe.linalg import sin_theta_chance
+
 MATRICES = ("c_fc", "c_proj")
 
 
@@ -68,7 +70,7 @@ def column_space(base_model, tuned_model, *, energy: float = 0.9, center: bool =
             Wb, Wt = _mlp_weights(sb, layer, name), _mlp_weights(st, layer, name)
             Ub, Sb, _ = _svd(Wb, center)
             kb = energy_rank(Sb, energy)
-            row = {"shape": list(Wb.shape), "k_base": kb, "chance": float(np.sqrt(max(0.0, 1 - kb / Wb.shape[0])))}
+            row = {"shape": list(Wb.shape), "k_base": kb, "chance": sin_theta_chance(Wb.shape[0], kb)}
             for label, M in (("tuned", Wt), ("delta", Wt - Wb)):
                 U, S, _ = _svd(M, center)
                 k = min(energy_rank(S, energy), max_k)

@@ -46,8 +46,15 @@ class _Progress:
 @click.option("--base-rank", type=click.IntRange(min=1), default=None, help="Fixed rank k for W_base.")
 @click.option("--base-energy", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
               help="Energy fraction for W_base's k.")
-@click.option("--max-rank", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Largest k of the randomized SVD under the energy rule.")
+@click.option("--max-rank", type=click.IntRange(min=1), default=None,
+              help="Explicit cap on k under the energy rule (default: none, the energy is reached; a capped "
+                   "record says energy_reached false).")
+@click.option("--tol", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=1e-4, show_default=True,
+              help="Relative error allowed on the reported top singular values; each matrix gets the cheapest "
+                   "algorithm that meets it (records: svd_method_*, svd_rel_error_*, tol_reached_*).")
+@click.option("--spectrum", type=click.Choice(["full", "none"]), default="full", show_default=True,
+              help="full: ΔW's whole spectrum (effective_rank_delta, energy_rank_*_delta); none: skip it (faster "
+                   "with --rank; those keys are null).")
 @click.option("--exact/--no-exact", default=False, show_default=True, help="Force exact (LAPACK) SVDs.")
 @click.option("--center/--no-center", default=False, show_default=True,
               help="Subtract the mean row before the SVDs (the paper's variant).")
@@ -82,7 +89,8 @@ class _Progress:
               help="HDF5 file caching pooled activations by (checkpoint, prompts, hook, positions) across runs.")
 @debug_option
 @handle_errors
-def analyze(base, tuned, out, include, exclude, rank, energy, base_rank, base_energy, max_rank, exact, center,
+def analyze(base, tuned, out, include, exclude, rank, energy, base_rank, base_energy, max_rank, tol, spectrum, exact,
+            center,
             dtype, threads, seed, save_vectors, strict, overwrite, progress, plots, prompt_files, builtin_prompts,
             hook, positions, device, cache_dir, no_cache, feature_cache, debug):
     """Compare BASE and TUNED checkpoints tensor by tensor: what did fine-tuning change?
@@ -98,7 +106,8 @@ def analyze(base, tuned, out, include, exclude, rank, energy, base_rank, base_en
     from pysafe.weights import Options, compare
 
     opts = Options(include=include, exclude=exclude, rank=rank, energy=energy, base_rank=base_rank,
-                   base_energy=base_energy, exact=exact, max_rank=max_rank, center=center, dtype=dtype,
+                   base_energy=base_energy, exact=exact, max_rank=max_rank, tol=tol, spectrum=spectrum,
+                   center=center, dtype=dtype,
                    threads=threads, seed=seed, save_vectors=save_vectors, strict=strict)
     try:
         opts.validate()

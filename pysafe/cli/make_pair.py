@@ -14,10 +14,19 @@ from pysafe.synthetic import PRESETS, make_pair
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Directory for base/ and tuned/.")
 @click.option("--layers", type=click.IntRange(min=1), default=None, help="Override the number of layers.")
 @click.option("--delta-rank", type=click.IntRange(min=0), default=None, help="Rank of the planted ΔW.")
+@click.option("--delta-spectrum", default="lowrank", show_default=True, metavar="lowrank|powerlaw:A",
+              help="ΔW's spectrum: 'lowrank' (--delta-rank) or 'powerlaw:A', full rank with σ_i ∝ i^-A "
+                   "(e.g. powerlaw:0.6, like a full fine-tune).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @debug_option
 @handle_errors
-def make_pair_cmd(preset, out, layers, delta_rank, seed, debug):
+def make_pair_cmd(preset, out, layers, delta_rank, delta_spectrum, seed, debug):
     """Write a synthetic bf16, sharded, Llama-shaped checkpoint pair to OUT/base and OUT/tuned."""
-    path = make_pair(out, preset, layers=layers, delta_rank=delta_rank, seed=seed)
+    from pysafe.synthetic import delta_exponent
+
+    try:
+        delta_exponent(delta_spectrum)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--delta-spectrum'") from None
+    path = make_pair(out, preset, layers=layers, delta_rank=delta_rank, delta_spectrum=delta_spectrum, seed=seed)
     click.echo(f"wrote {path}/base and {path}/tuned (preset {preset})")

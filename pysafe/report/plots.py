@@ -88,14 +88,33 @@ def write_plots(cmp, out: str | os.PathLike, run_id: str | None = None) -> list[
                 v = r.get(key)
                 if v is not None and r["module"] in mods:
                     grid[layers.index(r["layer"]), mods.index(r["module"])] = v
-            fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(mods), 1.5 + 0.22 * len(layers)))
-            im = ax.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest")
+            # A metric with a chance level is drawn as value − chance (each cell against its own
+            # chance, which depends on the matrix's shape and k), on a scale centred at chance.
+            chance = np.full_like(grid, np.nan)
+            for r in layered:
+                c = r.get(key + "_chance")
+                if c is not None and r["module"] in mods:
+                    chance[layers.index(r["layer"]), mods.index(r["module"])] = c
+            has_chance = bool(np.isfinite(chance).any())
+            fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(mods) * (1.4 if has_chance else 1.0),
+                                            1.5 + 0.22 * len(layers)))
+            if has_chance:
+                shown = grid - chance
+                lim = float(np.nanmax(np.abs(shown))) if np.isfinite(shown).any() else 1.0
+                im = ax.imshow(shown, aspect="auto", cmap="RdBu_r", vmin=-max(lim, 1e-12), vmax=max(lim, 1e-12),
+                               interpolation="nearest")
+                if grid.size <= 160:  # small grids: write value (chance) in each cell
+                    for (i, j), v in np.ndenumerate(grid):
+                        if np.isfinite(v):
+                            ax.text(j, i, f"{v:.2f}\n({chance[i, j]:.2f})", ha="center", va="center", fontsize=6)
+            else:
+                im = ax.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest")
             ax.set_xticks(range(len(mods)), mods)
             step = max(1, len(layers) // 16)
             ax.set_yticks(range(0, len(layers), step), [str(l) for l in layers[::step]])
             ax.set_xlabel("module")
             ax.set_ylabel("layer")
-            ax.set_title(key)
+            ax.set_title(f"{key} − chance (cell: value (chance))" if has_chance else key, fontsize=9)
             fig.colorbar(im, ax=ax)
             fig.tight_layout()
             written.append(save_figure(fig, out / f"heatmap_{key}.png", run_id=run_id))

@@ -46,8 +46,15 @@ def record_json(rec: dict) -> dict:
     return out
 
 
+#: summary.json layout version. 2: effective_rank_delta over the whole spectrum (null when not computed),
+#: sin_theta_*_chance = E[sin θ] (was 1 − k/n), no default max_rank cap; new tol, *_err, svd_method_delta/base,
+#: svd_rel_error_delta/base, tol_reached_*, energy_rank_{50,90,99}_delta. 1 (unversioned): before.
+SCHEMA_VERSION = 2
+
+
 def summary_dict(cmp) -> dict:
     return {
+        "schema_version": SCHEMA_VERSION,
         "pysafe_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "base": cmp.base,

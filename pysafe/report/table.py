@@ -29,19 +29,21 @@ def format_table(cmp, keys=("delta_rel", "null_frac_left")) -> str:
     for key in keys:
         if not by_layer:
             break
-        chance = ""
-        if key + "_chance" in cmp.records[0]:
-            vals = [r.get(key + "_chance") for mods in by_layer.values() for r in mods.values()]
-            vals = [v for v in vals if v is not None and math.isfinite(v)]
-            if vals:
-                chance = f"  (chance {min(vals):.3f}–{max(vals):.3f})" if min(vals) != max(vals) else \
-                    f"  (chance {vals[0]:.3f})"
-        lines.append(f"{key}{chance}")
-        lines.append("layer " + "".join(m.rjust(8) for m in modules))
+        # A metric with a chance level shows each cell as value/chance: the chance depends on the
+        # matrix's shape and the k used, so one range for the whole table would compare the wrong pairs.
+        has_chance = any(key + "_chance" in r for mods in by_layer.values() for r in mods.values())
+        width = 15 if has_chance else 8
+
+        def cell(r):
+            if not has_chance:
+                return " " + _fmt(r.get(key))
+            return " " + (_fmt(r.get(key), 7).strip() + "/" + _fmt(r.get(key + "_chance"), 6).strip()).rjust(width - 1)
+
+        lines.append(f"{key}" + ("  (value/chance per cell)" if has_chance else ""))
+        lines.append("layer " + "".join(m.rjust(width) for m in modules))
         for layer in sorted(by_layer):
             mods = by_layer[layer]
-            lines.append(f"{layer:5d} " + "".join(
-                (" " + _fmt(mods[m].get(key))) if m in mods else " " * 8 for m in modules))
+            lines.append(f"{layer:5d} " + "".join(cell(mods[m]) if m in mods else " " * width for m in modules))
         lines.append("")
     vectors = [r for r in other if len(r["shape"]) < 2]
     matrices = [r for r in other if len(r["shape"]) == 2]
