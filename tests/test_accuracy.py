@@ -178,6 +178,9 @@ def test_every_record_key_against_float64_reference(tmp_path, case):
     checked |= set(spectrum_keys) | BOUNDS
     for key in DESCRIPTIVE:
         assert key in rec, key
+    # computed here, not read from the base-decomposition cache (which tests/test_base_cache.py covers)
+    assert rec["base_svd_cached"] in (False, 0)
+    checked.add("base_svd_cached")
     unknown = set(rec) - checked - DESCRIPTIVE
     assert not unknown, f"record keys without a reference check: {sorted(unknown)}"
 

@@ -163,6 +163,10 @@ py::object decomposition_dict(const BaseDecomposition& d) {
   out["rel_error"] = d.rel_error;
   out["tail_rel"] = d.tail_rel;
   out["sketch_passes"] = d.sketch_passes;
+  out["tol_reached"] = d.tol_reached;
+  out["err"] = to_array(d.err, {static_cast<py::ssize_t>(d.err.size())});
+  out["spectrum"] = to_array(d.spectrum, {static_cast<py::ssize_t>(d.spectrum.size())});
+  out["spectrum_err"] = d.spectrum_err;
   return std::move(out);
 }
 
@@ -185,6 +189,8 @@ BaseDecomposition decomposition_from(const py::dict& in) {
     d.rel_error = in["rel_error"].cast<double>();
     d.tail_rel = in["tail_rel"].cast<double>();
     d.sketch_passes = in["sketch_passes"].cast<int64_t>();
+    d.tol_reached = in["tol_reached"].cast<bool>();
+    d.spectrum_err = in["spectrum_err"].cast<double>();
   } catch (const py::error_already_set& e) {
     throw py::value_error(std::string("base_decomposition: missing or malformed field (") + e.what() + ")");
   } catch (const py::cast_error& e) {
@@ -193,6 +199,8 @@ BaseDecomposition decomposition_from(const py::dict& in) {
   d.U = vec("U");
   d.S = vec("S");
   d.Vt = vec("Vt");
+  d.err = vec("err");
+  d.spectrum = vec("spectrum");
   return d;
 }
 

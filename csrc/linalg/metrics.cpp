@@ -354,6 +354,10 @@ BaseDecomposition to_decomposition(const TruncatedSvd<T>& s) {
   d.rel_error = s.rel_error;
   d.tail_rel = s.tail_rel;
   d.sketch_passes = s.sketch_passes;
+  d.tol_reached = s.tol_reached;
+  d.err = s.err;
+  d.spectrum = s.spectrum;
+  d.spectrum_err = s.spectrum_err;
   return d;
 }
 
@@ -375,6 +379,10 @@ TruncatedSvd<T> from_decomposition(const BaseDecomposition& d) {
   s.rel_error = d.rel_error;
   s.tail_rel = d.tail_rel;
   s.sketch_passes = d.sketch_passes;
+  s.tol_reached = d.tol_reached;
+  s.err = d.err;
+  s.spectrum = d.spectrum;
+  s.spectrum_err = d.spectrum_err;
   return s;
 }
 
@@ -391,6 +399,9 @@ void check_decomposition(const BaseDecomposition& d, int64_t rows, int64_t cols)
                    static_cast<int64_t>(d.U.size()) == rows * d.k && static_cast<int64_t>(d.Vt.size()) == d.k * cols,
                Value, "base_decomposition", "base decomposition has k = ", d.k, ", ", d.S.size(), " values, U of ",
                d.U.size(), " and Vt of ", d.Vt.size(), " entries: inconsistent with a ", rows, "x", cols, " matrix");
+  PYSAFE_CHECK(static_cast<int64_t>(d.spectrum.size()) <= std::min(rows, cols) && d.err.size() <= d.S.size(),
+               Value, "base_decomposition", "base decomposition has a spectrum of ", d.spectrum.size(),
+               " values and ", d.err.size(), " error bounds: inconsistent with a ", rows, "x", cols, " matrix");
 }
 
 }  // namespace
@@ -495,7 +506,6 @@ Record analyze_dense(const uint8_t* base, DType bdt, const uint8_t* tuned, DType
   }
   rec.scalars["time_metrics"] = seconds_since(t0);
   fill_common(rec, sd, sb, base_fro2, delta_fro2, left, right, p, rows, cols);
-  rec.arrays["sv_base"] = bd.S;  // every computed value (sb holds only the k kept vectors)
   if (base_out) *base_out = base_in ? *base_in : std::move(computed);
   return rec;
 }
@@ -630,7 +640,6 @@ Record analyze_factored(const uint8_t* base, DType bdt, int64_t rows, int64_t co
     delta_fro2_raw = sumsq(full.data(), n);
   }
   fill_common(rec, sd, sb, base_fro2, delta_fro2_raw, left, right, p, rows, cols);
-  rec.arrays["sv_base"] = bd.S;  // every computed value (sb holds only the k kept vectors)
   if (base_out) *base_out = base_in ? *base_in : std::move(computed);
   return rec;
 }

@@ -51,6 +51,10 @@ struct BaseDecomposition {
   bool full_spectrum = false, energy_reached = true;
   double fro2 = 0.0, rel_error = 0.0, tail_rel = 0.0;
   int64_t sketch_passes = 0;
+  bool tol_reached = true;      ///< TruncatedSvd::tol_reached
+  std::vector<double> err;      ///< TruncatedSvd::err (bound per kept value)
+  std::vector<double> spectrum; ///< TruncatedSvd::spectrum (all values when full_spectrum)
+  double spectrum_err = 0.0;    ///< TruncatedSvd::spectrum_err
 };
 
 /// Dense path: ΔW = tuned − base formed in T (float or double) from the raw stored bytes.
