@@ -335,6 +335,23 @@ void chance_levels(SideMetrics& m, int64_t kb, int64_t kd, int64_t dim, double c
 // W_base's SVD reduced to what the metrics read (the k kept vectors, every computed value) and
 // back. The computed and the reused (cached) paths both go through this form, so their records
 // are identical bit for bit.
+// The SVD's bookkeeping, field by field the same in TruncatedSvd and BaseDecomposition: one list for
+// both directions, so a field added to TruncatedSvd cannot be dropped on one of them.
+template <typename From, typename To>
+void copy_svd_info(const From& a, To& b) {
+  b.method = a.method;
+  b.full_spectrum = a.full_spectrum;
+  b.energy_reached = a.energy_reached;
+  b.fro2 = a.fro2;
+  b.rel_error = a.rel_error;
+  b.tail_rel = a.tail_rel;
+  b.sketch_passes = a.sketch_passes;
+  b.tol_reached = a.tol_reached;
+  b.err = a.err;
+  b.spectrum = a.spectrum;
+  b.spectrum_err = a.spectrum_err;
+}
+
 template <typename T>
 BaseDecomposition to_decomposition(const TruncatedSvd<T>& s) {
   BaseDecomposition d;
@@ -347,17 +364,7 @@ BaseDecomposition to_decomposition(const TruncatedSvd<T>& s) {
   for (int64_t r = 0; r < s.m; ++r)
     for (int64_t c = 0; c < s.k; ++c) d.U[r * s.k + c] = s.U[r * s.r + c];
   d.Vt.assign(s.Vt.begin(), s.Vt.begin() + s.k * s.n);
-  d.method = s.method;
-  d.full_spectrum = s.full_spectrum;
-  d.energy_reached = s.energy_reached;
-  d.fro2 = s.fro2;
-  d.rel_error = s.rel_error;
-  d.tail_rel = s.tail_rel;
-  d.sketch_passes = s.sketch_passes;
-  d.tol_reached = s.tol_reached;
-  d.err = s.err;
-  d.spectrum = s.spectrum;
-  d.spectrum_err = s.spectrum_err;
+  copy_svd_info(s, d);
   return d;
 }
 
@@ -372,17 +379,7 @@ TruncatedSvd<T> from_decomposition(const BaseDecomposition& d) {
   s.U.assign(d.U.begin(), d.U.end());
   s.S.assign(d.S.begin(), d.S.end());
   s.Vt.assign(d.Vt.begin(), d.Vt.end());
-  s.method = d.method;
-  s.full_spectrum = d.full_spectrum;
-  s.energy_reached = d.energy_reached;
-  s.fro2 = d.fro2;
-  s.rel_error = d.rel_error;
-  s.tail_rel = d.tail_rel;
-  s.sketch_passes = d.sketch_passes;
-  s.tol_reached = d.tol_reached;
-  s.err = d.err;
-  s.spectrum = d.spectrum;
-  s.spectrum_err = d.spectrum_err;
+  copy_svd_info(d, s);
   return s;
 }
 
