@@ -103,6 +103,17 @@ struct Tables {
     }
     for (int i = 0; i < 16; ++i) f4[i] = f4e2m1_to_float(static_cast<uint8_t>(i));
   }
+  /// The table of a one-byte float format (F8_*).
+  const float* byte_table(DType d) const {
+    switch (d) {
+      case DType::F8_E4M3: return e4m3;
+      case DType::F8_E5M2: return e5m2;
+      case DType::F8_E8M0: return e8m0;
+      case DType::F8_E4M3FNUZ: return e4m3fnuz;
+      case DType::F8_E5M2FNUZ: return e5m2fnuz;
+      default: PYSAFE_ASSERT(false); return nullptr;
+    }
+  }
 };
 const Tables& tables() {
   static const Tables t;
@@ -138,28 +149,12 @@ uint64_t convert_block(const uint8_t* src, DType dt, size_t n, T* dst) {
     case DType::F16:
       for (size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(half_to_float(load<uint16_t>(src, i)));
       break;
-    case DType::F8_E4M3: {
-      const float* t = tables().e4m3;
-      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(t[src[i]]);
-      break;
-    }
-    case DType::F8_E5M2: {
-      const float* t = tables().e5m2;
-      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(t[src[i]]);
-      break;
-    }
-    case DType::F8_E8M0: {
-      const float* t = tables().e8m0;
-      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(t[src[i]]);
-      break;
-    }
-    case DType::F8_E4M3FNUZ: {
-      const float* t = tables().e4m3fnuz;
-      for (size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(t[src[i]]);
-      break;
-    }
+    case DType::F8_E4M3:
+    case DType::F8_E5M2:
+    case DType::F8_E8M0:
+    case DType::F8_E4M3FNUZ:
     case DType::F8_E5M2FNUZ: {
-      const float* t = tables().e5m2fnuz;
+      const float* t = tables().byte_table(dt);  // one byte per element: a 256-entry lookup
       for (size_t i = 0; i < n; ++i) dst[i] = static_cast<T>(t[src[i]]);
       break;
     }
