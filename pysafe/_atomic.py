@@ -79,12 +79,8 @@ def _alive(owner: dict) -> bool:
     pid = owner.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not _pid_alive(pid):
         return False
-    except PermissionError:
-        pass
     st = owner.get("start_time")
     return st is None or _start_time(pid) in (None, st)
 
