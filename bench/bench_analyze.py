@@ -457,8 +457,9 @@ def worker_baseline(cfg: dict) -> dict:
 WORKERS = {"machine": worker_machine, "pysafe": worker_pysafe, "baseline": worker_baseline}
 
 
-def run_worker(kind: str, cfg: dict) -> dict:
-    """Run one worker in a fresh interpreter; adds its peak RSS and wall time."""
+def run_worker(kind: str, cfg: dict, script: str | None = None, cwd_tmp: bool = False) -> dict:
+    """Run one worker in a fresh interpreter (``script --_worker KIND``, this file by default; in its
+    temporary directory with ``cwd_tmp``); adds its peak RSS and wall time."""
     with tempfile.TemporaryDirectory(prefix="pysafe-bench-") as tmp:
         cfg_path, out_path = Path(tmp) / "cfg.json", Path(tmp) / "out.json"
         cfg_path.write_text(json.dumps({**cfg, "out": str(out_path)}))
@@ -466,8 +467,8 @@ def run_worker(kind: str, cfg: dict) -> dict:
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(cfg["threads"])
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--_worker", kind,
-                                 "--_config", str(cfg_path)], env=env)
+        proc = subprocess.Popen([sys.executable, str(Path(script or __file__).resolve()), "--_worker", kind,
+                                 "--_config", str(cfg_path)], env=env, cwd=tmp if cwd_tmp else None)
         _, status, ru = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - t0

@@ -34,8 +34,6 @@ import dataclasses
 import json
 import math
 import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -362,22 +360,7 @@ def run_worker(kind: str, cfg: dict, files: list[str], cold_: bool) -> dict:
         ba.drop_cache(files)
         resident = ba.resident_fraction(files)
     load = ba.busy_warning(kind)
-    with tempfile.TemporaryDirectory(prefix="pysafe-peers-") as tmp:
-        cfg_path, out_path = Path(tmp) / "cfg.json", Path(tmp) / "out.json"
-        cfg_path.write_text(json.dumps({**cfg, "out": str(out_path)}))
-        env = dict(os.environ)
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            env[var] = str(cfg["threads"])
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--_worker", kind,
-                                 "--_config", str(cfg_path)], env=env, cwd=tmp)
-        _, status, ru = os.wait4(proc.pid, 0)
-        code = os.waitstatus_to_exitcode(status)
-        if code != 0:
-            sys.exit(f"{kind} worker failed with exit code {code}")
-        out = json.loads(out_path.read_text())
-    out["peak_rss_mb"] = out.get("vm_hwm_mb") or ru.ru_maxrss / 1024.0
-    out["process_seconds"] = time.perf_counter() - t0
+    out = ba.run_worker(kind, cfg, script=__file__, cwd_tmp=True)
     out["cache_resident_at_start"] = resident
     out["loadavg_1m_at_start"] = load
     return out
@@ -394,17 +377,22 @@ def worker_main(kind: str, cfg_path: str) -> None:
 # References and comparisons
 # ------------------------------------------------------------------------------------------------
 
-def exact_norms(base: dict, tuned: dict, names) -> dict:
-    """‖ΔW‖_F / ‖W_base‖_F in float64 for every matrix (one pass, no SVD)."""
-    import torch
+def _pair_f64(base: dict, tuned: dict, name: str):
+    """W_base and W_tuned of one tensor as float64 torch tensors, read with the safetensors library."""
     from safetensors import safe_open
 
+    sides = []
+    for side in (base, tuned):
+        with safe_open(side[name]["file"], framework="pt") as f:
+            sides.append(f.get_tensor(name).double())
+    return sides
+
+
+def float64_norms(base: dict, tuned: dict, names) -> dict:
+    """‖ΔW‖_F / ‖W_base‖_F in float64 for every matrix (one pass, no SVD)."""
     out = {}
     for name in names:
-        with safe_open(base[name]["file"], framework="pt") as f:
-            wb = f.get_tensor(name).double()
-        with safe_open(tuned[name]["file"], framework="pt") as f:
-            wt = f.get_tensor(name).double()
+        wb, wt = _pair_f64(base, tuned, name)
         out[name] = float((wt - wb).norm() / wb.norm())
     return out
 
@@ -412,14 +400,10 @@ def exact_norms(base: dict, tuned: dict, names) -> dict:
 def exact_reference(base: dict, tuned: dict, names: list[str]) -> dict:
     """Float64 full spectra of ΔW and W_base (ΔW formed from the stored bf16 values, as every tool does)."""
     import torch
-    from safetensors import safe_open
 
     out = {}
     for name in names:
-        with safe_open(base[name]["file"], framework="pt") as f:
-            wb = f.get_tensor(name).double()
-        with safe_open(tuned[name]["file"], framework="pt") as f:
-            wt = f.get_tensor(name).double()
+        wb, wt = _pair_f64(base, tuned, name)
         sd = torch.linalg.svdvals(wt - wb)
         sb = torch.linalg.svdvals(wb)
         p2 = sd ** 2 / (sd ** 2).sum()
@@ -527,7 +511,7 @@ def main(argv=None) -> None:
         shutil.rmtree(cache_dir, ignore_errors=True)
 
     ref = exact_reference(base, tuned, sample) if sample else {}
-    ref_norms = exact_norms(base, tuned, mats) if args.exact_norms else {}
+    ref_norms = float64_norms(base, tuned, mats) if args.exact_norms else {}
 
     for label, r in runs.items():
         per = r["per_matrix"]
