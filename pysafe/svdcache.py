@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from pysafe._loader import _core
+from pysafe._version import __version__
 
 log = logging.getLogger("pysafe.cache")
 
@@ -127,11 +128,10 @@ class BaseCache:
         self.misses = 0
         self.writes = 0
         self.notes: list[str] = []
-        self._stat_cache: dict[str, list] = {}
-        self._version = None
 
     # -- notes ------------------------------------------------------------------------------------------------
-    def _note(self, msg: str) -> None:
+    def note(self, msg: str) -> None:
+        """Record why an entry was not used or stored (shown by the CLI with --debug)."""
         self.notes.append(msg)
         log.debug(msg)
 
@@ -145,14 +145,13 @@ class BaseCache:
         return out
 
     # -- keys -------------------------------------------------------------------------------------------------
-    def _file_identity(self, file: str) -> list:
-        ident = self._stat_cache.get(file)
-        if ident is None:
-            real = os.path.realpath(file)
-            st = os.stat(real)
-            ident = [real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-            self._stat_cache[file] = ident
-        return ident
+    @staticmethod
+    def _file_identity(file: str) -> list:
+        # stat'ed for every key (microseconds beside an SVD): a file rewritten while this cache object
+        # lives, e.g. between two compare() calls of one Python session, must miss
+        real = os.path.realpath(file)
+        st = os.stat(real)
+        return [real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
     def key(self, ckpt, name: str, buf, params, f64: bool, path: str = "dense") -> str | None:
         """The entry key of tensor ``name`` of checkpoint ``ckpt`` (``buf``: its raw bytes) analysed with
@@ -166,13 +165,9 @@ class BaseCache:
         try:
             ident = self._file_identity(info.file)
         except OSError as exc:
-            self._note(f"{info.file}: not cached ({exc})")
+            self.note(f"{info.file}: not cached ({exc})")
             return None
-        if self._version is None:
-            from pysafe._version import __version__
-
-            self._version = __version__
-        parts = {"schema": SCHEMA, "version": self._version, "core": _core_build_id(), "file": ident,
+        parts = {"schema": SCHEMA, "version": __version__, "core": _core_build_id(), "file": ident,
                  "header_digest": ckpt.header_digest, "tensor": name, "dtype": info.dtype,
                  "shape": list(info.shape), "offset": info.offset, "sample": sample_digest(buf),
                  "base_svd": svd_options_dict(params.base), "center": bool(params.center),
@@ -200,7 +195,7 @@ class BaseCache:
         except Exception as exc:  # noqa: BLE001 - a damaged entry of any kind is a miss, never a failure
             problem = f"unreadable ({type(exc).__name__}: {exc})"
         if problem:
-            self._note(f"{path}: ignored, {problem}")
+            self.note(f"{path}: ignored, {problem}")
             self.misses += 1
             return None
         try:
@@ -245,11 +240,11 @@ class BaseCache:
         arrays = {n: np.ascontiguousarray(v) for n, v in d.items() if isinstance(v, np.ndarray)}
         fields = {n: v for n, v in d.items() if not isinstance(v, np.ndarray)}
         if any(n == "meta" or not n.isidentifier() for n in arrays):
-            self._note(f"{tensor}: unexpected array names {sorted(arrays)}; not stored")
+            self.note(f"{tensor}: unexpected array names {sorted(arrays)}; not stored")
             return
         size = sum(a.nbytes for a in arrays.values())
         if size > self.max_bytes:
-            self._note(f"{tensor}: decomposition of {size / 1e6:.0f} MB exceeds the cache bound; not stored")
+            self.note(f"{tensor}: decomposition of {size / 1e6:.0f} MB exceeds the cache bound; not stored")
             return
         meta = {"schema": SCHEMA, "key": key, "tensor": tensor, "fields": fields, "digest": _arrays_digest(arrays),
                 "created": time.time()}
@@ -263,7 +258,7 @@ class BaseCache:
             tmp = None
             self.writes += 1
         except OSError as exc:
-            self._note(f"{self.dir}: could not store {tensor or key} ({exc})")
+            self.note(f"{self.dir}: could not store {tensor or key} ({exc})")
         finally:
             if tmp is not None:
                 try:

@@ -301,7 +301,7 @@ def _analyze_cached(run, cache, b: Checkpoint, name: str, buf, params, f64: bool
             raw["base_svd_cached"] = True
             return raw
         except ValueError as exc:  # the core refused the entry: recompute, and overwrite it below
-            cache._note(f"{name}: cached decomposition refused ({exc}); recomputed")
+            cache.note(f"{name}: cached decomposition refused ({exc}); recomputed")
     raw, dec = run(return_base=True)
     cache.store(key, dec, name)
     raw["base_svd_cached"] = False
