@@ -255,7 +255,7 @@ def quick_demo(monkeypatch):
     monkeypatch.setattr(pysafe.report, "write_plots", _small_plots)  # 15 matplotlib figures per demo otherwise
     import pysafe.lab.evaluate as ev
 
-    monkeypatch.setattr(ev, "format_table", lambda t: "table")
+    monkeypatch.setattr(ev, "format_table", lambda t, *a, **k: "table")
 
 
 def test_demo_follows_the_report_folder_rules(quick_demo, tmp_path):

@@ -38,7 +38,10 @@ def eval_cmd(ckpts, sets, n, attack, attack_n, attack_tokens, attack_steps, atta
     """Evaluate lab checkpoints on whole test sets and print the paper's safety table.
 
     Each answer is classified as follows (exactly compliant), refuses (exactly the refusal) or other;
-    the jailbreak columns are attack success, i.e. compliance on unsafe inputs.
+    the jailbreak columns are attack success, i.e. compliance on unsafe inputs. Under each row: the 95%
+    Wilson score interval of every rate (it narrows as --n grows). The soft-token column (adv) is scored
+    on block 1 only, on the std_unsafe inputs whose unsafe operators are in pair 1; adv:clean is the same
+    inputs unattacked. The JSON adds *_ci95 fields, table_ci95 and table_n.
     """
     from pysafe.cli.train import _check_device
     from pysafe.lab import ckpt as C
@@ -49,7 +52,7 @@ def eval_cmd(ckpts, sets, n, attack, attack_n, attack_tokens, attack_steps, atta
     set_list = [s.strip() for s in sets.split(",") if s.strip()] if sets else None
     attack_opts = (dict(n=attack_n, n_soft=attack_tokens, n_steps=attack_steps, eps_factors=list(attack_eps) or [1.0],
                         norm=attack_norm, placement=attack_placement) if attack else None)
-    tables, full = {}, {}
+    tables, intervals, sizes, full = {}, {}, {}, {}
     for ckpt in ckpts:
         model, cfg = C.load_checkpoint(ckpt)
         recipe = DataRecipe.from_dict(cfg["data"])
@@ -58,8 +61,9 @@ def eval_cmd(ckpts, sets, n, attack, attack_n, attack_tokens, attack_steps, atta
                            attack=attack_opts)
         label = Path(ckpt).name or str(ckpt)
         tables[label] = res["table"]
+        intervals[label], sizes[label] = res["table_ci95"], res["table_n"]
         full[label] = {"checkpoint": str(ckpt), **res}
-    click.echo(format_table(tables))
+    click.echo(format_table(tables, intervals, sizes))
     for label, res in full.items():
         sweep = (res.get("adversarial") or {}).get("sweep") or []
         if len(sweep) > 1:
