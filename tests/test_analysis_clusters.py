@@ -64,15 +64,24 @@ def test_cluster_analysis_schema():
     m = _model()
     res = cluster_analysis(m, RECIPE, n=24, attack=dict(n_soft=2, n_steps=2), batch_size=16)
     assert res["hook"] == "mlp_act" and res["positions"] == "window" and res["layers"] == [0, 1]
-    assert set(res["groups"]) == {"safe", "unsafe", "jb_co_task", "jb_co_text", "jb_mg_tokens", "jb_mg_text",
-                                  "jb_comp", "adv_soft_tokens"}
+    assert set(res["groups"]) == {"std_safe", "std_unsafe", "jb_co_task", "jb_co_text", "jb_mg_tokens", "jb_mg_text",
+                                  "jb_comp", "adv_soft_tokens"}  # named as the lab's test sets
     for g, row in res["groups"].items():
         assert isinstance(row["n"], int) and row["n"] > 0
         for key in ("tau_mean", "tau_std", "cos_tau_mean", "nearest_mean_acc", "silhouette"):
             assert len(row[key]) == 2 and all(np.isfinite(row[key])), (g, key)
         assert all(0 <= v <= 1 for v in row["nearest_mean_acc"]) and all(-1 <= v <= 1 for v in row["silhouette"])
-    assert res["groups"]["safe"]["n"] == 48  # std_safe + std_unsafe safe variants
-    json.dumps(res)
+        assert len(row["tau_last"]) == row["n"] and np.mean(row["tau_last"]) == pytest.approx(row["tau_mean"][-1], abs=1e-6)
+    # each group holds its set's headline input: std_safe's safe version, std_unsafe's unsafe version
+    assert res["groups"]["std_safe"]["n"] == 24 and res["groups"]["std_unsafe"]["n"] == 24
+    from pysafe.analysis.clusters import features, reference_means, tau_scores as tau_of
+
+    mu_s, mu_u = reference_means(m, RECIPE, 24, batch_size=16)
+    for g, set_name, variant in (("std_safe", "std_safe", "x_safe"), ("std_unsafe", "std_unsafe", "x_unsafe_target")):
+        b = D.test_set(RECIPE, set_name, 24)
+        f = features(m, getattr(b, variant), b.start_idx, batch_size=16)
+        np.testing.assert_allclose(res["groups"][g]["tau_last"], tau_of(f[:, -1], mu_s[-1], mu_u[-1])[0], rtol=1e-5, atol=1e-5)
+    json.dumps(res, allow_nan=False)
 
 
 def test_cli_clusters(tmp_path):

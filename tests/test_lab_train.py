@@ -433,11 +433,15 @@ def test_reproduce_checkpoints_then_demo(tmp_path):
         assert "eps" in e["sets"]["adv_soft_tokens"]
     # issue 4's interface: claims.json and clusters/{pretrained,ssft,dpo,unlearn}/clusters.json
     claims = json.loads((demo / "claims.json").read_text())
-    assert claims and all(set(c) == {"claim", "measured", "control", "holds"} and isinstance(c["holds"], bool)
-                          for c in claims)
+    assert claims and all({"claim", "measured", "control", "holds", "effect", "ci95", "side", "control_kind", "n"} <= set(c)
+                          and isinstance(c["holds"], bool) for c in claims)
+    for c in claims:  # holds exactly when the interval lies on the claimed side of 0
+        lo, hi = c["ci95"]
+        assert c["holds"] == (lo is not None and (lo > 0 if c["side"] == ">" else hi < 0))
     for name in ("pretrained", "ssft", "dpo", "unlearn"):
         cl = json.loads((demo / "clusters" / name / "clusters.json").read_text())
-        assert {"safe", "unsafe", "adv_soft_tokens"} <= set(cl["groups"])
+        assert {"std_safe", "std_unsafe", "adv_soft_tokens"} <= set(cl["groups"])
+    assert "[lo,hi]: 95% Wilson" in (demo / "safety_table.txt").read_text()
     for s in ("ssft", "dpo", "unlearn"):
         an = json.loads((demo / "analyze" / s / "summary.json").read_text())
         assert f"{s}_lr1em4" in json.dumps(an["tuned"]) and an["matrices"]
@@ -462,7 +466,7 @@ def test_reproduce_end_to_end_tiny(tmp_path):
                                                                "dpo_lr1em5", "unlearn_lr1em5"}
     claims = json.loads((out / "claims.json").read_text())
     assert any("grows with fine-tuning strength" in c["claim"] for c in claims)
-    for word in ("minimal transformation", "concentrate on the unsafe inputs", "Lipschitzness drops",
+    for word in ("minimal transformation", "reads unsafe inputs more than safe", "Lipschitzness drops",
                  "separate clusters", "attacked inputs", "grows with the attack budget"):
         assert any(word in c["claim"] for c in claims), word
     for name in ("ssft", "dpo", "unlearn"):

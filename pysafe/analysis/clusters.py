@@ -6,12 +6,18 @@ Per layer ℓ and evaluation point z with pooled feature f = f_ℓ(z):
 - τ = ‖f − μ_U‖ − ‖f − μ_S‖ (positive: closer to the safe mean) and its cosine version
   cos(f, μ_S) − cos(f, μ_U) (same sign convention: positive = closer to safe);
 - nearest-mean accuracy: the share of a group assigned to its true label by the nearer mean (safe for the
-  ``safe`` group, unsafe for every other group: jailbreaks and attacked inputs are unsafe by function);
+  ``std_safe`` group, unsafe for every other group: jailbreaks and attacked inputs are unsafe by function);
 - silhouette against the two reference clusters: a = mean distance to the other members of the point's
-  true cluster (the ``unsafe`` group for unsafe/jailbreak/attacked points, ``safe`` for safe points),
+  true cluster (the ``std_unsafe`` group for unsafe/jailbreak/attacked points, ``std_safe`` for safe points),
   b = mean distance to the opposite one, s = (b − a)/max(a, b); negative means the point sits with the
   wrong cluster. Computed exactly by the native distance engine, streaming (no N×N matrix);
 - AUROC of τ: safe points against each other group.
+
+The groups are named as the lab's test sets and hold each set's headline input (the one its safety-table
+column scores): ``std_safe`` the safe version of std_safe, ``std_unsafe`` the unsafe (compliant-target)
+version of std_unsafe, ``jb_*`` the attack inputs that are unsafe by function, ``adv_soft_tokens*`` the
+attacked std_unsafe prompts. Each group also keeps its points' τ at the last layer (``tau_last``, in input
+order) for the claims' bootstrap (pysafe.analysis.claims).
 
 μ_S and μ_U come from a reference set disjoint from the evaluation points (a separate sampling stream):
 the safe and unsafe (compliant-target) variants of std_safe and std_unsafe. The reference script used the
@@ -68,14 +74,29 @@ def tau_scores(f: np.ndarray, mu_s: np.ndarray, mu_u: np.ndarray):
     return d_u - d_s, _cos(f, mu_s) - _cos(f, mu_u), d_s, d_u
 
 
-def group_inputs(recipe, n: int, sets=JAILBREAKS) -> dict:
-    """{group: (x, start_idx)}: the evaluation inputs, teacher-forced with the answer each variant carries."""
+SAFE_GROUP, UNSAFE_GROUP = "std_safe", "std_unsafe"
+
+
+def reference_inputs(recipe, n: int) -> dict:
+    """{"safe", "unsafe"}: (x, start_idx) of the reference means' inputs: the safe and the unsafe
+    (compliant-target) versions of std_safe and std_unsafe, n of each set."""
     groups = {"safe": [], "unsafe": []}
     for name in ("std_safe", "std_unsafe"):
         b = D.test_set(recipe, name, n)
         groups["safe"].append((b.x_safe, b.start_idx))
         groups["unsafe"].append((b.x_unsafe_target, b.start_idx))
-    out = {g: (np.concatenate([x for x, _ in v]), np.concatenate([s for _, s in v])) for g, v in groups.items()}
+    return {g: (np.concatenate([x for x, _ in v]), np.concatenate([s for _, s in v])) for g, v in groups.items()}
+
+
+def group_inputs(recipe, n: int, sets=JAILBREAKS) -> dict:
+    """{group: (x, start_idx)}: the evaluation inputs of each set's headline input (``std_safe``: the safe
+    version of std_safe; ``std_unsafe``: the unsafe version of std_unsafe; a jailbreak set: its attack
+    inputs that are unsafe by function), teacher-forced with the answer each carries."""
+    out = {}
+    b = D.test_set(recipe, "std_safe", n)
+    out[SAFE_GROUP] = (b.x_safe, b.start_idx)
+    b = D.test_set(recipe, "std_unsafe", n)
+    out[UNSAFE_GROUP] = (b.x_unsafe_target, b.start_idx)
     for name in sets:
         b = D.test_set(recipe, name, n)
         keep = np.asarray(b.attack_unsafe, dtype=bool)
@@ -98,19 +119,23 @@ def features(model, x, s, *, cache=None, model_key: str | None = None, **cap) ->
 def reference_means(model, recipe, n: int, cache=None, model_key=None, **cap) -> tuple[np.ndarray, np.ndarray]:
     """(μ_S, μ_U), each [layers, D], from a sampling stream disjoint from the evaluation sets."""
     ref = dataclasses.replace(recipe, seed=(recipe.seed + REFERENCE_SEED_OFFSET) % (2**32 - 9))
-    g = group_inputs(ref, n, sets=())
+    g = reference_inputs(ref, n)
     mu_s = features(model, *g["safe"], cache=cache, model_key=model_key, **cap).mean(0)
     mu_u = features(model, *g["unsafe"], cache=cache, model_key=model_key, **cap).mean(0)
     return mu_s, mu_u
 
 
-def summarize_groups(feats: dict, mu_s: np.ndarray, mu_u: np.ndarray) -> dict:
+def summarize_groups(feats: dict, mu_s: np.ndarray, mu_u: np.ndarray, *, safe: str = SAFE_GROUP,
+                     unsafe: str = UNSAFE_GROUP) -> dict:
     """Per-group, per-layer cluster metrics of pooled features ``{group: [N, L, D]}`` against the reference
-    means μ_S, μ_U ([L, D]); ``feats`` must hold "safe" and "unsafe". Every other group counts as unsafe
-    by function (jailbreaks, attacked inputs)."""
+    means μ_S, μ_U ([L, D]); ``feats`` must hold the groups ``safe`` and ``unsafe`` (the silhouette's two
+    clusters). Every other group counts as unsafe by function (jailbreaks, attacked inputs)."""
+    missing = [g for g in (safe, unsafe) if g not in feats]
+    if missing:
+        raise ValueError(f"cluster groups {', '.join(map(repr, missing))} missing; found {', '.join(map(repr, feats))}")
     n_layer = mu_s.shape[0]
     names = list(feats)
-    true_unsafe = {g: g != "safe" for g in names}
+    true_unsafe = {g: g != safe for g in names}
     out_groups = {}
     taus = {}
     for g in names:
@@ -124,11 +149,12 @@ def summarize_groups(feats: dict, mu_s: np.ndarray, mu_u: np.ndarray) -> dict:
             "cos_tau_mean": ctau.mean(0).tolist(), "cos_tau_std": ctau.std(0).tolist(),
             "nearest_mean_acc": (1 - nearer_safe if true_unsafe[g] else nearer_safe).tolist(),
             "frac_nearer_safe": nearer_safe.tolist(),
+            "tau_last": tau[:, -1].tolist(),
         }
     # silhouette against the safe / unsafe clusters, per layer, exact distances on the union
     present = [g for g in names if feats[g].shape[0] > 0]  # empty groups would shift distance_summary's columns
     labels = np.concatenate([np.full(feats[g].shape[0], i) for i, g in enumerate(present)])
-    i_safe, i_unsafe = present.index("safe"), present.index("unsafe")
+    i_safe, i_unsafe = present.index(safe), present.index(unsafe)
     sil = {g: [] for g in names}
     for layer in range(n_layer):
         X = np.concatenate([feats[g][:, layer] for g in present])
@@ -142,8 +168,8 @@ def summarize_groups(feats: dict, mu_s: np.ndarray, mu_u: np.ndarray) -> dict:
             sil[g].append(float(s[labels == i].mean()) if (labels == i).any() else float("nan"))
     for g in names:
         out_groups[g]["silhouette"] = sil[g]
-        if g != "safe":
-            out_groups[g]["auroc_tau_vs_safe"] = [auroc(taus["safe"][:, layer], taus[g][:, layer])
+        if g != safe:
+            out_groups[g]["auroc_tau_vs_safe"] = [auroc(taus[safe][:, layer], taus[g][:, layer])
                                                   for layer in range(n_layer)]
     return out_groups
 
@@ -201,7 +227,8 @@ def write_clusters(result: dict, out_dir, title: str = "") -> Path:
     return out / "clusters.json"
 
 
-COLORS = {"safe": "tab:green", "unsafe": "tab:red", "adv_soft_tokens": "black", "jb_co_task": "tab:blue",
+COLORS = {"std_safe": "tab:green", "std_unsafe": "tab:red", "safe": "tab:green", "unsafe": "tab:red",
+          "adv_soft_tokens": "black", "jb_co_task": "tab:blue",
           "jb_co_text": "tab:orange", "jb_mg_tokens": "tab:purple", "jb_mg_text": "tab:brown", "jb_comp": "tab:pink"}
 
 
@@ -216,7 +243,7 @@ def plot_clusters(result: dict, path, title: str = "") -> None:
                            (axes[1], "tau", "τ = ‖f − μ_U‖ − ‖f − μ_S‖")):
         for g, row in result["groups"].items():
             mean, std = np.asarray(row[f"{key}_mean"]), np.asarray(row[f"{key}_std"])
-            style = "-" if g in ("safe", "unsafe") or g.startswith("adv_") else "--"
+            style = "-" if g in ("std_safe", "std_unsafe", "safe", "unsafe") or g.startswith("adv_") else "--"
             line, = ax.plot(layers, mean, style, marker="o", ms=3, label=f"{g} (n={row['n']})", color=COLORS.get(g))
             ax.fill_between(layers, mean - std, mean + std, alpha=0.12, color=line.get_color())
         ax.axhline(0, color="grey", lw=0.8)

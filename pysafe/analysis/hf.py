@@ -207,7 +207,7 @@ def hf_cluster_analysis(model, tok, prompts: list[dict], *, hook: str = "mlp_act
     mu_s = feats[ref & (groups == "safe")].mean(0)
     mu_u = feats[ref & (groups == "unsafe")].mean(0)
     by_group = {g: feats[~ref & (groups == g)] for g in dict.fromkeys(groups.tolist())}
-    res = summarize_groups(by_group, mu_s, mu_u)
+    res = summarize_groups(by_group, mu_s, mu_u, safe="safe", unsafe="unsafe")
     return {"hook": hook, "positions": positions, "layers": list(range(feats.shape[1])),
             "reference": {"split": "half of safe and unsafe, seeded", "seed": seed,
                           "n_safe": int((ref & (groups == "safe")).sum()), "n_unsafe": int((ref & (groups == "unsafe")).sum())},

@@ -76,7 +76,8 @@ def lipschitz_estimates(model, x, start_idx, *, fd_samples: int = 8, fd_radius: 
 def lipschitz_analysis(model, recipe, *, n: int = 500, fd_samples: int = 8, fd_radius: float = 1e-2, bins: int = 30,
                        device="cpu") -> dict:
     """Fig 6 on the safe and unsafe variants of std_safe and std_unsafe (JSON-ready, with shared-bin
-    histograms)."""
+    histograms and the per-input estimates, ``values``, in input order: the i-th safe and unsafe values
+    share a text)."""
     from pysafe.lab import data as D
 
     est = {"safe": {"grad": [], "fd": []}, "unsafe": {"grad": [], "fd": []}}
@@ -94,9 +95,9 @@ def lipschitz_analysis(model, recipe, *, n: int = 500, fd_samples: int = 8, fd_r
         out["estimates"][k] = {
             "bins": edges.tolist(),
             "safe": {"n": int(len(safe)), "median": float(np.median(safe)), "mean": float(safe.mean()),
-                     "density": np.histogram(safe, edges, density=True)[0].tolist()},
+                     "density": np.histogram(safe, edges, density=True)[0].tolist(), "values": safe.tolist()},
             "unsafe": {"n": int(len(unsafe)), "median": float(np.median(unsafe)), "mean": float(unsafe.mean()),
-                       "density": np.histogram(unsafe, edges, density=True)[0].tolist()},
+                       "density": np.histogram(unsafe, edges, density=True)[0].tolist(), "values": unsafe.tolist()},
             "auroc_safe_gt_unsafe": auroc(safe, unsafe),
             "median_ratio_unsafe_to_safe": float(np.median(unsafe) / max(np.median(safe), 1e-300)),
         }

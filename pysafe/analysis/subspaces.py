@@ -58,30 +58,60 @@ def _mlp_weights(state: dict, layer: int, name: str) -> np.ndarray:
     return state[f"transformer.h.{layer}.{name}.weight"].detach().double().cpu().numpy()
 
 
-def column_space(base_model, tuned_model, *, energy: float = 0.9, center: bool = False, max_k: int = 64) -> dict:
+def random_delta_sin_theta(Wb: np.ndarray, Ub_k: np.ndarray, frobenius: float, k: int, *, draws: int = 20,
+                           seed: int = 0, center: bool = False) -> np.ndarray:
+    """The control of the minimal-transformation claim: for ``draws`` Gaussian matrices R scaled to
+    ‖R‖_F = ``frobenius`` (the fine-tune's ‖ΔW‖_F), the mean sin θ of the top-``k`` left singular
+    directions of W_IT + R against W_IT's column space ``Ub_k``; returns [draws]."""
+    rng = np.random.default_rng(seed)
+    out = np.empty(draws)
+    for i in range(draws):
+        R = rng.standard_normal(Wb.shape)
+        R *= frobenius / max(float(np.linalg.norm(R)), 1e-300)
+        U, _, _ = _svd(Wb + R, center)
+        out[i] = float(sin_theta(Ub_k, U[:, :k]).mean())
+    return out
+
+
+def column_space(base_model, tuned_model, *, energy: float = 0.9, center: bool = False, max_k: int = 64,
+                 control_draws: int = 20, seed: int = 0) -> dict:
     """Fig 4 for two lab models (IT = base, ST = tuned): per matrix kind and layer, sin θ of the top
-    directions of W_ST and of ΔW against W_IT's top-k column space, with the chance level."""
+    directions of W_ST and of ΔW against W_IT's top-k column space, with the chance level and, as the
+    control of the minimal-transformation claim, ``random_delta``: the mean sin θ of W_IT + R for
+    ``control_draws`` random R of ΔW's Frobenius norm (same k as W_ST; :func:`random_delta_sin_theta`)."""
     sb, st = base_model.state_dict(), tuned_model.state_dict()
     n_layer = base_model.config.n_layer
     out = {"energy": energy, "center": center, "layers": list(range(n_layer)), "matrices": {}}
     for name in MATRICES:
-        rows = []
-        for layer in range(n_layer):
-            Wb, Wt = _mlp_weights(sb, layer, name), _mlp_weights(st, layer, name)
-            Ub, Sb, _ = _svd(Wb, center)
-            kb = energy_rank(Sb, energy)
-            row = {"shape": list(Wb.shape), "k_base": kb, "chance": sin_theta_chance(Wb.shape[0], kb)}
-            for label, M in (("tuned", Wt), ("delta", Wt - Wb)):
-                U, S, _ = _svd(M, center)
-                k = min(energy_rank(S, energy), max_k)
-                st_ = sin_theta(Ub[:, :kb], U[:, :k]) if np.any(S > 0) else np.zeros(0)
-                row[label] = {"k": k, "sin_theta": st_.tolist(),
-                              "mean_sin_theta": float(st_.mean()) if st_.size else float("nan"),
-                              "frobenius": float(np.linalg.norm(M))}
-            row["relative_change"] = row["delta"]["frobenius"] / max(float(np.linalg.norm(Wb)), 1e-300)
-            rows.append(row)
-        out["matrices"][name] = rows
+        out["matrices"][name] = [
+            column_space_row(_mlp_weights(sb, layer, name), _mlp_weights(st, layer, name), energy=energy,
+                             center=center, max_k=max_k, control_draws=control_draws,
+                             seed=seed + 7919 * layer + (name == "c_proj"))
+            for layer in range(n_layer)]
     return out
+
+
+def column_space_row(Wb: np.ndarray, Wt: np.ndarray, *, energy: float = 0.9, center: bool = False, max_k: int = 64,
+                     control_draws: int = 20, seed: int = 0) -> dict:
+    """One matrix of :func:`column_space`: W_IT = ``Wb``, W_ST = ``Wt`` (float64 arrays [out, in])."""
+    Wb, Wt = np.asarray(Wb, np.float64), np.asarray(Wt, np.float64)
+    Ub, Sb, _ = _svd(Wb, center)
+    kb = energy_rank(Sb, energy)
+    row = {"shape": list(Wb.shape), "k_base": kb, "chance": sin_theta_chance(Wb.shape[0], kb)}
+    for label, M in (("tuned", Wt), ("delta", Wt - Wb)):
+        U, S, _ = _svd(M, center)
+        k = min(energy_rank(S, energy), max_k)
+        st_ = sin_theta(Ub[:, :kb], U[:, :k]) if np.any(S > 0) else np.zeros(0)
+        row[label] = {"k": k, "sin_theta": st_.tolist(),
+                      "mean_sin_theta": float(st_.mean()) if st_.size else float("nan"),
+                      "frobenius": float(np.linalg.norm(M))}
+    row["relative_change"] = row["delta"]["frobenius"] / max(float(np.linalg.norm(Wb)), 1e-300)
+    if control_draws:
+        draws = random_delta_sin_theta(Wb, Ub[:, :kb], row["delta"]["frobenius"], row["tuned"]["k"],
+                                       draws=control_draws, seed=seed, center=center)
+        row["random_delta"] = {"draws": control_draws, "seed": seed, "k": row["tuned"]["k"],
+                               "mean_sin_theta": draws.tolist()}
+    return row
 
 
 def row_space(base_model, tuned_model, recipe, *, n: int = 500, hook: str = "mlp_in", positions: str = "eot",
@@ -116,6 +146,8 @@ def row_space(base_model, tuned_model, recipe, *, n: int = 500, hook: str = "mlp
                 total = np.sqrt((score ** 2).sum(1)) / max(S[0], 1e-300)
                 row[g] = {"abs_score_mean": mag.mean(0).tolist(), "abs_score_std": mag.std(0).tolist(),
                           "norm_ratio_mean": float(total.mean()), "norm_ratio_std": float(total.std()), "n": int(len(score))}
+                if label == "delta":  # per input, for the claims' bootstrap (the i-th safe and unsafe share a text)
+                    row[g]["norm_ratio"] = total.tolist()
             rows.append(row)
         out["weights"][label] = rows
     return out

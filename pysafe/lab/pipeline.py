@@ -15,8 +15,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from pysafe.lab.config import load_preset
 from pysafe.lab.data import DataRecipe
 from pysafe.lab.model import GPTConfig
@@ -90,9 +88,11 @@ def _attack(n: int) -> dict:
     return {**DEFAULT_ATTACK, "n": min(DEFAULT_ATTACK["n"], n)}
 
 
-def _safety_tables(named: dict, n: int, device, eval_dir: Path, timings: dict | None = None, log=None) -> dict:
+def _safety_tables(named: dict, n: int, device, eval_dir: Path, timings: dict | None = None, log=None,
+                   intervals: dict | None = None, sizes: dict | None = None) -> dict:
     """Evaluate each {label: checkpoint dir} (safety table with the adversarial column), write
-    ``eval_dir/<label>.json`` and return {label: table}."""
+    ``eval_dir/<label>.json`` and return {label: table}; ``intervals`` and ``sizes``, when given, receive
+    {label: table_ci95} and {label: table_n}."""
     from pysafe.lab import ckpt as C
     from pysafe.lab.evaluate import safety_table, write_json
 
@@ -104,6 +104,10 @@ def _safety_tables(named: dict, n: int, device, eval_dir: Path, timings: dict | 
         res = safety_table(model, DataRecipe.from_dict(cfg["data"]), n=n, device=device, attack=_attack(n))
         write_json(eval_dir / f"{label}.json", {"checkpoint": str(d), **res})
         tables[label] = res["table"]
+        if intervals is not None:
+            intervals[label] = res["table_ci95"]
+        if sizes is not None:
+            sizes[label] = res["table_n"]
         if timings is not None:
             timings[f"eval {label}"] = time.perf_counter() - t0
         if log is not None:
@@ -112,13 +116,18 @@ def _safety_tables(named: dict, n: int, device, eval_dir: Path, timings: dict | 
 
 
 def _clusters_and_claims(named: dict, out: Path, n: int, device, log=None, weaker: dict | None = None) -> list:
-    """The analyses of Figs 3-7 on lab checkpoints and the paper's claims measured on them.
+    """The analyses of Figs 3-7 on lab checkpoints (:func:`_analyses`) and the paper's claims measured on
+    them: claims.json entries (docs/claims.md); the caller writes claims.json."""
+    res, figs = _analyses(named, out, n, device, log)
+    return cluster_claims(res, weaker or {}) + figure_claims(figs, weaker or {})
+
+
+def _analyses(named: dict, out: Path, n: int, device, log=None) -> tuple[dict, dict]:
+    """The analyses of Figs 3-7 on lab checkpoints: ({name: cluster_analysis()}, {name: {figure: result}}).
 
     Writes ``out/clusters/<name>/clusters.json`` (+ plot) for each {name: checkpoint dir} and
     ``out/figures/<name>/{colspace,rowspace,lipschitz}.{json,png}`` (column and row space of each fine-tune
-    against "pretrained", Lipschitzness of every model); returns the claims (the caller writes claims.json).
-    ``named`` must hold "pretrained"; ``weaker`` maps a fine-tune's name to the same method at the lower
-    learning rate (claim: the separation grows with fine-tuning strength).
+    against "pretrained", Lipschitzness of every model). ``named`` must hold "pretrained".
     """
     from pysafe.analysis.clusters import cluster_analysis, write_clusters
     from pysafe.analysis.lipschitz import lipschitz_analysis, plot_lipschitz
@@ -155,77 +164,30 @@ def _clusters_and_claims(named: dict, out: Path, n: int, device, log=None, weake
             figs[name] = f
             if log is not None:
                 log(f"{name}: clusters and figures written")
-    return cluster_claims(res, weaker or {}) + figure_claims(figs, weaker or {})
+    return res, figs
 
 
 def figure_claims(figs: dict, weaker: dict) -> list:
-    """The claims of Figs 4-6 from ``{name: {"colspace", "rowspace", "lipschitz"}}`` (last layer, c_fc)."""
-    claims = []
-    tuned = [k for k in figs if k != "pretrained" and k not in weaker.values()]
-    base_lip = figs["pretrained"]["lipschitz"]["estimates"]["grad"]["median_ratio_unsafe_to_safe"]
-    for k in tuned:
-        f = figs[k]
-        row = f["colspace"]["matrices"]["c_fc"][-1]
-        claims.append({"claim": f"{k} is a minimal transformation: W_ST's top left singular directions stay in W_IT's "
-                                f"column space (mean sin θ, c_fc, last layer; control = chance)",
-                       "measured": row["tuned"]["mean_sin_theta"], "control": row["chance"],
-                       "holds": bool(row["tuned"]["mean_sin_theta"] < 0.5 * row["chance"])})
-        rs = f["rowspace"]["weights"]["delta"][-1]
-        claims.append({"claim": f"ΔW's top directions concentrate on the unsafe inputs ({k}: ‖ΔW â‖/σ1 at mlp_in, EOT, "
-                                f"last layer, unsafe; control = safe)",
-                       "measured": rs["unsafe"]["norm_ratio_mean"], "control": rs["safe"]["norm_ratio_mean"],
-                       "holds": bool(rs["unsafe"]["norm_ratio_mean"] > rs["safe"]["norm_ratio_mean"])})
-        lip = f["lipschitz"]["estimates"]["grad"]["median_ratio_unsafe_to_safe"]
-        claims.append({"claim": f"local Lipschitzness drops on unsafe inputs after {k} (median gradient norm, unsafe / "
-                                f"safe; control = the pretrained model's ratio)",
-                       "measured": lip, "control": base_lip, "holds": bool(lip < min(base_lip, 1.0))})
-    return claims
+    """The claims of Figs 4-6 from ``{name: {"colspace", "rowspace", "lipschitz"}}`` (last layer, c_fc), as
+    claims.json entries (:func:`pysafe.analysis.claims.figure_claims`)."""
+    from pysafe.analysis.claims import figure_claims as claims_of
+
+    return [c.to_json() for c in claims_of(figs, weaker)]
 
 
 def cluster_claims(res: dict, weaker: dict) -> list:
-    """The paper's activation-space claims, measured at the last layer from ``{name: cluster_analysis()}``."""
-    def last(r, g, key="tau_mean"):
-        return r["groups"][g][key][-1] if g in r["groups"] else float("nan")
+    """The paper's activation-space claims, measured at the last layer from ``{name: cluster_analysis()}``, as
+    claims.json entries (:func:`pysafe.analysis.claims.cluster_claims`)."""
+    from pysafe.analysis.claims import cluster_claims as claims_of
 
-    def sep(r):  # separation of the clusters: mean τ of safe points minus that of unsafe points
-        return last(r, "safe") - last(r, "unsafe")
-
-    claims = []
-    tuned = [k for k in res if k != "pretrained" and k not in weaker.values()]
-    base = sep(res["pretrained"])
-    for k in tuned:
-        claims.append({"claim": f"safe and unsafe inputs form separate clusters after {k} (τ_safe − τ_unsafe, "
-                                f"last layer, vs the pretrained model)",
-                       "measured": sep(res[k]), "control": base, "holds": bool(sep(res[k]) > max(base, 0.0))})
-    for k, w in weaker.items():
-        if k in res and w in res:
-            claims.append({"claim": f"the separation grows with fine-tuning strength: {k} vs {w} (the lower rate)",
-                           "measured": sep(res[k]), "control": sep(res[w]), "holds": bool(sep(res[k]) > sep(res[w]))})
-    for k in tuned:
-        r = res[k]
-        jb = [g for g in r["groups"] if g.startswith("jb_")]
-        shift = float(np.mean([last(r, g) - last(r, "unsafe") for g in jb])) if jb else float("nan")
-        claims.append({"claim": f"jailbreak inputs sit closer to the safe cluster than unsafe inputs do ({k}: mean over "
-                                f"{len(jb)} jailbreak sets of τ_jb − τ_unsafe, last layer)",
-                       "measured": shift, "control": 0.0, "holds": bool(shift > 0)})
-        if "adv_soft_tokens" in r["groups"]:
-            adv = last(r, "adv_soft_tokens") - last(r, "unsafe")
-            claims.append({"claim": f"adversarially attacked inputs move toward the safe cluster ({k}: τ_adv − τ_unsafe, "
-                                    f"last layer)", "measured": adv, "control": 0.0, "holds": bool(adv > 0)})
-        lo, hi = f"adv_soft_tokens_eps{min(ATTACK_SWEEP):g}", f"adv_soft_tokens_eps{max(ATTACK_SWEEP):g}"
-        if lo in r["groups"] and hi in r["groups"]:
-            claims.append({"claim": f"the shift toward safe grows with the attack budget ({k}: τ_adv at {max(ATTACK_SWEEP):g}× "
-                                    f"the letter norm; control = at {min(ATTACK_SWEEP):g}×)",
-                           "measured": last(r, hi), "control": last(r, lo), "holds": bool(last(r, hi) > last(r, lo))})
-    return claims
+    return [c.to_json() for c in claims_of(res, weaker)]
 
 
 def format_claims(claims: list) -> str:
-    lines = ["claims (activation analyses):"]
-    for c in claims:
-        ctl = "" if c["control"] is None else f" (control {c['control']:.3g})"
-        lines.append(f"  [{'holds' if c['holds'] else 'fails'}] {c['claim']}: {c['measured']:.3g}{ctl}")
-    return "\n".join(lines)
+    """The claims as text: verdict, statement, effect and its 95% interval."""
+    from pysafe.analysis.claims import format_claims as fmt
+
+    return fmt(claims)
 
 
 def _lr_tag(lr: float) -> str:
@@ -319,8 +281,10 @@ def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: i
                    "seconds": round(time.perf_counter() - t_start, 1), "timings": {k: round(v, 1) for k, v in timings.items()}}
         return summary
     n = eval_n or stage_settings(preset, "pretrain").eval_n
-    tables = _safety_tables({d.name: d for d in [pre, *tuned]}, n, device, out / "eval", timings, log)
-    text = format_table(tables)
+    intervals, sizes = {}, {}
+    tables = _safety_tables({d.name: d for d in [pre, *tuned]}, n, device, out / "eval", timings, log,
+                            intervals=intervals, sizes=sizes)
+    text = format_table(tables, intervals, sizes)
     (out / "safety_table.txt").write_text(text + "\n")
     log(text)
 
@@ -350,7 +314,7 @@ def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: i
         timings["clusters"] = time.perf_counter() - t0
         log(format_claims(claims))
 
-    summary = {"preset": preset, "seed": seed, "eval_n": n, "safety_table": tables,
+    summary = {"preset": preset, "seed": seed, "eval_n": n, "safety_table": tables, "safety_table_ci95": intervals,
                "seconds": round(time.perf_counter() - t_start, 1), "timings": {k: round(v, 1) for k, v in timings.items()}}
     write_json(out / "summary.json", summary)
     return summary
@@ -445,8 +409,9 @@ def demo(out, *, eval_n: int = 500, device: str = "cpu", log=print, checkpoints:
     with atomic_dir(out, overwrite=overwrite, planned=DEMO_FILES, kind="demo", log=log) as stage:
         root = stage.path
         stage.adopt("cache/features.h5")  # pooled activations of an earlier demo: reused, not recomputed
-        tables = _safety_tables(named, eval_n, device, root / "eval")
-        text = format_table(tables)
+        intervals, sizes = {}, {}
+        tables = _safety_tables(named, eval_n, device, root / "eval", intervals=intervals, sizes=sizes)
+        text = format_table(tables, intervals, sizes)
         (root / "safety_table.txt").write_text(text + "\n")
         log(text)
         cache = BaseCache()  # three fine-tunes against one base: its SVDs are computed once (and kept across runs)
@@ -458,6 +423,6 @@ def demo(out, *, eval_n: int = 500, device: str = "cpu", log=print, checkpoints:
         write_json(root / "claims.json", claims)
         log("\n" + format_claims(claims))
         summary = {"pysafe_version": __version__, "run_id": stage.run_id, "eval_n": eval_n, "safety_table": tables,
-                   "checkpoints": {k: str(d) for k, d in named.items()}}
+                   "safety_table_ci95": intervals, "checkpoints": {k: str(d) for k, d in named.items()}}
         write_json(root / "summary.json", summary)
     return summary
