@@ -26,7 +26,11 @@ from pysafe.cli.options import debug_option, handle_errors
 @handle_errors
 def clusters_cmd(ckpt, out, n, hook, positions, n_window, attack, attack_eps, device, debug):
     """Where safe, unsafe, jailbreak and attacked inputs sit in a lab model's activations: τ, cosine τ,
-    nearest-mean accuracy and silhouette per layer, written to OUT/clusters.json with a plot."""
+    nearest-mean accuracy and silhouette per layer, written to OUT/clusters.json with a plot.
+
+    Groups are named as the lab's test sets, each holding the set's headline input: std_safe, std_unsafe,
+    jb_co_task, jb_co_text, jb_mg_tokens, jb_mg_text, jb_comp, and adv_soft_tokens (one group per attack
+    budget when swept). Each group keeps its points' last-layer τ (tau_last) for the claims' bootstrap."""
     from pysafe.analysis.clusters import cluster_analysis, write_clusters
     from pysafe.cli.train import _check_device
     from pysafe.lab import ckpt as C

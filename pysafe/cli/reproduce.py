@@ -28,7 +28,9 @@ from pysafe.cli.options import debug_option, handle_errors
 @handle_errors
 def reproduce_cmd(preset, out, seed, lrs, eval_n, checkpoints_only, device, jobs, overwrite, quiet, debug):
     """Regenerate everything from scratch: pretraining, SSFT/DPO/unlearning at both learning rates,
-    the safety table of every checkpoint and `pysafe analyze` of every fine-tune."""
+    the safety table of every checkpoint (each rate with its 95% Wilson interval), `pysafe analyze` of
+    every fine-tune, the activation analyses and claims.json (each claim with its effect, control and 95%
+    bootstrap interval; it holds only when the interval lies on the claimed side of 0; docs/claims.md)."""
     from pysafe.cli.train import _check_device, _command_line, _progress_bar
     from pysafe.lab.pipeline import reproduce
 
@@ -55,7 +57,9 @@ def reproduce_cmd(preset, out, seed, lrs, eval_n, checkpoints_only, device, jobs
 @click.command("demo")
 @click.option("--out", type=click.Path(file_okay=False), default="pysafe-demo", show_default=True,
               help="Report folder (written whole, then put in place by one rename; see --overwrite).")
-@click.option("--n", "eval_n", type=click.IntRange(min=1), default=500, show_default=True, help="Samples per test set.")
+@click.option("--n", "eval_n", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Samples per test set (the activation analyses and claims use at most 500); fewer samples give "
+                   "wider intervals, so fewer claims hold.")
 @click.option("--checkpoints", type=click.Path(exists=True, file_okay=False), default=None,
               help="Use these lab checkpoints (a `pysafe reproduce --out` directory) instead of the shipped ones.")
 @click.option("--device", default="cpu", show_default=True)
@@ -65,7 +69,10 @@ def reproduce_cmd(preset, out, seed, lrs, eval_n, checkpoints_only, device, jobs
 @handle_errors
 def demo_cmd(out, eval_n, checkpoints, device, overwrite, debug):
     """Run the main job on the shipped cpu-preset lab models: the safety table of the pretrained
-    model and its SSFT, DPO and unlearning fine-tunes, and `pysafe analyze` of each fine-tune."""
+    model and its SSFT, DPO and unlearning fine-tunes (each rate with its 95% Wilson interval),
+    `pysafe analyze` of each fine-tune, and the paper's claims (claims.json): each with its effect
+    (measured - control), the control it is judged against and a 95% bootstrap interval over the inputs;
+    a claim holds only when the whole interval lies on the claimed side of 0 (docs/claims.md)."""
     from pysafe.cli.train import _check_device
     from pysafe.lab.pipeline import DEMO_DIR, demo
 
