@@ -312,6 +312,8 @@ def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: i
         else:
             todo.append(run)
     if jobs > 1 and len(todo) > 1:
+        # longest first, so the last runs of the two queues end together (the objectives differ ~3x in cost)
+        todo.sort(key=lambda r: -_finetune_cost(preset, r[0], r[2]))
         timings.update(_parallel_finetunes(todo, preset, pre, seed, device, jobs, invocation, log))
     else:
         for stage, d, lr in todo:
@@ -357,6 +359,16 @@ def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: i
                "seconds": round(time.perf_counter() - t_start, 1), "timings": {k: round(v, 1) for k, v in timings.items()}}
     write_json(out / "summary.json", summary)
     return summary
+
+
+#: forward+backward passes per sample of each objective, relative to SSFT's (DPO: chosen and rejected
+#: through the model plus a forward of both through the reference; unlearning: chosen and rejected)
+STAGE_COST = {"ssft": 1.0, "dpo": 8 / 3, "unlearn": 2.0}
+
+
+def _finetune_cost(preset: str, stage: str, lr) -> float:
+    t = stage_settings(preset, stage, lr=lr).train
+    return STAGE_COST[stage] * t.steps * t.batch_size
 
 
 def _parallel_finetunes(todo, preset, pre, seed, device, jobs, invocation, log) -> dict:
