@@ -10,12 +10,20 @@ Three measurements, one JSON line each (``--results FILE`` also appends them to 
   pretraining stage at the preset's batch size, on this machine's CPU (``--device cuda`` on a GPU), counted
   as the non-PAD input tokens of the (trimmed) batches, and samples/s.
 - **capture**: pooled activation features per second (issue 4) for three hook/position pairs.
+- **floor**: the training step of each stage of a preset (pretraining, SSFT, DPO, unlearning; the
+  shipped pretrained model as init and DPO's reference) against its floor: the matmul flops of forward +
+  backward, counted by torch's ``FlopCounterMode`` on the real step (not a formula), divided by this
+  machine's sgemm rate measured in the same run at the step's own GEMM shapes; ``fraction_of_floor`` =
+  floor / achieved (1.0 would be pure GEMM at the measured rate). The step is split into data (the numba
+  sampler and tensor conversion) and compute; bf16 autocast is timed too, with the CPU's bf16 support
+  (avx512_bf16 / amx_bf16 flags) stated, since without it bf16 GEMMs are emulated.
 - **eval**: samples/s of ``pysafe eval``'s safety table (teacher-forced and greedy, all eight test sets)
   on a ``cpu``-preset model (random weights: the cost does not depend on them).
 
     python bench/bench_lab.py                               # everything (~2 min on 2 cores)
     python bench/bench_lab.py --what data --n 20000
     python bench/bench_lab.py --what train --presets tiny,cpu --steps 20
+    python bench/bench_lab.py --what floor --presets cpu --steps 20 --threads 1
 """
 
 from __future__ import annotations
@@ -127,6 +135,113 @@ def bench_train() -> None:
               "est_pretrain_minutes": round(total * t / steps / 60, 1)})
 
 
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _gemm_rate(shapes, dtype, reps: int = 20) -> float:
+    """flop/s of torch.mm over the given (m, k, n) shapes, each weighted by its count."""
+    import torch
+
+    flops, t = 0, 0.0
+    for (m, k, n), count in shapes.items():
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        a @ b
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        t += (time.perf_counter() - t0) * count / reps
+        flops += 2 * m * k * n * count
+    return flops / t
+
+
+def bench_floor() -> None:
+    """The training step of every stage against its GEMM floor (see the module docstring)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pysafe.lab import ckpt as C
+    from pysafe.lab.objectives import make_objective
+    from pysafe.lab.pipeline import DEMO_DIR, stage_settings
+
+    flags = _cpu_flags()
+    hw_bf16 = bool({"avx512_bf16", "amx_bf16"} & flags)
+    for preset in presets.split(","):
+        for stage in ("pretrain", "ssft", "dpo", "unlearn"):
+            s = stage_settings(preset, stage)
+            init = DEMO_DIR / "pretrain" if preset == "cpu" else None
+            if init is not None:
+                model, cfg = C.load_checkpoint(init)
+                ref = C.load_checkpoint(init)[0].eval().requires_grad_(False) if stage == "dpo" else None
+            else:
+                from pysafe.lab.model import GPT
+
+                torch.manual_seed(0)
+                model, ref = GPT(s.model), None
+                if stage == "dpo":
+                    ref = GPT(s.model).eval().requires_grad_(False)
+            model.to(device).train()
+            obj = make_objective(stage, **s.objective)
+            opt = model.configure_optimizers(s.train.weight_decay, s.train.lr_max, s.train.betas)
+            bs, total = s.train.batch_size, s.train.steps
+
+            def step(batch, autocast=False):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    loss, _ = obj.loss(model, batch, ref)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+
+            # flops and GEMM shapes of one real step
+            batch = obj.batch(s.recipe, bs, 0, total, device)
+            shapes: dict = {}
+            with FlopCounterMode(display=False) as fc:
+                step(batch)
+            flops = fc.get_total_flops()
+            t_data = t_comp = 0.0
+            for i in range(steps + 2):
+                t0 = time.perf_counter()
+                batch = obj.batch(s.recipe, bs, i + 1, total, device)
+                t1 = time.perf_counter()
+                step(batch)
+                t2 = time.perf_counter()
+                if i >= 2:
+                    t_data += t1 - t0
+                    t_comp += t2 - t1
+            # the GEMMs the step runs: rows = tokens of the batch (x2 for the paired objectives)
+            rows = int(batch[next(k for k in ("x", "x_chosen") if k in batch)].numel())
+            rows *= 1 if stage in ("pretrain", "ssft") else 2
+            d, h = s.model.d_model, s.model.d_model * s.model.mlp_ratio
+            for mkn in ((rows, d, 3 * d), (rows, d, d), (rows, d, h), (rows, h, d), (rows, d, s.model.vocab_size)):
+                shapes[mkn] = s.model.n_layer if mkn[2] != s.model.vocab_size else 1
+            rate = _gemm_rate(shapes, torch.float32)
+            per_step = (t_data + t_comp) / steps
+            row = {"what": "floor", "preset": preset, "stage": stage, "threads": torch.get_num_threads(),
+                   "batch_size": bs, "flops_per_step": flops, "sgemm_gflops": round(rate / 1e9, 1),
+                   "floor_s": round(flops / rate, 4), "s_per_step": round(per_step, 4),
+                   "data_s": round(t_data / steps, 4), "compute_s": round(t_comp / steps, 4),
+                   "fraction_of_floor": round(flops / rate / per_step, 3),
+                   "samples_per_s": round(bs / per_step, 1),
+                   "tokens_per_s": round(rows / per_step),
+                   "load": round(os.getloadavg()[0], 2)}
+            if stage == "ssft":  # bf16 autocast beside it (2 steps: emulated bf16 is very slow)
+                step(batch, autocast=True)
+                t0 = time.perf_counter()
+                for i in range(2):
+                    step(batch, autocast=True)
+                row.update(bf16_hw=hw_bf16, bf16_s_per_step=round((time.perf_counter() - t0) / 2, 4),
+                           bf16_gemm_gflops=round(_gemm_rate({(rows, d, h): 1}, torch.bfloat16, 3) / 1e9, 2))
+            emit(row)
+
+
 def bench_eval() -> None:
     import torch
 
@@ -181,7 +296,7 @@ def main() -> None:
         import torch
         torch.set_num_threads(threads)
     for part in what.split(","):
-        {"data": bench_data, "train": bench_train, "eval": bench_eval, "capture": bench_capture}[part]()
+        {"data": bench_data, "train": bench_train, "floor": bench_floor, "eval": bench_eval, "capture": bench_capture}[part]()
 
 
 if __name__ == "__main__":

@@ -389,6 +389,44 @@ def test_safety_batch_training_masking_and_categories():
     assert np.array_equal(unmasked.x_safe, b.x_safe)
 
 
+def test_hard_frac_oversamples_branch_dependent_refusals():
+    """--hard-frac: id_mg samples whose unsafe operators come from B alone (unsafe only because of the
+    text's branch), judged by the partition table above; the safe versions and the default stream do not
+    change, and the labels stay right."""
+    n = 1500
+
+    def b_only_share(b):
+        rows = [i for i in range(n) if b.category[i] == 5]
+        only_b = 0
+        for i in rows:
+            k = int(b.pcfg[i])
+            changed = [t for t, s in zip(b.ops_unsafe[i], b.ops_safe[i]) if t != s]
+            assert _unsafe(b.ops_unsafe[i], k, True)  # still unsafe by function on id_mg text
+            if changed and all(int(t) in _class_set(k, "B") for t in b.ops_unsafe[i] if int(t) not in _class_set(k, "A")):
+                only_b += 1
+        return only_b / len(rows)
+
+    plain = D.safety_batch(R, n, 7)
+    assert all(np.array_equal(getattr(plain, f), getattr(D.safety_batch(R, n, 7, 0.0), f)) for f in D._SEQ_FIELDS)
+    hard = D.safety_batch(R, n, 7, 1.0)
+    assert b_only_share(hard) == 1.0
+    base = b_only_share(plain)
+    assert base < 0.6  # U∪B draws: most unsafe pairs hold a U operator
+    half = b_only_share(D.safety_batch(R, n, 7, 0.5))
+    assert base + 0.3 < half < 1.0
+    # the safe versions and the safe-text samples are not what the knob changes
+    for i in range(n):
+        if hard.category[i] == 5:
+            assert not _unsafe(hard.ops_safe[i], int(hard.pcfg[i]), True)
+        else:  # safe text: its unsafe version is still made unsafe by U operators
+            k = int(hard.pcfg[i])
+            changed = [int(t) for t, s in zip(hard.ops_unsafe[i], hard.ops_safe[i]) if t != s]
+            new = [t for t in changed if t not in _class_set(k, "A")]  # apply_second also writes "(" slots
+            assert new and all(t in _class_set(k, "U") for t in new)
+    with pytest.raises(ValueError, match="hard_frac"):
+        D.safety_batch(R, 4, 0, 1.5)
+
+
 def test_eos_target_off_lets_batches_trim():
     """eos_target=False drops only the EOS target of the training streams; the kept targets are the
     same, and a trimmed batch then ends at its longest sample (3·L_max + 9 columns), not at 159."""

@@ -247,6 +247,27 @@ def test_presets_load(tmp_path):
             load_preset(mine)
 
 
+def test_preset_per_stage_finetune_settings(tmp_path):
+    """[finetune.<stage>] overrides [finetune] for that objective only; --steps keeps its schedule's shape."""
+    from pysafe.lab.pipeline import stage_settings
+
+    mine = tmp_path / "mine.toml"
+    mine.write_text('extends = "tiny"\n[finetune]\nsteps = 100\nwarmup = 10\ndecay_steps = 80\n'
+                    '[finetune.dpo]\nsteps = 300\nwarmup = 30\ndecay_steps = 240\nbatch_size = 4\n')
+    ssft, dpo, unl = (stage_settings(str(mine), s).train for s in ("ssft", "dpo", "unlearn"))
+    assert (ssft.steps, ssft.warmup, ssft.decay_steps) == (100, 10, 80)
+    assert (unl.steps, unl.batch_size) == (100, ssft.batch_size)
+    assert (dpo.steps, dpo.warmup, dpo.decay_steps, dpo.batch_size) == (300, 30, 240, 4)
+    short = stage_settings(str(mine), "dpo", steps=150).train
+    assert (short.steps, short.warmup, short.decay_steps) == (150, 15, 120)
+    mine.write_text('extends = "tiny"\n[finetune.dpo]\nstep = 3\n')
+    with pytest.raises(ValueError, match=r"\[finetune.dpo\] has unknown key 'step'"):
+        load_preset(mine)
+    mine.write_text('extends = "tiny"\n[finetune.sft]\nsteps = 3\n')
+    with pytest.raises(ValueError, match=r"\[finetune\] has unknown key 'sft'"):
+        load_preset(mine)
+
+
 def test_preset_objective_options(tmp_path):
     """[objectives.<stage>] holds one safety objective's options: validated, merged through `extends`."""
     from pysafe.lab.pipeline import stage_settings

@@ -29,6 +29,9 @@ from pysafe.lab.objectives import OBJECTIVES
               help="DPO β on the rejected term (the reference's asymmetric variant uses 0.01).")
 @click.option("--decision-weight", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Loss weight of the decision token, where refusal and compliance first differ (default 1: the paper's plain objective).")
+@click.option("--hard-frac", type=click.FloatRange(0, 1), default=None,
+              help="Share of unsafe-branch training samples whose unsafe operators are branch-dependent ones alone "
+                   "(the refusals that need the text's branch); default 0: the paper's mix.")
 @click.option("--forget", type=click.Choice(["clamp", "npo"]), default=None, help="Unlearning forget loss.")
 @click.option("--w-forget", type=click.FloatRange(min=0), default=None, help="Unlearning forget weight (0.1).")
 @click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda).")
@@ -40,7 +43,7 @@ from pysafe.lab.objectives import OBJECTIVES
 @click.option("--pipeline", default=None, hidden=True, help="The `pysafe reproduce` command this run is part of.")
 @debug_option
 @handle_errors
-def train_cmd(stage, preset, init, out, lr, steps, batch_size, seed, p_unsafe, decision_weight, beta, beta_rejected, forget,
+def train_cmd(stage, preset, init, out, lr, steps, batch_size, seed, p_unsafe, decision_weight, hard_frac, beta, beta_rejected, forget,
               w_forget, device, threads, overwrite, quiet, pipeline, debug):
     """Train STAGE (pretrain, ssft, dpo, unlearn) and write a checkpoint directory to --out.
 
@@ -51,7 +54,7 @@ def train_cmd(stage, preset, init, out, lr, steps, batch_size, seed, p_unsafe, d
 
     if stage != "pretrain" and init is None:
         raise click.UsageError(f"{stage} fine-tunes an existing model: pass --init CKPT (a pretrained checkpoint)")
-    opts = {k: v for k, v in {"p_unsafe": p_unsafe, "decision_weight": decision_weight, "beta": beta, "beta_rejected": beta_rejected,
+    opts = {k: v for k, v in {"p_unsafe": p_unsafe, "decision_weight": decision_weight, "hard_frac": hard_frac, "beta": beta, "beta_rejected": beta_rejected,
                               "forget": forget, "w_forget": w_forget}.items() if v is not None}
     if stage == "pretrain" and opts:
         raise click.UsageError(f"pretrain takes no safety options (got {', '.join('--' + k.replace('_', '-') for k in opts)})")

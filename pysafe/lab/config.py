@@ -3,7 +3,9 @@
 A preset has the tables ``[model]`` (:class:`~pysafe.lab.model.GPTConfig`), ``[data]`` (the data recipe,
 passed through as a dict), ``[pretrain]`` and ``[finetune]`` (training settings), ``[eval]`` and
 ``[objectives.ssft|dpo|unlearn]`` (options of one safety objective, as ``pysafe train`` flags set them;
-flags given on the command line win). A preset
+flags given on the command line win). ``[finetune.ssft|dpo|unlearn]`` override ``[finetune]``'s training
+settings for one objective (e.g. its step count: DPO and unlearning need other sample counts than SSFT
+to reach the same safety). A preset
 may start from another with ``extends = "cpu"`` (a name or a path relative to the file) and override
 single keys; tables merge key by key.
 """
@@ -118,7 +120,14 @@ def _validate(cfg: dict, path: Path) -> None:
         raise ValueError(f"{path}: [model]: {e}") from None
     _check_keys(cfg["pretrain"], _TRAIN_KEYS, path, "pretrain")
     # [finetune] also lists the peak learning rates `pysafe reproduce` fine-tunes at (default: the paper's)
-    _check_keys(cfg["finetune"], {**_TRAIN_KEYS, "lrs": _RATES}, path, "finetune")
+    _check_keys({k: v for k, v in cfg["finetune"].items() if k not in _OBJECTIVE_STAGES},
+                {**_TRAIN_KEYS, "lrs": _RATES}, path, "finetune")
+    for stage in _OBJECTIVE_STAGES:  # [finetune.<stage>]: one objective's own training settings
+        sub = cfg["finetune"].get(stage)
+        if sub is not None:
+            if not isinstance(sub, dict):
+                raise ValueError(f"{path}: 'finetune.{stage}' must be a table ([finetune.{stage}]), found {sub!r}")
+            _check_keys(sub, _TRAIN_KEYS, path, f"finetune.{stage}")
     _check_keys(cfg["eval"], _EVAL_KEYS, path, "eval")
     _check_objectives(cfg["objectives"], path)
 

@@ -427,7 +427,7 @@ def _unsafe_by_function(ops, k, unsafe_branch, canonical, cls):
 
 
 @numba.njit(cache=True)
-def _safety_kernel(seed, fixed_cat, cat_codes, cat_cum, modifier, attack_safe_cats, forced_p, prob_second,
+def _safety_kernel(seed, fixed_cat, cat_codes, cat_cum, modifier, attack_safe_cats, forced_p, prob_second, hard_p,
                    block2_on_second, train_mask, refusal, rules, lists, lens, canonical, cls, start,
                    nt_first, nt_nalt, alt_first, alt_len, syms, lmin, lmax,
                    xs, ys, xu, yu, xut, yut, xst, yst, xa, yaf, att_unsafe, ysf,
@@ -492,6 +492,10 @@ def _safety_kernel(seed, fixed_cat, cat_codes, cat_cum, modifier, attack_safe_ca
             rrow = k * 7 + 2   # B
         else:
             rrow = k * 7 + 4   # U∪B
+            # the hard case (training only): B alone, unsafe only because the text is unsafe-branch text.
+            # No draw at hard_p = 0, so the default stream is the one it always was.
+            if hard_p > 0.0 and unsafe_branch and np.random.random() < hard_p:
+                rrow = k * 7 + 2
         if unsafe_branch:
             frow = k * 7 + 5   # A∖{(}: the fl_direct safe operator
         else:
@@ -656,7 +660,7 @@ def pretrain_eval_batch(recipe: DataRecipe, n: int, index: int = 0) -> PretrainB
 
 
 def _safety(recipe: DataRecipe, n: int, seed: int, fixed_cat: int, modifier: int, attack_safe_cats,
-            train_mask: bool) -> SafetyBatch:
+            train_mask: bool, hard_frac: float = 0.0) -> SafetyBatch:
     n = _check_n(n)
     c = G.compiled()
     seqs = {f: np.empty((n, CTX), np.uint8) for f in _SEQ_FIELDS}
@@ -668,7 +672,7 @@ def _safety(recipe: DataRecipe, n: int, seed: int, fixed_cat: int, modifier: int
     codes = np.array([CATEGORIES[name] for name in TRAIN_CATEGORIES], np.int64)
     _safety_kernel(np.uint32(seed), fixed_cat, codes, np.cumsum(recipe.category_probs), modifier,
                    np.asarray(attack_safe_cats, np.int64), recipe.identity_sample_prob, recipe.prob_comp1_train,
-                   recipe.target_block2_on_second, train_mask, recipe.refusal_token,
+                   float(hard_frac), recipe.target_block2_on_second, train_mask, recipe.refusal_token,
                    operator_table(recipe.operator_seed), _LISTS, _LENS, CANONICAL, CLASS, c.start, *c.arrays(),
                    recipe.text_len_min, recipe.text_len_max,
                    b.x_safe, b.y_safe, b.x_unsafe, b.y_unsafe, b.x_unsafe_target, b.y_unsafe_target,
@@ -678,8 +682,14 @@ def _safety(recipe: DataRecipe, n: int, seed: int, fixed_cat: int, modifier: int
     return b
 
 
-def safety_batch(recipe: DataRecipe, n: int, step: int) -> SafetyBatch:
-    """Batch ``step`` of the safety fine-tuning stream (lab.md §1.9).
+def safety_batch(recipe: DataRecipe, n: int, step: int, hard_frac: float = 0.0) -> SafetyBatch:
+    """Batch ``step`` of the safety fine-tuning stream.
+
+    ``hard_frac`` oversamples the hard case of the safety partition: with that probability the operators
+    that make an unsafe-branch sample's unsafe version unsafe come from the branch-dependent set B alone
+    (unsafe only on unsafe-branch text) instead of U∪B, so the model sees more inputs whose refusal needs
+    the text's branch. 0 (the default) is the paper's mix, and leaves the stream unchanged. Test sets never
+    use it.
 
     Each sample's category is drawn from ``recipe.category_probs`` over :data:`TRAIN_CATEGORIES`;
     PCFG uniform (PCFG 1 for duplicates). Train masking: the targets of the text and EOT
@@ -687,8 +697,10 @@ def safety_batch(recipe: DataRecipe, n: int, step: int) -> SafetyBatch:
     arrays; SOT, both blocks, STOPs and EOS stay. Safe/unsafe mixing is per sample and done by the
     trainer (D11). x_attack is x_safe for safe and duplicates samples, else x_unsafe_target.
     """
+    if not 0.0 <= hard_frac <= 1.0:
+        raise ValueError(f"hard_frac must be in [0, 1], found {hard_frac!r}")
     b = _safety(recipe, n, stream_seed(recipe.seed, "safety", step), -1, MOD_NONE,
-                (CATEGORIES["safe"], CATEGORIES["duplicates"]), True)
+                (CATEGORIES["safe"], CATEGORIES["duplicates"]), True, hard_frac)
     if not recipe.eos_target:
         for f in _SEQ_FIELDS:
             if f.startswith("y_"):

@@ -169,9 +169,10 @@ class _SafetyObjective:
 
     p_unsafe: float = 0.5
     decision_weight: float = 1.0
+    hard_frac: float = 0.0  # D.safety_batch: share of unsafe-branch samples made unsafe by B operators alone
 
     def _pairs(self, recipe, n, step, device):
-        b = D.safety_batch(recipe, n, step)
+        b = D.safety_batch(recipe, n, step, self.hard_frac)
         pick = _pick_unsafe(n, self.p_unsafe, recipe.seed, step)
         xc, yc, xr, yr = _trim(_choose(pick, b.x_unsafe, b.x_safe), _choose(pick, b.y_unsafe, b.y_safe),
                                _choose(pick, b.x_unsafe_target, b.x_safe_target),
@@ -336,10 +337,10 @@ def make_objective(name: str, **kwargs):
             continue  # a string option (forget), checked above, or an optional number left unset
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key} must be a number, found {value!r}")
-        if key == "p_unsafe" and not 0 <= value <= 1:
-            raise ValueError(f"p_unsafe must be in [0, 1], found {value!r}")
+        if key in ("p_unsafe", "hard_frac") and not 0 <= value <= 1:
+            raise ValueError(f"{key} must be in [0, 1], found {value!r}")
         if key == "w_forget" and value < 0:
             raise ValueError(f"w_forget must be non-negative, found {value!r}")
-        if key not in ("p_unsafe", "w_forget") and not value > 0:
+        if key not in ("p_unsafe", "hard_frac", "w_forget") and not value > 0:
             raise ValueError(f"{key} must be positive, found {value!r}")
     return cls(**kwargs)

@@ -47,8 +47,11 @@ def stage_settings(preset: str, stage: str, *, lr=None, steps=None, batch_size=N
     """
     cfg = load_preset(preset)
     table = "pretrain" if stage == "pretrain" else "finetune"
-    tc = dict(cfg[table])
+    # [finetune], then the stage's own [finetune.<stage>] table over it
+    tc = {k: v for k, v in cfg[table].items() if not isinstance(v, dict)}
+    tc.update(cfg[table].get(stage, {}) if table == "finetune" else {})
     tc.pop("lrs", None)
+    base_table = dict(tc)
     if lr is not None:
         scale = lr / float(tc.get("lr_max", TrainConfig.lr_max))
         tc["lr_max"] = lr
@@ -56,7 +59,7 @@ def stage_settings(preset: str, stage: str, *, lr=None, steps=None, batch_size=N
     if steps is not None:
         tc["steps"] = steps
         # keep the schedule's shape: warm-up and decay as fractions of the preset's run
-        base_steps = int(cfg[table].get("steps", steps))
+        base_steps = int(base_table.get("steps", steps))
         for key in ("warmup", "decay_steps"):
             if key in tc:
                 tc[key] = min(steps, round(int(tc[key]) * steps / base_steps))
@@ -271,6 +274,8 @@ def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: i
         else:
             todo.append(run)
     if jobs > 1 and len(todo) > 1:
+        # longest first, so the last runs of the two queues end together (the objectives differ ~3x in cost)
+        todo.sort(key=lambda r: -_finetune_cost(preset, r[0], r[2]))
         timings.update(_parallel_finetunes(todo, preset, pre, seed, device, jobs, invocation, log))
     else:
         for stage, d, lr in todo:
@@ -318,6 +323,16 @@ def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: i
                "seconds": round(time.perf_counter() - t_start, 1), "timings": {k: round(v, 1) for k, v in timings.items()}}
     write_json(out / "summary.json", summary)
     return summary
+
+
+#: forward+backward passes per sample of each objective, relative to SSFT's (DPO: chosen and rejected
+#: through the model plus a forward of both through the reference; unlearning: chosen and rejected)
+STAGE_COST = {"ssft": 1.0, "dpo": 8 / 3, "unlearn": 2.0}
+
+
+def _finetune_cost(preset: str, stage: str, lr) -> float:
+    t = stage_settings(preset, stage, lr=lr).train
+    return STAGE_COST[stage] * t.steps * t.batch_size
 
 
 def _parallel_finetunes(todo, preset, pre, seed, device, jobs, invocation, log) -> dict:

@@ -130,6 +130,7 @@ def train(
     provenance: dict | None = None,
     overwrite: bool = False,
     progress=None,
+    callback=None,
 ) -> RunResult:
     """Run one stage and write its checkpoint directory ``out``.
 
@@ -138,7 +139,9 @@ def train(
     ``stage`` is an objective name (pretrain, ssft, dpo, unlearn). Fine-tuning stages start from
     ``init`` (whose architecture and vocabulary they keep); DPO (and NPO unlearning) also use ``init``
     as the frozen reference. If ``out`` holds an unfinished run of the same stage, training resumes
-    from its last checkpoint; a finished one is an error unless ``overwrite``.
+    from its last checkpoint; a finished one is an error unless ``overwrite``. ``callback(step, model)``,
+    when given, is called after every optimizer step (bench/samples_to_bar.py evaluates the model there);
+    it must leave the model as it found it.
     """
     out = Path(out)
     cfg = train_config or TrainConfig()
@@ -225,6 +228,8 @@ def train(
             log_rows.append(row)
         if progress is not None:
             progress(done, cfg.steps, running)
+        if callback is not None:
+            callback(done, model)
         if done % cfg.ckpt_every == 0 and done < cfg.steps:
             C.save_checkpoint(out, model, {**config, "finished": False}, log_rows=log_rows,
                               train_state=C.make_train_state(optimizer, done), overwrite=True)
