@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -441,6 +444,15 @@ def test_reproduce_checkpoints_then_demo(tmp_path):
     for s in ("ssft", "dpo", "unlearn"):
         an = json.loads((demo / "analyze" / s / "summary.json").read_text())
         assert f"{s}_lr1em4" in json.dumps(an["tuned"]) and an["matrices"]
+    # the folder holds the report, not caches: pooled activations went to the user's cache directory
+    assert not (demo / "cache").exists()
+    assert (Path(os.environ["XDG_CACHE_HOME"]) / "pysafe" / "features.h5").is_file()
+    page = (demo / "index.html").read_text()
+    for rel in ("claims.json", "eval/ssft.json", "clusters/dpo/clusters.png", "analyze/unlearn/plots/sv_decay.png",
+                "figures/ssft/colspace.png"):
+        assert f'"{rel}"' in page, rel
+    assert summary["checkpoints"]["ssft"]["sha256"] == hashlib.sha256(
+        (tmp_path / "run" / "ssft_lr1em4" / "model.safetensors").read_bytes()).hexdigest()
     res = r.invoke(main, ["demo", "--checkpoints", str(tmp_path), "--out", str(tmp_path / "d2")])
     assert res.exit_code != 0 and "demo checkpoints missing" in res.output and "Traceback" not in res.output
 

@@ -49,16 +49,25 @@ def eval_cmd(ckpts, sets, n, attack, attack_n, attack_tokens, attack_steps, atta
     set_list = [s.strip() for s in sets.split(",") if s.strip()] if sets else None
     attack_opts = (dict(n=attack_n, n_soft=attack_tokens, n_steps=attack_steps, eps_factors=list(attack_eps) or [1.0],
                         norm=attack_norm, placement=attack_placement) if attack else None)
+    from pysafe._progress import Bars
+    from pysafe.lab.data import TEST_SETS
+
     tables, full = {}, {}
-    for ckpt in ckpts:
-        model, cfg = C.load_checkpoint(ckpt)
-        recipe = DataRecipe.from_dict(cfg["data"])
-        click.echo(f"evaluating {ckpt} ({cfg.get('stage', '?')}) on {n} samples per set ...", err=True)
-        res = safety_table(model, recipe, sets=set_list, n=n, batch_size=batch_size, device=device,
-                           attack=attack_opts)
-        label = Path(ckpt).name or str(ckpt)
-        tables[label] = res["table"]
-        full[label] = {"checkpoint": str(ckpt), **res}
+    n_sets = len(set_list or TEST_SETS)
+    with Bars() as bars:
+        task = bars.task("evaluating", total=len(ckpts) * n_sets)
+        for ckpt in ckpts:
+            model, cfg = C.load_checkpoint(ckpt)
+            recipe = DataRecipe.from_dict(cfg["data"])
+            (bars.log if bars.shown else lambda m: click.echo(m, err=True))(
+                f"evaluating {ckpt} ({cfg.get('stage', '?')}) on {n} samples per set ...")
+
+            def step(k, total, name, ckpt=ckpt):
+                task.advance(note=f"{Path(ckpt).name}: {name}" + (" (then the attack)" if k == total and attack else ""))
+
+            res = safety_table(model, recipe, sets=set_list, n=n, batch_size=batch_size, device=device,
+                               attack=attack_opts, progress=step)
+            _record(tables, full, ckpt, res)
     click.echo(format_table(tables))
     for label, res in full.items():
         sweep = (res.get("adversarial") or {}).get("sweep") or []
@@ -67,3 +76,9 @@ def eval_cmd(ckpts, sets, n, attack, attack_n, attack_tokens, attack_steps, atta
                        + ", ".join(f"{s['eps_factor']:g}x -> {100 * s['success']:.1f}%" for s in sweep))
     write_json(json_out, full if len(ckpts) > 1 else next(iter(full.values())))
     click.echo(f"wrote {json_out}")
+
+
+def _record(tables: dict, full: dict, ckpt, res: dict) -> None:
+    label = Path(ckpt).name or str(ckpt)
+    tables[label] = res["table"]
+    full[label] = {"checkpoint": str(ckpt), **res}
