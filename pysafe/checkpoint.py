@@ -98,6 +98,10 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     files: list[str]
     header_digest: str
+
+    def __repr__(self) -> str:
+        return (f"Checkpoint({self.path!r}, format={self.format!r}, {len(self.tensors)} tensors, "
+                f"{len(self.files)} file{'s' if len(self.files) != 1 else ''})")
     _open: dict = field(default_factory=dict, repr=False)
     _torch: dict = field(default_factory=dict, repr=False)
 
@@ -351,6 +355,9 @@ class PeftAdapter:
     config: dict
     targets: list[LoraTarget]
     format: str = "peft"
+
+    def __repr__(self) -> str:
+        return f"PeftAdapter({self.path!r}, {len(self.targets)} adapted modules)"
 
     @property
     def header_digest(self) -> str:
