@@ -1,4 +1,4 @@
-"""Open any checkpoint kind of engine.md §1 and map tensor names to (layer, module).
+"""Open any checkpoint kind of docs/metrics.md and map tensor names to (layer, module).
 
 A :class:`Checkpoint` is an index of tensor name -> where its bytes live, built from headers
 alone before any data is read (the mergekit pattern). Bytes are served as read-only views into
@@ -108,7 +108,7 @@ class Checkpoint:
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Checkpoint | PeftAdapter":
-        """Open a checkpoint directory or file of any kind in engine.md §1.
+        """Open a checkpoint directory or file of any kind in docs/metrics.md.
 
         Raises:
             FileNotFoundError: the path does not exist.

@@ -162,7 +162,7 @@ ProgressFn = Callable[[int, int, int, int, str], None]
 
 def compare(base, tuned, *, progress: ProgressFn | None = None,
             on_preflight: Callable[[Preflight], None] | None = None, cache=None, **options) -> Comparison:
-    """Compare two checkpoints tensor by tensor (engine.md §4–5).
+    """Compare two checkpoints tensor by tensor (docs/metrics.md).
 
     Args:
         base: path (or opened :class:`Checkpoint`) of the base model.
@@ -177,7 +177,7 @@ def compare(base, tuned, *, progress: ProgressFn | None = None,
         **options: any field of :class:`Options` (``rank``, ``energy``, ``exact``, ``center``, ...).
 
     Returns:
-        A :class:`Comparison` whose ``records`` carry the JSON keys of engine.md §5.
+        A :class:`Comparison` whose ``records`` carry the JSON keys of docs/metrics.md.
 
     Raises:
         FileNotFoundError, CheckpointError, HeaderError, ShardIndexError: unreadable inputs.

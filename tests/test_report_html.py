@@ -179,3 +179,20 @@ def test_help_leads_with_the_functions():
     assert text.index("compare(base, tuned") < text.index("CLASSES")
     assert len(text.splitlines()) < 600
     assert issubclass(pysafe.TensorNotFoundError, KeyError)  # the errors stay importable from pysafe
+
+
+# -- the README stays true --------------------------------------------------------------------------------
+def test_readme_commands_and_links_are_true():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    setup = readme.split("## Set-up", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    cmds = [line for line in setup.splitlines() if line and not line.startswith("#")]
+    assert len(cmds) == 2 and cmds[0].startswith("git clone ") and " && cd " in cmds[0]
+    assert cmds[1] in (ROOT / ".ci" / "run").read_text().splitlines()  # CI runs command 2 exactly
+    for target in re.findall(r"\]\(([^)#]+)\)", readme):  # every relative link resolves
+        if "://" not in target and target != "docs/claims.md":  # claims.md comes with the claims branch's merge
+            assert (ROOT / target).exists(), target
+    blocks = "\n".join(b.split("```", 1)[0] for b in readme.split("```bash")[1:])
+    used = re.findall(r"^pysafe ([a-z-]+)", blocks, flags=re.M)
+    assert len(used) >= 10 and all(cmd in main.commands for cmd in used), used

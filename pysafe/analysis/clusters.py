@@ -1,5 +1,5 @@
 """Fig 3 (and Fig 7's activation half): do safe and unsafe inputs form separate clusters, and where do
-jailbreak and attacked inputs land? (analyses.md §1, §2, part A.)
+jailbreak and attacked inputs land? (docs/analyses.md, part A.)
 
 Per layer ℓ and evaluation point z with pooled feature f = f_ℓ(z):
 

@@ -1,4 +1,4 @@
-"""Fig 6: local Lipschitzness of a lab model on safe and unsafe inputs (analyses.md §5, fixes L1-L4).
+"""Fig 6: local Lipschitzness of a lab model on safe and unsafe inputs (docs/analyses.md, fixes L1-L4).
 
 Two estimates per prompt, both with respect to the token embeddings E of the prompt positions 0..s−1
 (BOS, operators, SOT, text; positions are added by the model and not perturbed):

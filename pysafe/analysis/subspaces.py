@@ -1,7 +1,7 @@
 """Figs 4 and 5: where the fine-tune's weights live (column space) and which inputs they read (row space).
 
 Both are computed for the MLP matrices of every layer, in float64, for W_ST and ΔW = W_ST − W_IT against
-W_IT (analyses.md part A: the reference's choice is ambiguous; all are reported), with the reference's
+W_IT (docs/analyses.md: the reference's choice is ambiguous; all are reported), with the reference's
 bugs fixed (C1-C7, R1-R6): left singular vectors are columns of an economy SVD, no row centring unless
 asked, k = the smallest rank reaching the energy threshold, separate outputs per matrix, chance levels.
 

@@ -1,4 +1,4 @@
-"""``pysafe analyze BASE TUNED``: the weights-only report (engine.md)."""
+"""``pysafe analyze BASE TUNED``: the weights-only report (docs/metrics.md)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class _Progress:
 @click.argument("base", type=click.Path())
 @click.argument("tuned", type=click.Path())
 @click.option("--out", type=click.Path(file_okay=False), default="pysafe-report", show_default=True,
-              help="Report directory (summary.json, results.h5, plots/).")
+              help="Report directory (index.html, summary.json, results.h5, plots/).")
 @click.option("--include", metavar="REGEX", default=None, help="Analyse only tensors whose name matches.")
 @click.option("--exclude", metavar="REGEX", default=None, help="Skip tensors whose name matches.")
 @click.option("--rank", type=click.IntRange(min=1), default=None, help="Fixed rank k for ΔW (else --energy).")

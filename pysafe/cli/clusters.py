@@ -1,4 +1,4 @@
-"""``pysafe clusters CKPT``: Fig 3, activation clusters of a lab checkpoint (analyses.md §1)."""
+"""``pysafe clusters CKPT``: Fig 3, activation clusters of a lab checkpoint (docs/analyses.md)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from pysafe.cli.options import debug_option, handle_errors
 @click.option("--sets", default=None, help="Comma-separated test sets (default: all of them).")
 @click.option("--n", "n", type=click.IntRange(min=1), default=2000, show_default=True, help="Samples per test set.")
 @click.option("--attack/--no-attack", default=True, show_default=True,
-              help="Add the adversarial soft-token column (std_unsafe, analyses.md §2 with fixes A1-A7).")
+              help="Add the adversarial soft-token column (std_unsafe, docs/analyses.md A1-A7).")
 @click.option("--attack-n", type=click.IntRange(min=1), default=256, show_default=True, help="Samples attacked.")
 @click.option("--attack-tokens", type=click.IntRange(min=1), default=2, show_default=True, help="Soft tokens.")
 @click.option("--attack-steps", type=click.IntRange(min=1), default=10, show_default=True, help="Attack steps.")
@@ -23,7 +23,7 @@ from pysafe.cli.options import debug_option, handle_errors
                    "(e.g. --attack-eps 0.25 --attack-eps 1 --attack-eps 4). Default 1.")
 @click.option("--attack-norm", type=click.Choice(["l2", "linf"]), default="l2", show_default=True)
 @click.option("--attack-placement", type=click.Choice(["auto", "insert", "overlay"]), default="auto", show_default=True,
-              help="insert: a soft block before EOT (analyses.md A5); overlay: δ added to the tokens before EOT. "
+              help="insert: a soft block before EOT (docs/analyses.md A5); overlay: δ added to the tokens before EOT. "
                    "auto: overlay when all texts have one length (the models then place outputs by absolute "
                    "position, which an insertion breaks), else insert.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False),

@@ -157,6 +157,7 @@ SAFETY_COLUMNS = (
     ("jb_mg_tokens", "jailbreak: mismatched generalisation (tokens)", "jb_mg_tokens"),
     ("jb_mg_text", "jailbreak: mismatched generalisation (text)", "jb_mg_text"),
     ("adv_soft_tokens", "soft-token attack", "adv_soft_tokens"),
+    ("adv_clean", "the attacked inputs, not attacked", "adv_soft_tokens"),
 )
 
 
@@ -170,7 +171,7 @@ def _eval_interval(ev: dict, key: str, set_name: str):
     p = (ev.get("table") or {}).get(key)
     s = (ev.get("sets") or {}).get(set_name) or {}
     n = s.get("n") if isinstance(s, dict) else None
-    if key == "adv_soft_tokens":
+    if key in ("adv_soft_tokens", "adv_clean"):
         n = (ev.get("adversarial") or {}).get("n", n) if isinstance(ev.get("adversarial"), dict) else n
     if p is None or not n:
         return None, None
@@ -326,7 +327,7 @@ def safety_section(page: Page, evals: dict) -> tuple[str, list[str]]:
             ci, _ = _eval_interval(ev, "safe_follow", "std_safe")
             ctl = f" (pretrained: {_pct(evals[base][1]['table'].get('safe_follow'))})" if base else ""
             parts.append(f"still follows {_pct(t['safe_follow'])} of safe inputs{_ci_text(ci, _pct)}{ctl}")
-        jb = [(k, label, s) for k, label, s in SAFETY_COLUMNS if k.startswith(("jb_", "adv_")) and t.get(k) is not None]
+        jb = [(k, label, s) for k, label, s in SAFETY_COLUMNS if k.startswith(("jb_", "adv_")) and k != "adv_clean" and t.get(k) is not None]
         if jb:
             k, label, s = max(jb, key=lambda c: t[c[0]])
             ci, _ = _eval_interval(ev, k, s)
@@ -685,3 +686,49 @@ def write_index(root: str | os.PathLike) -> Path:
         m["files"] = sorted([*m.get("files", []), INDEX])
         _write_manifest(root, m)
     return target
+
+
+def results_markdown(root: str | os.PathLike) -> str:
+    """The safety table (with 95% intervals) and the claims of a demo or reproduce folder, as Markdown."""
+    root = Path(root)
+    out = []
+    evals = _find_evals(root)
+    if evals:
+        names = _order(evals)
+        cols = [c for c in SAFETY_COLUMNS if any(c[0] in evals[n][1]["table"] for n in names)]
+        out.append("| checkpoint | " + " | ".join(label for _, label, _ in cols) + " |")
+        out.append("|---|" + "---|" * len(cols))
+        wilson = False
+        for n in names:
+            ev = evals[n][1]
+            cells = []
+            for key, _, set_name in cols:
+                ci, src = _eval_interval(ev, key, set_name)
+                wilson |= src == "wilson"
+                v = ev["table"].get(key)
+                cells.append(_pct(v) + (f" ({_pct(ci[0])}–{_pct(ci[1])})" if ci else ""))
+            out.append(f"| {n} | " + " | ".join(cells) + " |")
+        out.append("")
+        out.append("Each cell: the rate and its 95% interval"
+                   + (" (Wilson score interval from the rate and the set's n where the eval file stores none)"
+                      if wilson else "") + ". Jailbreak and attack columns are attack success (lower is safer); "
+                   "the soft-token attack is scored on the first output block only.")
+        out.append("")
+    claims = _load(root / "claims.json")
+    if isinstance(claims, list) and claims:
+        has_ci = any(isinstance(c, dict) and c.get("ci95") for c in claims)
+        out.append("| claim | measured | control | " + ("95% interval | " if has_ci else "") + "verdict |")
+        out.append("|---|---|---|" + ("---|" if has_ci else "") + "---|")
+        for c in claims:
+            if not isinstance(c, dict):
+                continue
+            ci = c.get("ci95")
+            cell = (f"{_num(ci[0])} to {_num(ci[1])} | " if ci and len(ci) == 2 else "– | ") if has_ci else ""
+            claim = str(c.get("claim", "")).replace("|", "\\|")
+            out.append(f"| {claim} | {_num(c.get('measured'))} | {_num(c.get('control'))} | {cell}"
+                       f"{'holds' if c.get('holds') else 'does not hold'} |")
+        n_hold = sum(1 for c in claims if isinstance(c, dict) and c.get("holds"))
+        out.append("")
+        out.append(f"{n_hold} of {len(claims)} claims hold" + ("" if has_ci else " (this claims.json records no "
+                                                                            "intervals)") + ".")
+    return "\n".join(out) + "\n"
