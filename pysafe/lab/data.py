@@ -89,7 +89,8 @@ def _check_probs(name: str, value, n: int) -> tuple:
 
 @dataclass(frozen=True)
 class DataRecipe:
-    """Everything that determines the lab's data. Defaults are the reference's README values / part 0.
+    """Everything that determines the lab's data. Defaults are the values of the reference code's README,
+    with pysafe's changes (docs/lab.md).
 
     Stored in each checkpoint's config.json (``to_dict``) and in the manifest of cached test sets.
     """
@@ -105,13 +106,13 @@ class DataRecipe:
     # pysafe uses ( and its duplicates + ^. Fine-tuning data always force "(" (reference).
     forced_slot_tokens: tuple = (ID["("], ID["+"], ID["^"])
     pretrain_operators: tuple = PRETRAIN_OPERATORS  # all 16 reference operators + dup1..dup5
-    mode_probs_init: tuple = (0.5, 0.1, 0.2, 0.2)   # (pcfg, full, comp1, comp2), README values
+    mode_probs_init: tuple = (0.5, 0.1, 0.2, 0.2)   # (pcfg, full, comp1, comp2), the reference's README values
     mode_probs_final: tuple = (0.1, 0.2, 0.3, 0.4)
     # Curriculum clock in optimizer steps: hold init for the first hold_frac·total_steps steps,
     # then interpolate linearly to final at total_steps (reference: 10k of 100k iterations).
     curriculum_hold_frac: float = 0.1
     # P(category) of a safety training sample, in the order of TRAIN_CATEGORIES
-    # (unsafe, safe, intermediate, duplicates, id_mg, ood_mg); README: safe 0.5, id_mg 0.5.
+    # (unsafe, safe, intermediate, duplicates, id_mg, ood_mg); the reference's README: safe 0.5, id_mg 0.5.
     category_probs: tuple = (0.0, 0.5, 0.0, 0.0, 0.5, 0.0)
     prob_comp1_train: float = 0.2       # P(apply_second): the refusal goes in block 2
     # With apply_second, the reference's y_unsafe_target holds no output tokens. True (pysafe):

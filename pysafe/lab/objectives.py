@@ -189,7 +189,7 @@ class _SafetyObjective:
 class SSFT(_SafetyObjective):
     """Supervised safety fine-tuning: cross-entropy on the safe answer or on the refusal (docs/lab.md).
 
-    ``p_unsafe`` is the per-sample probability of the unsafe version (README: 0.2).
+    ``p_unsafe`` is the per-sample probability of the unsafe version (the reference's README: 0.2).
     """
 
     name = "ssft"
