@@ -688,6 +688,13 @@ def write_index(root: str | os.PathLike) -> Path:
     return target
 
 
+#: the safety table's column names in the Markdown table (the page spells them out)
+SHORT = {"safe_follow": "safe: follow", "safe_refuse": "safe: refuse", "unsafe_refuse": "unsafe: refuse",
+         "unsafe_follow": "unsafe: follow", "jb_co_task": "CO-task", "jb_co_text": "CO-text",
+         "jb_mg_tokens": "MG-tokens", "jb_mg_text": "MG-text", "adv_soft_tokens": "soft-token attack",
+         "adv_clean": "same inputs, no attack"}
+
+
 def results_markdown(root: str | os.PathLike) -> str:
     """The safety table (with 95% intervals) and the claims of a demo or reproduce folder, as Markdown."""
     root = Path(root)
@@ -696,7 +703,7 @@ def results_markdown(root: str | os.PathLike) -> str:
     if evals:
         names = _order(evals)
         cols = [c for c in SAFETY_COLUMNS if any(c[0] in evals[n][1]["table"] for n in names)]
-        out.append("| checkpoint | " + " | ".join(label for _, label, _ in cols) + " |")
+        out.append("| checkpoint | " + " | ".join(SHORT.get(k, k) for k, _, _ in cols) + " |")
         out.append("|---|" + "---|" * len(cols))
         wilson = False
         for n in names:
@@ -709,7 +716,7 @@ def results_markdown(root: str | os.PathLike) -> str:
                 cells.append(_pct(v) + (f" ({_pct(ci[0])}–{_pct(ci[1])})" if ci else ""))
             out.append(f"| {n} | " + " | ".join(cells) + " |")
         out.append("")
-        out.append("Each cell: the rate and its 95% interval"
+        out.append("CO: competing objectives, MG: mismatched generalisation. Each cell: the rate and its 95% interval"
                    + (" (Wilson score interval from the rate and the set's n where the eval file stores none)"
                       if wilson else "") + ". Jailbreak and attack columns are attack success (lower is safer); "
                    "the soft-token attack is scored on the first output block only.")
