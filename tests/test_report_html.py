@@ -131,6 +131,11 @@ def test_page_of_figure_command_output(tmp_path):
     write_index(tmp_path)
     page = (tmp_path / "index.html").read_text()
     assert '<img src="clusters.png"' in page and 'href="clusters.json"' in page and "Positive means closer" in page
+    write_index(tmp_path)  # its own page (no manifest here) is recognised and replaced
+    (tmp_path / "index.html").write_text("<html>my notes</html>")  # a page of the user's is not
+    with pytest.raises(FileExistsError, match="not written by pysafe"):
+        write_index(tmp_path)
+    assert (tmp_path / "index.html").read_text() == "<html>my notes</html>"
 
 
 @pytest.mark.browser

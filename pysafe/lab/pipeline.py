@@ -271,6 +271,15 @@ REPRODUCE_OUTPUTS = ("eval", "analyze", "clusters", "figures", "cache", "safety_
                      "index.html")
 
 
+def _pysafe_page(p: Path) -> bool:
+    from pysafe.report.html import GENERATOR
+
+    try:
+        return p.is_file() and not p.is_symlink() and GENERATOR in p.read_text(encoding="utf-8", errors="replace")[:2000]
+    except OSError:
+        return False
+
+
 def _remove_reproduce_outputs(out: Path, lrs, log=print) -> None:
     """``reproduce --overwrite``: remove what reproduce writes in ``out`` (its checkpoint directories and
     report files), never anything else: a user's own files in the folder are kept."""
@@ -278,6 +287,8 @@ def _remove_reproduce_outputs(out: Path, lrs, log=print) -> None:
     removed = []
     for name in names:
         p = out / name
+        if name == "index.html" and not _pysafe_page(p):
+            continue  # a page of the user's: kept (write_index refuses to replace it)
         if p.is_symlink() or p.is_file():
             p.unlink()
         elif p.is_dir():
