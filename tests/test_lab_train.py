@@ -484,6 +484,11 @@ def test_reproduce_end_to_end_tiny(tmp_path):
     groups = json.loads((out / "clusters" / "ssft" / "clusters.json").read_text())["groups"]
     assert {"adv_soft_tokens", "adv_soft_tokens_eps0.5", "adv_soft_tokens_eps2"} <= set(groups)  # Fig 7's sweep
     assert (out / "safety_table.txt").read_text().startswith("checkpoint")
+    page = (out / "index.html").read_text()  # the report page over the whole run
+    for rel in ("eval/dpo_lr1em5.json", "analyze/ssft_lr1em4/plots/sv_decay.png", "clusters/unlearn_lr1em5/clusters.png",
+                "figures/pretrained/lipschitz.png", "claims.json"):
+        assert f'"{rel}"' in page, rel
+    assert not (out / "cache").exists()  # caches live in the user's cache directory
     logs.clear()
     reproduce("tiny", out, eval_n=8, log=logs.append, jobs=1, analyze=False)
     assert sum("finished earlier, reused" in m for m in logs) == 7

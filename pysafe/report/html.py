@@ -430,7 +430,7 @@ def analyze_findings(s: dict, label: str = "") -> list[str]:
     rel = sorted(r["delta_rel"] for r in recs if r.get("delta_rel") is not None)
     if rel:
         top = max(recs, key=lambda r: r.get("delta_rel") or 0)
-        out.append(who + f"the weights moved by a median of {_num(rel[len(rel) // 2])} of their norm "
+        out.append(who + f"{'the' if who else 'The'} weights moved by a median of {_num(rel[len(rel) // 2])} of their norm "
                    f"(‖ΔW‖/‖W_base‖ over {len(rel)} matrices, range {_num(rel[0])} to {_num(rel[-1])}); the most "
                    f"changed is <code>{_e(top['name'])}</code> ({_num(top['delta_rel'])}).")
     for side, words in (("left", "column"), ("right", "row")):
