@@ -220,9 +220,18 @@ class Page:
         return f'<p class=src>From <a href="{rel}">{rel}</a>.</p>'
 
     def render(self) -> str:
-        toc = []
+        toc, open_sub = [], False  # sections of level 3 nest under the level-2 entry before them
         for anchor, heading, _, level in self.sections:
-            toc.append(f'<li class="l{level}"><a href="#{_e(anchor)}">{_e(heading)}</a></li>')
+            item = f'<a href="#{_e(anchor)}">{_e(heading)}</a>'
+            if level > 2:
+                toc.append(("" if open_sub else "<ul>") + f"<li>{item}</li>")
+                open_sub = True
+                continue
+            if open_sub:
+                toc.append("</ul>")
+                open_sub = False
+            toc.append(("</li>" if toc else "") + f"<li>{item}")
+        toc.append(("</ul>" if open_sub else "") + ("</li>" if toc else ""))
         body = []
         for anchor, heading, content, level in self.sections:
             body.append(f'<section id="{_e(anchor)}"><h{level}>{_e(heading)}</h{level}>\n{content}</section>')
@@ -246,7 +255,7 @@ h3{font-size:1.05rem;margin-top:1.4rem}
 .meta,.src{color:#555;font-size:.85rem}
 nav#toc{background:#f6f6f6;border:1px solid #ddd;padding:.3rem 1rem;font-size:.9rem}
 nav#toc h2{border:0;margin:.3rem 0;font-size:1rem}nav#toc ol{margin:.2rem 0;padding-left:1.2rem}
-nav#toc li.l3{margin-left:1.2rem;list-style:circle}
+nav#toc ul{margin:0;padding-left:1.2rem;list-style:circle}
 table{border-collapse:collapse;margin:.6rem 0;font-size:.85rem}
 th,td{border:1px solid #ccc;padding:.2rem .45rem;text-align:right;vertical-align:top}
 th{background:#f0f0f0}td.l,th.l{text-align:left}
