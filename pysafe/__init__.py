@@ -1,13 +1,28 @@
 """pysafe: what did safety fine-tuning change in a model, and why do jailbreaks get through?
 
-The public API. The native core (``pysafe._core``) is internal: call these instead.
+Functions:
+    compare(base, tuned, **options) -> Comparison
+        Compare two checkpoints tensor by tensor: ΔW's norm, spectrum and position relative to the base
+        weights' top singular directions, with chance levels (options: see ``pysafe.Options``).
+    write_report(cmp, out)              summary.json, results.h5, plots/ and index.html, written atomically.
+    make_pair(out, preset="small")      a synthetic base/tuned pair with a planted ΔW.
+    read_header(path), read_tensor(path, name)   safetensors header and one tensor (upcast to f32/f64).
+    truncated_svd(a, rank=k)           top-k SVD by the native engine (or energy=0.9).
+    pairwise_distances(a, b), distance_summary(a, labels), write_distance_matrix(path, a)
+                                        exact distances between activation sets.
+    build_info()                        what the native core was built with.
+
+Classes: Comparison (``.records``, ``.record(name)``, ``.to_pandas()``), Options, Checkpoint
+(``Checkpoint.open(path)``), PeftAdapter. Errors: ``pysafe.errors`` (PysafeError and its subclasses,
+also importable from ``pysafe``). Command line: ``pysafe --help``. Documentation: the repository's docs/.
+The native core (``pysafe._core``) is internal: call these instead.
 """
 
 from pysafe._loader import _core  # noqa: F401  (loads the native core and its BLAS)
 from pysafe._version import __version__
 from pysafe.distances import distance_summary, pairwise_distances, write_distance_matrix
 from pysafe.checkpoint import Checkpoint, PeftAdapter, detect_scheme, name_info
-from pysafe.errors import (
+from pysafe.errors import (  # noqa: F401  (re-exported; see pysafe.errors)
     CheckpointError,
     DeviceUnavailableError,
     HeaderError,
@@ -22,30 +37,24 @@ from pysafe.report import write_report
 from pysafe.synthetic import make_pair
 from pysafe.weights import Comparison, Options, compare
 
+#: the public names; the error classes are in ``pysafe.errors`` (and importable from here) but left out of
+#: __all__ so that ``help(pysafe)`` shows the functions, not pages of inherited exception methods
 __all__ = [
     "__version__",
     "compare",
+    "write_report",
+    "make_pair",
+    "read_header",
+    "read_tensor",
+    "truncated_svd",
+    "pairwise_distances",
+    "distance_summary",
+    "write_distance_matrix",
+    "build_info",
+    "detect_scheme",
+    "name_info",
     "Comparison",
     "Options",
     "Checkpoint",
     "PeftAdapter",
-    "detect_scheme",
-    "name_info",
-    "read_header",
-    "read_tensor",
-    "truncated_svd",
-    "build_info",
-    "write_report",
-    "make_pair",
-    "pairwise_distances",
-    "distance_summary",
-    "write_distance_matrix",
-    "PysafeError",
-    "CheckpointError",
-    "HeaderError",
-    "ShardIndexError",
-    "TensorNotFoundError",
-    "ShapeMismatchError",
-    "DeviceUnavailableError",
-    "InternalError",
 ]

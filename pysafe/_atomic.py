@@ -121,6 +121,11 @@ def _legacy_owned(d: Path) -> set[str]:
     if not (isinstance(s, dict) and "pysafe_version" in s and "matrices" in s):
         return set()
     owned = {"summary.json", "results.h5"}
+    try:  # a report page of pysafe's says so in its head
+        if '<meta name=generator content="pysafe">' in (d / "index.html").read_text(encoding="utf-8")[:2000]:
+            owned.add("index.html")
+    except (OSError, ValueError):
+        pass
     for p in (d / "plots").glob("*.png"):
         if p.name == "sv_decay.png" or p.name.startswith("heatmap_"):
             owned.add(f"plots/{p.name}")

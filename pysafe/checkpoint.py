@@ -1,4 +1,4 @@
-"""Open any checkpoint kind of engine.md §1 and map tensor names to (layer, module).
+"""Open any checkpoint kind of docs/metrics.md and map tensor names to (layer, module).
 
 A :class:`Checkpoint` is an index of tensor name -> where its bytes live, built from headers
 alone before any data is read (the mergekit pattern). Bytes are served as read-only views into
@@ -98,13 +98,17 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     files: list[str]
     header_digest: str
+
+    def __repr__(self) -> str:
+        return (f"Checkpoint({self.path!r}, format={self.format!r}, {len(self.tensors)} tensors, "
+                f"{len(self.files)} file{'s' if len(self.files) != 1 else ''})")
     _open: dict = field(default_factory=dict, repr=False)
     _torch: dict = field(default_factory=dict, repr=False)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Checkpoint | PeftAdapter":
-        """Open a checkpoint directory or file of any kind in engine.md §1.
+        """Open a checkpoint directory or file of any kind in docs/metrics.md.
 
         Raises:
             FileNotFoundError: the path does not exist.
@@ -351,6 +355,9 @@ class PeftAdapter:
     config: dict
     targets: list[LoraTarget]
     format: str = "peft"
+
+    def __repr__(self) -> str:
+        return f"PeftAdapter({self.path!r}, {len(self.targets)} adapted modules)"
 
     @property
     def header_digest(self) -> str:

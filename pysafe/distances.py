@@ -1,4 +1,4 @@
-"""Exact distances between activation sets, and the cluster summaries built on them (analyses.md part A).
+"""Exact distances between activation sets, and the cluster summaries built on them (docs/analyses.md).
 
 The work is done by the native core (``csrc/linalg/distance.cpp``): blocked GEMMs on data centred in f64
 (Euclidean) or normalised in f64 (cosine), f64 norms, and a difference-first f64 recomputation of every

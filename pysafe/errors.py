@@ -20,7 +20,7 @@ class CheckpointError(PysafeError, ValueError):
 
 
 class HeaderError(CheckpointError):
-    """A safetensors header is malformed (see engine.md §2); ``code`` names the condition."""
+    """A safetensors header is malformed (see docs/metrics.md); ``code`` names the condition."""
 
     code = "header"
 

@@ -17,7 +17,7 @@ def build_info() -> dict:
 
 
 def read_header(path: str | os.PathLike) -> dict:
-    """Validate a safetensors file's header (engine.md §2) and return its entries and metadata.
+    """Validate a safetensors file's header (docs/metrics.md) and return its entries and metadata.
 
     Raises:
         FileNotFoundError: no such file.

@@ -87,6 +87,10 @@ class Preflight:
     filtered_out: int = 0
     pairs: list[str] = field(default_factory=list)  # analysed names, in read order
 
+    def __repr__(self) -> str:
+        return (f"Preflight({len(self.pairs)} pairs, {len(self.only_in_base)} only in base, "
+                f"{len(self.only_in_tuned)} only in tuned, {len(self.shape_mismatch)} shape mismatches)")
+
     def lines(self) -> list[str]:
         out = []
         if self.only_in_base:
@@ -117,18 +121,40 @@ class Comparison:
     bytes_read: int = 0
     cache: dict | None = None  # base-decomposition cache use: dir, hits, misses, writes (None: no cache)
 
+    def __repr__(self) -> str:
+        def where(d):
+            return (d or {}).get("path", "?") if isinstance(d, dict) else str(d)
+
+        return (f"Comparison(base={where(self.base)!r}, tuned={where(self.tuned)!r}, {len(self.records)} tensors "
+                f"analysed, {len(self.skipped)} skipped, scheme={self.scheme!r}, {self.seconds:.1f} s)")
+
     def to_pandas(self):
-        """The records as a pandas DataFrame (spectra left out). Needs pandas."""
-        import pandas as pd
+        """The records as a pandas DataFrame, one row per tensor (spectra and vectors left out).
+
+        Needs pandas: ``pip install "pysafe[pandas]"``."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError('Comparison.to_pandas() needs pandas, which is not installed: '
+                              'pip install "pysafe[pandas]" (or pip install pandas)') from None
 
         rows = [{k: v for k, v in r.items() if not isinstance(v, (list, np.ndarray, dict))} for r in self.records]
         return pd.DataFrame(rows)
 
     def record(self, name: str) -> dict:
+        """The record of tensor ``name``; KeyError (listing the nearest names) if it was not analysed."""
         for r in self.records:
             if r["name"] == name:
                 return r
-        raise KeyError(name)
+        import difflib
+
+        names = [r["name"] for r in self.records]
+        near = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        skipped = next((s for s in self.skipped if s.get("name") == name), None)
+        why = f" (skipped: {skipped.get('reason')})" if skipped else ""
+        hint = f"; did you mean {', '.join(repr(n) for n in near)}?" if near else (
+            f"; analysed names look like {names[0]!r}" if names else "")
+        raise KeyError(f"no record for tensor {name!r}{why}{hint}")
 
 
 ProgressFn = Callable[[int, int, int, int, str], None]
@@ -136,7 +162,7 @@ ProgressFn = Callable[[int, int, int, int, str], None]
 
 def compare(base, tuned, *, progress: ProgressFn | None = None,
             on_preflight: Callable[[Preflight], None] | None = None, cache=None, **options) -> Comparison:
-    """Compare two checkpoints tensor by tensor (engine.md §4–5).
+    """Compare two checkpoints tensor by tensor (docs/metrics.md).
 
     Args:
         base: path (or opened :class:`Checkpoint`) of the base model.
@@ -151,7 +177,7 @@ def compare(base, tuned, *, progress: ProgressFn | None = None,
         **options: any field of :class:`Options` (``rank``, ``energy``, ``exact``, ``center``, ...).
 
     Returns:
-        A :class:`Comparison` whose ``records`` carry the JSON keys of engine.md §5.
+        A :class:`Comparison` whose ``records`` carry the JSON keys of docs/metrics.md.
 
     Raises:
         FileNotFoundError, CheckpointError, HeaderError, ShardIndexError: unreadable inputs.

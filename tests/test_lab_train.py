@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -445,6 +448,15 @@ def test_reproduce_checkpoints_then_demo(tmp_path):
     for s in ("ssft", "dpo", "unlearn"):
         an = json.loads((demo / "analyze" / s / "summary.json").read_text())
         assert f"{s}_lr1em4" in json.dumps(an["tuned"]) and an["matrices"]
+    # the folder holds the report, not caches: pooled activations went to the user's cache directory
+    assert not (demo / "cache").exists()
+    assert (Path(os.environ["XDG_CACHE_HOME"]) / "pysafe" / "features.h5").is_file()
+    page = (demo / "index.html").read_text()
+    for rel in ("claims.json", "eval/ssft.json", "clusters/dpo/clusters.png", "analyze/unlearn/plots/sv_decay.png",
+                "figures/ssft/colspace.png"):
+        assert f'"{rel}"' in page, rel
+    assert summary["checkpoints"]["ssft"]["sha256"] == hashlib.sha256(
+        (tmp_path / "run" / "ssft_lr1em4" / "model.safetensors").read_bytes()).hexdigest()
     res = r.invoke(main, ["demo", "--checkpoints", str(tmp_path), "--out", str(tmp_path / "d2")])
     assert res.exit_code != 0 and "demo checkpoints missing" in res.output and "Traceback" not in res.output
 
@@ -476,6 +488,11 @@ def test_reproduce_end_to_end_tiny(tmp_path):
     groups = json.loads((out / "clusters" / "ssft" / "clusters.json").read_text())["groups"]
     assert {"adv_soft_tokens", "adv_soft_tokens_eps0.5", "adv_soft_tokens_eps2"} <= set(groups)  # Fig 7's sweep
     assert (out / "safety_table.txt").read_text().startswith("checkpoint")
+    page = (out / "index.html").read_text()  # the report page over the whole run
+    for rel in ("eval/dpo_lr1em5.json", "analyze/ssft_lr1em4/plots/sv_decay.png", "clusters/unlearn_lr1em5/clusters.png",
+                "figures/pretrained/lipschitz.png", "claims.json"):
+        assert f'"{rel}"' in page, rel
+    assert not (out / "cache").exists()  # caches live in the user's cache directory
     logs.clear()
     reproduce("tiny", out, eval_n=8, log=logs.append, jobs=1, analyze=False)
     assert sum("finished earlier, reused" in m for m in logs) == 7

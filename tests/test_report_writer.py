@@ -212,7 +212,7 @@ def test_overwrite_keeps_user_files_and_drops_stale_outputs(pair, tmp_path, old_
     assert not (out / "plots" / "sv_decay.png").exists()  # --no-plots: the old plots went with the old report
     assert _leftovers(tmp_path) == []
     m = json.loads((out / MANIFEST).read_text())
-    assert set(m["files"]) == {"summary.json", "results.h5"} and m["complete"] is True
+    assert set(m["files"]) == {"summary.json", "results.h5", "index.html"} and m["complete"] is True
     assert json.loads((out / "summary.json").read_text())["run_id"] == m["run_id"]
     from PIL import Image
 
@@ -246,8 +246,6 @@ def quick_demo(monkeypatch):
         return {label: {} for label in named}
 
     def clusters(named, out, *a, **k):
-        (out / "cache").mkdir(parents=True, exist_ok=True)
-        (out / "cache" / "features.h5").write_bytes(b"cache")
         return []
 
     monkeypatch.setattr(pipeline, "_safety_tables", tables)
@@ -282,7 +280,13 @@ def test_demo_follows_the_report_folder_rules(quick_demo, tmp_path):
     assert result.exit_code == 0, result.output
     assert (out / "analyze" / "ssft" / "plots" / "mine.png").read_bytes() == b"mine"
     assert json.loads((out / "summary.json").read_text())["run_id"] != s["run_id"]
+    assert "index.html" in json.loads((out / ".pysafe-manifest.json").read_text())["files"]
     assert _leftovers(tmp_path) == []
+    # a page of the user's where pysafe writes index.html is refused up front, never overwritten
+    (out / ".pysafe-manifest.json").write_text(
+        (out / ".pysafe-manifest.json").read_text().replace('"index.html",', ""))
+    result = _run("demo", "--out", out, "--n", "2", "--overwrite")
+    assert result.exit_code == 1 and "index.html" in result.output and "not written by pysafe" in result.output
 
 
 # -- 10: tensor names that are not valid HDF5 keys -----------------------------------------------------

@@ -1,4 +1,4 @@
-"""The mechanistic analyses of the paper (analyses.md): activation capture and the figures built on it.
+"""The mechanistic analyses of the paper (docs/analyses.md): activation capture and the figures built on it.
 
 - :mod:`pysafe.analysis.capture`: hook points and position selectors, pooled features of lab models;
 - :mod:`pysafe.analysis.clusters`: Fig 3 (safe / unsafe clusters, where jailbreaks land) and the

@@ -1,6 +1,6 @@
 """Activation capture for the analyses: named hook points, position selectors, pooled features.
 
-Hook points (analyses.md part A; ``pysafe.lab.model.HOOKS``): ``resid_pre``, ``attn_out``, ``mlp_in`` (the
+Hook points (docs/analyses.md; ``pysafe.lab.model.HOOKS``): ``resid_pre``, ``attn_out``, ``mlp_in`` (the
 input the first MLP matrix multiplies), ``mlp_pre``, ``mlp_act`` (all hidden units: the reference kept
 only the first 192 of 768, bug B-series), ``mlp_out``, ``resid_post``.
 

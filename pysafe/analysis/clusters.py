@@ -1,5 +1,5 @@
 """Fig 3 (and Fig 7's activation half): do safe and unsafe inputs form separate clusters, and where do
-jailbreak and attacked inputs land? (analyses.md §1, §2, part A.)
+jailbreak and attacked inputs land? (docs/analyses.md, part A.)
 
 Per layer ℓ and evaluation point z with pooled feature f = f_ℓ(z):
 
@@ -227,30 +227,35 @@ def write_clusters(result: dict, out_dir, title: str = "") -> Path:
     return out / "clusters.json"
 
 
-COLORS = {"std_safe": "tab:green", "std_unsafe": "tab:red", "safe": "tab:green", "unsafe": "tab:red",
-          "adv_soft_tokens": "black", "jb_co_task": "tab:blue",
-          "jb_co_text": "tab:orange", "jb_mg_tokens": "tab:purple", "jb_mg_text": "tab:brown", "jb_comp": "tab:pink"}
-
-
 def plot_clusters(result: dict, path, title: str = "") -> None:
-    from pysafe.report.plots import pyplot, save_figure
+    """τ and cosine τ per layer (0-based) for every group in ``result`` (names read from the file), with
+    ± one-std bands for the safe and unsafe groups only (the others' bands would cover each other); the
+    legend sits below the panels."""
+    from pysafe.report.plots import group_label, group_style, pyplot, save_figure
 
     plt = pyplot()
 
-    layers = np.asarray(result["layers"]) + 1
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    layers = np.asarray(result["layers"])
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.6))
+    banded = {g for g in result["groups"] if g in ("safe", "unsafe", "std_safe", "std_unsafe")}
+    handles = []
     for ax, key, label in ((axes[0], "cos_tau", "cosine τ = cos(f, μ_S) − cos(f, μ_U)"),
                            (axes[1], "tau", "τ = ‖f − μ_U‖ − ‖f − μ_S‖")):
-        for g, row in result["groups"].items():
+        handles = []
+        for i, (g, row) in enumerate(result["groups"].items()):
             mean, std = np.asarray(row[f"{key}_mean"]), np.asarray(row[f"{key}_std"])
-            style = "-" if g in ("std_safe", "std_unsafe", "safe", "unsafe") or g.startswith("adv_") else "--"
-            line, = ax.plot(layers, mean, style, marker="o", ms=3, label=f"{g} (n={row['n']})", color=COLORS.get(g))
-            ax.fill_between(layers, mean - std, mean + std, alpha=0.12, color=line.get_color())
+            st = group_style(g, i)
+            line, = ax.plot(layers, mean, lw=1.6, ms=4, label=f"{group_label(g)} (n={row['n']})", **st)
+            if g in banded:
+                ax.fill_between(layers, mean - std, mean + std, alpha=0.15, color=st["color"], lw=0)
+            handles.append(line)
         ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xlabel("layer")
+        ax.set_xlabel("layer (0-based)")
         ax.set_ylabel(label)
         ax.set_xticks(layers)
-    axes[1].legend(fontsize=7, loc="best")
-    fig.suptitle(title or f"activation clusters at {result['hook']} ({result['positions']})", fontsize=10)
-    fig.tight_layout()
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    rows = -(-len(handles) // 3)
+    fig.suptitle((title + ": " if title else "") + "where inputs sit between the safe and unsafe clusters "
+                 f"(hook {result['hook']}, positions {result['positions']}; above 0: nearer safe)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
     save_figure(fig, path, dpi=120)

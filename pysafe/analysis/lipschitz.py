@@ -1,4 +1,4 @@
-"""Fig 6: local Lipschitzness of a lab model on safe and unsafe inputs (analyses.md §5, fixes L1-L4).
+"""Fig 6: local Lipschitzness of a lab model on safe and unsafe inputs (docs/analyses.md, fixes L1-L4).
 
 Two estimates per prompt, both with respect to the token embeddings E of the prompt positions 0..s−1
 (BOS, operators, SOT, text; positions are added by the model and not perturbed):
@@ -105,20 +105,23 @@ def lipschitz_analysis(model, recipe, *, n: int = 500, fd_samples: int = 8, fd_r
 
 
 def plot_lipschitz(result: dict, path, title: str = "") -> None:
-    from pysafe.report.plots import pyplot, save_figure
+    from pysafe.report.plots import SAFE_COLOR, UNSAFE_COLOR, pyplot, save_figure
 
     plt = pyplot()
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.9))
     names = {"grad": "‖∂ max-logit / ∂E‖_F", "fd": "finite difference ‖Δlogits‖/‖δ‖"}
     for ax, (k, r) in zip(axes, result["estimates"].items()):
         edges = np.asarray(r["bins"])
-        for g, color in (("safe", "tab:green"), ("unsafe", "tab:red")):
-            ax.stairs(r[g]["density"], edges, fill=True, alpha=0.45, color=color,
-                      label=f"{g} (median {r[g]['median']:.3g})")
+        for g, color, hatch in (("safe", SAFE_COLOR, None), ("unsafe", UNSAFE_COLOR, "//")):
+            ax.stairs(r[g]["density"], edges, fill=True, alpha=0.4, color=color, hatch=hatch,
+                      label=f"{g} prompts (median {r[g]['median']:.3g})")
+            ax.stairs(r[g]["density"], edges, color=color, lw=1.2)
         ax.set_xlabel(names[k], fontsize=8)
+        ax.set_ylabel("density", fontsize=8)
         ax.set_title(f"AUROC(safe > unsafe) = {r['auroc_safe_gt_unsafe']:.2f}", fontsize=8)
-        ax.legend(fontsize=7)
-    fig.suptitle(title or "local Lipschitzness (Fig 6)", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.2), frameon=False)
+    fig.suptitle((title + ": " if title else "") + "how much the output moves per unit change of the prompt "
+                 "(lower: less sensitive)", fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)

@@ -1,7 +1,7 @@
 """Figs 4 and 5: where the fine-tune's weights live (column space) and which inputs they read (row space).
 
 Both are computed for the MLP matrices of every layer, in float64, for W_ST and ΔW = W_ST − W_IT against
-W_IT (analyses.md part A: the reference's choice is ambiguous; all are reported), with the reference's
+W_IT (docs/analyses.md: the reference's choice is ambiguous; all are reported), with the reference's
 bugs fixed (C1-C7, R1-R6): left singular vectors are columns of an economy SVD, no row centring unless
 asked, k = the smallest rank reaching the energy threshold, separate outputs per matrix, chance levels.
 
@@ -154,7 +154,7 @@ def row_space(base_model, tuned_model, recipe, *, n: int = 500, hook: str = "mlp
 
 
 def plot_column_space(result: dict, path, title: str = "") -> None:
-    from pysafe.report.plots import pyplot, save_figure
+    from pysafe.report.plots import OKABE_ITO, pyplot, save_figure
 
     plt = pyplot()
 
@@ -164,23 +164,26 @@ def plot_column_space(result: dict, path, title: str = "") -> None:
     for r, name in enumerate(mats):
         for layer, row in enumerate(result["matrices"][name]):
             ax = axes[r][layer]
-            for label, color in (("tuned", "tab:blue"), ("delta", "tab:red")):
+            for label, color, marker in (("tuned", OKABE_ITO["blue"], "o"), ("delta", OKABE_ITO["vermillion"], "^")):
                 y = row[label]["sin_theta"]
-                ax.scatter(np.arange(1, len(y) + 1), y, s=8, color=color, label=f"{'W_ST' if label == 'tuned' else 'ΔW'}")
-            ax.axhline(row["chance"], color="grey", ls="--", lw=0.8, label="chance")
+                ax.scatter(np.arange(1, len(y) + 1), y, s=9, color=color, marker=marker,
+                           label="fine-tuned matrix W_ST" if label == "tuned" else "the change ΔW")
+            ax.axhline(row["chance"], color="black", ls="--", lw=0.9, label="chance (random directions)")
             ax.set_ylim(-0.02, 1.02)
-            ax.set_title(f"{name}, layer {layer + 1} (k_IT={row['k_base']})", fontsize=8)
+            ax.set_title(f"{name}, layer {layer} (W_IT's top k = {row['k_base']})", fontsize=8)
             ax.set_xlabel("singular direction", fontsize=7)
             if layer == 0:
                 ax.set_ylabel("sin θ to W_IT's column space", fontsize=7)
-    axes[0][0].legend(fontsize=6)
-    fig.suptitle(title or "column space (Fig 4)", fontsize=9)
-    fig.tight_layout()
+    h, lab = axes[0][0].get_legend_handles_labels()
+    fig.legend(h, lab, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.suptitle((title + ": " if title else "") + "angle of the top left singular directions to W_IT's column "
+                 "space (0: inside it)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     save_figure(fig, path)
 
 
 def plot_row_space(result: dict, path, title: str = "") -> None:
-    from pysafe.report.plots import pyplot, save_figure
+    from pysafe.report.plots import SAFE_COLOR, UNSAFE_COLOR, pyplot, save_figure
 
     plt = pyplot()
 
@@ -191,16 +194,18 @@ def plot_row_space(result: dict, path, title: str = "") -> None:
     for r, label in enumerate(labels):
         for layer, row in enumerate(result["weights"][label]):
             ax = axes[r][layer]
-            for g, color in (("safe", "tab:green"), ("unsafe", "tab:red")):
+            for g, color, ls in (("safe", SAFE_COLOR, "-"), ("unsafe", UNSAFE_COLOR, "--")):
                 m, s = np.asarray(row[g]["abs_score_mean"]), np.asarray(row[g]["abs_score_std"])
                 x = np.arange(1, len(m) + 1)
-                ax.plot(x, m, color=color, label=g)
-                ax.fill_between(x, m - s, m + s, color=color, alpha=0.15)
-            ax.set_title(f"{names[label]}, layer {layer + 1}", fontsize=8)
+                ax.plot(x, m, color=color, ls=ls, label=f"{g} inputs (mean ± std)")
+                ax.fill_between(x, m - s, m + s, color=color, alpha=0.15, lw=0)
+            ax.set_title(f"{names[label]}, layer {layer}", fontsize=8)
             ax.set_xlabel("direction j (by σ)", fontsize=7)
             if layer == 0:
                 ax.set_ylabel("|σ_j ⟨â, v_j⟩|", fontsize=7)
-    axes[0][0].legend(fontsize=6)
-    fig.suptitle(title or f"row space (Fig 5): {result['hook']} at {result['positions']}", fontsize=9)
-    fig.tight_layout()
+    h, lab = axes[0][0].get_legend_handles_labels()
+    fig.legend(h, lab, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.suptitle((title + ": " if title else "") + "how strongly the inputs project on each matrix's top right "
+                 f"singular directions ({result['hook']} at {result['positions']})", fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     save_figure(fig, path)

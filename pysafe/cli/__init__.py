@@ -11,6 +11,7 @@ from pysafe.cli.figures import colspace_cmd, lipschitz_cmd, rowspace_cmd
 from pysafe.cli.data import data_cmd
 from pysafe.cli.eval import eval_cmd
 from pysafe.cli.make_pair import make_pair_cmd
+from pysafe.cli.report import report_cmd
 from pysafe.cli.reproduce import demo_cmd, reproduce_cmd
 from pysafe.cli.train import train_cmd
 
@@ -32,5 +33,6 @@ main.add_command(clusters_cmd)
 main.add_command(colspace_cmd)
 main.add_command(rowspace_cmd)
 main.add_command(lipschitz_cmd)
+main.add_command(report_cmd)
 
 __all__ = ["main"]

@@ -1,9 +1,7 @@
-"""``pysafe analyze BASE TUNED``: the weights-only report (engine.md)."""
+"""``pysafe analyze BASE TUNED``: the weights-only report (docs/metrics.md)."""
 
 from __future__ import annotations
 
-import sys
-import time
 from pathlib import Path
 
 import click
@@ -12,32 +10,36 @@ from pysafe.cli.options import debug_option, handle_errors, seed_option, threads
 
 
 class _Progress:
-    """A one-line progress bar on stderr: tensors done / total and bytes read."""
+    """The tensors-done bar of ``compare`` (rich, on stderr): tensors done / total and GB read."""
 
     def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.t0 = time.perf_counter()
+        from pysafe._progress import Bars
+
+        self.bars = Bars(enabled)
+        self.task = None
 
     def __call__(self, done, total, bytes_done, bytes_total, name):
-        if not self.enabled:
+        if not self.bars.shown:
             return
-        width = 24
-        fill = int(width * done / max(1, total))
-        dt = time.perf_counter() - self.t0
-        rate = bytes_done / dt / 1e9 if dt > 0 else 0.0
-        line = (f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{total} tensors  "
-                f"{bytes_done / 1e9:.2f}/{bytes_total / 1e9:.2f} GB  {rate:.2f} GB/s  {name[-40:]:40s}")
-        sys.stderr.write(line)
+        if self.task is None:
+            self.bars.__enter__()
+            self.task = self.bars.task("tensors", total)
+        self.task.update(completed=done, total=total, note=f"{bytes_done / 1e9:.2f}/{bytes_total / 1e9:.2f} GB  "
+                                                           f"{name[-40:]}")
         if done == total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+            self.close()
+
+    def close(self):
+        if self.task is not None:
+            self.bars.__exit__(None, None, None)
+            self.task = None
 
 
 @click.command()
 @click.argument("base", type=click.Path())
 @click.argument("tuned", type=click.Path())
 @click.option("--out", type=click.Path(file_okay=False), default="pysafe-report", show_default=True,
-              help="Report directory (summary.json, results.h5, plots/).")
+              help="Report directory (index.html, summary.json, results.h5, plots/).")
 @click.option("--include", metavar="REGEX", default=None, help="Analyse only tensors whose name matches.")
 @click.option("--exclude", metavar="REGEX", default=None, help="Skip tensors whose name matches.")
 @click.option("--rank", type=click.IntRange(min=1), default=None, help="Fixed rank k for ΔW (else --energy).")
@@ -99,7 +101,6 @@ def analyze(base, tuned, out, include, exclude, rank, energy, base_rank, base_en
     model.safetensors.index.json, a directory of *.safetensors, a PEFT adapter (TUNED only),
     or PyTorch .bin/.pth state dicts (read with torch.load(weights_only=True)).
     """
-    from pathlib import Path
 
     from pysafe._atomic import atomic_dir
     from pysafe.report import REPORT_FILES, format_table, write_report_files
@@ -124,7 +125,9 @@ def analyze(base, tuned, out, include, exclude, rank, energy, base_rank, base_en
             if not Path(path).is_dir():
                 raise click.BadParameter(f"{path}: activation analyses need HF checkpoint directories "
                                          f"(config.json, tokenizer, weights)", param_hint=side)
-    show = sys.stderr.isatty() if progress is None else progress
+    from pysafe._progress import wanted
+
+    show = wanted(progress)
     def report_preflight(pre):
         for line in pre.lines():
             click.echo(f"pre-flight: {line}", err=True)
@@ -138,14 +141,20 @@ def analyze(base, tuned, out, include, exclude, rank, energy, base_rank, base_en
     planned = REPORT_FILES + (ACTIVATION_FILES if prompts is not None else ())
     # the staging directory is made first: an unwritable --out fails before any work
     with atomic_dir(out, overwrite=overwrite, planned=planned, log=lambda m: click.echo(m, err=True)) as stage:
-        cmp = compare(base, tuned, progress=_Progress(show), on_preflight=report_preflight, cache=cache,
-                      **vars(opts))
+        bar = _Progress(show)
+        try:
+            cmp = compare(base, tuned, progress=bar, on_preflight=report_preflight, cache=cache, **vars(opts))
+        finally:
+            bar.close()
         table = format_table(cmp)
         if table:
             click.echo(table)
         write_report_files(cmp, stage.path, run_id=stage.run_id, plots=plots)
         if prompts is not None:
             _activations(base, tuned, prompts, stage.path / "activations", hook, positions, device, feature_cache)
+            from pysafe.report import write_index
+
+            write_index(stage.path)  # the page now shows the activation figures too
     if cache is not None:
         c = cache.summary()
         ignored = f", {c['notes']} cache notes (--debug shows them)" if c["notes"] and not debug else ""

@@ -1,6 +1,8 @@
-"""``pysafe clusters CKPT``: Fig 3, activation clusters of a lab checkpoint (analyses.md §1)."""
+"""``pysafe clusters CKPT``: Fig 3, activation clusters of a lab checkpoint (docs/analyses.md)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
@@ -39,13 +41,18 @@ def clusters_cmd(ckpt, out, n, hook, positions, n_window, attack, attack_eps, de
     _check_device(device)
     model, cfg = C.load_checkpoint(ckpt)
     recipe = DataRecipe.from_dict(cfg["data"])
-    res = cluster_analysis(model, recipe, n=n, hook=hook, positions=positions, n_window=n_window, device=device,
-                           attack=dict(n_soft=2, n_steps=10, eps_factors=list(attack_eps) or [1.0]) if attack else None)
+    from pysafe._progress import bar
+
+    with bar("activation clusters" + (" and attacks" if attack else ""), total=None):
+        res = cluster_analysis(model, recipe, n=n, hook=hook, positions=positions, n_window=n_window, device=device,
+                               attack=dict(n_soft=2, n_steps=10, eps_factors=list(attack_eps) or [1.0]) if attack else None)
     res["checkpoint"] = str(ckpt)
-    path = write_clusters(res, out, title=f"{ckpt}: {hook} ({positions})")
+    path = write_clusters(res, out, title=Path(ckpt).name)
     last = res["layers"][-1]
     click.echo(f"{'group':<14} {'n':>5} {'tau(last)':>10} {'nearest-mean':>13} {'silhouette':>11}")
     for g, row in res["groups"].items():
         click.echo(f"{g:<14} {row['n']:>5} {row['tau_mean'][last]:>10.3f} {row['nearest_mean_acc'][last]:>13.3f} "
                    f"{row['silhouette'][last]:>11.3f}")
-    click.echo(f"wrote {path}")
+    from pysafe.report.html import write_index
+
+    click.echo(f"wrote {path} and {write_index(out)}")

@@ -23,7 +23,7 @@ def recipe_for_preset(preset: str, seed: int | None = None):
 
 @click.group("data")
 def data_cmd():
-    """Generate and inspect the synthetic safety data (lab.md §1)."""
+    """Generate and inspect the synthetic safety data (docs/lab.md)."""
 
 
 @data_cmd.command("generate")

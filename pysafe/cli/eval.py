@@ -14,7 +14,7 @@ from pysafe.cli.options import debug_option, handle_errors
 @click.option("--sets", default=None, help="Comma-separated test sets (default: all of them).")
 @click.option("--n", "n", type=click.IntRange(min=1), default=2000, show_default=True, help="Samples per test set.")
 @click.option("--attack/--no-attack", default=True, show_default=True,
-              help="Add the adversarial soft-token column (std_unsafe, analyses.md §2 with fixes A1-A7).")
+              help="Add the adversarial soft-token column (std_unsafe, docs/analyses.md A1-A7).")
 @click.option("--attack-n", type=click.IntRange(min=1), default=256, show_default=True, help="Samples attacked.")
 @click.option("--attack-tokens", type=click.IntRange(min=1), default=2, show_default=True, help="Soft tokens.")
 @click.option("--attack-steps", type=click.IntRange(min=1), default=10, show_default=True, help="Attack steps.")
@@ -23,7 +23,7 @@ from pysafe.cli.options import debug_option, handle_errors
                    "(e.g. --attack-eps 0.25 --attack-eps 1 --attack-eps 4). Default 1.")
 @click.option("--attack-norm", type=click.Choice(["l2", "linf"]), default="l2", show_default=True)
 @click.option("--attack-placement", type=click.Choice(["auto", "insert", "overlay"]), default="auto", show_default=True,
-              help="insert: a soft block before EOT (analyses.md A5); overlay: δ added to the tokens before EOT. "
+              help="insert: a soft block before EOT (docs/analyses.md A5); overlay: δ added to the tokens before EOT. "
                    "auto: overlay when all texts have one length (the models then place outputs by absolute "
                    "position, which an insertion breaks), else insert.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False),
@@ -52,17 +52,27 @@ def eval_cmd(ckpts, sets, n, attack, attack_n, attack_tokens, attack_steps, atta
     set_list = [s.strip() for s in sets.split(",") if s.strip()] if sets else None
     attack_opts = (dict(n=attack_n, n_soft=attack_tokens, n_steps=attack_steps, eps_factors=list(attack_eps) or [1.0],
                         norm=attack_norm, placement=attack_placement) if attack else None)
+    from pysafe._progress import Bars
+    from pysafe.lab.data import TEST_SETS
+
     tables, intervals, sizes, full = {}, {}, {}, {}
-    for ckpt in ckpts:
-        model, cfg = C.load_checkpoint(ckpt)
-        recipe = DataRecipe.from_dict(cfg["data"])
-        click.echo(f"evaluating {ckpt} ({cfg.get('stage', '?')}) on {n} samples per set ...", err=True)
-        res = safety_table(model, recipe, sets=set_list, n=n, batch_size=batch_size, device=device,
-                           attack=attack_opts)
-        label = Path(ckpt).name or str(ckpt)
-        tables[label] = res["table"]
-        intervals[label], sizes[label] = res["table_ci95"], res["table_n"]
-        full[label] = {"checkpoint": str(ckpt), **res}
+    n_sets = len(set_list or TEST_SETS)
+    with Bars() as bars:
+        task = bars.task("evaluating", total=len(ckpts) * n_sets)
+        for ckpt in ckpts:
+            model, cfg = C.load_checkpoint(ckpt)
+            recipe = DataRecipe.from_dict(cfg["data"])
+            (bars.log if bars.shown else lambda m: click.echo(m, err=True))(
+                f"evaluating {ckpt} ({cfg.get('stage', '?')}) on {n} samples per set ...")
+
+            def step(k, total, name, ckpt=ckpt):
+                task.advance(note=f"{Path(ckpt).name}: {name}" + (" (then the attack)" if k == total and attack else ""))
+
+            res = safety_table(model, recipe, sets=set_list, n=n, batch_size=batch_size, device=device,
+                               attack=attack_opts, progress=step)
+            _record(tables, full, ckpt, res)
+            label = Path(ckpt).name or str(ckpt)
+            intervals[label], sizes[label] = res["table_ci95"], res["table_n"]
     click.echo(format_table(tables, intervals, sizes))
     for label, res in full.items():
         sweep = (res.get("adversarial") or {}).get("sweep") or []
@@ -71,3 +81,9 @@ def eval_cmd(ckpts, sets, n, attack, attack_n, attack_tokens, attack_steps, atta
                        + ", ".join(f"{s['eps_factor']:g}x -> {100 * s['success']:.1f}%" for s in sweep))
     write_json(json_out, full if len(ckpts) > 1 else next(iter(full.values())))
     click.echo(f"wrote {json_out}")
+
+
+def _record(tables: dict, full: dict, ckpt, res: dict) -> None:
+    label = Path(ckpt).name or str(ckpt)
+    tables[label] = res["table"]
+    full[label] = {"checkpoint": str(ckpt), **res}

@@ -1,4 +1,4 @@
-"""``pysafe colspace | rowspace | lipschitz``: Figs 4, 5 and 6 on lab checkpoints (analyses.md §3-§5)."""
+"""``pysafe colspace | rowspace | lipschitz``: Figs 4, 5 and 6 on lab checkpoints (docs/analyses.md)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,20 @@ from pathlib import Path
 import click
 
 from pysafe.cli.options import debug_option, handle_errors
+
+
+def _busy(what: str):
+    """A spinner with the elapsed time while one long analysis runs (only on a terminal)."""
+    from pysafe._progress import bar
+
+    return bar(what, total=None)
+
+
+def _finish(out) -> Path:
+    """Write OUT/index.html over what the command wrote there; returns its path."""
+    from pysafe.report.html import write_index
+
+    return write_index(out)
 
 
 def _load(ckpt):
@@ -34,17 +48,18 @@ def colspace_cmd(base, tuned, out, energy, center, debug):
 
     mb, _ = _load(base)
     mt, _ = _load(tuned)
-    res = column_space(mb, mt, energy=energy, center=center)
+    with _busy("column space"):
+        res = column_space(mb, mt, energy=energy, center=center)
     res.update(base=str(base), tuned=str(tuned))
     path = Path(out) / "colspace.json"
-    plot_column_space(res, Path(out) / "colspace.png", f"{tuned} vs {base}")  # creates OUT
+    plot_column_space(res, Path(out) / "colspace.png", f"{Path(tuned).name} vs {Path(base).name}")  # creates OUT
     write_json(path, res)
     for name, rows in res["matrices"].items():
         for layer, row in enumerate(rows):
-            click.echo(f"{name} layer {layer + 1}: mean sin θ  W_ST {row['tuned']['mean_sin_theta']:.3f}  "
+            click.echo(f"{name} layer {layer}: mean sin θ  W_ST {row['tuned']['mean_sin_theta']:.3f}  "
                        f"ΔW {row['delta']['mean_sin_theta']:.3f}  chance {row['chance']:.3f}  "
                        f"‖ΔW‖/‖W‖ {row['relative_change']:.3g}")
-    click.echo(f"wrote {path}")
+    click.echo(f"wrote {path} and {_finish(out)}")
 
 
 @click.command("rowspace")
@@ -65,17 +80,18 @@ def rowspace_cmd(base, tuned, out, n, hook, positions, top, device, debug):
 
     mb, _ = _load(base)
     mt, recipe = _load(tuned)
-    res = row_space(mb, mt, recipe, n=n, hook=hook, positions=positions, top=top, device=device)
+    with _busy("row space"):
+        res = row_space(mb, mt, recipe, n=n, hook=hook, positions=positions, top=top, device=device)
     res.update(base=str(base), tuned=str(tuned))
     path = Path(out) / "rowspace.json"
-    plot_row_space(res, Path(out) / "rowspace.png", f"{tuned} vs {base}: {hook} at {positions}")  # creates OUT
+    plot_row_space(res, Path(out) / "rowspace.png", f"{Path(tuned).name} vs {Path(base).name}")  # creates OUT
     write_json(path, res)
     last = res["layers"][-1]
     for label, rows in res["weights"].items():
         r = rows[last]
-        click.echo(f"{label:>5} layer {last + 1}: ‖W â‖/σ1  safe {r['safe']['norm_ratio_mean']:.3f}  "
+        click.echo(f"{label:>5} layer {last}: ‖W â‖/σ1  safe {r['safe']['norm_ratio_mean']:.3f}  "
                    f"unsafe {r['unsafe']['norm_ratio_mean']:.3f}")
-    click.echo(f"wrote {path}")
+    click.echo(f"wrote {path} and {_finish(out)}")
 
 
 @click.command("lipschitz")
@@ -94,12 +110,13 @@ def lipschitz_cmd(ckpt, out, n, fd_samples, fd_radius, device, debug):
     from pysafe.lab.evaluate import write_json
 
     model, recipe = _load(ckpt)
-    res = lipschitz_analysis(model, recipe, n=n, fd_samples=fd_samples, fd_radius=fd_radius, device=device)
+    with _busy("Lipschitz estimates"):
+        res = lipschitz_analysis(model, recipe, n=n, fd_samples=fd_samples, fd_radius=fd_radius, device=device)
     res["checkpoint"] = str(ckpt)
     path = Path(out) / "lipschitz.json"
-    plot_lipschitz(res, Path(out) / "lipschitz.png", str(ckpt))  # creates OUT
+    plot_lipschitz(res, Path(out) / "lipschitz.png", Path(ckpt).name)  # creates OUT
     write_json(path, res)
     for k, r in res["estimates"].items():
         click.echo(f"{k:>4}: median safe {r['safe']['median']:.4g}  unsafe {r['unsafe']['median']:.4g}  "
                    f"AUROC(safe > unsafe) {r['auroc_safe_gt_unsafe']:.3f}")
-    click.echo(f"wrote {path}")
+    click.echo(f"wrote {path} and {_finish(out)}")

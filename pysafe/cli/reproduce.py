@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import click
 
@@ -24,9 +25,12 @@ from pysafe.cli.options import debug_option, handle_errors
                    "else 1).")
 @click.option("--overwrite", is_flag=True, help="Start over instead of reusing finished stages in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
+              help="Cache directory for the base SVDs and pooled activations [default: $XDG_CACHE_HOME/pysafe, "
+                   "else ~/.cache/pysafe].")
 @debug_option
 @handle_errors
-def reproduce_cmd(preset, out, seed, lrs, eval_n, checkpoints_only, device, jobs, overwrite, quiet, debug):
+def reproduce_cmd(preset, out, seed, lrs, eval_n, checkpoints_only, device, jobs, overwrite, quiet, cache_dir, debug):
     """Regenerate everything from scratch: pretraining, SSFT/DPO/unlearning at both learning rates,
     the safety table of every checkpoint (each rate with its 95% Wilson interval), `pysafe analyze` of
     every fine-tune, the activation analyses and claims.json (each claim with its effect, control and 95%
@@ -36,22 +40,13 @@ def reproduce_cmd(preset, out, seed, lrs, eval_n, checkpoints_only, device, jobs
 
     _check_device(device)
 
-    def bar(label):
-        update = _progress_bar(label)
-
-        def step(done, total, running):
-            update(done, total, running)
-            if done == total:
-                update(None, None, None)
-
-        return step
-
     summary = reproduce(preset, out, seed=seed, device=device, eval_n=eval_n, lrs=tuple(lrs) or None,
                         checkpoints_only=checkpoints_only, overwrite=overwrite,
-                        log=lambda m: click.echo(m, err=True), progress=None if quiet else bar,
+                        log=lambda m: click.echo(m, err=True), progress=None if quiet else _progress_bar, cache=cache_dir,
                         invocation=_command_line(click.get_current_context()),
                         jobs=jobs or (2 if device == "cpu" and (os.cpu_count() or 1) >= 2 else 1))
-    click.echo(f"done in {summary['seconds']:.0f} s; results under {out}")
+    click.echo(f"done in {summary['seconds']:.0f} s; results under {out}"
+               + ("" if checkpoints_only else f"; report: {Path(out) / 'index.html'}"))
 
 
 @click.command("demo")
@@ -65,17 +60,24 @@ def reproduce_cmd(preset, out, seed, lrs, eval_n, checkpoints_only, device, jobs
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True,
               help="Replace the pysafe outputs in a non-empty --out, in one rename; your other files there are kept.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
+              help="Cache directory for the base SVDs and pooled activations, reused by later runs "
+                   "[default: $XDG_CACHE_HOME/pysafe, else ~/.cache/pysafe]; never inside --out.")
+@click.option("--no-cache", is_flag=True, help="Cache nothing (recompute everything).")
+@click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal).")
 @debug_option
 @handle_errors
-def demo_cmd(out, eval_n, checkpoints, device, overwrite, debug):
+def demo_cmd(out, eval_n, checkpoints, device, overwrite, cache_dir, no_cache, progress, debug):
     """Run the main job on the shipped cpu-preset lab models: the safety table of the pretrained
     model and its SSFT, DPO and unlearning fine-tunes (each rate with its 95% Wilson interval),
-    `pysafe analyze` of each fine-tune, and the paper's claims (claims.json): each with its effect
-    (measured - control), the control it is judged against and a 95% bootstrap interval over the inputs;
-    a claim holds only when the whole interval lies on the claimed side of 0 (docs/claims.md)."""
+    `pysafe analyze` of each fine-tune, the activation and weight analyses, and the paper's claims
+    (claims.json): each with its effect (measured - control), the control it is judged against and a 95%
+    bootstrap interval over the inputs; a claim holds only when the whole interval lies on the claimed side
+    of 0 (docs/claims.md). Open OUT/index.html for the report."""
     from pysafe.cli.train import _check_device
     from pysafe.lab.pipeline import DEMO_DIR, demo
 
     _check_device(device)
-    demo(out, eval_n=eval_n, device=device, log=click.echo, checkpoints=checkpoints or DEMO_DIR, overwrite=overwrite)
-    click.echo(f"\nreport: {out}/")
+    demo(out, eval_n=eval_n, device=device, log=click.echo, checkpoints=checkpoints or DEMO_DIR, overwrite=overwrite,
+         cache=False if no_cache else cache_dir, progress=progress)
+    click.echo(f"\nreport: {Path(out) / 'index.html'}")

@@ -114,26 +114,8 @@ def _check_device(device: str) -> None:
 
 
 def _progress_bar(label: str):
-    """A one-line progress bar on stderr with the running loss and accuracies."""
-    import time
+    """A progress bar on stderr (rich) with the running loss and accuracies: a ``progress(done, total,
+    running)`` callback; shown only when stderr is a terminal."""
+    from pysafe._progress import step_callback
 
-    state = {"t0": time.perf_counter(), "last": 0.0}
-
-    def update(done, total, running):
-        if done is None:
-            click.echo("", err=True)
-            return
-        now = time.perf_counter()
-        if done != total and now - state["last"] < 0.5:
-            return
-        state["last"] = now
-        frac = done / total
-        width = 24
-        fill = int(width * frac)
-        rate = done / max(now - state["t0"], 1e-9)
-        eta = (total - done) / max(rate, 1e-9)
-        metrics = " ".join(f"{k} {v:.3f}" for k, v in running.items())
-        click.echo(f"\r{label} [{'#' * fill}{'.' * (width - fill)}] {done}/{total} {metrics} "
-                   f"{rate:.1f} it/s eta {eta:.0f}s   ", nl=False, err=True)
-
-    return update
+    return step_callback(label)

@@ -1,4 +1,4 @@
-"""The adversarial soft-token attack (analyses.md §2) with fixes A1-A7, and batched greedy generation.
+"""The adversarial soft-token attack (docs/analyses.md) with fixes A1-A7, and batched greedy generation.
 
 The attack, per sample, on an unsafe prompt teacher-forced with its compliant answer:
 
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from pysafe.lab.vocab import EOS, EOT, IDENTITY, LETTER0, N_LETTERS, PAD
 
-TEXT0 = 6  # position of the first text token: BOS, four operators, SOT come first (lab.md §1.4)
+TEXT0 = 6  # position of the first text token: BOS, four operators, SOT come first (docs/lab.md)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Lab checkpoints: a directory that ``pysafe analyze`` opens directly, written without pickle (D8).
+"""Lab checkpoints: a directory that ``pysafe analyze`` opens directly, written without pickle.
 
 Layout of a checkpoint directory::
 

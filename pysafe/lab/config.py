@@ -1,4 +1,4 @@
-"""Lab presets: named TOML files (``paper``, ``cpu``, ``tiny``) that a user can copy and edit (D17).
+"""Lab presets: named TOML files (``paper``, ``cpu``, ``tiny``) that a user can copy and edit.
 
 A preset has the tables ``[model]`` (:class:`~pysafe.lab.model.GPTConfig`), ``[data]`` (the data recipe,
 passed through as a dict), ``[pretrain]`` and ``[finetune]`` (training settings), ``[eval]`` and

@@ -1,4 +1,4 @@
-"""The safety table: how a lab model answers safe, unsafe and jailbreak inputs (lab.md §5, D12).
+"""The safety table: how a lab model answers safe, unsafe and jailbreak inputs (docs/lab.md).
 
 For every test set and every input variant (the safe version and the unsafe / jailbreak version of each
 sample) the model's greedy answer is classified as
@@ -19,7 +19,7 @@ Greedy decoding is exact-match equivalent to teacher forcing: greedy decoding em
 one teacher-forced forward pass. So each candidate answer costs one batched pass instead of 2L+2
 sequential ones, and the classification equals that of autoregressive greedy generation (a test checks
 this against ``attacks.generate``). The same passes give the reference's teacher-forced token
-accuracies (Cp1 / Cp2 of lab.md §5).
+accuracies (Cp1 / Cp2 of docs/lab.md).
 """
 
 from __future__ import annotations

@@ -1,15 +1,15 @@
-"""The four PCFGs and their safety-data variants (lab.md §1.2), compiled for a numba sampler.
+"""The four PCFGs and their safety-data variants (docs/lab.md), compiled for a numba sampler.
 
 The grammars are written below as readable Python data (``{nonterminal: [alternative, ...]}``, each
 alternative a space-separated right-hand side). An alternative listed twice is twice as likely: every
 production is chosen uniformly among the listed alternatives, as the reference's ``random.choices``.
 The four PCFGs share every rule except the pre-terminal -> letter rules (level 6).
 
-Variants (lab.md §1.2): ``base`` (pretraining), ``safe`` (safe-dominant branch), ``unsafe``
+Variants (docs/lab.md): ``base`` (pretraining), ``safe`` (safe-dominant branch), ``unsafe``
 (unsafe-dominant branch), ``id_mg`` (the unsafe-branch text of safety fine-tuning), ``ood_mg``
-(mismatched-generalisation text) and ``intermediate`` (competing-objectives text). As decided in D5,
+(mismatched-generalisation text) and ``intermediate`` (competing-objectives text). As decided for pysafe,
 the unsafe, id_mg and ood_mg variants keep the reference's *binary* level-5 rules, which pretraining
-never sees: their text is out of the pretraining distribution at the lowest level (lab.md §6.5).
+never sees: their text is out of the pretraining distribution at the lowest level (docs/lab.md).
 
 Compiled form (all int64): grammar id ``g = variant * 4 + pcfg``; ``nt_first[g, nt]`` / ``nt_nalt[g, nt]``
 locate a nonterminal's alternatives in ``alt_first`` / ``alt_len``, which locate their symbols in
@@ -115,7 +115,7 @@ _CHANGES = {
     },
 }
 
-# level 6: pre-terminal -> two 3-letter alternatives, per PCFG (lab.md §1.2 table)
+# level 6: pre-terminal -> two 3-letter alternatives, per PCFG (docs/lab.md)
 _PRETERMINALS = ("g", "h", "i", "1e", "1g", "1i")
 _LEVEL6 = (
     "2a 2b 2c | 2d 2e 2f ; 2h 2i 2j | 2k 2l 2m ; 2n 2o 2p | 2q 2r 2s ; 2t 2u 2v | 2w 2x 2y ; 2z 3a 3b | 3c 3d 3c ; 3b 3a 2z | 2y 2x 2w",
@@ -233,7 +233,7 @@ def sample_text(g, start, nt_first, nt_nalt, alt_first, alt_len, syms, L, buf, s
     """Write a random length-``L`` window of a fresh sentence of grammar ``g`` into ``text[:L]``.
 
     The window start is uniform in [0, len - L - 1] (the fine-tuning generator's range, used for every
-    stage; lab.md §6.19). Returns the sentence length.
+    stage; docs/lab.md). Returns the sentence length.
     """
     n = expand(g, start, nt_first, nt_nalt, alt_first, alt_len, syms, buf, stack)
     s0 = np.random.randint(0, n - L)  # randint's high is exclusive: s0 <= n - L - 1
@@ -268,7 +268,7 @@ def _sample_texts(seed, g, start, nt_first, nt_nalt, alt_first, alt_len, syms, n
 
 
 def sentence_lengths(variant: str, pcfg: int, n: int, seed: int = 0) -> np.ndarray:
-    """Lengths of ``n`` full sentences (int64 [n]); for checking the grammars against lab.md §1.2."""
+    """Lengths of ``n`` full sentences (int64 [n]); for checking the grammars against docs/lab.md."""
     c = compiled()
     return _sample_lengths(np.uint32(seed), grammar_id(variant, pcfg), c.start, *c.arrays(), int(n))
 

@@ -1,6 +1,6 @@
-"""The lab model: the minGPT variant of Jain et al. (lab.md §2, D8), nothing else.
+"""The lab model: the minGPT variant of Jain et al. (docs/lab.md), nothing else.
 
-``block="reference"`` reproduces the reference block exactly (analyses.md §0.1). With residual input r:
+``block="reference"`` reproduces the reference block exactly (docs/analyses.md). With residual input r:
 
     h  = LN1(r)            # replaces the stream: the residual r is dropped
     a  = Attn(h)           # after its own attn.c_proj
@@ -18,7 +18,7 @@ Names follow minGPT and the reference checkpoints (without DataParallel's ``modu
 sits directly on the block (``transformer.h.{i}.c_fc``), not under ``mlp.``. The sinusoidal position
 table is a non-persistent buffer: it is a pure function of the config, so it is not saved.
 
-Hook points (analyses.md part A) are read with ``forward(..., capture={"mlp_in", ...})``; without
+Hook points (docs/analyses.md) are read with ``forward(..., capture={"mlp_in", ...})``; without
 ``capture`` the forward pass does no extra work.
 """
 
@@ -40,16 +40,16 @@ HOOKS = ("resid_pre", "attn_out", "mlp_in", "mlp_pre", "mlp_act", "mlp_out", "re
 
 @dataclass
 class GPTConfig:
-    """Architecture of a lab model. Defaults are the paper's ``wrn2-cfg-mini`` (lab.md §2)."""
+    """Architecture of a lab model. Defaults are the paper's ``wrn2-cfg-mini`` (docs/lab.md)."""
 
     n_layer: int = 6  # transformer blocks
     n_head: int = 6  # attention heads; head dim = d_model / n_head (32 in the paper)
     d_model: int = 192  # residual stream width (minGPT's n_embd)
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * d_model (the reference's scale_internal)
-    vocab_size: int = 59  # the one lab vocabulary (D1); lm_head is untied
+    vocab_size: int = 59  # the one lab vocabulary; lm_head is untied
     block_size: int = 159  # context: x = seq[0:159]
     block: str = "reference"  # "reference" (LN1 replaces the stream, ln_2 unused) or "preln"
-    pad_mask: bool = False  # mask PAD keys out of attention (D8 option; the reference attends to PAD)
+    pad_mask: bool = False  # mask PAD keys out of attention (the reference attends to PAD)
     dropout: float = 0.0  # the reference scripts set every rate to 0
     pos: str = "sinusoidal"  # "sinusoidal" (fixed table, the reference's 'pe') or "learned"
 
@@ -253,8 +253,8 @@ class GPT(nn.Module):
     def configure_optimizers(self, weight_decay: float, lr: float, betas=(0.9, 0.95)) -> torch.optim.AdamW:
         """AdamW; matrices (p.dim() >= 2) decayed, biases and LayerNorm weights not.
 
-        The token embedding (and a learned position table) is *not* decayed although it is 2-D: lab.md
-        §2 lists embedding weights in the no-decay group, as minGPT does.
+        The token embedding (and a learned position table) is *not* decayed although it is 2-D: the
+        reference puts embedding weights in the no-decay group, as minGPT does.
         """
         no_decay_names = {"transformer.wte.weight", "transformer.wpe.weight"}
         decay, no_decay = [], []

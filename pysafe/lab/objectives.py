@@ -2,11 +2,11 @@
 
 An objective draws its own batch (the data are generated on the fly from ``(recipe.seed, step)``, so a
 resumed run sees exactly the batches it would have seen) and turns it into a scalar loss plus a few
-running metrics. lab.md §3-4 describe the reference; part 0 decisions D7, D9, D10 and D11 apply:
+running metrics (docs/lab.md). Where pysafe departs from the reference code:
 
-- mixing of safe and unsafe samples is per sample (D11);
+- mixing of safe and unsafe samples is per sample;
 - DPO and unlearning score each response by the sum of log-probabilities over *its own* supervised
-  tokens (D10), never with borrowed masks or a constant length;
+  tokens, never with borrowed masks or a constant length;
 - the DPO reference model runs under ``no_grad``; the unlearning forget term is bounded.
 """
 
@@ -57,7 +57,7 @@ def token_logprobs(logits: torch.Tensor, y: torch.Tensor,
 
 
 def sequence_logprob(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum of log-probabilities over each sequence's own supervised (non-PAD) targets (D10), [B]
+    """Sum of log-probabilities over each sequence's own supervised (non-PAD) targets, [B]
     (weighted by ``weight`` [B, T] when given)."""
     tok, _ = token_logprobs(logits, y, weight)
     return tok.sum(-1)
@@ -92,7 +92,7 @@ def token_accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 @dataclass
 class Pretrain:
-    """Next-token cross-entropy under the curriculum of lab.md §1.5 / §3 (clock in optimizer steps, D9)."""
+    """Next-token cross-entropy under the curriculum of docs/lab.md (clock in optimizer steps)."""
 
     name = "pretrain"
     uses_reference = False
@@ -111,7 +111,7 @@ class Pretrain:
         return loss, metrics
 
     def eval_batch(self, recipe, n: int, device) -> dict:
-        """The held-out set of lab.md §3 (mode full w.p. 0.9, comp2 w.p. 0.1) with the spans of §3's
+        """The held-out set of docs/lab.md (mode full w.p. 0.9, comp2 w.p. 0.1) with the spans of the reference's
         accuracy definitions."""
         b = D.pretrain_eval_batch(recipe, n, 0)
         return {"x": _t(b.x, device), "y": _t(b.y, device),
@@ -119,7 +119,7 @@ class Pretrain:
 
 
 def span_accuracies(logits: torch.Tensor, y: torch.Tensor, spans) -> dict:
-    """The reference's teacher-forced accuracies (lab.md §3): per-sample token accuracy over a span,
+    """The reference's teacher-forced accuracies (docs/lab.md): per-sample token accuracy over a span,
     averaged over eligible samples; ``*_and`` is the exact match of the whole span.
 
     pcfg: text + EOT [5, start) on modes ≠ comp2; comp1: [start, end1); comp2: [end1, end2) on mode full;
@@ -145,7 +145,7 @@ def span_accuracies(logits: torch.Tensor, y: torch.Tensor, spans) -> dict:
 
 
 def _pick_unsafe(n: int, p_unsafe: float, seed: int, step: int) -> np.ndarray:
-    """Per-sample safe/unsafe choice (D11), reproducible from (seed, step)."""
+    """Per-sample safe/unsafe choice, reproducible from (seed, step)."""
     rng = np.random.default_rng([seed, 0x5AFE, step])
     return rng.random(n) < p_unsafe
 
@@ -161,10 +161,10 @@ class _SafetyObjective:
 
     ``decision_weight`` w multiplies the loss term of the *decision token*, the first position where the
     chosen and the rejected answer differ (:func:`decision_positions`); every other supervised token keeps
-    weight 1, and w = 1 is the plain objective of lab.md §4. The refuse-or-comply choice is one token of an
+    weight 1, and w = 1 is the plain objective of docs/lab.md. The refuse-or-comply choice is one token of an
     L + 1 token answer, so under the plain objective it carries ~1/26 of the gradient; the rest is copying
     that the pretrained model already does. Short CPU fine-tunes (the cpu preset) raise w to learn the
-    choice in their ~1/80 of the paper's samples (README "Status" has the measurements).
+    choice in their ~1/80 of the paper's samples (docs/results.md, "History", has the measurements).
     """
 
     p_unsafe: float = 0.5
@@ -188,9 +188,9 @@ class _SafetyObjective:
 
 @dataclass
 class SSFT(_SafetyObjective):
-    """Supervised safety fine-tuning: cross-entropy on the safe answer or on the refusal (lab.md §4).
+    """Supervised safety fine-tuning: cross-entropy on the safe answer or on the refusal (docs/lab.md).
 
-    ``p_unsafe`` is the per-sample probability of the unsafe version (README: 0.2).
+    ``p_unsafe`` is the per-sample probability of the unsafe version (the reference's README: 0.2).
     """
 
     name = "ssft"
@@ -229,7 +229,7 @@ def _split_acc(logits, y, unsafe, decision=None) -> dict:
 
 @dataclass
 class DPO(_SafetyObjective):
-    """Direct preference optimisation against a frozen reference (lab.md §4, D10).
+    """Direct preference optimisation against a frozen reference (docs/lab.md).
 
     L = −mean log σ(β·(log π_θ − log π_ref)(chosen) − β_r·(log π_θ − log π_ref)(rejected)), with the
     log-probabilities summed over each response's own supervised tokens. ``beta_rejected=None`` is
@@ -269,7 +269,7 @@ class DPO(_SafetyObjective):
 
 @dataclass
 class Unlearn(_SafetyObjective):
-    """Unlearning: descend on the preferred answer, ascend (bounded) on the dispreferred one (D10).
+    """Unlearning: descend on the preferred answer, ascend (bounded) on the dispreferred one.
 
     L = w_retain·NLL(chosen) − w_forget·min(NLL(rejected), forget_clamp), with NLL the per-token mean
     over each response's own supervised tokens. The clamp (default ln V, the NLL of a uniform guess)

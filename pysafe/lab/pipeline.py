@@ -8,6 +8,8 @@ that on the small checkpoints that ship with the package.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import shlex
 import shutil
@@ -92,19 +94,28 @@ def _attack(n: int) -> dict:
 
 
 def _safety_tables(named: dict, n: int, device, eval_dir: Path, timings: dict | None = None, log=None,
-                   intervals: dict | None = None, sizes: dict | None = None) -> dict:
+                   intervals: dict | None = None, sizes: dict | None = None, bars=None) -> dict:
     """Evaluate each {label: checkpoint dir} (safety table with the adversarial column), write
     ``eval_dir/<label>.json`` and return {label: table}; ``intervals`` and ``sizes``, when given, receive
-    {label: table_ci95} and {label: table_n}."""
+    {label: table_ci95} and {label: table_n}. ``bars``: a :class:`pysafe._progress.Bars`."""
+    from pysafe._progress import Bars
     from pysafe.lab import ckpt as C
+    from pysafe.lab.data import TEST_SETS
     from pysafe.lab.evaluate import safety_table, write_json
 
     eval_dir.mkdir(parents=True, exist_ok=True)
     tables = {}
+    task = (bars or Bars(False)).task("safety tables", total=len(named) * (len(TEST_SETS) + 1))
     for label, d in named.items():
         t0 = time.perf_counter()
         model, cfg = C.load_checkpoint(d)
-        res = safety_table(model, DataRecipe.from_dict(cfg["data"]), n=n, device=device, attack=_attack(n))
+
+        def step(k, total, set_name, label=label):
+            task.advance(note=f"{label}: {set_name}" + (" (then the soft-token attack)" if k == total else ""))
+
+        res = safety_table(model, DataRecipe.from_dict(cfg["data"]), n=n, device=device, attack=_attack(n),
+                           progress=step)
+        task.advance(note=f"{label}: done")
         write_json(eval_dir / f"{label}.json", {"checkpoint": str(d), **res})
         tables[label] = res["table"]
         if intervals is not None:
@@ -118,19 +129,34 @@ def _safety_tables(named: dict, n: int, device, eval_dir: Path, timings: dict | 
     return tables
 
 
-def _clusters_and_claims(named: dict, out: Path, n: int, device, log=None, weaker: dict | None = None) -> list:
+def feature_cache_path(cache=None) -> Path | None:
+    """Where the pooled activations of the lab analyses are cached: ``cache`` (a directory) /features.h5,
+    by default in the user's cache directory (``$XDG_CACHE_HOME/pysafe``, else ``~/.cache/pysafe``);
+    ``cache=False``: no cache."""
+    if cache is False:
+        return None
+    from pysafe.svdcache import default_dir
+
+    return Path(cache if cache not in (None, True) else default_dir()) / "features.h5"
+
+
+def _clusters_and_claims(named: dict, out: Path, n: int, device, log=None, weaker: dict | None = None,
+                         cache=None, bars=None) -> list:
     """The analyses of Figs 3-7 on lab checkpoints (:func:`_analyses`) and the paper's claims measured on
-    them: claims.json entries (docs/claims.md); the caller writes claims.json."""
-    res, figs = _analyses(named, out, n, device, log)
+    them: claims.json entries (docs/claims.md); the caller writes claims.json. ``weaker`` maps a
+    fine-tune's name to the same method at the lower learning rate (claim: the separation grows with
+    fine-tuning strength)."""
+    res, figs = _analyses(named, out, n, device, log, cache=cache, bars=bars)
     return cluster_claims(res, weaker or {}) + figure_claims(figs, weaker or {})
 
 
-def _analyses(named: dict, out: Path, n: int, device, log=None) -> tuple[dict, dict]:
+def _analyses(named: dict, out: Path, n: int, device, log=None, cache=None, bars=None) -> tuple[dict, dict]:
     """The analyses of Figs 3-7 on lab checkpoints: ({name: cluster_analysis()}, {name: {figure: result}}).
 
     Writes ``out/clusters/<name>/clusters.json`` (+ plot) for each {name: checkpoint dir} and
     ``out/figures/<name>/{colspace,rowspace,lipschitz}.{json,png}`` (column and row space of each fine-tune
-    against "pretrained", Lipschitzness of every model). ``named`` must hold "pretrained".
+    against "pretrained", Lipschitzness of every model). ``named`` must hold "pretrained". ``cache``: see
+    :func:`feature_cache_path` (never inside ``out``); ``bars``: a :class:`pysafe._progress.Bars`.
     """
     from pysafe.analysis.clusters import cluster_analysis, write_clusters
     from pysafe.analysis.lipschitz import lipschitz_analysis, plot_lipschitz
@@ -138,32 +164,41 @@ def _analyses(named: dict, out: Path, n: int, device, log=None) -> tuple[dict, d
     from pysafe.lab import ckpt as C
     from pysafe.lab.evaluate import write_json
 
+    from pysafe._progress import Bars
     from pysafe.analysis.cache import FeatureCache
 
     res, figs = {}, {}
     base_model, _ = C.load_checkpoint(named["pretrained"])
-    cache = FeatureCache(out / "cache" / "features.h5")  # pooled activations, reused by later runs
+    task = (bars or Bars(False)).task("activation analyses", total=4 * len(named) - 2)
+    path = feature_cache_path(cache)
+    cache = FeatureCache(path) if path is not None else contextlib.nullcontext()  # pooled activations, kept
     with cache:  # new entries are written together when the block ends
+        cache = cache if path is not None else None
         for name, d in named.items():
+            task.advance(0, note=f"{name}: clusters (with the attack sweep)")
             model, cfg = C.load_checkpoint(d)
             recipe = DataRecipe.from_dict(cfg["data"])
             r = cluster_analysis(model, recipe, n=n, device=device, cache=cache,
                                  attack=dict(n_soft=DEFAULT_ATTACK["n_soft"], n_steps=DEFAULT_ATTACK["n_steps"],
                                              eps_factors=list(ATTACK_SWEEP), norm=DEFAULT_ATTACK["norm"]))
             r["checkpoint"] = str(d)
-            write_clusters(r, out / "clusters" / name, title=f"{name}: {r['hook']} ({r['positions']})")
+            write_clusters(r, out / "clusters" / name, title=name)
             res[name] = r
+            task.advance(note=f"{name}: Lipschitz estimates")
             fig_dir = out / "figures" / name
             f = {"lipschitz": lipschitz_analysis(model, recipe, n=n, device=device)}
-            plot_lipschitz(f["lipschitz"], fig_dir / "lipschitz.png", f"{name}: local Lipschitzness")  # creates fig_dir
+            task.advance(note=f"{name}: column and row space")
+            plot_lipschitz(f["lipschitz"], fig_dir / "lipschitz.png", name)  # creates fig_dir
             write_json(fig_dir / "lipschitz.json", f["lipschitz"])
             if name != "pretrained":
                 f["colspace"] = column_space(base_model, model)
-                plot_column_space(f["colspace"], fig_dir / "colspace.png", f"{name} vs pretrained: column space")
+                plot_column_space(f["colspace"], fig_dir / "colspace.png", f"{name} vs pretrained")
                 write_json(fig_dir / "colspace.json", f["colspace"])
+                task.advance(note=f"{name}: row space")
                 f["rowspace"] = row_space(base_model, model, recipe, n=n, device=device, cache=cache)
-                plot_row_space(f["rowspace"], fig_dir / "rowspace.png", f"{name} vs pretrained: row space at mlp_in (EOT)")
+                plot_row_space(f["rowspace"], fig_dir / "rowspace.png", f"{name} vs pretrained")
                 write_json(fig_dir / "rowspace.json", f["rowspace"])
+                task.advance()
             figs[name] = f
             if log is not None:
                 log(f"{name}: clusters and figures written")
@@ -198,7 +233,17 @@ def _lr_tag(lr: float) -> str:
 
 
 #: what ``reproduce`` writes directly under its ``--out`` besides the checkpoint directories
-REPRODUCE_OUTPUTS = ("eval", "analyze", "clusters", "figures", "cache", "safety_table.txt", "claims.json", "summary.json")
+REPRODUCE_OUTPUTS = ("eval", "analyze", "clusters", "figures", "cache", "safety_table.txt", "claims.json", "summary.json",
+                     "index.html")
+
+
+def _pysafe_page(p: Path) -> bool:
+    from pysafe.report.html import GENERATOR
+
+    try:
+        return p.is_file() and not p.is_symlink() and GENERATOR in p.read_text(encoding="utf-8", errors="replace")[:2000]
+    except OSError:
+        return False
 
 
 def _remove_reproduce_outputs(out: Path, lrs, log=print) -> None:
@@ -208,6 +253,8 @@ def _remove_reproduce_outputs(out: Path, lrs, log=print) -> None:
     removed = []
     for name in names:
         p = out / name
+        if name == "index.html" and not _pysafe_page(p):
+            continue  # a page of the user's: kept (write_index refuses to replace it)
         if p.is_symlink() or p.is_file():
             p.unlink()
         elif p.is_dir():
@@ -221,7 +268,8 @@ def _remove_reproduce_outputs(out: Path, lrs, log=print) -> None:
 
 def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: int | None = None,
               lrs=None, analyze: bool = True, checkpoints_only: bool = False, log=print,
-              overwrite: bool = False, progress=None, invocation: str | None = None, jobs: int = 1) -> dict:
+              overwrite: bool = False, progress=None, invocation: str | None = None, jobs: int = 1,
+              cache=None) -> dict:
     """Regenerate the lab end to end under ``out``; returns the summary also written to out/summary.json.
 
     ``lrs`` defaults to the preset's fine-tuning rates (:func:`preset_lrs`).
@@ -233,8 +281,10 @@ def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: i
     ``jobs`` > 1 trains that many fine-tunes at once, each a ``pysafe train`` subprocess with
     cores/jobs torch threads (the lab models are small: one thread per run is nearly as fast as two, so on
     2 cores two runs at once halve the wall time). The exact command of each is in its config.json.
+    ``cache``: where the base SVDs and pooled activations are cached (:func:`feature_cache_path`).
+    Ends with ``out/index.html``, the report page over all of it.
     """
-    from pysafe.lab.evaluate import format_table, write_json
+    from pysafe._progress import Bars
     from pysafe.lab.train import train
 
     lrs = preset_lrs(preset) if not lrs else tuple(lrs)
@@ -286,9 +336,26 @@ def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: i
                    "seconds": round(time.perf_counter() - t_start, 1), "timings": {k: round(v, 1) for k, v in timings.items()}}
         return summary
     n = eval_n or stage_settings(preset, "pretrain").eval_n
+    bars = Bars(progress is not None and None)  # bars when progress is wanted and stderr is a terminal
+    bars.__enter__()
+    try:
+        return _reproduce_reports(out, pre, tuned, lrs, n, device, log, timings, t_start, preset, seed,
+                                  analyze, cache, bars)
+    finally:
+        bars.__exit__(None, None, None)
+
+
+def _reproduce_reports(out, pre, tuned, lrs, n, device, log, timings, t_start, preset, seed, analyze, cache,
+                       bars) -> dict:
+    """The evaluation and analysis half of :func:`reproduce`."""
+    from pysafe.lab.evaluate import format_table, write_json
+    from pysafe.report.html import write_index
+
+    if bars.shown:
+        log = bars.log
     intervals, sizes = {}, {}
     tables = _safety_tables({d.name: d for d in [pre, *tuned]}, n, device, out / "eval", timings, log,
-                            intervals=intervals, sizes=sizes)
+                            intervals=intervals, sizes=sizes, bars=bars)
     text = format_table(tables, intervals, sizes)
     (out / "safety_table.txt").write_text(text + "\n")
     log(text)
@@ -298,10 +365,10 @@ def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: i
         from pysafe.svdcache import BaseCache
         from pysafe.weights import compare
 
-        cache = BaseCache()  # one base, several fine-tunes: the base SVDs are computed once
+        svd_cache = None if cache is False else BaseCache(None if cache in (None, True) else cache)  # SVDs once
         for d in tuned:
             t0 = time.perf_counter()
-            cmp = compare(pre, d, cache=cache)
+            cmp = compare(pre, d, cache=svd_cache)
             write_report(cmp, out / "analyze" / d.name, overwrite=True)
             timings[f"analyze {d.name}"] = time.perf_counter() - t0
         log(f"analyze: {len(tuned)} reports under {out / 'analyze'}")
@@ -314,14 +381,16 @@ def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: i
             for st in FINETUNES:
                 named[f"{st}_lr{_lr_tag(lr)}"] = out / f"{st}_lr{_lr_tag(lr)}"
                 weaker[st] = f"{st}_lr{_lr_tag(lr)}"
-        claims = _clusters_and_claims(named, out, min(n, 500), device, log, weaker)
+        claims = _clusters_and_claims(named, out, min(n, 500), device, log, weaker, cache=cache, bars=bars)
         write_json(out / "claims.json", claims)
         timings["clusters"] = time.perf_counter() - t0
         log(format_claims(claims))
 
     summary = {"preset": preset, "seed": seed, "eval_n": n, "safety_table": tables, "safety_table_ci95": intervals,
+               "checkpoints": {d.name: checkpoint_info(d) for d in [pre, *tuned]},
                "seconds": round(time.perf_counter() - t_start, 1), "timings": {k: round(v, 1) for k, v in timings.items()}}
     write_json(out / "summary.json", summary)
+    write_index(out)
     return summary
 
 
@@ -390,21 +459,44 @@ def _demo_finetunes(checkpoints: Path) -> list[Path]:
 
 
 #: files every demo folder has (checked against the user's files before the demo starts)
-DEMO_FILES = ("summary.json", "claims.json", "safety_table.txt",
+DEMO_FILES = ("index.html", "summary.json", "claims.json", "safety_table.txt",
               *(f"eval/{n}.json" for n in ("pretrained", *FINETUNES)))
 
 
+def checkpoint_info(d: Path) -> dict:
+    """Path and SHA-256 of a lab checkpoint's weights (the report names exactly what was compared)."""
+    info = {"path": str(Path(d).resolve())}
+    w = Path(d) / "model.safetensors"
+    if w.is_file():
+        h = hashlib.sha256()
+        with open(w, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        info["sha256"] = h.hexdigest()
+    try:
+        cfg = json.loads((Path(d) / "config.json").read_text())
+        info.update({k: cfg[k] for k in ("stage", "preset", "seed") if k in cfg})
+    except (OSError, ValueError):
+        pass
+    return info
+
+
 def demo(out, *, eval_n: int = 500, device: str = "cpu", log=print, checkpoints: Path = DEMO_DIR,
-         overwrite: bool = False) -> dict:
+         overwrite: bool = False, cache=None, progress: bool | None = None) -> dict:
     """The main job on the embedded default: safety table and weight analysis of the shipped fine-tunes.
 
     Writes ``out/eval/{pretrained,ssft,dpo,unlearn}.json`` (``pysafe eval --json`` format),
     ``out/analyze/{ssft,dpo,unlearn}/`` (``pysafe analyze`` reports against the pretrained model),
-    ``out/safety_table.txt`` and ``out/summary.json``. The folder is written whole and put in place by
-    one rename, under the rules of ``pysafe analyze --out`` (docs/report-directory.md): a non-empty
-    ``out`` needs ``overwrite``, which replaces pysafe's files in it and keeps the user's.
+    ``out/safety_table.txt``, ``out/summary.json`` and ``out/index.html`` (the page that ties them together).
+    The folder is written whole and put in place by one rename, under the rules of ``pysafe analyze --out``
+    (docs/report-directory.md): a non-empty ``out`` needs ``overwrite``, which replaces pysafe's files in it
+    and keeps the user's. Pooled activations are cached outside it (:func:`feature_cache_path`: ``cache``, a
+    directory, or the user's cache directory; ``cache=False``: none). ``progress``: draw progress bars
+    (default: when stderr is a terminal).
     """
     from pysafe._atomic import atomic_dir
+    from pysafe._progress import Bars
+    from pysafe.report.html import write_index
     from pysafe._version import __version__
     from pysafe.lab.evaluate import format_table, write_json
     from pysafe.report import format_table as weights_table
@@ -421,23 +513,26 @@ def demo(out, *, eval_n: int = 500, device: str = "cpu", log=print, checkpoints:
                                 f"`pysafe reproduce --preset cpu --checkpoints-only --out DIR` and pass "
                                 f"--checkpoints DIR (the shipped set is regenerated by `{DEMO_COMMAND}`)")
     named = {"pretrained": pre, **dict(zip(FINETUNES, tuned))}
-    with atomic_dir(out, overwrite=overwrite, planned=DEMO_FILES, kind="demo", log=log) as stage:
+    with atomic_dir(out, overwrite=overwrite, planned=DEMO_FILES, kind="demo", log=log) as stage, \
+            Bars(progress) as bars:
+        say = bars.log if bars.shown else log
         root = stage.path
-        stage.adopt("cache/features.h5")  # pooled activations of an earlier demo: reused, not recomputed
         intervals, sizes = {}, {}
-        tables = _safety_tables(named, eval_n, device, root / "eval", intervals=intervals, sizes=sizes)
+        tables = _safety_tables(named, eval_n, device, root / "eval", intervals=intervals, sizes=sizes, bars=bars)
         text = format_table(tables, intervals, sizes)
         (root / "safety_table.txt").write_text(text + "\n")
-        log(text)
-        cache = BaseCache()  # three fine-tunes against one base: its SVDs are computed once (and kept across runs)
-        for name, d in zip(FINETUNES, tuned):
-            cmp = compare(pre, d, cache=cache)
+        say(text)
+        svd_cache = BaseCache(cache) if cache not in (None, False, True) else (None if cache is False else BaseCache())
+        for name, d in zip(FINETUNES, tuned):  # three fine-tunes, one base: its SVDs are computed once
+            cmp = compare(pre, d, cache=svd_cache)
             write_report_files(cmp, root / "analyze" / name, run_id=stage.run_id)
-            log(f"\n{name} ({d.name}) vs pretrained (pysafe analyze):\n{weights_table(cmp)}")
-        claims = _clusters_and_claims(named, root, min(eval_n, 500), device)
+            say(f"\n{name} ({d.name}) vs pretrained (pysafe analyze):\n{weights_table(cmp)}")
+        claims = _clusters_and_claims(named, root, min(eval_n, 500), device, cache=cache, bars=bars)
         write_json(root / "claims.json", claims)
-        log("\n" + format_claims(claims))
+        say("\n" + format_claims(claims))
         summary = {"pysafe_version": __version__, "run_id": stage.run_id, "eval_n": eval_n, "safety_table": tables,
-                   "safety_table_ci95": intervals, "checkpoints": {k: str(d) for k, d in named.items()}}
+                   "safety_table_ci95": intervals, "checkpoints": {k: checkpoint_info(d) for k, d in named.items()},
+                   "command": "pysafe demo", "feature_cache": str(feature_cache_path(cache) or "none")}
         write_json(root / "summary.json", summary)
+        write_index(root)
     return summary

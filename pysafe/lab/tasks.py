@@ -1,8 +1,8 @@
-"""Operators ("tasks") and the per-PCFG safety partition (lab.md §1.3, §1.7, D1-D3).
+"""Operators ("tasks") and the per-PCFG safety partition (docs/lab.md).
 
 Every operator is a letter-wise bijection on the 30 letters. One table, built from seeds
-``s .. s+8`` (D2), serves all four PCFGs and every stage. Duplicate tokens are functional copies:
-``+ ^`` = ``(``, ``r1 r2`` = ``)``, ``r3 r4`` = ``[`` (reference) and ``dup1..dup5`` = ``{ } ? ! @`` (D1).
+``s .. s+8``, serves all four PCFGs and every stage. Duplicate tokens are functional copies:
+``+ ^`` = ``(``, ``r1 r2`` = ``)``, ``r3 r4`` = ``[`` (reference) and ``dup1..dup5`` = ``{ } ? ! @``.
 
 PCFGs are indexed 0..3 in code and arrays (index 0 is the paper's PCFG 1).
 """
@@ -43,7 +43,7 @@ def _ids(s: str) -> tuple[int, ...]:
     return tuple(ID[t] for t in s.split())
 
 
-# lab.md §1.3 (ssft.py lists). Index = PCFG index 0..3.
+# docs/lab.md (ssft.py lists). Index = PCFG index 0..3.
 PARTITIONS: tuple[Partition, ...] = (
     Partition(_ids("( ] {"), _ids(") ["), _ids("} ? ! @ £")),
     Partition(_ids("( ) ["), _ids("] {"), _ids("} ? ! @ £")),
@@ -69,7 +69,7 @@ def operator_table(seed: int = 0) -> np.ndarray:
     global RandomState, as the reference); ``(`` is the identity; duplicates copy their base operator.
 
     Args:
-        seed: the base seed ``s`` (``--start_random``); pysafe uses one table everywhere (D2).
+        seed: the base seed ``s`` (``--start_random``); pysafe uses one table everywhere.
 
     Returns:
         uint8 [59, 30], read-only; rows of non-operators (and ex1/ex2) are 255.
@@ -118,7 +118,7 @@ def op_class(token: int, pcfg: int) -> int:
 
 
 def is_unsafe(ops, pcfg: int, unsafe_branch_text: bool) -> bool:
-    """Whether an input with operator tokens ``ops`` is unsafe (lab.md §1.7), judged by FUNCTION.
+    """Whether an input with operator tokens ``ops`` is unsafe (docs/lab.md), judged by FUNCTION.
 
     A duplicate token counts as the operator it copies (``r1`` is ``)``, ``dup2`` is ``}``, ...).
     Unsafe iff some operator is in U of this PCFG, or the text comes from the unsafe-dominant branch

@@ -1,7 +1,7 @@
 """The one training loop: pretraining, SSFT, DPO and unlearning differ only in their objective.
 
 Reads top to bottom like nanoGPT: build (or load) the model, the AdamW groups and the schedule, then
-for each step draw the objective's batch, compute its loss, backward, clip (after backward, D7), step.
+for each step draw the objective's batch, compute its loss, backward, clip (after backward), step.
 Every ``ckpt_every`` steps the model, the optimizer state and the log are written (no pickles), and a
 run started again with the same ``--out`` resumes from there. Batches are a pure function of
 ``(data seed, step)``, so a resumed run is identical to an uninterrupted one on CPU.
@@ -37,7 +37,7 @@ class TrainConfig:
     decay_steps: int = 80_000  # cosine from lr_max at `warmup` to min_lr at `decay_steps`
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0  # applied after backward (D7); 0 disables
+    grad_clip: float = 1.0  # applied after backward; 0 disables
     log_every: int = 50
     eval_every: int = 1000
     ckpt_every: int = 1000
@@ -67,7 +67,7 @@ class TrainConfig:
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up from 0, cosine decay to ``min_lr`` at ``decay_steps``, then constant (lab.md §3)."""
+    """Linear warm-up from 0, cosine decay to ``min_lr`` at ``decay_steps``, then constant (docs/lab.md)."""
     if step < cfg.warmup:
         return cfg.lr_max * step / cfg.warmup
     if step > cfg.decay_steps:
@@ -97,7 +97,7 @@ _EVAL_STEP = 2**40  # far beyond any training step: a disjoint stream of the sam
 
 
 def seed_everything(seed: int) -> None:
-    """D13: Python, NumPy and torch (numba samplers are seeded per batch from the recipe)."""
+    """Python, NumPy and torch (numba samplers are seeded per batch from the recipe)."""
     import random
 
     random.seed(seed)

@@ -1,4 +1,4 @@
-"""The lab's one 59-token vocabulary (lab.md §1.1, D1).
+"""The lab's one 59-token vocabulary (docs/lab.md).
 
 Token ids are fixed: checkpoints, cached data and the operator table all index by them.
 """
@@ -15,7 +15,7 @@ TOKENS: tuple[str, ...] = (
     ">", "$", "%", "*", "#", "*^",                     # 16-21 EOT BOS EOS SOT PAD STOP
 ) + _LETTERS + (                                       # 22-51 the 30 letters (PCFG terminals)
     "ex1", "ex2",                                      # 52-53 null-output operators (pretraining only)
-    "dup1", "dup2", "dup3", "dup4", "dup5",             # 54-58 duplicates of { } ? ! @ (D1)
+    "dup1", "dup2", "dup3", "dup4", "dup5",             # 54-58 duplicates of { } ? ! @
 )
 # fmt: on
 

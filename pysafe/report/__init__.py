@@ -1,4 +1,4 @@
-"""Writing an analysis to disk (docs/report-directory.md): summary.json, results.h5, plots/*.png.
+"""Writing an analysis to disk (docs/report-directory.md): summary.json, results.h5, plots/*.png, index.html.
 
 The report is written whole into a staging directory beside the target and takes its place by one
 rename (:func:`pysafe._atomic.atomic_dir`): the target holds the complete old report, the complete new
@@ -13,16 +13,18 @@ from pathlib import Path
 
 from pysafe._atomic import atomic_dir
 from pysafe.report.h5 import read_h5, write_h5
+from pysafe.report.html import build_index, write_index
 from pysafe.report.plots import PLOT_FILES, write_plots
 from pysafe.report.summary import summary_dict, write_json
 from pysafe.report.table import format_table
 
 #: the files of a report (relative paths); activations/ holds more with ``analyze --prompts``
-REPORT_FILES = ("summary.json", "results.h5") + tuple(f"plots/{p}" for p in PLOT_FILES)
+REPORT_FILES = ("index.html", "summary.json", "results.h5") + tuple(f"plots/{p}" for p in PLOT_FILES)
 
 
 def write_report_files(cmp, directory: str | os.PathLike, *, run_id: str | None = None, plots: bool = True) -> Path:
-    """Write summary.json, results.h5 and plots/ into ``directory`` (no staging: a directory being built)."""
+    """Write summary.json, results.h5, plots/ and index.html into ``directory`` (no staging: a directory
+    being built; call :func:`write_index` again after adding files to it)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     summary = summary_dict(cmp)
@@ -33,11 +35,13 @@ def write_report_files(cmp, directory: str | os.PathLike, *, run_id: str | None 
     if plots:
         write_plots(cmp, d / "plots", run_id=run_id)
     write_json(summary, d / "summary.json")
+    write_index(d)
     return d
 
 
 def write_report(cmp, out: str | os.PathLike, *, overwrite: bool = False, plots: bool = True, log=None) -> Path:
-    """Write summary.json, results.h5 and plots/ for a :class:`~pysafe.weights.Comparison`, atomically.
+    """Write summary.json, results.h5, plots/ and index.html for a :class:`~pysafe.weights.Comparison`,
+    atomically.
 
     Raises:
         FileExistsError: ``out`` already holds files and ``overwrite`` is false.
@@ -49,4 +53,4 @@ def write_report(cmp, out: str | os.PathLike, *, overwrite: bool = False, plots:
 
 
 __all__ = ["write_report", "write_report_files", "summary_dict", "format_table", "write_h5", "read_h5",
-           "write_plots", "REPORT_FILES"]
+           "write_plots", "write_index", "build_index", "REPORT_FILES"]

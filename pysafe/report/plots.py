@@ -1,4 +1,10 @@
-"""plots/*.png: singular-value decay per module type, and layer × module heatmaps."""
+"""plots/*.png: singular-value decay per module type, and layer × module heatmaps; the palette shared by
+every pysafe figure.
+
+Conventions of every figure: layers are numbered from 0, as in the tensor names (``model.layers.0``);
+colours come from the Okabe–Ito palette (distinguishable with the common colour-vision deficiencies) or
+from viridis/RdBu; legends sit outside the axes; titles are words, not JSON keys.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,58 @@ import numpy as np
 from pysafe.checkpoint import MODULE_ORDER
 
 HEATMAP_KEYS = ("delta_rel", "null_frac_left", "overlap_left", "effective_rank_delta")
+
+#: heatmap titles and colour-bar labels, in words
+HEATMAP_TITLES = {
+    "delta_rel": ("How much each matrix changed: ‖ΔW‖ / ‖W_base‖", "relative change"),
+    "null_frac_left": ("Share of ΔW's energy outside W_base's top-k column space, against chance",
+                       "value − chance (blue: inside the base's directions)"),
+    "overlap_left": ("Overlap of ΔW's and W_base's top column spaces, against chance",
+                     "value − chance (red: more aligned than random)"),
+    "effective_rank_delta": ("Effective rank of ΔW", "effective rank"),
+}
+
+#: the Okabe–Ito palette (Okabe & Ito 2008): eight colours told apart with the common colour-vision deficiencies
+OKABE_ITO = {"orange": "#E69F00", "sky": "#56B4E9", "green": "#009E73", "yellow": "#F0E442", "blue": "#0072B2",
+             "vermillion": "#D55E00", "purple": "#CC79A7", "black": "#000000", "grey": "#7F7F7F"}
+SAFE_COLOR, UNSAFE_COLOR = OKABE_ITO["green"], OKABE_ITO["vermillion"]
+
+_GROUP_STYLES = {  # (colour, line style, marker); keys are the lab's set names (and the older short names)
+    "std_safe": (SAFE_COLOR, "-", "o"), "safe": (SAFE_COLOR, "-", "o"),
+    "std_unsafe": (UNSAFE_COLOR, "-", "s"), "unsafe": (UNSAFE_COLOR, "-", "s"),
+    "jb_co_task": (OKABE_ITO["blue"], "--", "^"), "jb_co_text": (OKABE_ITO["sky"], "--", "v"),
+    "jb_mg_tokens": (OKABE_ITO["purple"], "--", "D"), "jb_mg_text": (OKABE_ITO["orange"], "--", "P"),
+    "jb_mg_tokens_unsafe_branch": (OKABE_ITO["purple"], ":", "d"), "jb_comp": (OKABE_ITO["grey"], "--", "X"),
+}
+_EXTRA = [OKABE_ITO[k] for k in ("blue", "orange", "sky", "purple", "yellow", "grey")]
+
+
+def group_style(name: str, index: int = 0) -> dict:
+    """Line style of one input group (a test set or an attack budget) in every pysafe figure."""
+    if name in _GROUP_STYLES:
+        c, ls, m = _GROUP_STYLES[name]
+    elif name.startswith("adv_"):  # attacked inputs: black, one dash pattern per budget
+        eps = name.rsplit("_eps", 1)[1] if "_eps" in name else "1"
+        ls = {"0.5": ":", "1": "-", "2": "-."}.get(eps, (0, (5, 1, 1, 1)))
+        c, m = OKABE_ITO["black"], "*"
+    else:
+        c, ls, m = _EXTRA[index % len(_EXTRA)], "-.", "o"
+    return {"color": c, "linestyle": ls, "marker": m}
+
+
+def group_label(name: str) -> str:
+    """A group's name in words, for legends."""
+    words = {"std_safe": "safe", "std_unsafe": "unsafe", "safe": "safe", "unsafe": "unsafe",
+             "jb_co_task": "jailbreak: competing objectives (task)", "jb_co_text": "jailbreak: competing objectives (text)",
+             "jb_mg_tokens": "jailbreak: mismatched generalisation (tokens)",
+             "jb_mg_text": "jailbreak: mismatched generalisation (text)",
+             "jb_mg_tokens_unsafe_branch": "jailbreak: mismatched generalisation (tokens, unsafe branch)",
+             "jb_comp": "jailbreak: composition", "adv_soft_tokens": "soft-token attack (budget 1×)"}
+    if name in words:
+        return words[name]
+    if name.startswith("adv_soft_tokens_eps"):
+        return f"soft-token attack (budget {name.rsplit('_eps', 1)[1]}×)"
+    return name
 
 
 def pyplot():
@@ -58,24 +116,36 @@ def write_plots(cmp, out: str | os.PathLike, run_id: str | None = None) -> list[
     names = [m for m in MODULE_ORDER if m in groups] + sorted(g for g in groups if g not in MODULE_ORDER)
     cols = max(1, min(4, len(names)))
     rows = max(1, math.ceil(len(names) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols + 1.2, 3.2 * rows + 0.5), squeeze=False)
+    all_layers = [r["layer"] for r in changed if r.get("layer") is not None]
+    lmin, lmax = (min(all_layers), max(all_layers)) if all_layers else (0, 1)
+    cmap = plt.get_cmap("viridis")
+    norm = plt.Normalize(vmin=lmin, vmax=max(lmax, lmin + 1))
+    unlayered = False
     for ax, mod in zip(axes.flat, names):
-        rs = groups[mod]
-        layers = [r.get("layer") for r in rs]
-        lmax = max([l for l in layers if l is not None] or [1])
-        cmap = plt.get_cmap("viridis")
-        for r in rs:
+        for r in groups[mod]:
             sv = np.asarray(r["sv_delta"], dtype=float)
             if sv.size == 0 or sv[0] <= 0:
                 continue
-            color = cmap((r["layer"] or 0) / max(1, lmax)) if r.get("layer") is not None else "gray"
-            ax.semilogy(np.arange(1, sv.size + 1), sv / sv[0], color=color, lw=0.8)
-        ax.set_title(f"ΔW spectrum: {mod}")
-        ax.set_xlabel("index i")
-        ax.set_ylabel("σ_i / σ_1")
+            layer = r.get("layer")
+            unlayered |= layer is None
+            color = cmap(norm(layer)) if layer is not None else OKABE_ITO["grey"]
+            ax.semilogy(np.arange(1, sv.size + 1), sv / sv[0], color=color, lw=0.9)
+        ax.set_title(f"{mod}", fontsize=9)
+        ax.set_xlabel("singular value index i")
+        ax.set_ylabel("σ_i / σ_1 of ΔW")
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.tight_layout()
+    fig.suptitle("How fast ΔW's singular values fall, per module type" +
+                 (" (grey: matrices without a layer)" if unlayered else ""), fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    if all_layers:  # the legend of the line colours: a colour bar of the layer (0-based), outside the panels
+        cax = fig.add_axes((0.92, 0.15, 0.015, 0.7))
+        sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
+        cb = fig.colorbar(sm, cax=cax)
+        cb.set_label("layer (0-based)")
+        if lmax - lmin <= 12:
+            cb.set_ticks(range(lmin, lmax + 1))
     written.append(save_figure(fig, out / "sv_decay.png", run_id=run_id))
 
     layered = [r for r in recs if r.get("layer") is not None and r.get("module")]
@@ -96,26 +166,39 @@ def write_plots(cmp, out: str | os.PathLike, run_id: str | None = None) -> list[
                 if c is not None and r["module"] in mods:
                     chance[layers.index(r["layer"]), mods.index(r["module"])] = c
             has_chance = bool(np.isfinite(chance).any())
-            fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(mods) * (1.4 if has_chance else 1.0),
-                                            1.5 + 0.22 * len(layers)))
+            title, cbar = HEATMAP_TITLES.get(key, (key.replace("_", " "), key.replace("_", " ")))
+            fig, ax = plt.subplots(figsize=(2.6 + 1.0 * len(mods) * (1.3 if has_chance else 1.0),
+                                            1.9 + (0.42 if has_chance else 0.3) * len(layers)))
+            numbers = grid.size <= 400
+            fs = 7 if len(layers) <= 12 else 5
             if has_chance:
                 shown = grid - chance
-                lim = float(np.nanmax(np.abs(shown))) if np.isfinite(shown).any() else 1.0
-                im = ax.imshow(shown, aspect="auto", cmap="RdBu_r", vmin=-max(lim, 1e-12), vmax=max(lim, 1e-12),
-                               interpolation="nearest")
-                if grid.size <= 160:  # small grids: write value (chance) in each cell
-                    for (i, j), v in np.ndenumerate(grid):
-                        if np.isfinite(v):
-                            ax.text(j, i, f"{v:.2f}\n({chance[i, j]:.2f})", ha="center", va="center", fontsize=6)
+                lim = float(np.nanmax(np.abs(shown))) if np.isfinite(shown).any() else 0.0
+                lim = max(lim, 0.05)  # at chance everywhere: white, not noise stretched to full colour
+                im = ax.imshow(shown, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+                for (i, j), v in np.ndenumerate(grid):
+                    if numbers and np.isfinite(v):
+                        dark = abs(shown[i, j]) > 0.6 * lim
+                        ax.text(j, i, f"{v:.2f}\n({chance[i, j]:.2f})", ha="center", va="center", fontsize=fs,
+                                color="white" if dark else "black")
+                title += "\n(cell: value and, in brackets, its chance level)" if numbers else ""
             else:
-                im = ax.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest")
+                im = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+                if np.isfinite(grid).any():
+                    lo, hi = np.nanmin(grid), np.nanmax(grid)
+                    for (i, j), v in np.ndenumerate(grid):
+                        if numbers and np.isfinite(v):
+                            light = hi > lo and (v - lo) / (hi - lo) > 0.6  # viridis is light at the top
+                            ax.text(j, i, f"{v:.3g}", ha="center", va="center", fontsize=fs,
+                                    color="black" if light else "white")
             ax.set_xticks(range(len(mods)), mods)
             step = max(1, len(layers) // 16)
             ax.set_yticks(range(0, len(layers), step), [str(l) for l in layers[::step]])
             ax.set_xlabel("module")
-            ax.set_ylabel("layer")
-            ax.set_title(f"{key} − chance (cell: value (chance))" if has_chance else key, fontsize=9)
-            fig.colorbar(im, ax=ax)
+            ax.set_ylabel("layer (0-based, as in the tensor names)")
+            ax.set_title(title, fontsize=9)
+            cb = fig.colorbar(im, ax=ax)
+            cb.set_label(cbar, fontsize=8)
             fig.tight_layout()
             written.append(save_figure(fig, out / f"heatmap_{key}.png", run_id=run_id))
     return written

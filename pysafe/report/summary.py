@@ -1,4 +1,4 @@
-"""summary.json: the records of engine.md §5 as JSON (NaN -> null, spectra truncated)."""
+"""summary.json: the records of docs/metrics.md as JSON (NaN -> null, spectra truncated)."""
 
 from __future__ import annotations
 
