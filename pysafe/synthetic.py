@@ -3,7 +3,10 @@
 ``make_pair(out, preset)`` writes ``out/base`` and ``out/tuned``: HF-Llama names, bf16, sharded with
 ``model.safetensors.index.json`` (the two sides with different shard sizes, so pairing by shard would
 fail), and a planted ΔW in the MLP and attention matrices: low rank (``delta_rank``) by default, or
-full rank with a power-law spectrum σ_i ∝ i^-A (``delta_spectrum="powerlaw:A"``). The tuned side is stored as
+full rank with a power-law spectrum σ_i ∝ i^-A (``delta_spectrum="powerlaw:A"``). W_base is a Gaussian matrix
+plus a small decaying rank-64 part by default (``base_spectrum="gaussian"``: a flat spectrum near the top, the
+worst case for iterative SVDs), or full rank with σ_i ∝ i^-A (``base_spectrum="powerlaw:A"``: heavy-tailed,
+as the empirical spectra of trained LLM weights are). The tuned side is stored as
 bf16(bf16(base) + ΔW), as a real fine-tune saved in bf16 is, so ΔW also carries bf16 rounding noise.
 Generated tensor by tensor: memory stays at about one shard per side.
 """
@@ -36,6 +39,7 @@ class PairSpec:
     delta_spectrum: str = "lowrank"  # "lowrank" (rank delta_rank) or "powerlaw:A": full rank, σ_i ∝ i^-A
     delta_scale: float = 0.02      # ‖ΔW‖_F / ‖W_base‖_F of the planted part
     base_rank: int = 64            # rank of the structured part of W_base (the rest is Gaussian)
+    base_spectrum: str = "gaussian"  # "gaussian" (+ the base_rank part) or "powerlaw:A": full rank, σ_i ∝ i^-A
     seed: int = 0
     base_shard_mb: int = 2000      # max shard size of the base side
     tuned_shard_mb: int = 3000     # ... and of the tuned side (different on purpose)
@@ -56,6 +60,19 @@ def delta_exponent(spectrum: str) -> float | None:
     return a
 
 
+def base_exponent(spectrum: str) -> float | None:
+    """None for "gaussian", A for "powerlaw:A" (A > 0); ValueError naming the value otherwise."""
+    if spectrum == "gaussian":
+        return None
+    if spectrum != "lowrank":
+        try:
+            return delta_exponent(spectrum)
+        except ValueError:
+            pass
+    raise ValueError(f"base spectrum must be 'gaussian' or 'powerlaw:A' with A > 0 (e.g. powerlaw:1.0), "
+                     f"got {spectrum!r}")
+
+
 def spec_for(preset: str, **overrides) -> PairSpec:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
@@ -64,6 +81,7 @@ def spec_for(preset: str, **overrides) -> PairSpec:
     spec = PairSpec(h, i, n, a, kv, v, base_shard_mb=shard[0], tuned_shard_mb=shard[1])
     spec = replace(spec, **{k: v for k, v in overrides.items() if v is not None})
     delta_exponent(spec.delta_spectrum)
+    base_exponent(spec.base_spectrum)
     return spec
 
 
@@ -134,6 +152,8 @@ def _existing_spec(out: Path):
     except (OSError, ValueError, KeyError):
         return None
     complete = all((out / side / "model.safetensors.index.json").exists() for side in ("base", "tuned"))
+    for spec in specs:  # pairs written before base_spectrum existed have the default one
+        spec.setdefault("base_spectrum", "gaussian")
     return specs[0] if complete and specs[0] == specs[1] else None
 
 
@@ -148,7 +168,9 @@ def make_pair(out: str | os.PathLike, preset: str = "small", **overrides) -> Pat
             return out  # the same pair is already there: reuse it
         raise FileExistsError(f"{out}: already holds a different base/ or tuned/; choose an empty directory")
     alpha = delta_exponent(spec.delta_spectrum)
+    beta = base_exponent(spec.base_spectrum)
     g = torch.Generator().manual_seed(spec.seed)
+    bases: dict = {}  # powerlaw base: one pair of orthonormal factors per shape (QR of a Gaussian)
     wb = _ShardWriter(out / "base", int(spec.base_shard_mb * 1e6))
     wt = _ShardWriter(out / "tuned", int(spec.tuned_shard_mb * 1e6))
     for name, shape in _tensors(spec):
@@ -159,7 +181,21 @@ def make_pair(out: str | os.PathLike, preset: str = "small", **overrides) -> Pat
             rows, cols = shape
             base32 = torch.randn(shape, generator=g).mul_(0.5 / cols ** 0.5)
             r = min(spec.base_rank, rows, cols)
-            if r > 0 and "embed" not in name:
+            if beta is not None:
+                # full rank, σ_i ∝ i^-β, the Gaussian's Frobenius norm; singular vectors from one QR per
+                # shape, made distinct per matrix by signed row and column permutations
+                d = min(rows, cols)
+                if shape not in bases:
+                    bases[shape] = (torch.linalg.qr(torch.randn(rows, d, generator=g))[0],
+                                    torch.linalg.qr(torch.randn(cols, d, generator=g))[0])
+                U0, V0 = bases[shape]
+                U = U0[torch.randperm(rows, generator=g)] * (torch.randint(0, 2, (rows, 1), generator=g) * 2 - 1)
+                V = V0[torch.randperm(cols, generator=g)] * (torch.randint(0, 2, (cols, 1), generator=g) * 2 - 1)
+                sig = torch.arange(1, d + 1, dtype=torch.float32).pow_(-beta)
+                fro = base32.norm()
+                base32 = (U * sig) @ V.T
+                base32.mul_(fro / base32.norm())
+            elif r > 0 and "embed" not in name:
                 # a decaying low-rank component, as trained weights have a few dominant directions
                 s = torch.logspace(0, -1, r) * (2.0 / r ** 0.5)
                 U = torch.linalg.qr(torch.randn(rows, r, generator=g))[0]

@@ -1,7 +1,7 @@
 """The accuracy contract (docs/metrics.md) against independent references.
 
 - every record key of one pair against a float64 full SVD computed here with NumPy, on each of the
-  engine's three algorithms (exact, gram_eig, subspace_iteration), high-rank power-law ΔW included;
+  engine's algorithms (exact, gram_eig, block_krylov), high-rank power-law ΔW included;
 - the tolerance honoured across spectra, with the reported bounds never below the actual error;
 - every chance level against a seeded Monte Carlo over uniformly random subspaces.
 """
@@ -82,7 +82,7 @@ DESCRIPTIVE = {"name", "layer", "module", "shape", "stored_shape", "transposed",
                "time_read_delta", "time_svd_delta", "time_svd_base", "time_metrics", "svd_method",
                "svd_method_delta", "svd_method_base", "effective_rank_from", "svd_sketch_passes",
                "svd_iterations_delta", "svd_iterations_base", "tol", "tol_reached_delta", "tol_reached_base",
-               "energy_reached_delta", "energy_reached_base"}
+               "energy_reached_delta", "energy_reached_base", "svd_flops_delta", "svd_flops_base"}
 # error bars: each must cover the actual error of its value
 BOUNDS = {"svd_rel_error", "svd_rel_error_delta", "svd_rel_error_base", "effective_rank_delta_err",
           "stable_rank_delta_err"}
@@ -93,8 +93,8 @@ CASES = {
     "exact_lowrank": ("lowrank", {}, "exact"),
     "exact_powerlaw": ("powerlaw", {}, "exact"),
     "gram_powerlaw": ("powerlaw", {"exact_max_dim": 0}, "gram_eig"),
-    "subspace_powerlaw": ("powerlaw", {"exact_max_dim": 0, "rank": 8, "base_rank": 12, "spectrum": "none"},
-                          "subspace_iteration"),
+    "krylov_powerlaw": ("powerlaw", {"exact_max_dim": 0, "rank": 8, "base_rank": 12, "spectrum": "none"},
+                        "block_krylov"),
 }
 
 
@@ -136,9 +136,9 @@ def test_every_record_key_against_float64_reference(tmp_path, case):
     for key in ("sin_theta_left_chance", "sin_theta_right_chance", "null_frac_left_chance",
                 "null_frac_right_chance", "overlap_left_chance", "overlap_right_chance"):
         close(key, 1e-8)
-    # metrics of the singular vectors: exact to rounding on the exact paths; subspace iteration's
+    # metrics of the singular vectors: exact to rounding on the exact paths; block Krylov's
     # stopping rule is on the values (error ~ residual²/gap), its vectors converge like √tol
-    vec_tol = 2e-3 if method == "subspace_iteration" else 1e-5
+    vec_tol = 2e-3 if method == "block_krylov" else 1e-5
     close("energy_topk_delta", 1e-4, 1e-6)
     for key in ("null_frac_left", "null_frac_right", "overlap_left", "overlap_right"):
         close(key, 0, vec_tol)
@@ -172,7 +172,7 @@ def test_every_record_key_against_float64_reference(tmp_path, case):
         for key in spectrum_keys[1:]:
             close(key, 0)
     else:
-        assert rec["effective_rank_from"] == "not_computed" and case.startswith("subspace")
+        assert rec["effective_rank_from"] == "not_computed" and case.startswith("krylov")
         for key in spectrum_keys + ("effective_rank_delta_err",):
             assert math.isnan(rec[key]), key
     checked |= set(spectrum_keys) | BOUNDS
@@ -221,11 +221,74 @@ def test_tolerance_honoured_across_spectra(name, dtype):
             assert info["method"] == "gram_eig" and k == energy_rank(ref, 0.9) and info["energy_reached"]
             np.testing.assert_allclose(info["spectrum"], ref, rtol=0, atol=1e-4 * ref[0])
         elif "exact_max_dim" in opts:
-            assert info["method"] in ("subspace_iteration", "gram_eig", "exact")
+            assert info["method"] in ("block_krylov", "gram_eig", "exact")
+
+
+def _bk_spectrum(rng, kind, d):
+    if kind == "gaussian":  # flat near the top: Marchenko–Pastur edge, no gap at k
+        return None
+    if kind == "powerlaw":
+        return np.arange(1, d + 1) ** -rng.uniform(0.3, 1.5)
+    if kind == "lowrank":
+        r = int(rng.integers(20, 60))
+        return np.r_[np.geomspace(3, 1, r), np.zeros(d - r)]
+    # "cluster": many values within 1e-6 of each other at the top, then a decay
+    c = int(rng.integers(5, 40))
+    return np.r_[1 - 1e-6 * rng.random(c), 0.8 * np.arange(1, d - c + 1) ** -0.5]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_block_krylov_bound_contains_the_true_values(dtype):
+    """Seeded, many matrices: the certified interval [σ̂_i, σ̂_i + err_i] of every reported value
+    contains the float64 singular value, the tolerance asked for is met, and the record names the
+    method: block Krylov, or gram_eig where the iteration would cost more (small matrices whose
+    Krylov basis would pass half their short side)."""
+    rng = np.random.default_rng(1234)
+    methods = {}
+    for trial in range(16):
+        kind = ("gaussian", "powerlaw", "lowrank", "cluster")[trial % 4]
+        m, n = int(rng.integers(150, 320)), int(rng.integers(150, 320))
+        d = min(m, n)
+        sig = _bk_spectrum(rng, kind, d)
+        A = rng.standard_normal((m, n)) if sig is None else spectral_matrix(rng, m, n, sig)
+        A = A.astype(dtype)
+        ref = np.linalg.svd(A.astype(np.float64), compute_uv=False)
+        k = int(rng.integers(1, 30))
+        tol = (1e-2, 1e-3, 1e-4)[trial % 3]
+        _, S, _, info = pysafe.truncated_svd(A, rank=k, tol=tol, exact_max_dim=0, seed=trial)
+        methods[info["method"]] = methods.get(info["method"], 0) + 1
+        assert info["tol_reached"], (kind, m, n, k, tol, info["method"], info["rel_error"])
+        S = S[:k].astype(np.float64)
+        err = np.asarray(info["err"])
+        slack = math.sqrt(m + n) * np.finfo(dtype).eps * ref[0]  # the float64 reference's and T's rounding
+        assert np.all(np.abs(S - ref[:k]) <= err + slack), (kind, m, n, k, tol, info["method"])
+        floor = max(0.05 * ref[0], 1e-300)
+        assert np.all(np.abs(S - ref[:k]) <= tol * np.maximum(ref[:k], floor) + slack), (kind, k, tol)
+        if info["method"] == "block_krylov":  # Ritz values never exceed the singular values they estimate
+            assert np.all(S <= ref[:k] * (1 + 1e-6) + slack)
+    assert set(methods) <= {"block_krylov", "gram_eig"} and methods.get("block_krylov", 0) >= 10, methods
+
+
+def test_block_krylov_cost_follows_the_tolerance():
+    """A looser --tol is a cheaper, still certified run, also on a flat (Gaussian) spectrum."""
+    rng = np.random.default_rng(8)
+    A = rng.standard_normal((700, 600)).astype(np.float32)
+    ref = np.linalg.svd(A.astype(np.float64), compute_uv=False)
+    runs = {}
+    for tol in (1e-1, 1e-2, 1e-4):
+        _, S, _, info = pysafe.truncated_svd(A, rank=16, tol=tol, exact_max_dim=0)
+        assert info["method"] == "block_krylov" and info["tol_reached"], (tol, info["method"])
+        assert np.all(np.abs(S[:16] - ref[:16]) <= tol * ref[:16])
+        runs[tol] = info
+    assert runs[1e-1]["flops"] < runs[1e-2]["flops"] < runs[1e-4]["flops"]
+    assert runs[1e-1]["iterations"] < runs[1e-2]["iterations"] < runs[1e-4]["iterations"]
+    # a fixed number of power iterations is subspace iteration, reporting the bound it reaches
+    _, _, _, fixed = pysafe.truncated_svd(A, rank=16, power_iters=1, exact_max_dim=0)
+    assert fixed["method"] == "subspace_iteration" and fixed["iterations"] == 2 and fixed["flops"] > 0
 
 
 def test_randomized_path_on_a_matrix_above_the_exact_limit():
-    """min(m, n) > 1024 at the default exact_max_dim: subspace iteration to tol on a power law."""
+    """min(m, n) > 1024 at the default exact_max_dim: block Krylov to tol on a power law."""
     rng = np.random.default_rng(3)
     m, n = 1100, 1030
     sig = np.arange(1, n + 1) ** -0.6
@@ -234,12 +297,12 @@ def test_randomized_path_on_a_matrix_above_the_exact_limit():
     A = ((G1 * sig) @ G2.T).astype(np.float32)
     ref = np.linalg.svd(A.astype(np.float64), compute_uv=False)
     _, S, _, info = pysafe.truncated_svd(A, rank=8)
-    assert info["method"] == "subspace_iteration" and info["tol_reached"]
+    assert info["method"] == "block_krylov" and info["tol_reached"]
     np.testing.assert_allclose(S[:8], ref[:8], rtol=1e-4)
     assert np.all(np.abs(S[:8] - ref[:8]) <= np.asarray(info["err"]) * 1.0001)
     # a user-fixed iteration count is obeyed, and the record says the bound it reaches
     _, S1, _, one = pysafe.truncated_svd(A, rank=8, power_iters=0)
-    assert one["iterations"] == 1 and one["rel_error"] >= np.max(np.abs(S1[:8] - ref[:8]) / S1[:8])
+    assert one["method"] == "subspace_iteration" and one["iterations"] == 1 and one["rel_error"] >= np.max(np.abs(S1[:8] - ref[:8]) / S1[:8])
     # an explicit max_rank caps the energy rule and says so
     _, _, _, capped = pysafe.truncated_svd(A[:300, :200], energy=0.9, max_rank=20, exact_max_dim=0)
     assert capped["k"] == 20 and capped["energy_reached"] is False and capped["method"] == "gram_eig"

@@ -327,6 +327,32 @@ def test_make_pair_command(tmp_path):
     assert str(out) in line
 
 
+def test_make_pair_base_spectrum(tmp_path):
+    """--base-spectrum powerlaw:A: every stored W_base has σ_i ∝ i^-A (up to bf16 rounding), checked with
+    a float64 SVD of the stored values; a bad value is one line naming the option."""
+    from safetensors.torch import load_file as load_torch  # bf16 is read through torch
+
+    out = tmp_path / "pair"
+    result = _run("make-pair", "--preset", "tiny", "--base-spectrum", "powerlaw:1.0", "--out", out)
+    assert result.exit_code == 0, result.output
+    index = json.loads((out / "base" / "model.safetensors.index.json").read_text())
+    name = "model.layers.1.mlp.down_proj.weight"
+    w = load_torch(str(out / "base" / index["weight_map"][name]))[name].double().numpy()
+    s = np.linalg.svd(w, compute_uv=False)
+    ratio = s[:20] / (s[0] * np.arange(1, 21) ** -1.0)
+    np.testing.assert_allclose(ratio, 1.0, rtol=0.02)
+    # the default base stays Gaussian (flat at the top: σ_2/σ_1 far from 1/2)
+    gauss = tmp_path / "gauss"
+    assert _run("make-pair", "--preset", "tiny", "--out", gauss).exit_code == 0
+    wg = load_torch(str(gauss / "base" / index["weight_map"][name]))[name].double().numpy()
+    sg = np.linalg.svd(wg, compute_uv=False)
+    assert sg[1] / sg[0] > 0.7
+    bad = _run("make-pair", "--preset", "tiny", "--base-spectrum", "lowrank", "--out", tmp_path / "bad")
+    assert bad.exit_code == 2 and "Traceback" not in bad.stderr  # a usage error naming the option and value
+    assert "'--base-spectrum'" in bad.stderr and "'lowrank'" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_version():
     result = _run("--version")
     assert result.exit_code == 0

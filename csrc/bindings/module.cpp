@@ -136,6 +136,7 @@ py::tuple svd_tuple(const TruncatedSvd<T>& s) {
   info["full_spectrum"] = s.full_spectrum;
   info["spectrum"] = s.spectrum;
   info["spectrum_err"] = s.spectrum_err;
+  info["flops"] = s.flops;
   return py::make_tuple(to_array(s.U, {s.m, s.r}), to_array(s.S, {s.r}), to_array(s.Vt, {s.r, s.n}), info);
 }
 
@@ -167,6 +168,7 @@ py::object decomposition_dict(const BaseDecomposition& d) {
   out["err"] = to_array(d.err, {static_cast<py::ssize_t>(d.err.size())});
   out["spectrum"] = to_array(d.spectrum, {static_cast<py::ssize_t>(d.spectrum.size())});
   out["spectrum_err"] = d.spectrum_err;
+  out["flops"] = d.flops;
   return std::move(out);
 }
 
@@ -191,6 +193,7 @@ BaseDecomposition decomposition_from(const py::dict& in) {
     d.sketch_passes = in["sketch_passes"].cast<int64_t>();
     d.tol_reached = in["tol_reached"].cast<bool>();
     d.spectrum_err = in["spectrum_err"].cast<double>();
+    if (in.contains("flops")) d.flops = in["flops"].cast<double>();
   } catch (const py::error_already_set& e) {
     throw py::value_error(std::string("base_decomposition: missing or malformed field (") + e.what() + ")");
   } catch (const py::cast_error& e) {

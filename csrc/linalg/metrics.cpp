@@ -272,6 +272,8 @@ void fill_common(Record& rec, const TruncatedSvd<T>& sd, const TruncatedSvd<T>& 
   s["svd_sketch_passes"] = static_cast<double>(sd.sketch_passes);
   s["svd_iterations_delta"] = static_cast<double>(sd.sketch_passes);
   s["svd_iterations_base"] = static_cast<double>(sb.sketch_passes);
+  s["svd_flops_delta"] = sd.flops;
+  s["svd_flops_base"] = sb.flops;
   rec.strings["svd_method"] = method(sd);
   rec.strings["svd_method_delta"] = method(sd);
   rec.strings["svd_method_base"] = method(sb);
@@ -350,6 +352,7 @@ void copy_svd_info(const From& a, To& b) {
   b.err = a.err;
   b.spectrum = a.spectrum;
   b.spectrum_err = a.spectrum_err;
+  b.flops = a.flops;
 }
 
 template <typename T>

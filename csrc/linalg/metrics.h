@@ -55,6 +55,7 @@ struct BaseDecomposition {
   std::vector<double> err;      ///< TruncatedSvd::err (bound per kept value)
   std::vector<double> spectrum; ///< TruncatedSvd::spectrum (all values when full_spectrum)
   double spectrum_err = 0.0;    ///< TruncatedSvd::spectrum_err
+  double flops = 0.0;           ///< TruncatedSvd::flops
 };
 
 /// Dense path: ΔW = tuned − base formed in T (float or double) from the raw stored bytes.

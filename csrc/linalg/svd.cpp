@@ -260,6 +260,15 @@ void complete_basis(std::vector<T>& X, int64_t rows, int64_t k, const std::vecto
   blas::orthonormalize<T>(rows, k, X.data());
 }
 
+// Cost model in flops of T's GEMM (docs/metrics.md): double work counts twice when T is float;
+// the tridiagonal reduction (half matrix–vector) runs at about a sixth of the GEMM rate.
+template <typename T>
+double gram_cost(int64_t m, int64_t n, int64_t k) {
+  const double w = std::is_same_v<T, float> ? 2.0 : 1.0;
+  const double d = static_cast<double>(std::min(m, n)), D = static_cast<double>(std::max(m, n));
+  return w * (D * d * d + 8.0 * d * d * d) + 2.0 * m * n * static_cast<double>(k);
+}
+
 // gram_eig: all singular values from G = AᵀA (columns side, m >= n) or AAᵀ (m < n), formed in
 // double; then the top-k eigenvectors of G from the same tridiagonal reduction; the other side's
 // vectors are A v_i / σ_i (resp. Aᵀ u_i / σ_i), orthonormalised.
@@ -355,17 +364,10 @@ TruncatedSvd<T> gram_svd(const T* A, int64_t m, int64_t n, double fro2, const Sv
     }
   }
   finish_bounds(s, o, floor);
+  s.flops = gram_cost<T>(m, n, k);
   return s;
 }
 
-// Cost model in flops of T's GEMM (docs/metrics.md): double work counts twice when T is float;
-// the tridiagonal reduction (half matrix–vector) runs at about a sixth of the GEMM rate.
-template <typename T>
-double gram_cost(int64_t m, int64_t n, int64_t k) {
-  const double w = std::is_same_v<T, float> ? 2.0 : 1.0;
-  const double d = static_cast<double>(std::min(m, n)), D = static_cast<double>(std::max(m, n));
-  return w * (D * d * d + 8.0 * d * d * d) + 2.0 * m * n * static_cast<double>(k);
-}
 
 // subspace_iteration: Y = AΩ; then per iteration Q = orth(Y), B = QᵀA (= (AᵀQ)ᵀ), B = U_b Σ Vᵀ
 // (Rayleigh–Ritz), Y = A V. The product A V is both the next iterate and the residual
@@ -460,8 +462,241 @@ bool subspace_iteration(const T* A, int64_t m, int64_t n, double fro2, int64_t k
     }
   }
   s.sketch_passes = it;
+  s.flops = 2.0 * m * n * l + static_cast<double>(it) * per_iter;
   finish_bounds(s, o, floor);
   return converged || fixed_q;
+}
+
+
+// block_krylov: randomized block Krylov (Musco & Musco 2015) with Rayleigh–Ritz, for a fixed k when
+// power_iters is not given. Works on A' = A when m <= n, else on Aᵀ, so that the basis lives in the
+// short dimension p (q the long one). Blocks of b = k + oversample columns:
+//   Q_1 = orth(A'Ω), Z_j = A'ᵀQ_j, Q_{j+1} = orth(A'Z_j ⊥ Q_1..Q_j)   (full reorthogonalisation)
+// so span(Q_1..Q_j) is the block Krylov space K_j(A'A'ᵀ, A'Ω). Rayleigh–Ritz: B = Q_allᵀA' (s×q),
+// Bᵀ = Z_all, so BBᵀ = Z_allᵀZ_all =: G (s×s, accumulated in double as the blocks arrive); G =
+// Ub Θ² Ubᵀ; u_i = Q_all ub_i, v_i = Z_all ub_i / θ_i (A'ᵀu_i = θ_i v_i up to Z's rounding).
+// Certificate (the same as subspace_iteration's): r_i = A'v_i − θ_i u_i computed explicitly (one
+// product with the c = k + 1 Ritz vectors: its rounding is u·√q·σ_1, not u·σ_1²/θ_i); η_i = ‖r_i‖/√2
+// is the residual of (u_i; v_i)/√2 for [[0, A'], [A'ᵀ, 0]], so a singular value lies within η_i of
+// θ_i with no gap needed (Weyl/Bauer–Fike for a symmetric matrix), and within η_i²/gap_i when the
+// other Ritz values (widened by their η) leave a gap (Kato–Temple). θ_i <= σ_i (interlacing), so
+// err_i = min(η_i, η_i²/gap_i) + √(m+n)·u·θ_1. On a flat spectrum the gap-free term certifies.
+// The check (Rayleigh–Ritz + residual) runs on a schedule predicted from the observed rate; the
+// method gives up (returns false: the caller runs gram_eig) when the cost spent plus the cost
+// predicted exceeds what gram_eig would cost, or the basis would pass half the short dimension.
+// `flops` counts the work done (double flops twice when T is float), for the cost model and the
+// record (svd_flops_*).
+template <typename T>
+bool block_krylov(const T* A, int64_t m, int64_t n, double fro2, int64_t k, const SvdOptions& o,
+                  TruncatedSvd<T>& s) {
+  const bool tr = m > n;  // A' = Aᵀ
+  const int64_t p = std::min(m, n), q = std::max(m, n);
+  const int64_t b = std::min(p, k + std::max<int64_t>(o.oversample, 1));
+  const double w = std::is_same_v<T, float> ? 2.0 : 1.0;
+  const double budget = gram_cost<T>(m, n, k);
+  const int64_t smax = std::max(b, std::min(p, std::max(b, p / 2)));
+  s = TruncatedSvd<T>();
+  s.m = m;
+  s.n = n;
+  s.fro2 = fro2;
+  s.method = "block_krylov";
+  s.k = k;
+  double flops = 0.0;
+  // A'·X (X q×c, ld ldx) -> out p×c (ld ldo); A'ᵀ·Y (Y p×c) -> out q×c.
+  auto mulA = [&](const T* X, int64_t c, int64_t ldx, T* out, int64_t ldo) {
+    if (!tr)
+      blas::gemm<T>(false, false, m, c, n, T(1), A, n, X, ldx, T(0), out, ldo);
+    else
+      blas::gemm<T>(true, false, n, c, m, T(1), A, n, X, ldx, T(0), out, ldo);
+    flops += 2.0 * p * q * c;
+  };
+  auto mulAt = [&](const T* Y, int64_t c, int64_t ldy, T* out, int64_t ldo) {
+    if (!tr)
+      blas::gemm<T>(true, false, n, c, m, T(1), A, n, Y, ldy, T(0), out, ldo);
+    else
+      blas::gemm<T>(false, false, m, c, n, T(1), A, n, Y, ldy, T(0), out, ldo);
+    flops += 2.0 * p * q * c;
+  };
+  std::vector<T> Qall(static_cast<size_t>(p * smax));
+  std::vector<double> Zall(static_cast<size_t>(q * smax)), G(static_cast<size_t>(smax * smax));
+  std::vector<T> Y(static_cast<size_t>(p * b)), Z(static_cast<size_t>(q * b));
+  {
+    auto Om = gaussian_rows<T>(o.seed, q, b);  // Ωᵀ, b×q
+    if (!tr)
+      blas::gemm<T>(false, true, m, b, n, T(1), A, n, Om->data(), n, T(0), Y.data(), b);
+    else
+      blas::gemm<T>(true, true, n, b, m, T(1), A, n, Om->data(), m, T(0), Y.data(), b);
+    flops += 2.0 * p * q * b;
+  }
+  // Y (p×bj) := Y − Q_all[:, :sc] (Q_all[:, :sc]ᵀ Y)
+  auto project = [&](int64_t sc, int64_t bj) {
+    if (sc == 0) return;
+    std::vector<T> C(static_cast<size_t>(sc * bj));
+    blas::gemm<T>(true, false, sc, bj, p, T(1), Qall.data(), smax, Y.data(), bj, T(0), C.data(), bj);
+    blas::gemm<T>(false, false, p, bj, sc, T(-1), Qall.data(), smax, C.data(), bj, T(1), Y.data(), bj);
+    flops += 4.0 * p * sc * bj;
+  };
+  auto colnorms = [&](int64_t bj) {
+    std::vector<double> nn(static_cast<size_t>(bj), 0.0);
+    for (int64_t r = 0; r < p; ++r)
+      for (int64_t j = 0; j < bj; ++j) nn[j] += static_cast<double>(Y[r * bj + j]) * Y[r * bj + j];
+    for (auto& v : nn) v = std::sqrt(v);
+    return nn;
+  };
+  int64_t sdim = 0, level = 0, next_check = 1, refills = 0;
+  double floor = 0.0, last_worst = INFINITY;
+  int64_t last_level = 0;
+  bool converged = false;
+  std::vector<double> eta, theta;
+  std::vector<double> Ub;  // c×sdim rows: top eigenvectors of G
+  int64_t c = 0;
+  while (true) {
+    const int64_t bj = std::min(b, smax - sdim);
+    if (bj <= 0) break;
+    // Next block: orthogonal to the basis (twice), columns that vanish (an invariant subspace was
+    // reached: exactly low rank) refilled with fresh Gaussian columns, then orthonormalised, and
+    // once more projected and orthonormalised.
+    if (bj < b) {  // last, narrower block: keep the first bj columns
+      std::vector<T> Yn(static_cast<size_t>(p * bj));
+      for (int64_t r = 0; r < p; ++r) std::copy(Y.begin() + r * b, Y.begin() + r * b + bj, Yn.begin() + r * bj);
+      Y.swap(Yn);
+    }
+    const std::vector<double> pre = colnorms(bj);
+    project(sdim, bj);
+    project(sdim, bj);
+    const std::vector<double> post = colnorms(bj);
+    bool refill = false;
+    for (int64_t j = 0; j < bj; ++j)
+      if (!(post[j] > 1e-4 * pre[j]) || !(pre[j] > 0)) {
+        refill = true;
+        for (int64_t r = 0; r < p; ++r) {
+          double g0, g1;
+          gaussian_pair(o.seed ^ 0x2545F4914F6CDD1Dull, static_cast<uint64_t>((refills * b + j) * p + r), g0, g1);
+          Y[r * bj + j] = static_cast<T>(g0);
+        }
+      }
+    if (refill) {
+      ++refills;
+      project(sdim, bj);
+      project(sdim, bj);
+    }
+    blas::orthonormalize<T>(p, bj, Y.data());
+    project(sdim, bj);
+    blas::orthonormalize<T>(p, bj, Y.data());
+    flops += 2.0 * 4.0 * p * bj * bj;
+    for (int64_t r = 0; r < p; ++r) std::copy(Y.begin() + r * bj, Y.begin() + (r + 1) * bj, Qall.begin() + r * smax + sdim);
+    Z.resize(static_cast<size_t>(q * bj));
+    mulAt(Y.data(), bj, bj, Z.data(), bj);
+    for (int64_t r = 0; r < q; ++r)
+      for (int64_t j = 0; j < bj; ++j) Zall[r * smax + sdim + j] = static_cast<double>(Z[r * bj + j]);
+    // G[sdim:sdim+bj, :sdim+bj] = Z_jᵀ Z_all (double), mirrored.
+    {
+      const int64_t s1 = sdim + bj;
+      std::vector<double> Gb(static_cast<size_t>(bj * s1));
+      blas::gemm<double>(true, false, bj, s1, q, 1.0, Zall.data() + sdim, smax, Zall.data(), smax, 0.0, Gb.data(), s1);
+      flops += w * 2.0 * q * bj * s1;
+      for (int64_t i = 0; i < bj; ++i)
+        for (int64_t j = 0; j < s1; ++j) {
+          G[(sdim + i) * smax + j] = Gb[i * s1 + j];
+          G[j * smax + sdim + i] = Gb[i * s1 + j];
+        }
+    }
+    sdim += bj;
+    ++level;
+    const bool full = sdim >= smax;
+    if (level >= next_check || full) {
+      // Rayleigh–Ritz: eigen-decomposition of G (s×s), top c = k + 1 vectors.
+      c = std::min(k + 1, sdim);
+      std::vector<double> Gc(static_cast<size_t>(sdim * sdim)), lam;
+      for (int64_t i = 0; i < sdim; ++i)
+        std::copy(G.begin() + i * smax, G.begin() + i * smax + sdim, Gc.begin() + i * sdim);
+      int64_t kk = 0;
+      blas::sym_eig_top(sdim, Gc, lam, [&](const std::vector<double>&) { return c; }, Ub, kk);
+      flops += w * (8.0 * sdim * sdim * sdim + 2.0 * sdim * sdim * c);
+      theta.assign(static_cast<size_t>(c), 0.0);
+      for (int64_t i = 0; i < c; ++i) theta[i] = std::sqrt(std::max(0.0, lam[i]));
+      const double s1 = theta[0], wp = working_error<T>(m, n, s1);
+      floor = std::min(s1, 2.0 * wp / o.tol);
+      // V_c = Z_all Ubᵀ Θ⁻¹ (q×c, double), U_c = Q_all Ubᵀ (p×c).
+      std::vector<double> Vd(static_cast<size_t>(q * c));
+      blas::gemm<double>(false, true, q, c, sdim, 1.0, Zall.data(), smax, Ub.data(), sdim, 0.0, Vd.data(), c);
+      std::vector<T> Ubt(Ub.begin(), Ub.end()), Uc(static_cast<size_t>(p * c));
+      blas::gemm<T>(false, true, p, c, sdim, T(1), Qall.data(), smax, Ubt.data(), sdim, T(0), Uc.data(), c);
+      flops += w * 2.0 * q * sdim * c + 2.0 * p * sdim * c;
+      bool degenerate = false;
+      for (int64_t j = 0; j < c; ++j) degenerate = degenerate || !(theta[j] > 1e-3 * floor);
+      eta.assign(static_cast<size_t>(c), INFINITY);
+      std::vector<T> Vc(static_cast<size_t>(q * c)), R(static_cast<size_t>(p * c));
+      if (!degenerate) {
+        for (int64_t r = 0; r < q; ++r)
+          for (int64_t j = 0; j < c; ++j) Vc[r * c + j] = static_cast<T>(Vd[r * c + j] / theta[j]);
+        mulA(Vc.data(), c, c, R.data(), c);
+        std::fill(eta.begin(), eta.end(), 0.0);
+        for (int64_t r = 0; r < p; ++r)
+          for (int64_t j = 0; j < c; ++j) {
+            const double dd = static_cast<double>(R[r * c + j]) - theta[j] * static_cast<double>(Uc[r * c + j]);
+            eta[j] += dd * dd;
+          }
+        for (auto& e : eta) e = std::sqrt(e / 2.0);
+      }
+      s.err.assign(static_cast<size_t>(k), INFINITY);
+      double worst = 0.0;
+      for (int64_t i = 0; i < k; ++i) {
+        const double si = theta[i];
+        double gap = si;
+        for (int64_t j = 0; j < c; ++j)
+          if (j != i) gap = std::min(gap, std::abs(si - theta[j]) - eta[j]);
+        const double lin = eta[i], quad = gap > 0 ? eta[i] * eta[i] / gap : INFINITY;
+        s.err[i] = std::min(lin, quad) + wp;
+        worst = std::max(worst, s.err[i] / (o.tol * tol_reference(si, floor)));
+      }
+      converged = worst <= 1.0;
+      if (converged || degenerate) {
+        if (converged) {
+          s.r = k;
+          s.S.resize(static_cast<size_t>(k));
+          for (int64_t i = 0; i < k; ++i) s.S[i] = static_cast<T>(theta[i]);
+          // Left and right vectors of A (m×k and k×n).
+          s.U.assign(static_cast<size_t>(m * k), T(0));
+          s.Vt.assign(static_cast<size_t>(k * n), T(0));
+          const std::vector<T>& left = tr ? Vc : Uc;   // m×c
+          const std::vector<T>& right = tr ? Uc : Vc;  // n×c
+          for (int64_t r = 0; r < m; ++r)
+            for (int64_t j = 0; j < k; ++j) s.U[r * k + j] = left[r * c + j];
+          for (int64_t j = 0; j < k; ++j)
+            for (int64_t r = 0; r < n; ++r) s.Vt[j * n + r] = right[r * c + j];
+        }
+        break;
+      }
+      // Schedule the next check from the observed rate of the bound per level; give up when the
+      // predicted total exceeds gram_eig's cost.
+      const double per_level = 4.0 * p * q * b + 8.0 * p * sdim * b + w * 2.0 * q * b * sdim;
+      double levels_left = 1.0;
+      if (std::isfinite(last_worst) && last_level < level && worst < last_worst) {
+        const double rate = std::pow(worst / last_worst, 1.0 / static_cast<double>(level - last_level));
+        levels_left = std::max(1.0, std::log(worst) / -std::log(rate));
+      } else if (std::isfinite(last_worst) && level >= 4) {
+        levels_left = INFINITY;  // no progress over several levels
+      }
+      last_worst = worst;
+      last_level = level;
+      const double check_cost = w * 8.0 * std::pow(static_cast<double>(sdim + b), 3) + 2.0 * p * q * c;
+      if (flops + std::min(levels_left, 1e6) * per_level + check_cost > 1.5 * budget && level >= 3) break;
+      next_check = level + std::max<int64_t>(1, static_cast<int64_t>(0.6 * std::min(levels_left, 1e6)));
+    }
+    if (flops > budget || full) break;
+    Y.resize(static_cast<size_t>(p * b));
+    if (bj < b) break;
+    mulA(Z.data(), bj, bj, Y.data(), bj);  // the next block: A'A'ᵀQ_j
+  }
+  s.sketch_passes = level;
+  s.flops = flops;
+  if (!converged) {
+    s.k = k;
+    return false;
+  }
+  finish_bounds(s, o, floor);
+  return true;
 }
 
 }  // namespace
@@ -514,6 +749,10 @@ TruncatedSvd<T> truncated_svd(const T* A, int64_t m, int64_t n, double fro2, con
     s.spectrum_err = 2.0 * wp * s.spectrum[0];
     s.err.assign(static_cast<size_t>(s.k), wp);
     finish_bounds(s, o, std::min(s.spectrum[0], 2.0 * wp / o.tol));
+    {  // gesdd with vectors, in double
+      const double D = static_cast<double>(std::max(m, n)), d = static_cast<double>(dmin);
+      s.flops = (std::is_same_v<T, float> ? 2.0 : 1.0) * (6.0 * D * d * d + 20.0 * d * d * d);
+    }
     return s;
   };
   if (o.exact || dmin <= o.exact_max_dim) return exact();
@@ -524,8 +763,19 @@ TruncatedSvd<T> truncated_svd(const T* A, int64_t m, int64_t n, double fro2, con
   // Every singular value is needed (energy rule: k is defined by the whole spectrum; or the
   // spectrum-wide metrics): gram_eig gives them all, and the top-k vectors at little extra cost.
   if (!fixed || o.full_spectrum) return gram();
-  if (subspace_iteration<T>(A, m, n, fro2, want, o, s)) return s;
-  return gram();  // subspace iteration would cost more than gram_eig to converge
+  // A fixed number of power iterations asks for subspace iteration; otherwise block Krylov, which
+  // needs fewer products for the same bound, and certifies flat spectra too (the gap-free bound).
+  double tried = 0.0;
+  if (o.power_iters >= 0) {
+    if (subspace_iteration<T>(A, m, n, fro2, want, o, s)) return s;
+  } else {
+    if (block_krylov<T>(A, m, n, fro2, want, o, s)) return s;
+    tried = s.flops;
+  }
+  // The iteration would cost more than gram_eig to converge: gram_eig (the flops already spent count).
+  TruncatedSvd<T> g = gram();
+  g.flops += tried;
+  return g;
 }
 
 template int64_t rank_for_energy<float>(const std::vector<float>&, int64_t, double, double);

@@ -6,8 +6,9 @@
 //                       one tridiagonal reduction, then only the top-k eigenvectors: used when every
 //                       singular value is needed (the energy rule, spectrum-wide metrics) or when
 //                       subspace iteration would cost more;
-//   subspace_iteration  seeded randomized subspace iteration with a Rayleigh–Ritz step per
-//                       iteration, stopped by an a-posteriori residual bound (fixed k).
+//   block_krylov        seeded randomized block Krylov with Rayleigh–Ritz, stopped by an
+//                       a-posteriori residual bound that needs no gap (fixed k);
+//   subspace_iteration  the same bound on a fixed number of power iterations (power_iters = q).
 // Rank by a fixed k or by an energy fraction E of ‖A‖_F², which is known exactly before any SVD.
 #pragma once
 
@@ -41,17 +42,18 @@ struct TruncatedSvd {
   std::vector<T> U;       ///< m×r row-major
   std::vector<T> S;       ///< r, descending
   std::vector<T> Vt;      ///< r×n row-major
-  std::string method;     ///< "exact", "gram_eig", "subspace_iteration", "randomized" (randomized_svd), "none"
+  std::string method;     ///< "exact", "gram_eig", "block_krylov", "subspace_iteration", "randomized" (randomized_svd), "none"
   bool full_spectrum = false;   ///< `spectrum` holds all min(m, n) singular values
   bool energy_reached = true;   ///< energy rule met (false only under an explicit max_rank cap)
   double fro2 = 0.0;            ///< ‖A‖_F² (exact, from the data)
   double rel_error = 0.0;       ///< bound on max_{i<k} |σ̂_i − σ_i| / σ̂_i (NaN: not computed)
   double tail_rel = 0.0;        ///< sqrt(1 − Σ_{i<k} σ_i² / ‖A‖_F²)
-  int64_t sketch_passes = 0;    ///< subspace_iteration: Rayleigh–Ritz iterations run
+  int64_t sketch_passes = 0;    ///< subspace_iteration: Rayleigh–Ritz iterations; block_krylov: Krylov depth (blocks)
   bool tol_reached = true;      ///< rel_error <= tol
   std::vector<double> err;      ///< per kept value: bound on |σ̂_i − σ_i| (k values)
   std::vector<double> spectrum; ///< all min(m, n) singular values when full_spectrum, descending
   double spectrum_err = 0.0;    ///< bound on |σ̂_i² − σ_i²| for every value of `spectrum`
+  double flops = 0.0;           ///< work done, in flops of T (double work counted twice in float)
 };
 
 /// Smallest k with Σ_{i<k} σ_i² >= energy · fro2; returns -1 when not reached in S.

@@ -17,16 +17,25 @@ from pysafe.synthetic import PRESETS, make_pair
 @click.option("--delta-spectrum", default="lowrank", show_default=True, metavar="lowrank|powerlaw:A",
               help="ΔW's spectrum: 'lowrank' (--delta-rank) or 'powerlaw:A', full rank with σ_i ∝ i^-A "
                    "(e.g. powerlaw:0.6, like a full fine-tune).")
+@click.option("--base-spectrum", default="gaussian", show_default=True, metavar="gaussian|powerlaw:A",
+              help="W_base's spectrum: 'gaussian' (Gaussian plus a small decaying rank-64 part: flat at the top, "
+                   "the hard case for iterative SVDs) or 'powerlaw:A', full rank with σ_i ∝ i^-A (heavy-tailed, "
+                   "like trained LLM weights, e.g. powerlaw:1.0).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @debug_option
 @handle_errors
-def make_pair_cmd(preset, out, layers, delta_rank, delta_spectrum, seed, debug):
+def make_pair_cmd(preset, out, layers, delta_rank, delta_spectrum, base_spectrum, seed, debug):
     """Write a synthetic bf16, sharded, Llama-shaped checkpoint pair to OUT/base and OUT/tuned."""
-    from pysafe.synthetic import delta_exponent
+    from pysafe.synthetic import base_exponent, delta_exponent
 
     try:
         delta_exponent(delta_spectrum)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="'--delta-spectrum'") from None
-    path = make_pair(out, preset, layers=layers, delta_rank=delta_rank, delta_spectrum=delta_spectrum, seed=seed)
+    try:
+        base_exponent(base_spectrum)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--base-spectrum'") from None
+    path = make_pair(out, preset, layers=layers, delta_rank=delta_rank, delta_spectrum=delta_spectrum,
+                     base_spectrum=base_spectrum, seed=seed)
     click.echo(f"wrote {path}/base and {path}/tuned (preset {preset})")
