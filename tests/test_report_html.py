@@ -196,7 +196,7 @@ def test_readme_commands_and_links_are_true():
     assert len(cmds) == 2 and cmds[0].startswith("git clone ") and " && cd " in cmds[0]
     assert cmds[1] in (ROOT / ".ci" / "run").read_text().splitlines()  # CI runs command 2 exactly
     for target in re.findall(r"\]\(([^)#]+)\)", readme):  # every relative link resolves
-        if "://" not in target and target != "docs/claims.md":  # claims.md comes with the claims branch's merge
+        if "://" not in target:
             assert (ROOT / target).exists(), target
     blocks = "\n".join(b.split("```", 1)[0] for b in readme.split("```bash")[1:])
     used = re.findall(r"^pysafe ([a-z-]+)", blocks, flags=re.M)
