@@ -269,6 +269,18 @@ double gram_cost(int64_t m, int64_t n, int64_t k) {
   return w * (D * d * d + 8.0 * d * d * d) + 2.0 * m * n * static_cast<double>(k);
 }
 
+// The record an SVD path starts from: shape, ‖A‖_F², which algorithm, and (iterative paths) the k kept.
+template <typename T>
+TruncatedSvd<T> start_svd(int64_t m, int64_t n, double fro2, const char* method, int64_t k = 0) {
+  TruncatedSvd<T> s;
+  s.m = m;
+  s.n = n;
+  s.fro2 = fro2;
+  s.method = method;
+  s.k = k;
+  return s;
+}
+
 // gram_eig: all singular values from G = AᵀA (columns side, m >= n) or AAᵀ (m < n), formed in
 // double; then the top-k eigenvectors of G from the same tridiagonal reduction; the other side's
 // vectors are A v_i / σ_i (resp. Aᵀ u_i / σ_i), orthonormalised.
@@ -277,11 +289,7 @@ double gram_cost(int64_t m, int64_t n, int64_t k) {
 // |σ̂_i² − σ_i²| <= δ := (D + d)·u_64·‖A‖_F², hence |σ̂_i − σ_i| <= min(√δ, δ / σ̂_i).
 template <typename T>
 TruncatedSvd<T> gram_svd(const T* A, int64_t m, int64_t n, double fro2, const SvdOptions& o) {
-  TruncatedSvd<T> s;
-  s.m = m;
-  s.n = n;
-  s.fro2 = fro2;
-  s.method = "gram_eig";
+  TruncatedSvd<T> s = start_svd<T>(m, n, fro2, "gram_eig");
   const bool columns = m >= n;
   const int64_t d = std::min(m, n), D = std::max(m, n);
   std::vector<double> G, evals, Z;
@@ -394,12 +402,7 @@ bool subspace_iteration(const T* A, int64_t m, int64_t n, double fro2, int64_t k
   auto Om = gaussian_rows<T>(o.seed, n, l);
   std::vector<T> Y(static_cast<size_t>(m * l)), Z(static_cast<size_t>(n * l)), B(static_cast<size_t>(l * n));
   blas::gemm<T>(false, true, m, l, n, T(1), A, n, Om->data(), n, T(0), Y.data(), l);
-  s = TruncatedSvd<T>();
-  s.m = m;
-  s.n = n;
-  s.fro2 = fro2;
-  s.method = "subspace_iteration";
-  s.k = k;
+  s = start_svd<T>(m, n, fro2, "subspace_iteration", k);
   s.r = l;
   bool converged = false;
   int64_t it = 0;
@@ -495,12 +498,7 @@ bool block_krylov(const T* A, int64_t m, int64_t n, double fro2, int64_t k, cons
   const double w = std::is_same_v<T, float> ? 2.0 : 1.0;
   const double budget = gram_cost<T>(m, n, k);
   const int64_t smax = std::max(b, std::min(p, std::max(b, p / 2)));
-  s = TruncatedSvd<T>();
-  s.m = m;
-  s.n = n;
-  s.fro2 = fro2;
-  s.method = "block_krylov";
-  s.k = k;
+  s = start_svd<T>(m, n, fro2, "block_krylov", k);
   double flops = 0.0;
   // A'·X (X q×c, ld ldx) -> out p×c (ld ldo); A'ᵀ·Y (Y p×c) -> out q×c.
   auto mulA = [&](const T* X, int64_t c, int64_t ldx, T* out, int64_t ldo) {
