@@ -396,10 +396,27 @@ def worker_pysafe(cfg: dict) -> dict:
             "rss_after_import_mb": rss0, "sample": sample}
 
 
+def pair_tensors(base_dir, tuned_dir, include=None):
+    """(name, base tensor, tuned tensor) for every tensor both sharded checkpoints hold (and ``include``, a
+    compiled regex, matches), each read with the safetensors library as a user's script does."""
+    from safetensors import safe_open
+
+    base_dir, tuned_dir = Path(base_dir), Path(tuned_dir)
+    base_map = json.loads((base_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    tuned_map = json.loads((tuned_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    for name, bfile in base_map.items():
+        if name not in tuned_map or (include and not include.search(name)):
+            continue
+        with safe_open(str(base_dir / bfile), framework="pt") as f:
+            wb = f.get_tensor(name)
+        with safe_open(str(tuned_dir / tuned_map[name]), framework="pt") as f:
+            wt = f.get_tensor(name)
+        yield name, wb, wt
+
+
 def worker_baseline(cfg: dict) -> dict:
     """What a user writes today: safetensors + torch, tensor by tensor."""
     import torch
-    from safetensors import safe_open
 
     torch.set_num_threads(cfg["threads"])
     k, kb, p, q = cfg["rank"], cfg["base_rank"], cfg["oversample"], cfg["power_iters"]
@@ -408,17 +425,8 @@ def worker_baseline(cfg: dict) -> dict:
     inc = re.compile(cfg["include"]) if cfg["include"] else None
 
     t0 = time.perf_counter()
-    base_dir, tuned_dir = Path(cfg["base"]), Path(cfg["tuned"])
-    base_map = json.loads((base_dir / "model.safetensors.index.json").read_text())["weight_map"]
-    tuned_map = json.loads((tuned_dir / "model.safetensors.index.json").read_text())["weight_map"]
     records, nbytes, sample = {}, 0, {}
-    for name, bfile in base_map.items():
-        if name not in tuned_map or (inc and not inc.search(name)):
-            continue
-        with safe_open(str(base_dir / bfile), framework="pt") as f:
-            wb = f.get_tensor(name)
-        with safe_open(str(tuned_dir / tuned_map[name]), framework="pt") as f:
-            wt = f.get_tensor(name)
+    for name, wb, wt in pair_tensors(cfg["base"], cfg["tuned"], inc):
         nbytes += wb.numel() * wb.element_size() + wt.numel() * wt.element_size()
         Wb = wb.float()
         dW = wt.float() - Wb

@@ -311,23 +311,13 @@ def worker_pysafe(cfg: dict) -> dict:
 def worker_torch(cfg: dict) -> dict:
     """What a user writes today (the issue's baseline): safetensors + torch.svd_lowrank(niter=4)."""
     import torch
-    from safetensors import safe_open
 
     torch.set_num_threads(cfg["threads"])
     k, kb, p, q = cfg["rank"], cfg["base_rank"], cfg["oversample"], cfg["niter"]
     torch.svd_lowrank(torch.randn(256, 512), q=16 + p, niter=q)  # warm-up
     t0 = time.perf_counter()
-    base_dir, tuned_dir = Path(cfg["base"]), Path(cfg["tuned"])
-    bmap = json.loads((base_dir / "model.safetensors.index.json").read_text())["weight_map"]
-    tmap = json.loads((tuned_dir / "model.safetensors.index.json").read_text())["weight_map"]
     per, nbytes, flops = {}, 0, 0.0
-    for name, bfile in bmap.items():
-        if name not in tmap:
-            continue
-        with safe_open(str(base_dir / bfile), framework="pt") as f:
-            wb = f.get_tensor(name)
-        with safe_open(str(tuned_dir / tmap[name]), framework="pt") as f:
-            wt = f.get_tensor(name)
+    for name, wb, wt in ba.pair_tensors(cfg["base"], cfg["tuned"]):
         nbytes += wb.numel() * wb.element_size() + wt.numel() * wt.element_size()
         if wb.ndim != 2:
             continue
