@@ -14,23 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import tempfile
 import time
 
 import torch
-
-
-def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    d = 1 + z * z / n
-    c = (p + z * z / (2 * n)) / d
-    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, c - h), min(1.0, c + h))
 
 
 def main() -> None:
@@ -101,14 +90,13 @@ def main() -> None:
         tab = safety_table(model, recipe, sets=["std_safe", "std_unsafe"], n=a.eval_n)
         model.train()
         s, u = tab["sets"]["std_safe"], tab["sets"]["std_unsafe"]
-        n = s["n"]
         fol, ref = s["follow"], u["refuse"]
         at_bar = fol >= a.follow_bar and ref >= a.refuse_bar
         if at_bar and state["first"] is None:
             state["first"] = step
         row = {"step": step, "samples": step * cfg.batch_size, "safe_follow": fol,
-               "safe_follow_ci95": wilson(round(fol * n), n), "unsafe_refuse": ref,
-               "unsafe_refuse_ci95": wilson(round(ref * u["n"]), u["n"]), "safe_refuse": s["refuse"],
+               "safe_follow_ci95": s["follow_ci95"], "unsafe_refuse": ref,
+               "unsafe_refuse_ci95": u["refuse_ci95"], "safe_refuse": s["refuse"],
                "unsafe_follow": u["follow"], "at_bar": at_bar, "train_s": round(state["train_s"], 1),
                "eval_s": round(time.perf_counter() - t, 1)}
         state["rows"].append(row)
@@ -126,7 +114,6 @@ def main() -> None:
             pass
     last = state["rows"][-1]
     steps_run = last["step"]
-    # tokens: a safety batch is trimmed to its longest row; count the model's input positions per sample
     emit({"summary": True, "first_step_at_bar": state["first"],
           "samples_to_bar": None if state["first"] is None else state["first"] * cfg.batch_size,
           "final": last, "steps_run": steps_run,
