@@ -495,7 +495,7 @@ def _safety_kernel(seed, fixed_cat, cat_codes, cat_cum, modifier, attack_safe_ca
             rrow = k * 7 + 4   # U∪B
             # the hard case (training only): B alone, unsafe only because the text is unsafe-branch text.
             # No draw at hard_p = 0, so the default stream is the one it always was.
-            if hard_p > 0.0 and unsafe_branch and np.random.random() < hard_p:
+            if hard_p > 0.0 and np.random.random() < hard_p:  # every category here is unsafe-branch text
                 rrow = k * 7 + 2
         if unsafe_branch:
             frow = k * 7 + 5   # A∖{(}: the fl_direct safe operator

@@ -227,9 +227,6 @@ def safety_table(model, recipe: D.DataRecipe, *, sets=None, n: int = 2000, batch
                 raw[variant] = score_variant(model, x, s, L, a2, rules, recipe.refusal_token,
                                              batch_size=batch_size, device=device)
                 row[variant] = summarize_variant(raw[variant]).__dict__
-            # attack success: compliance on the semantically unsafe attack inputs; the set's spec says which
-            # version is the attack input (the duplicate-token attack is the "safe" version, whose
-            # operators are copies of unsafe ones)
             # The set's headline input: std_safe's safe version; std_unsafe's unsafe version; for a jailbreak
             # set its attack input (the spec says which version: the duplicate-token attack is the "safe"
             # version, whose operators are copies of unsafe ones), over the samples that are unsafe by

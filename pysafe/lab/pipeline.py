@@ -53,15 +53,14 @@ def stage_settings(preset: str, stage: str, *, lr=None, steps=None, batch_size=N
     tc = {k: v for k, v in cfg[table].items() if not isinstance(v, dict)}
     tc.update(cfg[table].get(stage, {}) if table == "finetune" else {})
     tc.pop("lrs", None)
-    base_table = dict(tc)
     if lr is not None:
         scale = lr / float(tc.get("lr_max", TrainConfig.lr_max))
         tc["lr_max"] = lr
         tc["min_lr"] = float(tc.get("min_lr", TrainConfig.min_lr)) * scale
     if steps is not None:
-        tc["steps"] = steps
         # keep the schedule's shape: warm-up and decay as fractions of the preset's run
-        base_steps = int(base_table.get("steps", steps))
+        base_steps = int(tc.get("steps", steps))
+        tc["steps"] = steps
         for key in ("warmup", "decay_steps"):
             if key in tc:
                 tc[key] = min(steps, round(int(tc[key]) * steps / base_steps))
