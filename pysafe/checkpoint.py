@@ -389,7 +389,6 @@ class PeftAdapter:
             raise CheckpointError(f"{p}: has {PEFT_CONFIG} but no {PEFT_WEIGHTS} or adapter_model.bin")
         r_default = int(cfg.get("r", 8))
         alpha_default = float(cfg.get("lora_alpha", r_default))
-        rank_pattern = cfg.get("rank_pattern") or {}
         alpha_pattern = cfg.get("alpha_pattern") or {}
         rslora = bool(cfg.get("use_rslora", False))
         targets = []
@@ -407,10 +406,8 @@ class PeftAdapter:
                                       f"lora_B {list(b_info.shape)}; expected (r, in) and (out, r)")
             r = a_info.shape[0]
             alpha = _pattern_value(alpha_pattern, module, alpha_default)
-            r_cfg = int(_pattern_value(rank_pattern, module, r_default))
-            if r_cfg != r:
-                r_cfg = r  # the stored factors are the truth
-            scale = alpha / (r_cfg ** 0.5 if rslora else r_cfg)
+            # the scale uses the stored factors' rank: a rank_pattern entry that disagrees with them is stale
+            scale = alpha / (r ** 0.5 if rslora else r)
             targets.append(LoraTarget(module + ".weight", a_name, b_name, r, scale))
         if not targets:
             raise CheckpointError(f"{p}: adapter holds no lora_A/lora_B pairs")
@@ -427,7 +424,7 @@ class PeftAdapter:
 
 
 def _pattern_value(patterns: dict, module: str, default):
-    # PEFT matches rank_pattern / alpha_pattern keys as regexes on the module name's tail.
+    # PEFT matches alpha_pattern (and rank_pattern) keys as regexes on the module name's tail.
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?{key}$", module):
             return value

@@ -19,9 +19,6 @@ from pysafe._loader import _core
 from pysafe.checkpoint import UNSUPPORTED_DTYPES, Checkpoint, PeftAdapter, detect_scheme, name_info
 from pysafe.errors import CheckpointError, ShapeMismatchError
 
-#: values of sv_* and sin_theta_* kept in summary.json (results.h5 keeps the full arrays)
-JSON_SPECTRUM_MIN = 32
-
 
 @dataclass
 class Options:

@@ -241,7 +241,7 @@ def test_finetunes_start_from_init_and_keep_its_recipe(tmp_path):
 # -- evaluation ---------------------------------------------------------------------------------------------
 def test_compliant_answer_matches_sampler_targets():
     b = D.test_set(RECIPE, "std_safe", 64)
-    ans = compliant_answer(b.x_safe, b.start_idx, b.text_len, operator_table(RECIPE.operator_seed))
+    ans = compliant_answer(b.x_safe, b.text_len, operator_table(RECIPE.operator_seed))
     for i in range(64):
         s, L = int(b.start_idx[i]), int(b.text_len[i])
         np.testing.assert_array_equal(ans[i, :2 * L + 2], b.y_safe_full[i, s:s + 2 * L + 2])

@@ -368,7 +368,7 @@ def _unsafe_prompts(recipe, test_set: str, n: int):
     x_u = np.asarray(b.x_unsafe_target)[keep]
     s = np.asarray(b.start_idx).astype(np.int64)[keep]
     L = np.asarray(b.text_len).astype(np.int64)[keep]
-    ans = compliant_answer(x_u, s, L, operator_table(recipe.operator_seed)).astype(np.int64)
+    ans = compliant_answer(x_u, L, operator_table(recipe.operator_seed)).astype(np.int64)
     N = len(s)
     T = x_u.shape[1]
     x = np.full((N, T), PAD, dtype=np.int64)

@@ -76,7 +76,7 @@ def rate_interval(rate: float, n: int) -> list:
     return list(wilson_interval(int(round(rate * n)), int(n)))
 
 
-def compliant_answer(x: np.ndarray, start_idx: np.ndarray, text_len: np.ndarray, rules: np.ndarray) -> np.ndarray:
+def compliant_answer(x: np.ndarray, text_len: np.ndarray, rules: np.ndarray) -> np.ndarray:
     """The answer a model that follows the operators in ``x`` gives: [block 1, STOP, block 2, STOP].
 
     Computed from the operator tokens x[:, 1:5] and the text x[:, 6:6+L] with the operator table,
@@ -165,7 +165,7 @@ def _rate(mask: np.ndarray) -> float:
 def score_variant(model, x, start_idx, text_len, apply_second, rules, refusal_token, *,
                   batch_size=256, device="cpu") -> dict:
     """Both candidate answers (compliant, refusal) of every sample teacher-forced: raw per-sample arrays."""
-    follow = compliant_answer(x, start_idx, text_len, rules)
+    follow = compliant_answer(x, text_len, rules)
     refuse = refusal_answer(follow, text_len, apply_second, refusal_token)
     f_exact, f_ok = score_answers(model, x, start_idx, follow, batch_size=batch_size, device=device)
     r_exact, r_ok = score_answers(model, x, start_idx, refuse, batch_size=batch_size, device=device)

@@ -1,0 +1,154 @@
+"""Compare two pysafe output folders number by number (e.g. a `pysafe demo --out` run before and after a
+refactoring that must not change results).
+
+    python bench/compare_outputs.py BEFORE AFTER
+
+Every JSON file (and every line of a JSONL file) is compared value by value: numbers must be equal
+exactly (NaN equals NaN), strings and keys must match. Every HDF5 file is compared dataset by dataset
+(dtype, shape, bytes) and attribute by attribute. Other text files (.txt, .md, .csv) are compared line
+by line. Keys and lines that record when or how long something ran (``--ignore``, a regex on the JSON
+key or the text line) are skipped and counted. Images and HTML are only checked for presence (they
+embed times and renderer details). Prints each difference with its path; exits 1 if any.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+# keys/lines that hold wall-clock times, dates, versions or host details, not results
+DEFAULT_IGNORE = (r"(^|_)(seconds|elapsed|timings?|time|created|date|started|finished|wall|generated|duration)"
+                  r"($|_)|^pysafe_version$|^version$|^command$|^host$|^hostname$|^pid$|^cache_hit")
+TEXT_SUFFIXES = {".txt", ".md", ".csv"}
+PRESENCE_ONLY = {".png", ".svg", ".html", ".pdf"}
+
+
+def _cmp_json(a, b, path: str, ignore: re.Pattern, out: list, skipped: list) -> None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            p = f"{path}.{k}"
+            if ignore.search(str(k)):
+                skipped.append(p)
+                continue
+            if k not in a or k not in b:
+                out.append(f"{p}: only in {'after' if k not in a else 'before'}")
+                continue
+            _cmp_json(a[k], b[k], p, ignore, out, skipped)
+    elif isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            out.append(f"{path}: length {len(a)} != {len(b)}")
+        for i, (x, y) in enumerate(zip(a, b)):
+            _cmp_json(x, y, f"{path}[{i}]", ignore, out, skipped)
+    elif isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return
+    elif type(a) is not type(b) and not (isinstance(a, (int, float)) and isinstance(b, (int, float))
+                                         and not isinstance(a, bool) and not isinstance(b, bool)):
+        out.append(f"{path}: {a!r} ({type(a).__name__}) != {b!r} ({type(b).__name__})")
+    elif a != b:
+        out.append(f"{path}: {a!r} != {b!r}")
+
+
+def _load_json(p: Path):
+    text = p.read_text(encoding="utf-8")
+    if p.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return json.loads(text)
+
+
+def _cmp_h5(pa: Path, pb: Path, rel: str, ignore: re.Pattern, out: list, skipped: list) -> int:
+    import h5py
+    import numpy as np
+
+    n = 0
+    with h5py.File(pa, "r") as fa, h5py.File(pb, "r") as fb:
+        names_a, names_b = [], []
+        fa.visit(names_a.append)
+        fb.visit(names_b.append)
+        for name in sorted(set(names_a) | set(names_b)):
+            if name not in fa or name not in fb:
+                out.append(f"{rel}:{name}: only in {'after' if name not in fa else 'before'}")
+                continue
+            oa, ob = fa[name], fb[name]
+            for k in sorted(set(oa.attrs) | set(ob.attrs)):
+                if ignore.search(k):
+                    skipped.append(f"{rel}:{name}@{k}")
+                    continue
+                va, vb = oa.attrs.get(k), ob.attrs.get(k)
+                if va is None or vb is None or np.asarray(va).tobytes() != np.asarray(vb).tobytes():
+                    out.append(f"{rel}:{name}@{k}: {va!r} != {vb!r}")
+            if isinstance(oa, h5py.Dataset):
+                n += 1
+                if not isinstance(ob, h5py.Dataset):
+                    out.append(f"{rel}:{name}: dataset vs group")
+                    continue
+                da, db = oa[()], ob[()]
+                if getattr(da, "dtype", None) != getattr(db, "dtype", None) or np.shape(da) != np.shape(db):
+                    out.append(f"{rel}:{name}: {getattr(da, 'dtype', type(da))}{np.shape(da)} != "
+                               f"{getattr(db, 'dtype', type(db))}{np.shape(db)}")
+                elif np.asarray(da).tobytes() != np.asarray(db).tobytes():
+                    out.append(f"{rel}:{name}: values differ")
+        for k in sorted(set(fa.attrs) | set(fb.attrs)):
+            if ignore.search(k):
+                skipped.append(f"{rel}@{k}")
+            elif fa.attrs.get(k) is None or fb.attrs.get(k) is None or \
+                    np.asarray(fa.attrs[k]).tobytes() != np.asarray(fb.attrs[k]).tobytes():
+                out.append(f"{rel}@{k}: {fa.attrs.get(k)!r} != {fb.attrs.get(k)!r}")
+    return n
+
+
+def compare(before: Path, after: Path, ignore: str = DEFAULT_IGNORE) -> tuple[list, dict]:
+    """Returns (differences, counts)."""
+    pat = re.compile(ignore)
+    files_a = {p.relative_to(before).as_posix() for p in before.rglob("*") if p.is_file()}
+    files_b = {p.relative_to(after).as_posix() for p in after.rglob("*") if p.is_file()}
+    out, skipped = [], []
+    counts = {"json": 0, "h5_files": 0, "h5_datasets": 0, "text": 0, "presence_only": 0, "other": 0}
+    for rel in sorted(files_a ^ files_b):
+        out.append(f"{rel}: only in {'before' if rel in files_a else 'after'}")
+    for rel in sorted(files_a & files_b):
+        pa, pb = before / rel, after / rel
+        suf = pa.suffix.lower()
+        if suf in (".json", ".jsonl"):
+            counts["json"] += 1
+            _cmp_json(_load_json(pa), _load_json(pb), rel, pat, out, skipped)
+        elif suf in (".h5", ".hdf5"):
+            counts["h5_files"] += 1
+            counts["h5_datasets"] += _cmp_h5(pa, pb, rel, pat, out, skipped)
+        elif suf in TEXT_SUFFIXES:
+            counts["text"] += 1
+            la = [x for x in pa.read_text(encoding="utf-8").splitlines() if not pat.search(x)]
+            lb = [x for x in pb.read_text(encoding="utf-8").splitlines() if not pat.search(x)]
+            if la != lb:
+                diff = next((i for i, (x, y) in enumerate(zip(la, lb)) if x != y), min(len(la), len(lb)))
+                out.append(f"{rel}: line {diff + 1} differs "
+                           f"({la[diff] if diff < len(la) else '<end>'!r} vs {lb[diff] if diff < len(lb) else '<end>'!r})")
+        elif suf in PRESENCE_ONLY:
+            counts["presence_only"] += 1
+        else:
+            counts["other"] += 1
+            if pa.read_bytes() != pb.read_bytes():
+                out.append(f"{rel}: bytes differ")
+    counts["skipped_keys"] = len(skipped)
+    counts["skipped_examples"] = sorted({s.rsplit(".", 1)[-1].split("@")[-1] for s in skipped})[:12]
+    return out, counts
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("before", type=Path)
+    ap.add_argument("after", type=Path)
+    ap.add_argument("--ignore", default=DEFAULT_IGNORE, help="regex of JSON keys / text lines to skip")
+    args = ap.parse_args(argv)
+    diffs, counts = compare(args.before, args.after, args.ignore)
+    for d in diffs:
+        print(d)
+    print(json.dumps({"differences": len(diffs), **counts}))
+    return 1 if diffs else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
