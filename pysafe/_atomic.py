@@ -1,6 +1,9 @@
-"""Write an output directory whole, or not at all: the one atomic directory writer of pysafe.
+"""Write outputs whole, or not at all: pysafe's one place for atomic directories and JSON files.
 
-:func:`atomic_dir` hands out a hidden staging directory beside the target, ``.OUT.pysafe-tmp-RUN``.
+:func:`replace_dir` writes a directory pysafe owns entirely (a checkpoint, a test-set cache);
+:func:`write_json` writes one strict-JSON file; :func:`atomic_dir` writes a user's output folder:
+
+it hands out a hidden staging directory beside the target, ``.OUT.pysafe-tmp-RUN``.
 The command writes everything into it; at the end the stage gets a manifest of the files pysafe wrote
 (``.pysafe-manifest.json``), the user's own files from the old directory are hard-linked (or copied)
 into it, and it takes the target's place by one rename. So the target always holds a complete old
@@ -449,3 +452,70 @@ def _commit(st: Stage, given: Path) -> None:
         swapped()
         _retire(old, out)  # the old directory: at the stage's name after an exchange
     _fsync_dir(out.parent)
+
+
+# -- a directory pysafe owns whole (a checkpoint, a test-set cache) -----------------------------------
+@contextlib.contextmanager
+def replace_dir(out: str | os.PathLike, *, overwrite: bool = False):
+    """Write a directory that belongs to pysafe entirely: yields a fresh hidden staging directory beside
+    ``out``; when the block ends it takes ``out``'s place in one exchange (or two renames) and the old
+    directory is deleted. Any failure inside the block removes the stage and leaves ``out`` as it was.
+
+    Unlike :func:`atomic_dir` nothing of the old directory is kept and no manifest is written: use it for
+    directories whose every file pysafe defines (a checkpoint, a cache), not for a user's ``--out``.
+
+    Raises:
+        FileExistsError: ``out`` exists and ``overwrite`` is false (checked before anything is written).
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: already exists; pass overwrite=True (--overwrite) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    stage = out.parent / f".{out.name}.tmp-{run}"
+    stage.mkdir()  # (not mkdtemp: its 0700 mode would survive the rename)
+    try:
+        yield stage
+        if out.exists():
+            old = swap_in(stage, out, out.parent / f".{out.name}.old-{run}")
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            stage.rename(out)
+        _fsync_dir(out.parent)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+# -- one JSON file -----------------------------------------------------------------------------------
+def json_ready(v):
+    """``v`` with NumPy scalars and arrays as Python numbers and lists, tuples as lists, and every
+    non-finite float (NaN, ±inf) as ``None``: what strict JSON can hold."""
+    import numpy as np
+
+    if isinstance(v, np.ndarray):
+        v = v.tolist()
+    if isinstance(v, np.bool_):
+        return bool(v)
+    if isinstance(v, (float, np.floating)):
+        v = float(v)
+        return v if v == v and v not in (float("inf"), float("-inf")) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, (list, tuple)):
+        return [json_ready(x) for x in v]
+    if isinstance(v, dict):
+        return {k: json_ready(x) for k, x in v.items()}
+    return v
+
+
+def write_json(path: str | os.PathLike, obj, *, indent: int = 2) -> None:
+    """Write ``obj`` as strict JSON (NaN and ±inf become ``null``, see :func:`json_ready`) to ``path``:
+    written beside it and renamed into place, so a reader never sees half a file. A value JSON cannot
+    hold raises ``TypeError`` before any file is opened."""
+    path = Path(path)
+    text = json.dumps(json_ready(obj), indent=indent, allow_nan=False) + "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -15,7 +15,7 @@ from pysafe.errors import CheckpointError, HeaderError, ShapeMismatchError, Tens
 from pysafe.lab import ckpt as C
 from pysafe.lab.attacks import attack_success, generate, generate_from_embeds, insert_soft_block, soft_token_attack
 from pysafe.lab.config import PRESETS, load_preset
-from pysafe.lab.model import GPT, HOOKS, GPTConfig
+from pysafe.lab.model import GPT, HOOKS, GPTConfig, eval_mode
 
 TINY = GPTConfig(n_layer=2, n_head=2, d_model=32)
 PAD, EOT = 20, 16
@@ -205,6 +205,22 @@ def test_optimizer_groups():
     assert "lm_head.weight" in names and "transformer.h.0.c_fc.weight" in names
     assert "transformer.wte.weight" not in names and not any(n.endswith("bias") for n in names)
     assert opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_eval_mode_restores_training_and_grad_flags():
+    model = GPT(GPTConfig(n_layer=1, n_head=2, d_model=16))
+    model.train()
+    model.lm_head.weight.requires_grad_(False)  # a mixed pattern must come back as it was
+    before = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="inside"):
+        with eval_mode(model, frozen=True):
+            assert not model.training and not any(p.requires_grad for p in model.parameters())
+            raise RuntimeError("inside")
+    assert model.training and [p.requires_grad for p in model.parameters()] == before
+    model.eval()
+    with eval_mode(model):
+        assert [p.requires_grad for p in model.parameters()] == before  # not frozen: flags untouched
+    assert not model.training
 
 
 def test_bad_config():

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pysafe.lab.model import HOOKS
+from pysafe.lab.model import HOOKS, eval_mode
 
 POSITIONS = ("eot", "window", "prompt_mean", "last")
 
@@ -75,10 +75,8 @@ def lab_features(model, x, start_idx, *, hook: str = "mlp_act", positions: str =
     x = np.asarray(x)
     s = np.asarray(start_idx, dtype=np.int64)
     N = x.shape[0]
-    was_training = model.training
-    model.eval()
     chunks = []
-    try:
+    with eval_mode(model):
         for lo in range(0, N, batch_size):
             sl = slice(lo, lo + batch_size)
             T = min(x.shape[1], needed_length(s[sl], positions, n_window))
@@ -90,8 +88,6 @@ def lab_features(model, x, start_idx, *, hook: str = "mlp_act", positions: str =
             w = torch.from_numpy(pooling_weights(s[sl], T, positions, n_window)).to(device)
             pooled = [torch.einsum("bt,btd->bd", w, h.float()) for h in cap[hook]]
             chunks.append(torch.stack(pooled, 1).cpu().numpy())
-    finally:
-        model.train(was_training)
     if not chunks:
         return np.zeros((0, model.config.n_layer, 0), np.float32)
     return np.concatenate(chunks).astype(np.float32, copy=False)

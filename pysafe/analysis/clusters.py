@@ -219,7 +219,7 @@ def cluster_analysis(model, recipe, *, n: int = 500, n_ref: int | None = None, h
 
 def write_clusters(result: dict, out_dir, title: str = "") -> Path:
     """``out_dir/clusters.json`` and ``out_dir/clusters.png`` (τ and cosine τ per layer, ±std bands)."""
-    from pysafe.lab.evaluate import write_json
+    from pysafe._atomic import write_json
 
     out = Path(out_dir)
     plot_clusters(result, out / "clusters.png", title)  # creates out/

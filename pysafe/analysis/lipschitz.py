@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from pysafe.analysis.clusters import auroc
+from pysafe.lab.model import eval_mode
 
 
 def _prompt_embeddings(model, x: np.ndarray, s: np.ndarray, device):
@@ -34,13 +35,9 @@ def lipschitz_estimates(model, x, start_idx, *, fd_samples: int = 8, fd_radius: 
     """Per-sample ``grad`` and ``fd`` estimates (float64 arrays [N]) for prompts x[:, :s+1]."""
     x = np.asarray(x)
     s_all = np.asarray(start_idx, dtype=np.int64)
-    was_training = model.training
-    flags = [p.requires_grad for p in model.parameters()]
-    model.eval()
-    model.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
     grads, fds = [], []
-    try:
+    with eval_mode(model, frozen=True):
         for lo in range(0, len(s_all), batch_size):
             sl = slice(lo, lo + batch_size)
             s = s_all[sl]
@@ -65,10 +62,6 @@ def lipschitz_estimates(model, x, start_idx, *, fd_samples: int = 8, fd_radius: 
                     ratio = (out - base).norm(dim=-1).double() / d.flatten(1).norm(dim=1).double().clamp_min(1e-300)
                     best = torch.maximum(best, ratio)
             fds.append(best.cpu().numpy())
-    finally:
-        for p, f in zip(model.parameters(), flags):
-            p.requires_grad_(f)
-        model.train(was_training)
     return {"grad": np.concatenate(grads) if grads else np.zeros(0),
             "fd": np.concatenate(fds) if fds else np.zeros(0)}
 

@@ -182,7 +182,7 @@ def _activations(base, tuned, prompts, stage, hook, positions, device, feature_c
     from pysafe.analysis.clusters import plot_clusters
     from pysafe.analysis.hf import hf_cluster_analysis, hf_row_space, load_hf
     from pysafe.analysis.subspaces import plot_row_space
-    from pysafe.lab.evaluate import write_json
+    from pysafe._atomic import write_json
 
     stage.mkdir(parents=True)
     mb, tok = load_hf(base, device)

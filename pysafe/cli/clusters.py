@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pysafe.cli.options import debug_option, handle_errors
+from pysafe.cli.options import check_device, debug_option, device_option, handle_errors
 
 
 @click.command("clusters")
@@ -23,7 +23,7 @@ from pysafe.cli.options import debug_option, handle_errors
 @click.option("--attack-eps", type=click.FloatRange(min=0, min_open=True), multiple=True,
               help="Attack budget as a multiple of the mean letter-embedding norm; repeat to sweep (Fig 7), "
                    "one group per budget. Default 1.")
-@click.option("--device", default="cpu", show_default=True)
+@device_option()
 @debug_option
 @handle_errors
 def clusters_cmd(ckpt, out, n, hook, positions, n_window, attack, attack_eps, device, debug):
@@ -34,11 +34,10 @@ def clusters_cmd(ckpt, out, n, hook, positions, n_window, attack, attack_eps, de
     jb_co_task, jb_co_text, jb_mg_tokens, jb_mg_text, jb_comp, and adv_soft_tokens (one group per attack
     budget when swept). Each group keeps its points' last-layer τ (tau_last) for the claims' bootstrap."""
     from pysafe.analysis.clusters import cluster_analysis, write_clusters
-    from pysafe.cli.train import _check_device
     from pysafe.lab import ckpt as C
     from pysafe.lab.data import DataRecipe
 
-    _check_device(device)
+    check_device(device)
     model, cfg = C.load_checkpoint(ckpt)
     recipe = DataRecipe.from_dict(cfg["data"])
     from pysafe._progress import bar

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pysafe.cli.options import debug_option, handle_errors
+from pysafe.cli.options import check_device, debug_option, device_option, handle_errors
 
 
 @click.command("eval")
@@ -30,7 +30,7 @@ from pysafe.cli.options import debug_option, handle_errors
               default="pysafe-eval.json", show_default=True,
               help="Where to write the full results as JSON (checkpoint directories are never written to).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@device_option()
 @debug_option
 @handle_errors
 def eval_cmd(ckpts, sets, n, attack, attack_n, attack_tokens, attack_steps, attack_eps, attack_norm, attack_placement, json_out,
@@ -43,12 +43,12 @@ def eval_cmd(ckpts, sets, n, attack, attack_n, attack_tokens, attack_steps, atta
     on block 1 only, on the std_unsafe inputs whose unsafe operators are in pair 1; adv:clean is the same
     inputs unattacked. The JSON adds *_ci95 fields, table_ci95 and table_n.
     """
-    from pysafe.cli.train import _check_device
     from pysafe.lab import ckpt as C
     from pysafe.lab.data import DataRecipe
-    from pysafe.lab.evaluate import format_table, safety_table, write_json
+    from pysafe._atomic import write_json
+    from pysafe.lab.evaluate import format_table, safety_table
 
-    _check_device(device)
+    check_device(device)
     set_list = [s.strip() for s in sets.split(",") if s.strip()] if sets else None
     attack_opts = (dict(n=attack_n, n_soft=attack_tokens, n_steps=attack_steps, eps_factors=list(attack_eps) or [1.0],
                         norm=attack_norm, placement=attack_placement) if attack else None)

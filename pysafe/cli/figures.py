@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pysafe.cli.options import debug_option, handle_errors
+from pysafe.cli.options import check_device, debug_option, device_option, handle_errors
 
 
 def _busy(what: str):
@@ -44,7 +44,7 @@ def colspace_cmd(base, tuned, out, energy, center, debug):
     """Fig 4: sin θ of the top left singular directions of W_ST and ΔW against W_IT's column space, per
     MLP matrix and layer, with the chance level. BASE is the pretrained (IT) checkpoint."""
     from pysafe.analysis.subspaces import column_space, plot_column_space
-    from pysafe.lab.evaluate import write_json
+    from pysafe._atomic import write_json
 
     mb, _ = _load(base)
     mt, _ = _load(tuned)
@@ -70,13 +70,13 @@ def colspace_cmd(base, tuned, out, energy, center, debug):
 @click.option("--hook", default="mlp_in", show_default=True, help="Hook point of the inputs (mlp_in: what c_fc reads).")
 @click.option("--positions", type=click.Choice(["eot", "window", "prompt_mean", "last"]), default="eot", show_default=True)
 @click.option("--top", type=click.IntRange(min=1), default=15, show_default=True, help="Directions plotted.")
-@click.option("--device", default="cpu", show_default=True)
+@device_option()
 @debug_option
 @handle_errors
 def rowspace_cmd(base, tuned, out, n, hook, positions, top, device, debug):
     """Fig 5: safe and unsafe inputs of TUNED scored on the right singular directions of W_IT, W_ST and ΔW."""
     from pysafe.analysis.subspaces import plot_row_space, row_space
-    from pysafe.lab.evaluate import write_json
+    from pysafe._atomic import write_json
 
     mb, _ = _load(base)
     mt, recipe = _load(tuned)
@@ -101,13 +101,13 @@ def rowspace_cmd(base, tuned, out, n, hook, positions, top, device, debug):
 @click.option("--fd-samples", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--fd-radius", type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True,
               help="Perturbation radius relative to ‖E‖_F of the prompt.")
-@click.option("--device", default="cpu", show_default=True)
+@device_option()
 @debug_option
 @handle_errors
 def lipschitz_cmd(ckpt, out, n, fd_samples, fd_radius, device, debug):
     """Fig 6: local Lipschitzness of CKPT on safe vs unsafe prompts (gradient and finite-difference estimates)."""
     from pysafe.analysis.lipschitz import lipschitz_analysis, plot_lipschitz
-    from pysafe.lab.evaluate import write_json
+    from pysafe._atomic import write_json
 
     model, recipe = _load(ckpt)
     with _busy("Lipschitz estimates"):

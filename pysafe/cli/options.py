@@ -25,6 +25,21 @@ def seed_option(f):
                         help="Seed of the randomized SVD (results are deterministic per seed and thread count).")(f)
 
 
+def device_option(help: str = "torch device (cpu, cuda, cuda:N).", default: str = "cpu"):
+    """``--device``: the torch device of a lab or activation command; check it with :func:`check_device`."""
+    return click.option("--device", default=default, show_default=True, help=help)
+
+
+def check_device(device: str) -> None:
+    """Raise DeviceUnavailableError (one line, exit 1) when ``device`` is a CUDA device torch cannot see."""
+    import torch
+
+    from pysafe.errors import DeviceUnavailableError
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceUnavailableError(f"--device {device}: torch sees no CUDA device on this machine")
+
+
 def handle_errors(f):
     """Turn expected errors into one line on stderr and exit code 1; --debug shows the traceback."""
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from pysafe.cli.options import debug_option, handle_errors
+from pysafe.cli.options import check_device, debug_option, device_option, handle_errors
 
 
 @click.command("reproduce")
@@ -19,7 +19,7 @@ from pysafe.cli.options import debug_option, handle_errors
                    "paper: 1e-4 and 1e-5).")
 @click.option("--n", "eval_n", type=click.IntRange(min=1), default=None, help="Samples per test set (preset's default).")
 @click.option("--checkpoints-only", is_flag=True, help="Train the checkpoints only (no evaluation or analysis).")
-@click.option("--device", default="cpu", show_default=True)
+@device_option()
 @click.option("--jobs", type=click.IntRange(min=0), default=0, show_default=True,
               help="Fine-tunes trained at once, each with cores/jobs threads (0: 2 on a CPU with 2 or more cores, "
                    "else 1).")
@@ -35,10 +35,10 @@ def reproduce_cmd(preset, out, seed, lrs, eval_n, checkpoints_only, device, jobs
     the safety table of every checkpoint (each rate with its 95% Wilson interval), `pysafe analyze` of
     every fine-tune, the activation analyses and claims.json (each claim with its effect, control and 95%
     bootstrap interval; it holds only when the interval lies on the claimed side of 0; docs/claims.md)."""
-    from pysafe.cli.train import _check_device, _command_line, _progress_bar
+    from pysafe.cli.train import _command_line, _progress_bar
     from pysafe.lab.pipeline import reproduce
 
-    _check_device(device)
+    check_device(device)
 
     summary = reproduce(preset, out, seed=seed, device=device, eval_n=eval_n, lrs=tuple(lrs) or None,
                         checkpoints_only=checkpoints_only, overwrite=overwrite,
@@ -57,7 +57,7 @@ def reproduce_cmd(preset, out, seed, lrs, eval_n, checkpoints_only, device, jobs
                    "wider intervals, so fewer claims hold.")
 @click.option("--checkpoints", type=click.Path(exists=True, file_okay=False), default=None,
               help="Use these lab checkpoints (a `pysafe reproduce --out` directory) instead of the shipped ones.")
-@click.option("--device", default="cpu", show_default=True)
+@device_option()
 @click.option("--overwrite", is_flag=True,
               help="Replace the pysafe outputs in a non-empty --out, in one rename; your other files there are kept.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
@@ -74,10 +74,9 @@ def demo_cmd(out, eval_n, checkpoints, device, overwrite, cache_dir, no_cache, p
     (claims.json): each with its effect (measured - control), the control it is judged against and a 95%
     bootstrap interval over the inputs; a claim holds only when the whole interval lies on the claimed side
     of 0 (docs/claims.md). Open OUT/index.html for the report."""
-    from pysafe.cli.train import _check_device
     from pysafe.lab.pipeline import DEMO_DIR, demo
 
-    _check_device(device)
+    check_device(device)
     demo(out, eval_n=eval_n, device=device, log=click.echo, checkpoints=checkpoints or DEMO_DIR, overwrite=overwrite,
          cache=False if no_cache else cache_dir, progress=progress)
     click.echo(f"\nreport: {Path(out) / 'index.html'}")

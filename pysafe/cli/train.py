@@ -6,7 +6,7 @@ import shlex
 
 import click
 
-from pysafe.cli.options import debug_option, handle_errors
+from pysafe.cli.options import check_device, debug_option, device_option, handle_errors
 from pysafe.lab.objectives import OBJECTIVES
 
 
@@ -34,7 +34,7 @@ from pysafe.lab.objectives import OBJECTIVES
                    "(the refusals that need the text's branch); default 0: the paper's mix.")
 @click.option("--forget", type=click.Choice(["clamp", "npo"]), default=None, help="Unlearning forget loss.")
 @click.option("--w-forget", type=click.FloatRange(min=0), default=None, help="Unlearning forget weight (0.1).")
-@click.option("--device", default="cpu", show_default=True, help="torch device (cpu, cuda).")
+@device_option()
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="torch CPU threads (0: torch's default). Part of the run's identity: byte-identical results "
                    "are promised for the same thread count.")
@@ -64,7 +64,7 @@ def train_cmd(stage, preset, init, out, lr, steps, batch_size, seed, p_unsafe, d
         raise click.UsageError("--forget/--w-forget apply to unlearn only")
     settings = stage_settings(preset, stage, lr=lr, steps=steps, batch_size=batch_size)
     opts = {**settings.objective, **opts}  # the preset's [objectives.<stage>], then the flags
-    _check_device(device)
+    check_device(device)
     if threads:
         import torch
 
@@ -102,15 +102,6 @@ def _command_line(ctx: click.Context) -> str:
             v = f"{value:g}" if isinstance(value, float) else str(value)
             parts.append(f"{max(param.opts, key=len)} {shlex.quote(v)}")
     return " ".join(parts)
-
-
-def _check_device(device: str) -> None:
-    import torch
-
-    from pysafe.errors import DeviceUnavailableError
-
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceUnavailableError(f"--device {device}: torch sees no CUDA device on this machine")
 
 
 def _progress_bar(label: str):

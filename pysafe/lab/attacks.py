@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pysafe.lab.model import eval_mode
 from pysafe.lab.vocab import EOS, EOT, IDENTITY, LETTER0, N_LETTERS, PAD
 
 TEXT0 = 6  # position of the first text token: BOS, four operators, SOT come first (docs/lab.md)
@@ -168,12 +169,8 @@ def soft_token_attack(model, x: torch.Tensor, y: torch.Tensor, start_idx: torch.
     soft_pos = soft_start[:, None] + torch.arange(n_soft, device=dev)[None, :]  # [B, n]
     key_pad = ids[:, :T_use] == PAD
 
-    was_training = model.training
-    flags = [p.requires_grad for p in model.parameters()]
-    model.eval()
-    model.requires_grad_(False)
     losses = []
-    try:
+    with eval_mode(model, frozen=True):
         with torch.enable_grad():
             E = model.transformer.wte(ids).detach()
             D = E.shape[-1]
@@ -198,10 +195,6 @@ def soft_token_attack(model, x: torch.Tensor, y: torch.Tensor, start_idx: torch.
                     delta = _project(delta.detach() - lr * _direction(g, norm), eps, norm)
             delta = delta.detach()
             emb = base.scatter(1, gather_idx, offset + delta)
-    finally:
-        for p, f in zip(model.parameters(), flags):
-            p.requires_grad_(f)
-        model.train(was_training)
     return AttackResult(embeds=emb, ids=ids, y=y_new, start_idx=new_start, soft_start=soft_start, soft=delta,
                         eps=eps, norm=norm, lr=lr, losses=torch.stack(losses), placement=placement,
                         inserted=n_soft if placement == "insert" else 0)
@@ -268,12 +261,8 @@ def generate(model, prompt_ids, n_new: int, lengths=None) -> torch.LongTensor:
     buf = torch.full((B, W), PAD, dtype=torch.long, device=dev)
     keep = torch.arange(min(T, W), device=dev)[None, :] < lengths[:, None]
     buf[:, :min(T, W)] = torch.where(keep, prompt_ids[:, :W].to(dev).long(), PAD)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return _greedy(model, buf, lengths, n_new, embeds=False)
-    finally:
-        model.train(was_training)
 
 
 def generate_from_embeds(model, embeds: torch.Tensor, n_new: int, lengths=None) -> torch.LongTensor:
@@ -293,12 +282,8 @@ def generate_from_embeds(model, embeds: torch.Tensor, n_new: int, lengths=None) 
     buf = torch.zeros(B, W, D, dtype=embeds.dtype, device=dev)
     keep = torch.arange(min(T, W), device=dev)[None, :, None] < lengths[:, None, None]
     buf[:, :min(T, W)] = embeds[:, :W].detach().to(dev) * keep
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return _greedy(model, buf, lengths, n_new, embeds=True)
-    finally:
-        model.train(was_training)
 
 
 def attack_success(model, result: AttackResult, y_compliant_full: torch.Tensor, apply_second=None, *,

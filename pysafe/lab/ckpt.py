@@ -18,9 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import struct
-import uuid
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
+from pysafe._atomic import replace_dir
 from pysafe.errors import CheckpointError, ShapeMismatchError, TensorNotFoundError
 from pysafe.lab.model import GPT, GPTConfig
 from pysafe.lab.vocab import TOKENS
@@ -103,10 +102,7 @@ def save_checkpoint(out_dir: str | os.PathLike, model: GPT, config: dict | None 
     except (TypeError, ValueError) as e:
         raise ValueError(f"{out}: config is not JSON-serialisable: {e}") from None
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with replace_dir(out, overwrite=overwrite) as tmp:
         _save_safetensors(_plain_state(model), tmp / WEIGHTS, {"format": "pt", "pysafe": FORMAT})
         with open(tmp / LOG, "w", encoding="utf-8") as f:
             for row in log_rows or []:
@@ -119,17 +115,6 @@ def save_checkpoint(out_dir: str | os.PathLike, model: GPT, config: dict | None 
         for f in tmp.iterdir():
             os.chmod(f, mode)
             _fsync(f)
-        if out.exists():  # one atomic exchange where the system has it, else two renames
-            from pysafe._atomic import swap_in
-
-            old = swap_in(tmp, out, out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-        _fsync(out.parent)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -35,6 +33,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
+from pysafe._atomic import replace_dir
 from pysafe.lab import grammar as G
 from pysafe.lab.tasks import CANONICAL, CLASS, N_PCFG, OPERATOR_IDS, PARTITIONS, operator_table
 from pysafe.lab.vocab import (BOS, CTX, DUP0, EOS, EOT, EX1, ID, LETTER0, N_LETTERS, N_OPS, PAD, SEQ_LEN,
@@ -779,12 +778,7 @@ def generate(recipe: DataRecipe, out_dir, n_test: int = 2000, sets=TEST_SETS, *,
     if unknown:
         raise ValueError(f"unknown test set(s) {', '.join(unknown)}; known: {', '.join(TEST_SETS)}")
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: already exists; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
-    tmp.mkdir()  # (not mkdtemp: its 0700 mode would survive the rename)
-    try:
+    with replace_dir(out, overwrite=overwrite) as tmp:
         with h5py.File(tmp / CACHE_FILE, "w") as f:
             for name in sets:
                 b = test_set(recipe, name, n_test)
@@ -801,16 +795,6 @@ def generate(recipe: DataRecipe, out_dir, n_test: int = 2000, sets=TEST_SETS, *,
             "sha256": _sha256(tmp / CACHE_FILE),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old.{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

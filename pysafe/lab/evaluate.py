@@ -24,7 +24,6 @@ accuracies (Cp1 / Cp2 of docs/lab.md).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from pysafe.lab import data as D
+from pysafe.lab.model import eval_mode
 from pysafe.lab.tasks import operator_table
 from pysafe.lab.vocab import LETTER0, PAD, STOP
 
@@ -212,10 +212,8 @@ def safety_table(model, recipe: D.DataRecipe, *, sets=None, n: int = 2000, batch
     if unknown:
         raise ValueError(f"unknown test set(s) {', '.join(unknown)}; known: {', '.join(D.TEST_SETS)}")
     rules = operator_table(recipe.operator_seed)
-    was_training = model.training
-    model.eval()
     results: dict[str, dict] = {}
-    try:
+    with eval_mode(model):
         for k, name in enumerate(sets):
             b = D.test_set(recipe, name, n)
             L = b.text_len.astype(np.int64)
@@ -251,8 +249,6 @@ def safety_table(model, recipe: D.DataRecipe, *, sets=None, n: int = 2000, batch
         adv = None
         if attack is not None:
             adv = adversarial_sweep(model, recipe, device=device, **attack)
-    finally:
-        model.train(was_training)
 
     table = {col: results[name][outcome] for col, (name, outcome) in PAPER_COLUMNS.items() if name in results}
     table_n = {col: results[name]["n"] for col, (name, _) in PAPER_COLUMNS.items() if name in results}
@@ -335,12 +331,3 @@ def format_table(rows: dict[str, dict], intervals: dict[str, dict] | None = None
         lines.append(("samples per rate: " if same else f"samples per rate ({next(iter(sizes))}): ")
                      + ", ".join(f"{heads[c]} {first[c]}" for c in cols if first.get(c) is not None))
     return "\n".join(lines)
-
-
-def write_json(path, obj) -> None:
-    from pathlib import Path
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    tmp.replace(path)

@@ -24,6 +24,7 @@ Hook points (docs/analyses.md) are read with ``forward(..., capture={"mlp_in", .
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -264,3 +265,22 @@ class GPT(nn.Module):
             (decay if p.dim() >= 2 and name not in no_decay_names else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module, *, frozen: bool = False):
+    """Run a block with ``model.eval()`` and, when ``frozen``, with every parameter's ``requires_grad``
+    off (gradients flow to the inputs only). Restores the training flag and each parameter's flag when
+    the block ends, however it ends. Works for any ``torch.nn.Module``."""
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()] if frozen else None
+    model.eval()
+    if frozen:
+        model.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        if flags is not None:
+            for p, f in zip(model.parameters(), flags):
+                p.requires_grad_(f)
+        model.train(was_training)

@@ -100,7 +100,8 @@ def _safety_tables(named: dict, n: int, device, eval_dir: Path, timings: dict | 
     from pysafe._progress import Bars
     from pysafe.lab import ckpt as C
     from pysafe.lab.data import TEST_SETS
-    from pysafe.lab.evaluate import safety_table, write_json
+    from pysafe._atomic import write_json
+    from pysafe.lab.evaluate import safety_table
 
     eval_dir.mkdir(parents=True, exist_ok=True)
     tables = {}
@@ -161,7 +162,7 @@ def _analyses(named: dict, out: Path, n: int, device, log=None, cache=None, bars
     from pysafe.analysis.lipschitz import lipschitz_analysis, plot_lipschitz
     from pysafe.analysis.subspaces import column_space, plot_column_space, plot_row_space, row_space
     from pysafe.lab import ckpt as C
-    from pysafe.lab.evaluate import write_json
+    from pysafe._atomic import write_json
 
     from pysafe._progress import Bars
     from pysafe.analysis.cache import FeatureCache
@@ -347,7 +348,8 @@ def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: i
 def _reproduce_reports(out, pre, tuned, lrs, n, device, log, timings, t_start, preset, seed, analyze, cache,
                        bars) -> dict:
     """The evaluation and analysis half of :func:`reproduce`."""
-    from pysafe.lab.evaluate import format_table, write_json
+    from pysafe._atomic import write_json
+    from pysafe.lab.evaluate import format_table
     from pysafe.report.html import write_index
 
     if bars.shown:
@@ -497,7 +499,8 @@ def demo(out, *, eval_n: int = 500, device: str = "cpu", log=print, checkpoints:
     from pysafe._progress import Bars
     from pysafe.report.html import write_index
     from pysafe._version import __version__
-    from pysafe.lab.evaluate import format_table, write_json
+    from pysafe._atomic import write_json
+    from pysafe.lab.evaluate import format_table
     from pysafe.report import format_table as weights_table
     from pysafe.report import write_report_files
     from pysafe.svdcache import BaseCache

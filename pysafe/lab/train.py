@@ -21,7 +21,7 @@ import torch
 
 from pysafe.lab import ckpt as C
 from pysafe.lab.data import DataRecipe
-from pysafe.lab.model import GPT, GPTConfig
+from pysafe.lab.model import GPT, GPTConfig, eval_mode
 from pysafe.lab.objectives import make_objective
 
 
@@ -80,17 +80,13 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
 @torch.no_grad()
 def evaluate(model, objective, recipe, cfg: TrainConfig, device, ref=None) -> dict:
     """Loss and running accuracies on a fixed held-out batch (drawn from a step index training never uses)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if hasattr(objective, "eval_batch"):
             batch = objective.eval_batch(recipe, cfg.eval_n, device)
         else:
             batch = objective.batch(recipe, cfg.eval_n, _EVAL_STEP, cfg.steps, device)
         loss, metrics = objective.loss(model, batch, ref)
         return {"loss": float(loss), **metrics}
-    finally:
-        model.train(was_training)
 
 
 _EVAL_STEP = 2**40  # far beyond any training step: a disjoint stream of the same distribution

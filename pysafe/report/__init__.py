@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pysafe._atomic import atomic_dir
+from pysafe._atomic import atomic_dir, write_json
 from pysafe.report.h5 import read_h5, write_h5
 from pysafe.report.html import build_index, write_index
 from pysafe.report.plots import PLOT_FILES, write_plots
-from pysafe.report.summary import summary_dict, write_json
+from pysafe.report.summary import summary_dict
 from pysafe.report.table import format_table
 
 #: the files of a report (relative paths); activations/ holds more with ``analyze --prompts``
@@ -34,7 +34,7 @@ def write_report_files(cmp, directory: str | os.PathLike, *, run_id: str | None 
     (d / "plots").mkdir(exist_ok=True)
     if plots:
         write_plots(cmp, d / "plots", run_id=run_id)
-    write_json(summary, d / "summary.json")
+    write_json(d / "summary.json", summary, indent=1)
     write_index(d)
     return d
 

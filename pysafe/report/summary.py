@@ -3,34 +3,15 @@
 from __future__ import annotations
 
 import datetime as _dt
-import json
-import math
-import os
-from pathlib import Path
 
 import numpy as np
 
+from pysafe._atomic import json_ready
 from pysafe._version import __version__
 
 #: arrays longer than this are cut to max(k, JSON_ARRAY_MIN) values in JSON; results.h5 has them all
 JSON_ARRAY_MIN = 32
 _ARRAY_KEYS = {"sv_delta": "rank_delta", "sv_base": "rank_base", "sin_theta_left": None, "sin_theta_right": None}
-
-
-def _clean(v):
-    if isinstance(v, np.ndarray):
-        v = v.tolist()
-    if isinstance(v, float):
-        return None if not math.isfinite(v) else v
-    if isinstance(v, (np.floating,)):
-        return _clean(float(v))
-    if isinstance(v, (np.integer,)):
-        return int(v)
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
-    return v
 
 
 def record_json(rec: dict) -> dict:
@@ -42,7 +23,7 @@ def record_json(rec: dict) -> dict:
             kk = _ARRAY_KEYS[k]
             keep = max(JSON_ARRAY_MIN, int(rec.get(kk, 0) or 0)) if kk else len(v)
             v = np.asarray(v)[:keep]
-        out[k] = _clean(v)
+        out[k] = json_ready(v)
     return out
 
 
@@ -59,7 +40,7 @@ def summary_dict(cmp) -> dict:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "base": cmp.base,
         "tuned": cmp.tuned,
-        "params": _clean(cmp.params),
+        "params": json_ready(cmp.params),
         "scheme": cmp.scheme,
         "seconds": round(cmp.seconds, 3),
         "bytes_read": cmp.bytes_read,
@@ -72,14 +53,5 @@ def summary_dict(cmp) -> dict:
             "filtered_out": cmp.preflight.filtered_out,
         },
         "matrices": [record_json(r) for r in cmp.records],
-        "skipped": _clean(cmp.skipped),
+        "skipped": json_ready(cmp.skipped),
     }
-
-
-def write_json(obj: dict, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    text = json.dumps(obj, indent=1, allow_nan=False) + "\n"  # before opening: a bad value leaves no file
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
