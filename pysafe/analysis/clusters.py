@@ -30,7 +30,6 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from pysafe.analysis.capture import lab_features
 from pysafe.distances import distance_summary

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pysafe.cli.options import check_device, debug_option, device_option, handle_errors
+from pysafe.cli.options import debug_option, device_option, handle_errors
 
 
 def _busy(what: str):
