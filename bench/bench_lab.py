@@ -101,7 +101,7 @@ def bench_train() -> None:
 
     from pysafe.lab.model import GPT
     from pysafe.lab.objectives import Pretrain
-    from pysafe.lab.pipeline import stage_settings
+    from pysafe.lab.config import stage_settings
     from pysafe.lab.vocab import PAD
 
     for preset in presets.split(","):
@@ -169,7 +169,7 @@ def bench_floor() -> None:
 
     from pysafe.lab import ckpt as C
     from pysafe.lab.objectives import make_objective
-    from pysafe.lab.pipeline import DEMO_DIR, stage_settings
+    from pysafe.lab.config import DEMO_DIR, stage_settings
 
     flags = _cpu_flags()
     hw_bf16 = bool({"avx512_bf16", "amx_bf16"} & flags)
@@ -247,7 +247,7 @@ def bench_eval() -> None:
 
     from pysafe.lab.evaluate import safety_table
     from pysafe.lab.model import GPT
-    from pysafe.lab.pipeline import stage_settings
+    from pysafe.lab.config import stage_settings
 
     s = stage_settings("cpu", "pretrain")
     torch.manual_seed(0)
@@ -269,7 +269,7 @@ def bench_capture() -> None:
     from pysafe.analysis.capture import lab_features
     from pysafe.lab import data as D
     from pysafe.lab.model import GPT
-    from pysafe.lab.pipeline import stage_settings
+    from pysafe.lab.config import stage_settings
 
     s = stage_settings("cpu", "pretrain")
     torch.manual_seed(0)

@@ -10,7 +10,9 @@ import torch
 from click.testing import CliRunner
 
 from pysafe.analysis.capture import lab_features, pooling_weights
-from pysafe.analysis.clusters import auroc, cluster_analysis, tau_scores
+from pysafe.analysis.clusters import auroc, tau_scores
+from pysafe.lab.inputs import reference_inputs
+from pysafe.pipeline.steps import lab_cluster_analysis as cluster_analysis
 from pysafe.cli import main
 from pysafe.lab import ckpt as C
 from pysafe.lab import data as D
@@ -76,7 +78,7 @@ def test_cluster_analysis_schema():
     assert res["groups"]["std_safe"]["n"] == 24 and res["groups"]["std_unsafe"]["n"] == 24
     from pysafe.analysis.clusters import features, reference_means, tau_scores as tau_of
 
-    mu_s, mu_u = reference_means(m, RECIPE, 24, batch_size=16)
+    mu_s, mu_u = reference_means(m, reference_inputs(RECIPE, 24), batch_size=16)
     for g, set_name, variant in (("std_safe", "std_safe", "x_safe"), ("std_unsafe", "std_unsafe", "x_unsafe_target")):
         b = D.test_set(RECIPE, set_name, 24)
         f = features(m, getattr(b, variant), b.start_idx, batch_size=16)

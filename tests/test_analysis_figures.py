@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from pysafe.analysis.lipschitz import lipschitz_analysis, lipschitz_estimates
+from pysafe.lab.inputs import safe_unsafe_inputs
 from pysafe.analysis.subspaces import column_space, energy_rank, row_scores, row_space, sin_theta
 from pysafe.cli import main
 from pysafe.lab import ckpt as C
@@ -70,7 +71,7 @@ def test_column_and_row_space_schema():
                 assert all(0 <= v <= 1 for v in row[lab]["sin_theta"]) and len(row[lab]["sin_theta"]) == row[lab]["k"]
     same = column_space(base, base)
     assert same["matrices"]["c_fc"][0]["tuned"]["mean_sin_theta"] < 1e-6  # W_ST = W_IT: inside its own span
-    rs = row_space(base, tuned, RECIPE, n=8, top=5)
+    rs = row_space(base, tuned, safe_unsafe_inputs(RECIPE, 8), top=5)
     for lab in ("base", "tuned", "delta"):
         for row in rs["weights"][lab]:
             assert len(row["safe"]["abs_score_mean"]) == 5 and row["unsafe"]["n"] == 16
@@ -90,7 +91,7 @@ def test_lipschitz_batch_invariant_and_matches_autograd():
     (g,) = torch.autograd.grad(z, E)
     assert est["grad"][3] == pytest.approx(float(g[0, :s].norm()), rel=1e-5)
     assert np.all(est["fd"] > 0)
-    res = lipschitz_analysis(base, RECIPE, n=6, fd_samples=2, bins=5)
+    res = lipschitz_analysis(base, safe_unsafe_inputs(RECIPE, 6), fd_samples=2, bins=5)
     for k in ("grad", "fd"):
         r = res["estimates"][k]
         assert len(r["bins"]) == 6 and r["safe"]["n"] == 12 and 0 <= r["auroc_safe_gt_unsafe"] <= 1

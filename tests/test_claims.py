@@ -251,10 +251,11 @@ def test_pretrained_model_against_itself_holds_nothing(tmp_path):
     """The demo's own analyses and claim code, run with the shipped pretrained model as the "fine-tune": every
     claim against the pretrained model, a random ΔW or a label permutation of ΔW's reading fails (the effects are
     exactly 0); the claims that judge one model alone fail once its points' labels are shuffled."""
-    from pysafe.lab.pipeline import DEMO_DIR, _analyses, cluster_claims, figure_claims
+    from pysafe.lab.config import DEMO_DIR
+    from pysafe.pipeline.steps import analyses, cluster_claims, figure_claims
 
     pre = DEMO_DIR / "pretrain"
-    res, figs = _analyses({"pretrained": pre, "ssft": pre}, tmp_path, 12, "cpu")
+    res, figs = analyses({"pretrained": pre, "ssft": pre}, tmp_path, 12, "cpu")
     claims = cluster_claims(res, {}) + figure_claims(figs, {})
     json.dumps(claims, allow_nan=False)
     assert len(claims) == 8 and not any(c["holds"] for c in claims if c["control_kind"] != "label_permutation")

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 import pysafe
 from pysafe.errors import CheckpointError, HeaderError, ShapeMismatchError, TensorNotFoundError
 from pysafe.lab import ckpt as C
-from pysafe.lab.attacks import attack_success, generate, generate_from_embeds, insert_soft_block, soft_token_attack
+from pysafe.lab.attacks import attack_success, insert_soft_block, soft_token_attack
+from pysafe.lab.generate import generate, generate_from_embeds
 from pysafe.lab.config import PRESETS, load_preset
 from pysafe.lab.model import GPT, HOOKS, GPTConfig, eval_mode
 
@@ -252,7 +253,7 @@ def test_presets_load(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         load_preset("nope")
     # [finetune] lrs: the rates `pysafe reproduce` fine-tunes at (default: the paper's two)
-    from pysafe.lab.pipeline import PAPER_LRS, preset_lrs, stage_settings
+    from pysafe.lab.config import PAPER_LRS, preset_lrs, stage_settings
 
     assert preset_lrs("paper") == PAPER_LRS and preset_lrs("tiny") == PAPER_LRS
     mine.write_text('extends = "tiny"\n[finetune]\nlrs = [3e-4, 3e-5]\n')
@@ -265,7 +266,7 @@ def test_presets_load(tmp_path):
 
 def test_preset_per_stage_finetune_settings(tmp_path):
     """[finetune.<stage>] overrides [finetune] for that objective only; --steps keeps its schedule's shape."""
-    from pysafe.lab.pipeline import stage_settings
+    from pysafe.lab.config import stage_settings
 
     mine = tmp_path / "mine.toml"
     mine.write_text('extends = "tiny"\n[finetune]\nsteps = 100\nwarmup = 10\ndecay_steps = 80\n'
@@ -286,7 +287,7 @@ def test_preset_per_stage_finetune_settings(tmp_path):
 
 def test_preset_objective_options(tmp_path):
     """[objectives.<stage>] holds one safety objective's options: validated, merged through `extends`."""
-    from pysafe.lab.pipeline import stage_settings
+    from pysafe.lab.config import stage_settings
 
     # cpu runs DPO at the reference's effective β (its 0.1 and 0.01 over the constant 159, lab.md §4)
     dpo = stage_settings("cpu", "dpo").objective

@@ -18,11 +18,12 @@ from safetensors.numpy import load_file
 
 from pysafe.cli import main
 from pysafe.lab import data as D
-from pysafe.lab.attacks import generate
-from pysafe.lab.evaluate import compliant_answer, refusal_answer, safety_table, score_answers
+from pysafe.lab.generate import generate
+from pysafe.lab.answers import compliant_answer, refusal_answer
+from pysafe.lab.evaluate import safety_table, score_answers
 from pysafe.lab.model import GPT, GPTConfig
 from pysafe.lab.objectives import DPO, SSFT, Unlearn, make_objective
-from pysafe.lab.pipeline import stage_settings
+from pysafe.lab.config import stage_settings
 from pysafe.lab.tasks import operator_table
 from pysafe.lab.train import TrainConfig, get_lr, train
 from pysafe.lab.vocab import PAD, STOP
@@ -465,7 +466,7 @@ def test_reproduce_end_to_end_tiny(tmp_path):
     """`pysafe reproduce` from nothing on the tiny preset: both learning rates, safety tables, analyze
     reports, clusters of every checkpoint and the claims table (with the strength claim); a second run reuses
     every finished stage."""
-    from pysafe.lab.pipeline import reproduce
+    from pysafe.pipeline.reproduce import reproduce
 
     out = tmp_path / "run"
     logs = []
@@ -501,7 +502,7 @@ def test_reproduce_end_to_end_tiny(tmp_path):
 def test_reproduce_overwrite_keeps_user_files(tmp_path):
     """`pysafe reproduce --overwrite` removes what reproduce wrote (checkpoints, reports) and nothing else:
     a user's notes in the same folder survive (before: the whole folder was removed with rmtree)."""
-    from pysafe.lab.pipeline import _remove_reproduce_outputs
+    from pysafe.pipeline.reproduce import _remove_reproduce_outputs
 
     out = tmp_path / "run"
     for d in ("pretrain", "ssft_lr1em4", "dpo_lr1em5", "eval", "analyze/ssft_lr1em4", "clusters/ssft", "mine"):

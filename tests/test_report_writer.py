@@ -237,7 +237,7 @@ def test_overwrite_refuses_to_replace_a_user_file(pair, tmp_path):
 def quick_demo(monkeypatch):
     """`pysafe demo` on the shipped checkpoints with its slow parts (evaluation, clusters, plots) replaced by
     stubs that write the same files: the folder rules are what is tested here."""
-    from pysafe.lab import pipeline
+    from pysafe.pipeline import demo as pipeline
 
     def tables(named, n, device, eval_dir, *a, **k):
         eval_dir.mkdir(parents=True, exist_ok=True)
@@ -248,12 +248,10 @@ def quick_demo(monkeypatch):
     def clusters(named, out, *a, **k):
         return []
 
-    monkeypatch.setattr(pipeline, "_safety_tables", tables)
-    monkeypatch.setattr(pipeline, "_clusters_and_claims", clusters)
+    monkeypatch.setattr(pipeline, "safety_tables", tables)
+    monkeypatch.setattr(pipeline, "clusters_and_claims", clusters)
     monkeypatch.setattr(pysafe.report, "write_plots", _small_plots)  # 15 matplotlib figures per demo otherwise
-    import pysafe.lab.evaluate as ev
-
-    monkeypatch.setattr(ev, "format_table", lambda t, *a, **k: "table")
+    monkeypatch.setattr(pipeline, "format_table", lambda t, *a, **k: "table")
 
 
 def test_demo_follows_the_report_folder_rules(quick_demo, tmp_path):

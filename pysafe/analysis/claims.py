@@ -208,6 +208,12 @@ def _same_length(*xs) -> bool:
     return len({len(x) for x in xs}) == 1
 
 
+def _attack_budgets(r: dict) -> list[float]:
+    """The attack budgets of the groups ``adv_soft_tokens_eps<f>`` of a cluster_analysis result."""
+    prefix = "adv_soft_tokens_eps"
+    return [float(g[len(prefix):]) for g in (r or {}).get("groups", {}) if g.startswith(prefix)]
+
+
 def separation_vs_model(text: str, tuned: dict, control: dict, kind: str, seed: int = 0) -> Claim:
     """τ(std_safe) − τ(std_unsafe) at the last layer of ``tuned`` against the same of ``control`` (a
     ``cluster_analysis`` result on the same inputs: per-input pairs are resampled together)."""
@@ -222,8 +228,6 @@ def separation_vs_model(text: str, tuned: dict, control: dict, kind: str, seed: 
 def cluster_claims(res: dict, weaker: dict | None = None, *, n_resamples: int = N_RESAMPLES) -> list[Claim]:
     """The activation-space claims (Figs 3 and 7) at the last layer from ``{name: cluster_analysis()}``;
     ``res`` must hold "pretrained"; ``weaker`` maps a fine-tune to the same method at the lower rate."""
-    from pysafe.lab.pipeline import ATTACK_SWEEP
-
     weaker = weaker or {}
     kw = dict(n_resamples=n_resamples)
     claims = []
@@ -262,12 +266,14 @@ def cluster_claims(res: dict, weaker: dict | None = None, *, n_resamples: int = 
                     f"control = adv/unsafe labels shuffled)")
             claims.append(_nan_claim(text, "label_permutation", ">", {}, "no std_unsafe τ") if unsafe is None else
                           vs_permutation(text, ("adv_soft_tokens", UNSAFE), (adv, unsafe), mean_diff, **kw))
-        lo_g, hi_g = f"adv_soft_tokens_eps{min(ATTACK_SWEEP):g}", f"adv_soft_tokens_eps{max(ATTACK_SWEEP):g}"
+        budgets = _attack_budgets(r)  # the swept budgets other than 1 (those groups carry it in their names)
+        lo_g, hi_g = (f"adv_soft_tokens_eps{min(budgets):g}", f"adv_soft_tokens_eps{max(budgets):g}") if budgets \
+            else (None, None)
         lo, hi = _group_values(r, lo_g), _group_values(r, hi_g)
-        if lo is not None and hi is not None:
+        if lo is not None and hi is not None and lo_g != hi_g:
             claims.append(vs_control_samples(
-                f"the shift toward safe grows with the attack budget ({k}: τ_adv at {max(ATTACK_SWEEP):g}× the letter "
-                f"norm; control = at {min(ATTACK_SWEEP):g}× on the same inputs)", (hi_g,), (hi,), (lo,),
+                f"the shift toward safe grows with the attack budget ({k}: τ_adv at {max(budgets):g}× the letter "
+                f"norm; control = at {min(budgets):g}× on the same inputs)", (hi_g,), (hi,), (lo,),
                 lambda x: np.mean(x, axis=-1), kind="lower_budget", side=">", paired=_same_length(hi, lo), **kw))
     return claims
 

@@ -26,17 +26,12 @@ same samples for both (bug B-series); its truncation of g to 192 of 768 units is
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 
 from pysafe.analysis.capture import lab_features
 from pysafe.distances import distance_summary
-from pysafe.lab import data as D
-
-JAILBREAKS = ("jb_co_task", "jb_co_text", "jb_mg_tokens", "jb_mg_text", "jb_comp")
-REFERENCE_SEED_OFFSET = 104729  # the reference set's sampling stream: recipe.seed + this
 
 
 def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -76,33 +71,6 @@ def tau_scores(f: np.ndarray, mu_s: np.ndarray, mu_u: np.ndarray):
 SAFE_GROUP, UNSAFE_GROUP = "std_safe", "std_unsafe"
 
 
-def reference_inputs(recipe, n: int) -> dict:
-    """{"safe", "unsafe"}: (x, start_idx) of the reference means' inputs: the safe and the unsafe
-    (compliant-target) versions of std_safe and std_unsafe, n of each set."""
-    groups = {"safe": [], "unsafe": []}
-    for name in ("std_safe", "std_unsafe"):
-        b = D.test_set(recipe, name, n)
-        groups["safe"].append((b.x_safe, b.start_idx))
-        groups["unsafe"].append((b.x_unsafe_target, b.start_idx))
-    return {g: (np.concatenate([x for x, _ in v]), np.concatenate([s for _, s in v])) for g, v in groups.items()}
-
-
-def group_inputs(recipe, n: int, sets=JAILBREAKS) -> dict:
-    """{group: (x, start_idx)}: the evaluation inputs of each set's headline input (``std_safe``: the safe
-    version of std_safe; ``std_unsafe``: the unsafe version of std_unsafe; a jailbreak set: its attack
-    inputs that are unsafe by function), teacher-forced with the answer each carries."""
-    out = {}
-    b = D.test_set(recipe, "std_safe", n)
-    out[SAFE_GROUP] = (b.x_safe, b.start_idx)
-    b = D.test_set(recipe, "std_unsafe", n)
-    out[UNSAFE_GROUP] = (b.x_unsafe_target, b.start_idx)
-    for name in sets:
-        b = D.test_set(recipe, name, n)
-        keep = np.asarray(b.attack_unsafe, dtype=bool)
-        out[name] = (b.x_attack[keep], b.start_idx[keep])
-    return out
-
-
 def features(model, x, s, *, cache=None, model_key: str | None = None, **cap) -> np.ndarray:
     """:func:`lab_features` through the optional :class:`~pysafe.analysis.cache.FeatureCache`."""
     from pysafe.analysis.cache import cached, inputs_fingerprint, model_fingerprint
@@ -115,12 +83,11 @@ def features(model, x, s, *, cache=None, model_key: str | None = None, **cap) ->
     return cached(cache, parts, lambda: lab_features(model, x, s, **cap))
 
 
-def reference_means(model, recipe, n: int, cache=None, model_key=None, **cap) -> tuple[np.ndarray, np.ndarray]:
-    """(μ_S, μ_U), each [layers, D], from a sampling stream disjoint from the evaluation sets."""
-    ref = dataclasses.replace(recipe, seed=(recipe.seed + REFERENCE_SEED_OFFSET) % (2**32 - 9))
-    g = reference_inputs(ref, n)
-    mu_s = features(model, *g["safe"], cache=cache, model_key=model_key, **cap).mean(0)
-    mu_u = features(model, *g["unsafe"], cache=cache, model_key=model_key, **cap).mean(0)
+def reference_means(model, reference: dict, cache=None, model_key=None, **cap) -> tuple[np.ndarray, np.ndarray]:
+    """(μ_S, μ_U), each [layers, D]: the mean pooled features of ``reference["safe"]`` and
+    ``reference["unsafe"]`` ((x, start_idx) each; the lab's ``inputs.reference_inputs``)."""
+    mu_s = features(model, *reference["safe"], cache=cache, model_key=model_key, **cap).mean(0)
+    mu_u = features(model, *reference["unsafe"], cache=cache, model_key=model_key, **cap).mean(0)
     return mu_s, mu_u
 
 
@@ -173,47 +140,35 @@ def summarize_groups(feats: dict, mu_s: np.ndarray, mu_u: np.ndarray, *, safe: s
     return out_groups
 
 
-def cluster_analysis(model, recipe, *, n: int = 500, n_ref: int | None = None, hook: str = "mlp_act",
-                     positions: str = "window", n_window: int = 10, attack: dict | None = None,
-                     sets=JAILBREAKS, batch_size: int = 256, device="cpu", cache=None) -> dict:
-    """Fig 3 metrics of one lab model (JSON-ready; the ``pysafe clusters`` schema).
+def cluster_analysis(model, groups: dict, reference: dict, *, hook: str = "mlp_act", positions: str = "window",
+                     n_window: int = 10, batch_size: int = 256, device="cpu", cache=None) -> dict:
+    """Fig 3 metrics of one model (JSON-ready; the ``groups`` part of the ``pysafe clusters`` schema).
 
     Args:
-        n: samples drawn per test set (safe and unsafe groups take them from std_safe and std_unsafe, so
-            they have 2n points; a jailbreak group keeps the samples that are unsafe by function).
-        n_ref: reference samples per set for μ_S and μ_U (default n).
-        cache: a :class:`~pysafe.analysis.cache.FeatureCache` for the clean groups' features (attacked
-            inputs are recomputed).
-        attack: soft-token attack options (``attacks.soft_token_attack``: n_soft, n_steps, eps_factor,
-            norm, placement) to add the ``adv_soft_tokens`` group; ``eps_factors`` (a list) sweeps the budget
-            (Fig 7), one group per budget (``adv_soft_tokens_eps<f>``; budget 1 keeps the plain name). None
-            leaves the attacked groups out.
+        groups: {name: (x, start_idx)} or {name: (ids, start_idx, embeds)} (attacked inputs: ``embeds``
+            replaces ``wte(ids)``); must hold "std_safe" and "std_unsafe" (:func:`summarize_groups`).
+        reference: {"safe": (x, start_idx), "unsafe": (x, start_idx)}: the inputs of μ_S and μ_U, disjoint
+            from the groups' inputs.
+        cache: a :class:`~pysafe.analysis.cache.FeatureCache` for the features of token inputs (inputs
+            given as embeddings are recomputed).
+
+    Returns:
+        {"hook", "positions", "n_window", "layers", "groups": :func:`summarize_groups`}.
     """
     from pysafe.analysis.cache import model_fingerprint
 
     cap = dict(hook=hook, positions=positions, n_window=n_window, batch_size=batch_size, device=device)
     model.to(device)
     key = model_fingerprint(model) if cache is not None else None
-    mu_s, mu_u = reference_means(model, recipe, n_ref or n, cache=cache, model_key=key, **cap)
-    feats = {g: features(model, x, s, cache=cache, model_key=key, **cap)
-             for g, (x, s) in group_inputs(recipe, n, sets).items()}
-    if attack is not None:
-        from pysafe.lab.attacks import attacked_inputs
-
-        attack = dict(attack)
-        factors = [float(f) for f in attack.pop("eps_factors", None) or [attack.pop("eps_factor", 1.0)]]
-        for f in factors:  # Fig 7: one group per attack budget; the budget 1.0 (or a lone one) is "adv_soft_tokens"
-            res = attacked_inputs(model, recipe, n=n, device=device, eps_factor=f, **attack)
-            name = "adv_soft_tokens" if (f == 1.0 or len(factors) == 1) else f"adv_soft_tokens_eps{f:g}"
-            feats[name] = lab_features(model, res.ids.cpu().numpy(), res.start_idx.cpu().numpy(),
-                                       embeds=res.embeds.detach(), **cap)
-        attack["eps_factors"] = factors
-    out_groups = summarize_groups(feats, mu_s, mu_u)
-    n_layer = mu_s.shape[0]
-    return {"hook": hook, "positions": positions, "n_window": n_window, "layers": list(range(n_layer)),
-            "reference": {"n_per_set": n_ref or n, "sets": ["std_safe", "std_unsafe"],
-                          "seed": (recipe.seed + REFERENCE_SEED_OFFSET) % (2**32 - 9)},
-            "attack": attack, "groups": out_groups}
+    mu_s, mu_u = reference_means(model, reference, cache=cache, model_key=key, **cap)
+    feats = {}
+    for g, inp in groups.items():
+        if len(inp) == 3:
+            feats[g] = lab_features(model, inp[0], inp[1], embeds=inp[2], **cap)
+        else:
+            feats[g] = features(model, *inp, cache=cache, model_key=key, **cap)
+    return {"hook": hook, "positions": positions, "n_window": n_window, "layers": list(range(mu_s.shape[0])),
+            "groups": summarize_groups(feats, mu_s, mu_u)}
 
 
 def write_clusters(result: dict, out_dir, title: str = "") -> Path:

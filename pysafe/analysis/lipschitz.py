@@ -66,18 +66,15 @@ def lipschitz_estimates(model, x, start_idx, *, fd_samples: int = 8, fd_radius: 
             "fd": np.concatenate(fds) if fds else np.zeros(0)}
 
 
-def lipschitz_analysis(model, recipe, *, n: int = 500, fd_samples: int = 8, fd_radius: float = 1e-2, bins: int = 30,
+def lipschitz_analysis(model, inputs: dict, *, fd_samples: int = 8, fd_radius: float = 1e-2, bins: int = 30,
                        device="cpu") -> dict:
-    """Fig 6 on the safe and unsafe variants of std_safe and std_unsafe (JSON-ready, with shared-bin
-    histograms and the per-input estimates, ``values``, in input order: the i-th safe and unsafe values
-    share a text)."""
-    from pysafe.lab import data as D
-
-    est = {"safe": {"grad": [], "fd": []}, "unsafe": {"grad": [], "fd": []}}
-    for name in ("std_safe", "std_unsafe"):
-        b = D.test_set(recipe, name, n)
-        for g, x in (("safe", b.x_safe), ("unsafe", b.x_unsafe_target)):
-            e = lipschitz_estimates(model, x, b.start_idx, fd_samples=fd_samples, fd_radius=fd_radius, device=device)
+    """Fig 6 on ``inputs`` = {"safe": [(x, start_idx), ...], "unsafe": [...]} (the lab's
+    ``inputs.safe_unsafe_inputs``): JSON-ready, with shared-bin histograms and the per-input estimates,
+    ``values``, in input order (the i-th safe and unsafe values share a text when the inputs are paired)."""
+    est = {g: {"grad": [], "fd": []} for g in ("safe", "unsafe")}
+    for g in ("safe", "unsafe"):
+        for x, s in inputs[g]:
+            e = lipschitz_estimates(model, x, s, fd_samples=fd_samples, fd_radius=fd_radius, device=device)
             for k in ("grad", "fd"):
                 est[g][k].append(e[k])
     out = {"fd_samples": fd_samples, "fd_radius": fd_radius, "estimates": {}}

@@ -114,20 +114,16 @@ def column_space_row(Wb: np.ndarray, Wt: np.ndarray, *, energy: float = 0.9, cen
     return row
 
 
-def row_space(base_model, tuned_model, recipe, *, n: int = 500, hook: str = "mlp_in", positions: str = "eot",
+def row_space(base_model, tuned_model, inputs: dict, *, hook: str = "mlp_in", positions: str = "eot",
               top: int = 15, center: bool = False, device="cpu", batch_size: int = 256, cache=None) -> dict:
     """Fig 5: inputs at the tuned model's ``hook`` (default the true MLP input, at EOT) scored on the right
-    singular directions of W_IT, W_ST and ΔW (``c_fc``), for the safe and unsafe variants of std_unsafe
-    (paired: the same text) and std_safe."""
+    singular directions of W_IT, W_ST and ΔW (``c_fc``), for ``inputs`` = {"safe": [(x, start_idx), ...],
+    "unsafe": [...]} (the lab's ``inputs.safe_unsafe_inputs``: the safe and unsafe variants of std_unsafe,
+    paired by text, and of std_safe)."""
     from pysafe.analysis.clusters import features
-    from pysafe.lab import data as D
 
-    feats = {"safe": [], "unsafe": []}
     cap = dict(hook=hook, positions=positions, device=device, batch_size=batch_size, cache=cache)
-    for name in ("std_safe", "std_unsafe"):
-        b = D.test_set(recipe, name, n)
-        feats["safe"].append(features(tuned_model, b.x_safe, b.start_idx, **cap))
-        feats["unsafe"].append(features(tuned_model, b.x_unsafe_target, b.start_idx, **cap))
+    feats = {g: [features(tuned_model, x, s, **cap) for x, s in inputs[g]] for g in ("safe", "unsafe")}
     feats = {k: np.concatenate(v).astype(np.float64) for k, v in feats.items()}
     sb, st = base_model.state_dict(), tuned_model.state_dict()
     n_layer = base_model.config.n_layer

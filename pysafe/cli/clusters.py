@@ -33,9 +33,10 @@ def clusters_cmd(ckpt, out, n, hook, positions, n_window, attack, attack_eps, de
     Groups are named as the lab's test sets, each holding the set's headline input: std_safe, std_unsafe,
     jb_co_task, jb_co_text, jb_mg_tokens, jb_mg_text, jb_comp, and adv_soft_tokens (one group per attack
     budget when swept). Each group keeps its points' last-layer τ (tau_last) for the claims' bootstrap."""
-    from pysafe.analysis.clusters import cluster_analysis, write_clusters
+    from pysafe.analysis.clusters import write_clusters
     from pysafe.lab import ckpt as C
     from pysafe.lab.data import DataRecipe
+    from pysafe.pipeline.steps import lab_cluster_analysis
 
     check_device(device)
     model, cfg = C.load_checkpoint(ckpt)
@@ -43,7 +44,7 @@ def clusters_cmd(ckpt, out, n, hook, positions, n_window, attack, attack_eps, de
     from pysafe._progress import bar
 
     with bar("activation clusters" + (" and attacks" if attack else ""), total=None):
-        res = cluster_analysis(model, recipe, n=n, hook=hook, positions=positions, n_window=n_window, device=device,
+        res = lab_cluster_analysis(model, recipe, n=n, hook=hook, positions=positions, n_window=n_window, device=device,
                                attack=dict(n_soft=2, n_steps=10, eps_factors=list(attack_eps) or [1.0]) if attack else None)
     res["checkpoint"] = str(ckpt)
     path = write_clusters(res, out, title=Path(ckpt).name)

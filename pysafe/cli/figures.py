@@ -75,13 +75,14 @@ def colspace_cmd(base, tuned, out, energy, center, debug):
 @handle_errors
 def rowspace_cmd(base, tuned, out, n, hook, positions, top, device, debug):
     """Fig 5: safe and unsafe inputs of TUNED scored on the right singular directions of W_IT, W_ST and ΔW."""
-    from pysafe.analysis.subspaces import plot_row_space, row_space
     from pysafe._atomic import write_json
+    from pysafe.analysis.subspaces import plot_row_space, row_space
+    from pysafe.lab.inputs import safe_unsafe_inputs
 
     mb, _ = _load(base)
     mt, recipe = _load(tuned)
     with _busy("row space"):
-        res = row_space(mb, mt, recipe, n=n, hook=hook, positions=positions, top=top, device=device)
+        res = row_space(mb, mt, safe_unsafe_inputs(recipe, n), hook=hook, positions=positions, top=top, device=device)
     res.update(base=str(base), tuned=str(tuned))
     path = Path(out) / "rowspace.json"
     plot_row_space(res, Path(out) / "rowspace.png", f"{Path(tuned).name} vs {Path(base).name}")  # creates OUT
@@ -106,12 +107,14 @@ def rowspace_cmd(base, tuned, out, n, hook, positions, top, device, debug):
 @handle_errors
 def lipschitz_cmd(ckpt, out, n, fd_samples, fd_radius, device, debug):
     """Fig 6: local Lipschitzness of CKPT on safe vs unsafe prompts (gradient and finite-difference estimates)."""
-    from pysafe.analysis.lipschitz import lipschitz_analysis, plot_lipschitz
     from pysafe._atomic import write_json
+    from pysafe.analysis.lipschitz import lipschitz_analysis, plot_lipschitz
+    from pysafe.lab.inputs import safe_unsafe_inputs
 
     model, recipe = _load(ckpt)
     with _busy("Lipschitz estimates"):
-        res = lipschitz_analysis(model, recipe, n=n, fd_samples=fd_samples, fd_radius=fd_radius, device=device)
+        res = lipschitz_analysis(model, safe_unsafe_inputs(recipe, n), fd_samples=fd_samples, fd_radius=fd_radius,
+                                 device=device)
     res["checkpoint"] = str(ckpt)
     path = Path(out) / "lipschitz.json"
     plot_lipschitz(res, Path(out) / "lipschitz.png", Path(ckpt).name)  # creates OUT

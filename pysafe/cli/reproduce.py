@@ -36,7 +36,7 @@ def reproduce_cmd(preset, out, seed, lrs, eval_n, checkpoints_only, device, jobs
     every fine-tune, the activation analyses and claims.json (each claim with its effect, control and 95%
     bootstrap interval; it holds only when the interval lies on the claimed side of 0; docs/claims.md)."""
     from pysafe.cli.train import _command_line, _progress_bar
-    from pysafe.lab.pipeline import reproduce
+    from pysafe.pipeline.reproduce import reproduce
 
     check_device(device)
 
@@ -74,7 +74,8 @@ def demo_cmd(out, eval_n, checkpoints, device, overwrite, cache_dir, no_cache, p
     (claims.json): each with its effect (measured - control), the control it is judged against and a 95%
     bootstrap interval over the inputs; a claim holds only when the whole interval lies on the claimed side
     of 0 (docs/claims.md). Open OUT/index.html for the report."""
-    from pysafe.lab.pipeline import DEMO_DIR, demo
+    from pysafe.lab.config import DEMO_DIR
+    from pysafe.pipeline.demo import demo
 
     check_device(device)
     demo(out, eval_n=eval_n, device=device, log=click.echo, checkpoints=checkpoints or DEMO_DIR, overwrite=overwrite,

@@ -49,7 +49,7 @@ def train_cmd(stage, preset, init, out, lr, steps, batch_size, seed, p_unsafe, d
 
     A run interrupted mid-way resumes from its last checkpoint when started again with the same --out.
     """
-    from pysafe.lab.pipeline import stage_settings
+    from pysafe.lab.config import stage_settings
     from pysafe.lab.train import train
 
     if stage != "pretrain" and init is None:

@@ -1,4 +1,4 @@
-"""The adversarial soft-token attack (docs/analyses.md) with fixes A1-A7, and batched greedy generation.
+"""The adversarial soft-token attack (docs/analyses.md) with fixes A1-A7, and its safety-table column.
 
 The attack, per sample, on an unsafe prompt teacher-forced with its compliant answer:
 
@@ -31,7 +31,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pysafe.lab import data as D
+from pysafe.lab.answers import compliant_answer
+from pysafe.lab.generate import generate, generate_from_embeds
 from pysafe.lab.model import eval_mode
+from pysafe.lab.tasks import operator_table
 from pysafe.lab.vocab import EOS, EOT, IDENTITY, LETTER0, N_LETTERS, PAD
 
 TEXT0 = 6  # position of the first text token: BOS, four operators, SOT come first (docs/lab.md)
@@ -200,92 +204,6 @@ def soft_token_attack(model, x: torch.Tensor, y: torch.Tensor, start_idx: torch.
                         inserted=n_soft if placement == "insert" else 0)
 
 
-# -- greedy generation -------------------------------------------------------------------------------
-@torch.no_grad()
-def _greedy(model, buf: torch.Tensor, lengths: torch.Tensor, n_new: int, embeds: bool) -> torch.Tensor:
-    """Greedy decoding of left-aligned prompts of different lengths in one batch.
-
-    The model is causal, so whatever sits after a sample's current end cannot change its next-token
-    logits: each step runs the batch up to the longest current end and reads every sample at its own.
-    """
-    B = buf.shape[0]
-    rows = torch.arange(B, device=buf.device)
-    out = torch.full((B, n_new), PAD, dtype=torch.long, device=buf.device)
-    wte = model.transformer.wte
-    L0 = int(lengths.max())
-    for k in range(n_new):
-        T = L0 + k
-        if embeds:
-            key_pad = torch.zeros(B, T, dtype=torch.bool, device=buf.device)
-            logits = model(inputs_embeds=buf[:, :T], key_pad=key_pad)
-        else:
-            logits = model(buf[:, :T])
-        nxt = logits[rows, lengths + k - 1].argmax(-1)
-        out[:, k] = nxt
-        buf[rows, lengths + k] = wte(nxt) if embeds else nxt
-    return out
-
-
-def _prepare(model, lengths, B, T, n_new, device):
-    lengths = torch.full((B,), T, dtype=torch.long) if lengths is None else torch.as_tensor(lengths).long()
-    if lengths.shape != (B,) or (lengths < 1).any() or (lengths > T).any():
-        raise ValueError(f"lengths must be {B} values in [1, {T}]")
-    limit = model.config.block_size
-    if int(lengths.max()) + n_new - 1 > limit:
-        raise ValueError(f"prompt length {int(lengths.max())} + {n_new} new tokens exceeds block_size {limit}")
-    return lengths.to(device)
-
-
-def generate(model, prompt_ids, n_new: int, lengths=None) -> torch.LongTensor:
-    """Batched greedy generation of ``n_new`` tokens after each prompt.
-
-    Args:
-        prompt_ids: LongTensor[B, T] of left-aligned prompts (with ``lengths``, tokens past a prompt's
-            length are ignored), or a list of 1-D LongTensors of different lengths.
-        lengths (LongTensor[B]): prompt lengths; default T for every row.
-
-    Returns:
-        LongTensor[B, n_new] on the model's device.
-    """
-    dev = model.transformer.wte.weight.device
-    if isinstance(prompt_ids, (list, tuple)):
-        lengths = torch.tensor([len(p) for p in prompt_ids])
-        T = int(lengths.max())
-        ids = torch.full((len(prompt_ids), T), PAD, dtype=torch.long)
-        for i, p in enumerate(prompt_ids):
-            ids[i, :len(p)] = torch.as_tensor(p).long().cpu()
-        prompt_ids = ids
-    B, T = prompt_ids.shape
-    lengths = _prepare(model, lengths, B, T, n_new, dev)
-    W = int(lengths.max()) + n_new
-    buf = torch.full((B, W), PAD, dtype=torch.long, device=dev)
-    keep = torch.arange(min(T, W), device=dev)[None, :] < lengths[:, None]
-    buf[:, :min(T, W)] = torch.where(keep, prompt_ids[:, :W].to(dev).long(), PAD)
-    with eval_mode(model):
-        return _greedy(model, buf, lengths, n_new, embeds=False)
-
-
-def generate_from_embeds(model, embeds: torch.Tensor, n_new: int, lengths=None) -> torch.LongTensor:
-    """Greedy generation after prompts given as token embeddings (positions are added by the model).
-
-    Args:
-        embeds (float[B, T, D]): left-aligned prompt embeddings; rows past ``lengths[b]`` are ignored.
-        lengths (LongTensor[B]): prompt lengths; default T.
-
-    Returns:
-        LongTensor[B, n_new]: each generated token is fed back as ``wte(token)``.
-    """
-    dev = model.transformer.wte.weight.device
-    B, T, D = embeds.shape
-    lengths = _prepare(model, lengths, B, T, n_new, dev)
-    W = int(lengths.max()) + n_new
-    buf = torch.zeros(B, W, D, dtype=embeds.dtype, device=dev)
-    keep = torch.arange(min(T, W), device=dev)[None, :, None] < lengths[:, None, None]
-    buf[:, :min(T, W)] = embeds[:, :W].detach().to(dev) * keep
-    with eval_mode(model):
-        return _greedy(model, buf, lengths, n_new, embeds=True)
-
-
 def attack_success(model, result: AttackResult, y_compliant_full: torch.Tensor, apply_second=None, *,
                    scope: str = "block1"):
     """Does the attacked model greedily produce the compliant answer?
@@ -344,10 +262,6 @@ def _placement(recipe, placement: str) -> str:
 def _unsafe_prompts(recipe, test_set: str, n: int):
     """The first ``n`` samples of ``test_set`` with apply_second = 0, as unsafe prompts with their compliant
     answer teacher-forced: (x, y with block 1's letters as targets, start_idx, L, compact answers)."""
-    from pysafe.lab import data as D
-    from pysafe.lab.evaluate import compliant_answer
-    from pysafe.lab.tasks import operator_table
-
     b = D.test_set(recipe, test_set, 2 * n + 16)  # apply_second has probability prob_comp1_train (0.2)
     keep = np.nonzero(~np.asarray(b.apply_second).astype(bool))[0][:n]
     x_u = np.asarray(b.x_unsafe_target)[keep]

@@ -13,7 +13,7 @@ single keys; tables merge key by key.
 from __future__ import annotations
 
 import os
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 try:
@@ -21,12 +21,18 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the tomli backport has the same API
     import tomli as tomllib
 
+from pysafe.lab.data import DataRecipe
+from pysafe.lab.model import GPTConfig
+from pysafe.lab.train import TrainConfig
+
 PRESET_DIR = Path(__file__).parent / "presets"
 PRESETS = ("paper", "cpu", "tiny")
+FINETUNES = ("ssft", "dpo", "unlearn")  # the safety fine-tuning stages, each an objective of its own
+PAPER_LRS = (1e-4, 1e-5)  # the paper's two fine-tuning peak learning rates
+DEMO_DIR = Path(__file__).parent / "demo_checkpoints"  # the cpu-preset checkpoints shipped with the package
 
 _TOP = {"name": str, "description": str, "extends": str}
 _TABLES = ("model", "data", "pretrain", "finetune", "eval", "objectives")
-_OBJECTIVE_STAGES = ("ssft", "dpo", "unlearn")
 _INT, _FLOAT, _PAIR = "an integer", "a number", "a list of two numbers"
 _RATES = "a non-empty list of positive numbers"
 _TRAIN_KEYS = {
@@ -108,8 +114,6 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def _validate(cfg: dict, path: Path) -> None:
-    from pysafe.lab.model import GPTConfig
-
     known = {f.name for f in fields(GPTConfig)}
     bad = sorted(set(cfg["model"]) - known)
     if bad:
@@ -120,9 +124,9 @@ def _validate(cfg: dict, path: Path) -> None:
         raise ValueError(f"{path}: [model]: {e}") from None
     _check_keys(cfg["pretrain"], _TRAIN_KEYS, path, "pretrain")
     # [finetune] also lists the peak learning rates `pysafe reproduce` fine-tunes at (default: the paper's)
-    _check_keys({k: v for k, v in cfg["finetune"].items() if k not in _OBJECTIVE_STAGES},
+    _check_keys({k: v for k, v in cfg["finetune"].items() if k not in FINETUNES},
                 {**_TRAIN_KEYS, "lrs": _RATES}, path, "finetune")
-    for stage in _OBJECTIVE_STAGES:  # [finetune.<stage>]: one objective's own training settings
+    for stage in FINETUNES:  # [finetune.<stage>]: one objective's own training settings
         sub = cfg["finetune"].get(stage)
         if sub is not None:
             if not isinstance(sub, dict):
@@ -137,8 +141,8 @@ def _check_objectives(table: dict, path: Path) -> None:
     from pysafe.lab.objectives import make_objective
 
     for stage, opts in table.items():
-        if stage not in _OBJECTIVE_STAGES:
-            raise ValueError(f"{path}: [objectives] has unknown stage '{stage}'; known: {', '.join(_OBJECTIVE_STAGES)}")
+        if stage not in FINETUNES:
+            raise ValueError(f"{path}: [objectives] has unknown stage '{stage}'; known: {', '.join(FINETUNES)}")
         if not isinstance(opts, dict):
             raise ValueError(f"{path}: 'objectives.{stage}' must be a table ([objectives.{stage}]), found {opts!r}")
         try:
@@ -163,3 +167,61 @@ def _check_keys(table: dict, spec: dict, path: Path, where: str) -> None:
         if not ok:
             extra = " (non-negative)" if kind == _INT else ""
             raise ValueError(f"{path}: [{where}] {key} must be {kind}{extra}, found {value!r}")
+
+
+# -- a stage's settings under a preset -----------------------------------------------------------------
+@dataclass
+class Settings:
+    preset_name: str
+    model: GPTConfig
+    recipe: DataRecipe
+    train: TrainConfig
+    eval_n: int
+    raw: dict
+    objective: dict  # the preset's [objectives.<stage>] options (empty for pretraining)
+
+
+def stage_settings(preset: str, stage: str, *, lr=None, steps=None, batch_size=None) -> Settings:
+    """The model, data recipe and training settings of ``stage`` under ``preset`` (name or TOML path).
+
+    ``lr`` replaces the peak learning rate and scales ``min_lr`` by the same factor, so ``--lr 1e-5``
+    gives the paper's second fine-tuning run (1e-5 → 1e-7) from a preset written for 1e-4 → 1e-6.
+    """
+    cfg = load_preset(preset)
+    table = "pretrain" if stage == "pretrain" else "finetune"
+    # [finetune], then the stage's own [finetune.<stage>] table over it
+    tc = {k: v for k, v in cfg[table].items() if not isinstance(v, dict)}
+    tc.update(cfg[table].get(stage, {}) if table == "finetune" else {})
+    tc.pop("lrs", None)
+    if lr is not None:
+        scale = lr / float(tc.get("lr_max", TrainConfig.lr_max))
+        tc["lr_max"] = lr
+        tc["min_lr"] = float(tc.get("min_lr", TrainConfig.min_lr)) * scale
+    if steps is not None:
+        # keep the schedule's shape: warm-up and decay as fractions of the preset's run
+        base_steps = int(tc.get("steps", steps))
+        tc["steps"] = steps
+        for key in ("warmup", "decay_steps"):
+            if key in tc:
+                tc[key] = min(steps, round(int(tc[key]) * steps / base_steps))
+        for key in ("eval_every", "ckpt_every", "log_every"):
+            if key in tc:
+                tc[key] = max(1, min(int(tc[key]), steps))
+    if batch_size is not None:
+        tc["batch_size"] = batch_size
+    where = f"preset {preset} [{table}]"
+    return Settings(
+        preset_name=str(cfg.get("name", preset)),
+        model=GPTConfig(**cfg["model"]),
+        recipe=DataRecipe.from_dict(cfg.get("data", {})),
+        train=TrainConfig.from_dict(tc, where),
+        eval_n=int(cfg.get("eval", {}).get("n", 2000)),
+        raw=cfg,
+        objective=dict(cfg.get("objectives", {}).get(stage, {})),
+    )
+
+
+def preset_lrs(preset: str) -> tuple:
+    """The fine-tuning peak learning rates ``pysafe reproduce`` runs for ``preset`` (its ``[finetune] lrs``;
+    default the paper's 1e-4 and 1e-5)."""
+    return tuple(float(v) for v in load_preset(preset)["finetune"].get("lrs", PAPER_LRS))

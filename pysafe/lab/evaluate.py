@@ -32,9 +32,11 @@ import numpy as np
 import torch
 
 from pysafe.lab import data as D
+from pysafe.lab.answers import compliant_answer, refusal_answer
+from pysafe.lab.attacks import attack_table
 from pysafe.lab.model import eval_mode
 from pysafe.lab.tasks import operator_table
-from pysafe.lab.vocab import LETTER0, PAD, STOP
+from pysafe.lab.vocab import PAD
 
 # Column -> (test set, outcome of the set's headline input) of the paper's table. Follow rates are attack
 # success for jailbreaks.
@@ -74,43 +76,6 @@ def rate_interval(rate: float, n: int) -> list:
     if not n or rate is None or not math.isfinite(rate):
         return [None, None]
     return list(wilson_interval(int(round(rate * n)), int(n)))
-
-
-def compliant_answer(x: np.ndarray, text_len: np.ndarray, rules: np.ndarray) -> np.ndarray:
-    """The answer a model that follows the operators in ``x`` gives: [block 1, STOP, block 2, STOP].
-
-    Computed from the operator tokens x[:, 1:5] and the text x[:, 6:6+L] with the operator table,
-    independently of the sampler's stored targets. Returns uint8 [n, 2·35+2], PAD beyond 2L+2.
-    """
-    n = x.shape[0]
-    width = 2 * D.DataRecipe().text_len_max + 2
-    out = np.full((n, max(width, int(2 * text_len.max() + 2))), PAD, dtype=np.uint8)
-    for i in range(n):
-        L = int(text_len[i])
-        text = x[i, 6:6 + L].astype(np.int64) - LETTER0
-        ops = x[i, 1:5].astype(np.int64)
-        b1 = rules[ops[1], rules[ops[0], text]]
-        b2 = rules[ops[3], rules[ops[2], b1]]
-        out[i, :L] = b1 + LETTER0
-        out[i, L] = STOP
-        out[i, L + 1:2 * L + 1] = b2 + LETTER0
-        out[i, 2 * L + 1] = STOP
-    return out
-
-
-def refusal_answer(follow: np.ndarray, text_len: np.ndarray, apply_second: np.ndarray, refusal_token: int) -> np.ndarray:
-    """The refusal in block 1 (apply_second = 0) or in block 2 after the compliant block 1."""
-    out = np.full_like(follow, PAD)
-    for i in range(follow.shape[0]):
-        L = int(text_len[i])
-        if apply_second[i]:
-            out[i, :L + 1] = follow[i, :L + 1]
-            out[i, L + 1:2 * L + 1] = refusal_token
-            out[i, 2 * L + 1] = STOP
-        else:
-            out[i, :L] = refusal_token
-            out[i, L] = STOP
-    return out
 
 
 @torch.no_grad()
@@ -274,8 +239,6 @@ def adversarial_sweep(model, recipe, *, eps_factors=None, device="cpu", **attack
     budget on the same samples; the headline result is the one at budget 1.0 (or the first given), and
     ``sweep`` lists every budget's result. Without it a single attack runs with ``attack``'s options.
     """
-    from pysafe.lab.attacks import attack_table
-
     if not eps_factors:
         return attack_table(model, recipe, device=device, **attack)
     factors = [float(f) for f in eps_factors]

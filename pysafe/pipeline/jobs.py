@@ -1,0 +1,60 @@
+"""Fine-tunes run side by side as ``pysafe train`` subprocesses (``pysafe reproduce --jobs``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pysafe.lab.config import stage_settings
+
+#: forward+backward passes per sample of each objective, relative to SSFT's (DPO: chosen and rejected
+#: through the model plus a forward of both through the reference; unlearning: chosen and rejected)
+STAGE_COST = {"ssft": 1.0, "dpo": 8 / 3, "unlearn": 2.0}
+
+
+def finetune_cost(preset: str, stage: str, lr) -> float:
+    t = stage_settings(preset, stage, lr=lr).train
+    return STAGE_COST[stage] * t.steps * t.batch_size
+
+
+def parallel_finetunes(todo, preset, pre, seed, device, jobs, invocation, log) -> dict:
+    """Run the fine-tunes ``todo`` [(stage, dir, lr)] as ``pysafe train`` subprocesses, ``jobs`` at a time."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    # the children must import this very pysafe (with its compiled core), not a source tree in the cwd
+    import pysafe
+
+    root = str(Path(pysafe.__file__).resolve().parent.parent)
+    launcher = f"import sys; sys.path.insert(0, {root!r}); from pysafe.cli import main; main(prog_name='pysafe')"
+
+    def one(job):
+        stage, d, lr = job
+        argv = [sys.executable, "-c", launcher, "train", stage, "--preset", str(preset), "--seed", str(seed),
+                "--init", str(pre), "--out", str(d), "--lr", f"{lr:g}", "--threads", str(threads), "--device", device,
+                "--quiet"]
+        if invocation:
+            argv += ["--pipeline", invocation]
+        log(f"{d.name}: training ({threads} thread{'s' if threads > 1 else ''}, in parallel)")
+        t0 = time.perf_counter()
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        res = subprocess.run(argv, capture_output=True, text=True, env=env)
+        if res.returncode != 0:
+            tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["(no output)"]
+            raise RuntimeError(f"{d.name}: `pysafe train {stage}` failed: {tail[0]}")
+        dt = time.perf_counter() - t0
+        log(f"{d.name}: done in {dt:.0f} s")
+        return d.name, dt
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return dict(pool.map(one, todo))
+
+
+def finished(d: Path) -> bool:
+    try:
+        return bool(json.loads((d / "config.json").read_text()).get("finished"))
+    except (OSError, ValueError):
+        return False
