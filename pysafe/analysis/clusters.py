@@ -185,7 +185,7 @@ def plot_clusters(result: dict, path, title: str = "") -> None:
     """τ and cosine τ per layer (0-based) for every group in ``result`` (names read from the file), with
     ± one-std bands for the safe and unsafe groups only (the others' bands would cover each other); the
     legend sits below the panels."""
-    from pysafe.report.plots import group_label, group_style, pyplot, save_figure
+    from pysafe._figures import group_label, group_style, pyplot, save_figure
 
     plt = pyplot()
 

@@ -95,7 +95,7 @@ def lipschitz_analysis(model, inputs: dict, *, fd_samples: int = 8, fd_radius: f
 
 
 def plot_lipschitz(result: dict, path, title: str = "") -> None:
-    from pysafe.report.plots import SAFE_COLOR, UNSAFE_COLOR, pyplot, save_figure
+    from pysafe._figures import SAFE_COLOR, UNSAFE_COLOR, pyplot, save_figure
 
     plt = pyplot()
 

@@ -150,7 +150,7 @@ def row_space(base_model, tuned_model, inputs: dict, *, hook: str = "mlp_in", po
 
 
 def plot_column_space(result: dict, path, title: str = "") -> None:
-    from pysafe.report.plots import OKABE_ITO, pyplot, save_figure
+    from pysafe._figures import OKABE_ITO, pyplot, save_figure
 
     plt = pyplot()
 
@@ -179,7 +179,7 @@ def plot_column_space(result: dict, path, title: str = "") -> None:
 
 
 def plot_row_space(result: dict, path, title: str = "") -> None:
-    from pysafe.report.plots import SAFE_COLOR, UNSAFE_COLOR, pyplot, save_figure
+    from pysafe._figures import SAFE_COLOR, UNSAFE_COLOR, pyplot, save_figure
 
     plt = pyplot()
 
