@@ -14,6 +14,7 @@ import pytest
 
 from pysafe.lab import data as D
 from pysafe.lab import grammar
+from pysafe.lab import samplers as S
 from pysafe.lab.tasks import operator_table
 from pysafe.lab.vocab import (BOS, CTX, EOS, EOT, EX1, EX2, LETTER0, PAD, SOT, STOP, TOKENS, VOCAB_SIZE,
                               decode, encode)
@@ -383,7 +384,7 @@ def test_safety_batch_training_masking_and_categories():
     everything = dataclasses.replace(R, category_probs=(0.2, 0.2, 0.2, 0.2, 0.1, 0.1))
     b = D.safety_batch(everything, 600, 0)
     assert set(np.unique(b.category)) == {0, 1, 2, 4, 5, 6}
-    unmasked = D._safety(everything, 600, D.stream_seed(everything.seed, "safety", 0), -1, D.MOD_NONE, (1, 4), False)
+    unmasked = S._safety(everything, 600, D.stream_seed(everything.seed, "safety", 0), -1, S.MOD_NONE, (1, 4), False)
     for i in range(600):
         _check_safety_sample(unmasked, i, None, everything.refusal_token)
     assert np.array_equal(unmasked.x_safe, b.x_safe)
@@ -407,7 +408,7 @@ def test_hard_frac_oversamples_branch_dependent_refusals():
         return only_b / len(rows)
 
     plain = D.safety_batch(R, n, 7)
-    assert all(np.array_equal(getattr(plain, f), getattr(D.safety_batch(R, n, 7, 0.0), f)) for f in D._SEQ_FIELDS)
+    assert all(np.array_equal(getattr(plain, f), getattr(D.safety_batch(R, n, 7, 0.0), f)) for f in S._SEQ_FIELDS)
     hard = D.safety_batch(R, n, 7, 1.0)
     assert b_only_share(hard) == 1.0
     base = b_only_share(plain)
@@ -512,3 +513,33 @@ def test_cli_generate_and_show(tmp_path):
     assert res.exit_code == 2 and "'nope'" in res.output
     res = runner.invoke(data_cmd, ["show", str(tmp_path / "none")])
     assert res.exit_code == 1 and "no manifest" in res.output
+
+
+#: sha256 (first 16 hex digits) of every field of a few batches of the default recipe, recorded before the
+#: samplers were rewritten with named constants; any change to a stream (a reordered draw, a different
+#: category table) changes them. A change on purpose updates them in the same commit, saying why.
+PINNED = {
+    "pretrain": "3b6875db5de74e7c", "pretrain_eval": "9af03c6d5fb3662e", "safety": "09846f4bd18a6c61",
+    "safety_hard": "31dfdfd725ce96a7", "std_safe": "4d3d0d2aa1fdf328", "std_unsafe": "ee68161bede65017",
+    "jb_co_task": "5b0a6999f511f932", "jb_co_text": "bf438799a30a1b86", "jb_mg_tokens": "aa6e1ab4aa08e28f",
+    "jb_mg_text": "3f524a3e4a3fbb19", "jb_mg_tokens_unsafe_branch": "85eb4ea47ed9422f", "jb_comp": "e94ffeb78e056782",
+}
+
+
+def _digest(batch) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in dataclasses.fields(batch):
+        h.update(f.name.encode())
+        h.update(np.ascontiguousarray(getattr(batch, f.name)).tobytes())
+    return h.hexdigest()[:16]
+
+
+def test_streams_are_pinned():
+    r = D.DataRecipe()
+    mixed = dataclasses.replace(r, category_probs=(0.2, 0.2, 0.2, 0.1, 0.2, 0.1))  # every category's branch
+    got = {"pretrain": _digest(D.pretrain_batch(r, 64, 3, 100)), "pretrain_eval": _digest(D.pretrain_eval_batch(r, 64)),
+           "safety": _digest(D.safety_batch(r, 64, 5)), "safety_hard": _digest(D.safety_batch(mixed, 64, 5, hard_frac=0.5)),
+           **{name: _digest(D.test_set(r, name, 48)) for name in D.TEST_SETS}}
+    assert got == PINNED
