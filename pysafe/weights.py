@@ -18,6 +18,7 @@ import numpy as np
 from pysafe._loader import _core
 from pysafe.checkpoint import UNSUPPORTED_DTYPES, Checkpoint, PeftAdapter, detect_scheme, name_info
 from pysafe.errors import CheckpointError, ShapeMismatchError
+from pysafe.records import scalars
 
 
 @dataclass
@@ -135,7 +136,7 @@ class Comparison:
             raise ImportError('Comparison.to_pandas() needs pandas, which is not installed: '
                               'pip install "pysafe[pandas]" (or pip install pandas)') from None
 
-        rows = [{k: v for k, v in r.items() if not isinstance(v, (list, np.ndarray, dict))} for r in self.records]
+        rows = [{k: v for k, v in scalars(r).items() if not isinstance(v, list)} for r in self.records]
         return pd.DataFrame(rows)
 
     def record(self, name: str) -> dict:

@@ -6,8 +6,9 @@ bugs fixed (C1-C7, R1-R6): left singular vectors are columns of an economy SVD, 
 asked, k = the smallest rank reaching the energy threshold, separate outputs per matrix, chance levels.
 
 Fig 4, column space: for the top-k_M left singular vectors u_i of M ∈ {W_ST, ΔW},
-sin θ_i = ‖(I − U_IT U_ITᵀ) u_i‖ with U_IT the top-k_IT left singular vectors of W_IT. Chance for a random
-unit vector: √(1 − k_IT / out).
+sin θ_i = ‖(I − U_IT U_ITᵀ) u_i‖ with U_IT the top-k_IT left singular vectors of W_IT. Chance: E[sin θ] of a
+random unit vector against a fixed k_IT-dimensional subspace of R^out, from the engine
+(:func:`pysafe.linalg.sin_theta_chance`, the same value as the ``sin_theta_*_chance`` of the records).
 
 Fig 5, row space: for each input a at the true MLP input (``mlp_in``) of the fine-tuned model and each
 W ∈ {W_IT, W_ST, ΔW} with SVD W = Σ σ_j u_j v_jᵀ: score_j(a) = σ_j ⟨â, v_j⟩, so Σ_j score_j² = ‖W â‖²; a

@@ -35,11 +35,9 @@ _TOP = {"name": str, "description": str, "extends": str}
 _TABLES = ("model", "data", "pretrain", "finetune", "eval", "objectives")
 _INT, _FLOAT, _PAIR = "an integer", "a number", "a list of two numbers"
 _RATES = "a non-empty list of positive numbers"
-_TRAIN_KEYS = {
-    "steps": _INT, "batch_size": _INT, "lr_max": _FLOAT, "min_lr": _FLOAT, "warmup": _INT,
-    "decay_steps": _INT, "weight_decay": _FLOAT, "betas": _PAIR, "grad_clip": _FLOAT, "log_every": _INT,
-    "eval_every": _INT, "ckpt_every": _INT, "eval_n": _INT,
-}
+#: the keys of a [pretrain]/[finetune] table: TrainConfig's fields, each with the kind of value it takes
+_TRAIN_KEYS = {f.name: {"int": _INT, "float": _FLOAT, "tuple[float, float]": _PAIR}[str(f.type)]
+               for f in fields(TrainConfig)}
 _EVAL_KEYS = {"n": _INT}
 
 

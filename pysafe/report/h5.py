@@ -18,8 +18,8 @@ import h5py
 import numpy as np
 
 from pysafe._version import __version__
+from pysafe.records import ARRAYS, VECTORS
 
-_DATASETS = ("sv_delta", "sv_base", "sin_theta_left", "sin_theta_right")
 KEY_ENCODING = ("percent-encoded UTF-8: '%', '/', control characters and a leading '.' as %XX; "
                 "the empty name as '%'")
 
@@ -185,9 +185,9 @@ def _fill(f, cmp, run_id, sink) -> None:
         for k, v in rec.items():
             if k == "name":
                 g.attrs["name"] = _name_attr(v)
-            elif k in _DATASETS:
+            elif k in ARRAYS:
                 g.create_dataset(k, data=np.asarray(v, dtype=np.float64))
-            elif k == "vectors":
+            elif k == VECTORS:
                 for vn, arr in v.items():
                     arr = np.asarray(arr, dtype=np.float32)
                     chunks = (min(arr.shape[0], 4096), max(1, min(arr.shape[1], 64))) if arr.size else None

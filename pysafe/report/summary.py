@@ -8,21 +8,17 @@ import numpy as np
 
 from pysafe._atomic import json_ready
 from pysafe._version import __version__
+from pysafe.records import ARRAYS, VECTORS, json_length
 
-#: arrays longer than this are cut to max(k, JSON_ARRAY_MIN) values in JSON; results.h5 has them all
-JSON_ARRAY_MIN = 32
-_ARRAY_KEYS = {"sv_delta": "rank_delta", "sv_base": "rank_base", "sin_theta_left": None, "sin_theta_right": None}
 
 
 def record_json(rec: dict) -> dict:
     out = {}
     for k, v in rec.items():
-        if k == "vectors":
+        if k == VECTORS:
             continue
-        if k in _ARRAY_KEYS and v is not None:
-            kk = _ARRAY_KEYS[k]
-            keep = max(JSON_ARRAY_MIN, int(rec.get(kk, 0) or 0)) if kk else len(v)
-            v = np.asarray(v)[:keep]
+        if k in ARRAYS and v is not None:
+            v = np.asarray(v)[:json_length(rec, k)]
         out[k] = json_ready(v)
     return out
 
