@@ -223,7 +223,9 @@ def test_shuffled_labels_and_random_delta_fail():
     same = CL.cluster_claims({"pretrained": res["pretrained"], "ssft": res["pretrained"]}, {}, n_resamples=500)
     zero = CL.figure_claims({"pretrained": figs["pretrained"], "ssft": _figs(rng, n, delta=False)}, {}, n_resamples=500)
     assert same[0].effect == 0 and same[0].ci95 == (0.0, 0.0) and not same[0].holds
-    assert zero[0].effect == 0 and not zero[0].holds  # minimal transformation: W_ST = W_IT = the control
+    # minimal transformation: W_ST = W_IT = the control. The effect is a mean of k directions minus a mean of 20
+    # draws of that same mean, so it is 0 up to the rounding of the two means (seen: -2e-31)
+    assert abs(zero[0].effect) < 1e-15 and not zero[0].holds
 
 
 def test_small_samples_widen_the_interval():

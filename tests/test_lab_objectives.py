@@ -1,0 +1,134 @@
+"""lab/objectives.py: SSFT, DPO and unlearning losses against hand computations."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pysafe.lab import data as D
+from pysafe.lab.objectives import DPO, SSFT, Unlearn, make_objective
+from pysafe.lab.vocab import PAD
+
+from labkit import TINY1, tiny_model
+
+RECIPE = D.DataRecipe()
+
+
+def test_dpo_loss_is_log2_when_policy_equals_reference():
+    m = tiny_model(TINY1)
+    ref = copy.deepcopy(m)
+    for obj in (DPO(), DPO(beta=0.5, beta_rejected=0.01)):
+        batch = obj.batch(RECIPE, 16, step=3, total_steps=10, device="cpu")
+        loss, metrics = obj.loss(m, batch, ref)
+        assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+        assert metrics["margin"] == pytest.approx(0.0, abs=1e-6)
+    # a different policy moves the loss away from log 2
+    other = tiny_model(TINY1, seed=1)
+    loss, _ = DPO().loss(other, DPO().batch(RECIPE, 16, 3, 10, "cpu"), ref)
+    assert abs(loss.item() - math.log(2)) > 1e-4
+
+
+def test_dpo_sequence_logprob_uses_each_responses_own_tokens():
+    """D10: log π(response) sums over that response's supervised tokens only; checked by hand."""
+    m = tiny_model(TINY1)
+    obj = DPO()
+    b = obj.batch(RECIPE, 4, 0, 10, "cpu")
+    from pysafe.lab.objectives import sequence_logprob
+
+    with torch.no_grad():
+        logits = m(b["x_rejected"])
+        lp = sequence_logprob(logits, b["y_rejected"])
+        ls = torch.log_softmax(logits, -1)
+        for i in range(4):
+            mask = b["y_rejected"][i] != PAD
+            ref = sum(float(ls[i, t, b["y_rejected"][i, t]]) for t in torch.nonzero(mask).flatten())
+            assert float(lp[i]) == pytest.approx(ref, rel=1e-5)
+        assert not torch.equal(b["y_chosen"] != PAD, b["y_rejected"] != PAD)  # the masks genuinely differ
+
+
+def test_decision_position_is_where_refusal_and_compliance_first_differ():
+    """Checked against the layout (lab.md §1.4): block 1's first letter, or block 2's when only block 2 is
+    refused (apply_second), unless the compliant letter happens to be the refusal letter itself."""
+    b = D.safety_batch(RECIPE, 64, 0)
+    from pysafe.lab.objectives import decision_positions
+
+    for yc, yr in ((b.y_unsafe, b.y_unsafe_target), (b.y_safe, b.y_safe_target)):
+        pos = decision_positions(yc, yr)
+        assert (pos.sum(1) == 1).all()
+        for i in range(64):
+            first = b.end_idx[i, 0] if b.apply_second[i] else b.start_idx[i]
+            # walk past letters on which the two answers agree (a compliant letter equal to the refusal's)
+            while yc[i, first] == yr[i, first]:
+                first += 1
+            assert np.nonzero(pos[i])[0][0] == first, i
+    assert b.apply_second.any() and (~b.apply_second).any()
+
+
+def test_decision_weight_one_is_the_plain_objective_and_w_moves_the_decision_only():
+    m = tiny_model(TINY1)
+    plain = SSFT().batch(RECIPE, 16, 2, 10, "cpu")
+    one = SSFT(decision_weight=1.0 + 1e-12).batch(RECIPE, 16, 2, 10, "cpu")  # takes the weighted path
+    assert "w" in one and "w" not in plain
+    with torch.no_grad():
+        lp, _ = SSFT().loss(m, plain)
+        lw, _ = SSFT().loss(m, one)
+        assert lw.item() == pytest.approx(lp.item(), rel=1e-6)
+        # by hand: weighted mean of per-token NLL with weight w at the decision token
+        w = 7.0
+        b = SSFT(decision_weight=w).batch(RECIPE, 16, 2, 10, "cpu")
+        loss, _ = SSFT(decision_weight=w).loss(m, b)
+        ls = torch.log_softmax(m(b["x"]), -1)
+        num = den = 0.0
+        for i in range(16):
+            for t in torch.nonzero(b["y"][i] != PAD).flatten().tolist():
+                wt = float(b["w"][i, t])
+                num -= wt * float(ls[i, t, b["y"][i, t]])
+                den += wt
+        assert loss.item() == pytest.approx(num / den, rel=1e-5)
+        assert int((b["w"] == w).sum()) == 16
+    # DPO stays log 2 at policy = reference with any weight; unlearning stays bounded
+    ref = copy.deepcopy(m)
+    dpo = DPO(decision_weight=10.0)
+    loss, _ = dpo.loss(m, dpo.batch(RECIPE, 16, 3, 10, "cpu"), ref)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_unlearning_loss_is_bounded_below():
+    obj = Unlearn(w_forget=0.5)
+    m = tiny_model(TINY1)
+    with torch.no_grad():  # a model confidently wrong everywhere: NLL of every target is huge
+        m.lm_head.weight.mul_(1e3)
+    batch = obj.batch(RECIPE, 16, 0, 10, "cpu")
+    loss, metrics = obj.loss(m, batch)
+    assert metrics["nll_rejected"] > 10 * math.log(59)
+    assert loss.item() >= -0.5 * math.log(59) - 1e-6
+    # NPO variant: non-negative forget term, needs the reference
+    npo = Unlearn(forget="npo")
+    with pytest.raises(ValueError, match="reference"):
+        npo.loss(m, batch)
+    loss, _ = npo.loss(m, batch, tiny_model(TINY1))
+    assert loss.item() >= 0
+
+
+def test_per_sample_mixing_and_unknown_options():
+    obj = SSFT(p_unsafe=0.2)
+    fr = np.mean([obj.batch(RECIPE, 256, step, 10, "cpu")["unsafe"].float().mean().item() for step in range(8)])
+    assert 0.15 < fr < 0.25
+    with pytest.raises(ValueError, match="no option.*gamma"):
+        make_objective("dpo", gamma=1.0)
+    with pytest.raises(ValueError, match="unknown objective"):
+        make_objective("rlhf")
+    # option values are checked where every caller (CLI, preset, Python) passes through
+    for name, opts, msg in [("ssft", {"p_unsafe": 1.5}, r"p_unsafe must be in \[0, 1\]"),
+                            ("dpo", {"beta": 0.0}, "beta must be positive"),
+                            ("dpo", {"beta": "0.1"}, "beta must be a number"),
+                            ("dpo", {"decision_weight": True}, "decision_weight must be a number"),
+                            ("unlearn", {"w_forget": -0.1}, "w_forget must be non-negative")]:
+        with pytest.raises(ValueError, match=msg):
+            make_objective(name, **opts)
+    assert make_objective("dpo", beta_rejected=None).beta_rejected is None
+    assert make_objective("unlearn", w_forget=0.0, p_unsafe=0.0).w_forget == 0.0
