@@ -221,7 +221,7 @@ def attack_success(model, result: AttackResult, y_compliant_full: torch.Tensor, 
     Args:
         result: from :func:`soft_token_attack`.
         y_compliant_full (LongTensor[B, W]): the compliant answers, either compact (row = answer tokens,
-            PAD after 2L+2, as ``evaluate.compliant_answer``) or, when W = block_size, in the original
+            PAD after 2L+2, as ``answers.compliant_answer``) or, when W = block_size, in the original
             y-shifted layout (answer at start_idx .. start_idx+2L+1).
         apply_second (BoolTensor[B] or None): only with ``scope="answer"``.
 

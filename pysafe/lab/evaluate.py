@@ -18,7 +18,7 @@ Greedy decoding is exact-match equivalent to teacher forcing: greedy decoding em
 ``a`` token for token iff ``argmax p(· | prompt, a_<t) = a_t`` for every t (induction over t), which is
 one teacher-forced forward pass. So each candidate answer costs one batched pass instead of 2L+2
 sequential ones, and the classification equals that of autoregressive greedy generation (a test checks
-this against ``attacks.generate``). The same passes give the reference's teacher-forced token
+this against ``generate.generate``). The same passes give the reference's teacher-forced token
 accuracies (Cp1 / Cp2 of docs/lab.md).
 """
 
