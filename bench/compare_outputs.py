@@ -20,14 +20,23 @@ import re
 import sys
 from pathlib import Path
 
-# keys/lines that hold wall-clock times, dates, versions or host details, not results
+# keys/lines that hold wall-clock times, dates, versions, run ids, host details or where the inputs were
+# installed (absolute paths), not results
 DEFAULT_IGNORE = (r"(^|_)(seconds|elapsed|timings?|time|created|date|started|finished|wall|generated|duration)"
-                  r"($|_)|^pysafe_version$|^version$|^command$|^host$|^hostname$|^pid$|^cache_hit")
+                  r"($|_)|^pysafe_version$|^version$|^command$|^host$|^hostname$|^pid$|^run_id$|^path$"
+                  r"|^checkpoint$|^cache_hit")
 TEXT_SUFFIXES = {".txt", ".md", ".csv"}
 PRESENCE_ONLY = {".png", ".svg", ".html", ".pdf"}
 
 
-def _cmp_json(a, b, path: str, ignore: re.Pattern, out: list, skipped: list) -> None:
+def _nan(v) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+def _cmp_json(a, b, path: str, ignore: re.Pattern, out: list, skipped: list, nan_null: list | None = None) -> None:
+    if nan_null is not None and ((_nan(a) and b is None) or (a is None and _nan(b))):
+        nan_null.append(path)  # NaN written as null (strict JSON): the same missing value
+        return
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
             p = f"{path}.{k}"
@@ -37,12 +46,12 @@ def _cmp_json(a, b, path: str, ignore: re.Pattern, out: list, skipped: list) -> 
             if k not in a or k not in b:
                 out.append(f"{p}: only in {'after' if k not in a else 'before'}")
                 continue
-            _cmp_json(a[k], b[k], p, ignore, out, skipped)
+            _cmp_json(a[k], b[k], p, ignore, out, skipped, nan_null)
     elif isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             out.append(f"{path}: length {len(a)} != {len(b)}")
         for i, (x, y) in enumerate(zip(a, b)):
-            _cmp_json(x, y, f"{path}[{i}]", ignore, out, skipped)
+            _cmp_json(x, y, f"{path}[{i}]", ignore, out, skipped, nan_null)
     elif isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return
     elif type(a) is not type(b) and not (isinstance(a, (int, float)) and isinstance(b, (int, float))
@@ -57,6 +66,20 @@ def _load_json(p: Path):
     if p.suffix == ".jsonl":
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     return json.loads(text)
+
+
+def _cmp_attr(va, vb, where: str, *, pat: re.Pattern, out: list, skipped: list) -> None:
+    """Two HDF5 attributes: JSON text (the inputs' descriptions) compared as JSON, anything else bytewise."""
+    import numpy as np
+
+    if isinstance(va, str) and isinstance(vb, str) and va[:1] in "{[" and vb[:1] in "{[":
+        try:
+            _cmp_json(json.loads(va), json.loads(vb), where, pat, out, skipped)
+            return
+        except ValueError:
+            pass
+    if va is None or vb is None or np.asarray(va).tobytes() != np.asarray(vb).tobytes():
+        out.append(f"{where}: {va!r} != {vb!r}")
 
 
 def _cmp_h5(pa: Path, pb: Path, rel: str, ignore: re.Pattern, out: list, skipped: list) -> int:
@@ -77,9 +100,7 @@ def _cmp_h5(pa: Path, pb: Path, rel: str, ignore: re.Pattern, out: list, skipped
                 if ignore.search(k):
                     skipped.append(f"{rel}:{name}@{k}")
                     continue
-                va, vb = oa.attrs.get(k), ob.attrs.get(k)
-                if va is None or vb is None or np.asarray(va).tobytes() != np.asarray(vb).tobytes():
-                    out.append(f"{rel}:{name}@{k}: {va!r} != {vb!r}")
+                _cmp_attr(oa.attrs.get(k), ob.attrs.get(k), f"{rel}:{name}@{k}", pat=ignore, out=out, skipped=skipped)
             if isinstance(oa, h5py.Dataset):
                 n += 1
                 if not isinstance(ob, h5py.Dataset):
@@ -89,23 +110,24 @@ def _cmp_h5(pa: Path, pb: Path, rel: str, ignore: re.Pattern, out: list, skipped
                 if getattr(da, "dtype", None) != getattr(db, "dtype", None) or np.shape(da) != np.shape(db):
                     out.append(f"{rel}:{name}: {getattr(da, 'dtype', type(da))}{np.shape(da)} != "
                                f"{getattr(db, 'dtype', type(db))}{np.shape(db)}")
-                elif np.asarray(da).tobytes() != np.asarray(db).tobytes():
+                elif (np.asarray(da).tolist() != np.asarray(db).tolist() if np.asarray(da).dtype == object
+                      else np.asarray(da).tobytes() != np.asarray(db).tobytes()):  # strings: by value, not pointer
                     out.append(f"{rel}:{name}: values differ")
         for k in sorted(set(fa.attrs) | set(fb.attrs)):
             if ignore.search(k):
                 skipped.append(f"{rel}@{k}")
-            elif fa.attrs.get(k) is None or fb.attrs.get(k) is None or \
-                    np.asarray(fa.attrs[k]).tobytes() != np.asarray(fb.attrs[k]).tobytes():
-                out.append(f"{rel}@{k}: {fa.attrs.get(k)!r} != {fb.attrs.get(k)!r}")
+            else:
+                _cmp_attr(fa.attrs.get(k), fb.attrs.get(k), f"{rel}@{k}", pat=ignore, out=out, skipped=skipped)
     return n
 
 
-def compare(before: Path, after: Path, ignore: str = DEFAULT_IGNORE) -> tuple[list, dict]:
-    """Returns (differences, counts)."""
+def compare(before: Path, after: Path, ignore: str = DEFAULT_IGNORE, nan_is_null: bool = False) -> tuple[list, dict]:
+    """Returns (differences, counts). ``nan_is_null``: a NaN on one side and null on the other is counted
+    (``nan_as_null``), not reported: the same missing value, written as strict JSON."""
     pat = re.compile(ignore)
     files_a = {p.relative_to(before).as_posix() for p in before.rglob("*") if p.is_file()}
     files_b = {p.relative_to(after).as_posix() for p in after.rglob("*") if p.is_file()}
-    out, skipped = [], []
+    out, skipped, nan_null = [], [], ([] if nan_is_null else None)
     counts = {"json": 0, "h5_files": 0, "h5_datasets": 0, "text": 0, "presence_only": 0, "other": 0}
     for rel in sorted(files_a ^ files_b):
         out.append(f"{rel}: only in {'before' if rel in files_a else 'after'}")
@@ -114,7 +136,7 @@ def compare(before: Path, after: Path, ignore: str = DEFAULT_IGNORE) -> tuple[li
         suf = pa.suffix.lower()
         if suf in (".json", ".jsonl"):
             counts["json"] += 1
-            _cmp_json(_load_json(pa), _load_json(pb), rel, pat, out, skipped)
+            _cmp_json(_load_json(pa), _load_json(pb), rel, pat, out, skipped, nan_null)
         elif suf in (".h5", ".hdf5"):
             counts["h5_files"] += 1
             counts["h5_datasets"] += _cmp_h5(pa, pb, rel, pat, out, skipped)
@@ -133,6 +155,8 @@ def compare(before: Path, after: Path, ignore: str = DEFAULT_IGNORE) -> tuple[li
             if pa.read_bytes() != pb.read_bytes():
                 out.append(f"{rel}: bytes differ")
     counts["skipped_keys"] = len(skipped)
+    if nan_null is not None:
+        counts["nan_as_null"] = len(nan_null)
     counts["skipped_examples"] = sorted({s.rsplit(".", 1)[-1].split("@")[-1] for s in skipped})[:12]
     return out, counts
 
@@ -142,8 +166,9 @@ def main(argv=None) -> int:
     ap.add_argument("before", type=Path)
     ap.add_argument("after", type=Path)
     ap.add_argument("--ignore", default=DEFAULT_IGNORE, help="regex of JSON keys / text lines to skip")
+    ap.add_argument("--nan-is-null", action="store_true", help="NaN on one side, null on the other: counted, not a difference")
     args = ap.parse_args(argv)
-    diffs, counts = compare(args.before, args.after, args.ignore)
+    diffs, counts = compare(args.before, args.after, args.ignore, args.nan_is_null)
     for d in diffs:
         print(d)
     print(json.dumps({"differences": len(diffs), **counts}))
