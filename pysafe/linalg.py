@@ -93,10 +93,23 @@ def truncated_svd(A: np.ndarray, *, rank: int | None = None, energy: float = 0.9
         raise ValueError(f"expected a 2-D array, got shape {A.shape}")
     if A.dtype not in (np.float32, np.float64):
         raise TypeError(f"expected float32 or float64, got {A.dtype}")
-    o = _core.SvdOptions()
-    o.rank = -1 if rank is None else rank
-    o.energy, o.exact, o.exact_max_dim = energy, exact, exact_max_dim
-    o.max_rank = -1 if max_rank is None else max_rank
-    o.power_iters = -1 if power_iters is None else power_iters
-    o.oversample, o.tol, o.full_spectrum, o.seed = oversample, tol, full_spectrum, seed
+    o = svd_options(rank=rank, energy=energy, exact=exact, max_rank=max_rank, exact_max_dim=exact_max_dim,
+                    oversample=oversample, power_iters=power_iters, tol=tol, full_spectrum=full_spectrum, seed=seed)
     return _core.truncated_svd(np.ascontiguousarray(A), o)
+
+
+def svd_options(*, rank: int | None, energy: float, exact: bool, max_rank: int | None, exact_max_dim: int,
+                oversample: int, power_iters: int | None, tol: float, full_spectrum: bool, seed: int):
+    """The engine's SVD settings (``_core.SvdOptions``; None becomes its -1 sentinel: "not set")."""
+    o = _core.SvdOptions()
+    o.rank = -1 if rank is None else int(rank)
+    o.energy = float(energy)
+    o.exact = exact
+    o.exact_max_dim = exact_max_dim
+    o.max_rank = -1 if max_rank is None else int(max_rank)
+    o.oversample = oversample
+    o.power_iters = -1 if power_iters is None else int(power_iters)
+    o.tol = float(tol)
+    o.full_spectrum = full_spectrum
+    o.seed = seed
+    return o

@@ -18,6 +18,7 @@ import numpy as np
 from pysafe._loader import _core
 from pysafe.checkpoint import UNSUPPORTED_DTYPES, Checkpoint, PeftAdapter, detect_scheme, name_info
 from pysafe.errors import CheckpointError, ShapeMismatchError
+from pysafe.linalg import svd_options
 from pysafe.records import scalars
 
 
@@ -264,18 +265,9 @@ def preflight(b: Checkpoint, t: Checkpoint, opts: Options) -> Preflight:
 
 
 def _svd_options(rank, energy, opts: Options, seed: int, full_spectrum: bool = False):
-    o = _core.SvdOptions()
-    o.rank = -1 if rank is None else int(rank)
-    o.energy = float(energy)
-    o.exact = opts.exact
-    o.exact_max_dim = opts.exact_max_dim
-    o.max_rank = -1 if opts.max_rank is None else int(opts.max_rank)
-    o.oversample = opts.oversample
-    o.power_iters = -1 if opts.power_iters is None else int(opts.power_iters)
-    o.tol = float(opts.tol)
-    o.full_spectrum = full_spectrum
-    o.seed = seed
-    return o
+    return svd_options(rank=rank, energy=energy, exact=opts.exact, max_rank=opts.max_rank,
+                       exact_max_dim=opts.exact_max_dim, oversample=opts.oversample, power_iters=opts.power_iters,
+                       tol=opts.tol, full_spectrum=full_spectrum, seed=seed)
 
 
 def _params(opts: Options, name: str, transposed: bool):
