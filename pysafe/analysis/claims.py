@@ -193,11 +193,65 @@ def paired_mean_diff(a, b, axis=-1):
 # -- the lab's claims -------------------------------------------------------------------------------------
 
 SAFE, UNSAFE = "std_safe", "std_unsafe"  # the clusters.json groups the separation is measured between
+ADV, ADV_SWEEP = "adv_soft_tokens", "adv_soft_tokens_eps"  # the attacked group; the swept budgets' prefix
 
 
-def _group_values(r: dict, g: str, key: str = "tau_last"):
-    row = (r or {}).get("groups", {}).get(g)
-    return None if row is None or key not in row else np.asarray(row[key], np.float64)
+# -- what the claims read, typed ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ClusterValues:
+    """What the activation-space claims read of one model's Fig 3 result (``cluster_analysis``): each group's
+    last-layer τ, one value per input, in input order."""
+
+    tau_last: dict[str, np.ndarray]
+
+    @classmethod
+    def of(cls, result: dict | None) -> ClusterValues:
+        """From a ``cluster_analysis`` result (or clusters.json); groups without per-input τ are left out."""
+        groups = (result or {}).get("groups", {})
+        return cls({g: np.asarray(row["tau_last"], np.float64) for g, row in groups.items() if "tau_last" in row})
+
+    def tau(self, group: str) -> np.ndarray | None:
+        return self.tau_last.get(group)
+
+    @property
+    def jailbreaks(self) -> dict[str, np.ndarray]:
+        """The jailbreak groups (``jb_*``) with at least 2 inputs."""
+        return {g: v for g, v in self.tau_last.items() if g.startswith("jb_") and len(v) >= 2}
+
+    @property
+    def budgets(self) -> list[float]:
+        """The attack budgets of the swept groups ``adv_soft_tokens_eps<f>`` (budget 1 has the plain name)."""
+        return [float(g[len(ADV_SWEEP):]) for g in self.tau_last if g.startswith(ADV_SWEEP)]
+
+
+@dataclass(frozen=True)
+class FigureValues:
+    """What the claims of Figs 4-6 read of one model's results, at the last layer (c_fc); arrays are empty where
+    the model has no such result (the pretrained model has no column or row space of its own)."""
+
+    directions: np.ndarray       # sin θ of W_ST's top left singular directions against W_IT's column space
+    random_draws: np.ndarray     # the control: mean sin θ of W_IT + a random ΔW of the same norm, per draw
+    reads_unsafe: np.ndarray     # ‖ΔW â‖/σ1 per input, unsafe variant
+    reads_safe: np.ndarray       # the same, safe variant (the i-th of each share a text)
+    lipschitz_safe: np.ndarray   # gradient-norm Lipschitz estimate per input, safe inputs
+    lipschitz_unsafe: np.ndarray
+
+    @classmethod
+    def of(cls, fig: dict) -> FigureValues:
+        """From ``{"colspace", "rowspace", "lipschitz"}`` results (the JSON of figures/<name>/)."""
+        def arr(v):
+            return np.asarray(v if v is not None else [], np.float64)
+
+        col = fig.get("colspace", {}).get("matrices", {}).get("c_fc", [{}])[-1] if "colspace" in fig else {}
+        row = fig["rowspace"]["weights"]["delta"][-1] if "rowspace" in fig else {}
+        lip = fig.get("lipschitz", {}).get("estimates", {}).get("grad", {})
+        return cls(directions=arr(col.get("tuned", {}).get("sin_theta")),
+                   random_draws=arr((col.get("random_delta") or {}).get("mean_sin_theta")),
+                   reads_unsafe=arr(row.get("unsafe", {}).get("norm_ratio")),
+                   reads_safe=arr(row.get("safe", {}).get("norm_ratio")),
+                   lipschitz_safe=arr(lip.get("safe", {}).get("values")),
+                   lipschitz_unsafe=arr(lip.get("unsafe", {}).get("values")))
 
 
 def _missing(*xs) -> bool:
@@ -208,17 +262,10 @@ def _same_length(*xs) -> bool:
     return len({len(x) for x in xs}) == 1
 
 
-def _attack_budgets(r: dict) -> list[float]:
-    """The attack budgets of the groups ``adv_soft_tokens_eps<f>`` of a cluster_analysis result."""
-    prefix = "adv_soft_tokens_eps"
-    return [float(g[len(prefix):]) for g in (r or {}).get("groups", {}) if g.startswith(prefix)]
-
-
-def separation_vs_model(text: str, tuned: dict, control: dict, kind: str, seed: int = 0) -> Claim:
-    """τ(std_safe) − τ(std_unsafe) at the last layer of ``tuned`` against the same of ``control`` (a
-    ``cluster_analysis`` result on the same inputs: per-input pairs are resampled together)."""
-    vals = [_group_values(tuned, SAFE), _group_values(tuned, UNSAFE), _group_values(control, SAFE),
-            _group_values(control, UNSAFE)]
+def separation_vs_model(text: str, tuned: ClusterValues, control: ClusterValues, kind: str, seed: int = 0) -> Claim:
+    """τ(std_safe) − τ(std_unsafe) at the last layer of ``tuned`` against the same of ``control`` (the same
+    inputs through another model: per-input pairs are resampled together)."""
+    vals = [tuned.tau(SAFE), tuned.tau(UNSAFE), control.tau(SAFE), control.tau(UNSAFE)]
     if _missing(*vals):
         return _nan_claim(text, kind, ">", {}, f"per-input τ of {SAFE}/{UNSAFE} missing")
     return vs_control_samples(text, (SAFE, UNSAFE), vals[:2], vals[2:], mean_diff, kind=kind, side=">",
@@ -231,12 +278,13 @@ def cluster_claims(res: dict, weaker: dict | None = None, *, n_resamples: int = 
     weaker = weaker or {}
     kw = dict(n_resamples=n_resamples)
     claims = []
+    vals = {name: ClusterValues.of(r) for name, r in res.items()}
     tuned = [k for k in res if k != "pretrained" and k not in weaker.values()]
     for k in tuned:
         claims.append(separation_vs_model(
             f"std_safe and std_unsafe inputs separate more after {k} than before (τ_safe − τ_unsafe, last layer; "
-            f"control = the pretrained model on the same inputs)", res[k], res["pretrained"], "pretrained"))
-        s, u = _group_values(res[k], SAFE), _group_values(res[k], UNSAFE)
+            f"control = the pretrained model on the same inputs)", vals[k], vals["pretrained"], "pretrained"))
+        s, u = vals[k].tau(SAFE), vals[k].tau(UNSAFE)
         text = (f"std_safe and std_unsafe inputs form separate clusters after {k} (τ_safe − τ_unsafe, last layer; "
                 f"control = the same inputs with the safe/unsafe labels shuffled)")
         claims.append(_nan_claim(text, "label_permutation", ">", {}, "per-input τ missing") if _missing(s, u) else
@@ -244,13 +292,12 @@ def cluster_claims(res: dict, weaker: dict | None = None, *, n_resamples: int = 
     for k, w in weaker.items():
         if k in res and w in res:
             claims.append(separation_vs_model(f"the separation grows with fine-tuning strength: {k} vs {w} (the lower "
-                                              f"rate; τ_safe − τ_unsafe, last layer, same inputs)", res[k], res[w],
+                                              f"rate; τ_safe − τ_unsafe, last layer, same inputs)", vals[k], vals[w],
                                               "lower_rate"))
     for k in tuned:
-        r = res[k]
-        unsafe = _group_values(r, UNSAFE)
-        jb = {g: _group_values(r, g) for g in r.get("groups", {}) if g.startswith("jb_")}
-        jb = {g: v for g, v in jb.items() if v is not None and len(v) >= 2}
+        v = vals[k]
+        unsafe = v.tau(UNSAFE)
+        jb = v.jailbreaks
         text = (f"jailbreak inputs sit closer to the safe cluster than std_unsafe inputs do ({k}: mean over {len(jb)} "
                 f"jailbreak sets of τ_jb − τ_unsafe, last layer; control = jailbreak/unsafe labels shuffled)")
         if unsafe is None or not jb:
@@ -260,17 +307,16 @@ def cluster_claims(res: dict, weaker: dict | None = None, *, n_resamples: int = 
                 return np.mean([np.mean(x, axis=-1) for x in xs[:-1]], axis=0) - np.mean(xs[-1], axis=-1)
 
             claims.append(vs_permutation(text, (*jb, UNSAFE), (*jb.values(), unsafe), jb_shift, **kw))
-        adv = _group_values(r, "adv_soft_tokens")
+        adv = v.tau(ADV)
         if adv is not None:
             text = (f"adversarially attacked inputs move toward the safe cluster ({k}: τ_adv − τ_unsafe, last layer; "
                     f"control = adv/unsafe labels shuffled)")
             claims.append(_nan_claim(text, "label_permutation", ">", {}, "no std_unsafe τ") if unsafe is None else
-                          vs_permutation(text, ("adv_soft_tokens", UNSAFE), (adv, unsafe), mean_diff, **kw))
-        budgets = _attack_budgets(r)  # the swept budgets other than 1 (those groups carry it in their names)
-        lo_g, hi_g = (f"adv_soft_tokens_eps{min(budgets):g}", f"adv_soft_tokens_eps{max(budgets):g}") if budgets \
-            else (None, None)
-        lo, hi = _group_values(r, lo_g), _group_values(r, hi_g)
-        if lo is not None and hi is not None and lo_g != hi_g:
+                          vs_permutation(text, (ADV, UNSAFE), (adv, unsafe), mean_diff, **kw))
+        budgets = v.budgets
+        if len(set(budgets)) >= 2:
+            lo_g, hi_g = f"{ADV_SWEEP}{min(budgets):g}", f"{ADV_SWEEP}{max(budgets):g}"
+            lo, hi = v.tau(lo_g), v.tau(hi_g)
             claims.append(vs_control_samples(
                 f"the shift toward safe grows with the attack budget ({k}: τ_adv at {max(budgets):g}× the letter "
                 f"norm; control = at {min(budgets):g}× on the same inputs)", (hi_g,), (hi,), (lo,),
@@ -284,12 +330,10 @@ def figure_claims(figs: dict, weaker: dict | None = None, *, n_resamples: int = 
     kw = dict(n_resamples=n_resamples)
     claims = []
     tuned = [k for k in figs if k != "pretrained" and k not in weaker.values()]
-    base_lip = figs["pretrained"]["lipschitz"]["estimates"]["grad"]
+    base = FigureValues.of(figs["pretrained"])
     for k in tuned:
-        f = figs[k]
-        row = f["colspace"]["matrices"]["c_fc"][-1]
-        dirs = np.asarray(row["tuned"]["sin_theta"], np.float64)
-        draws = np.asarray((row.get("random_delta") or {}).get("mean_sin_theta", []), np.float64)
+        f = FigureValues.of(figs[k])
+        dirs, draws = f.directions, f.random_draws
         text = (f"{k} is a minimal transformation: W_ST's top left singular directions stay in W_IT's column space "
                 f"(mean sin θ, c_fc, last layer; control = W_IT + a random ΔW of the same Frobenius norm)")
         if dirs.size == 0 or draws.size == 0:
@@ -299,15 +343,13 @@ def figure_claims(figs: dict, weaker: dict | None = None, *, n_resamples: int = 
                                    kind="random_delta", side="<", **kw)
             c.n["random_draws"] = int(draws.size)
             claims.append(c)
-        rs = f["rowspace"]["weights"]["delta"][-1]
-        u, s = (np.asarray(rs[g].get("norm_ratio", []), np.float64) for g in ("unsafe", "safe"))
+        u, s = f.reads_unsafe, f.reads_safe
         text = (f"ΔW reads unsafe inputs more than safe ones ({k}: ‖ΔW â‖/σ1 at mlp_in, EOT, last layer, unsafe − safe "
                 f"variant of the same text; control = the safe/unsafe labels permuted)")
         claims.append(vs_permutation(text, ("unsafe", "safe"), (u, s), paired_mean_diff if _same_length(u, s) else mean_diff,
                                      paired=_same_length(u, s), **kw) if u.size and s.size else
                       _nan_claim(text, "label_permutation", ">", {}, "per-input ‖ΔW â‖ missing"))
-        lip = f["lipschitz"]["estimates"]["grad"]
-        vals = [np.asarray(d.get(g, {}).get("values", []), np.float64) for d in (lip, base_lip) for g in ("safe", "unsafe")]
+        vals = [f.lipschitz_safe, f.lipschitz_unsafe, base.lipschitz_safe, base.lipschitz_unsafe]
         text = (f"local Lipschitzness drops on unsafe inputs after {k} (median gradient norm, unsafe / safe; "
                 f"control = the pretrained model's ratio on the same inputs)")
         claims.append(vs_control_samples(text, ("safe", "unsafe"), vals[:2], vals[2:],
