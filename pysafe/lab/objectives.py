@@ -75,9 +75,9 @@ def decision_positions(y_chosen: np.ndarray, y_rejected: np.ndarray) -> np.ndarr
     return out
 
 
-def decision_weights(y_chosen: np.ndarray, y_rejected: np.ndarray, w: float) -> np.ndarray:
-    """float32 [B, T]: 1 everywhere, ``w`` at each row's decision position (:func:`decision_positions`)."""
-    out = np.ones(y_chosen.shape, dtype=np.float32)
+def decision_weights(y_chosen: np.ndarray, y_rejected: np.ndarray, w: float, rest: float = 1.0) -> np.ndarray:
+    """float32 [B, T]: ``rest`` everywhere, ``w`` at each row's decision position (:func:`decision_positions`)."""
+    out = np.full(y_chosen.shape, rest, dtype=np.float32)
     out[decision_positions(y_chosen, y_rejected)] = w
     return out
 
@@ -170,6 +170,12 @@ class _SafetyObjective:
     p_unsafe: float = 0.5
     decision_weight: float = 1.0
     hard_frac: float = 0.0  # D.safety_batch: share of unsafe-branch samples made unsafe by B operators alone
+    # Weight of the rejected answer's tokens other than its decision token (DPO and unlearning; 1 = the
+    # paper's objective). The rejected answer is pushed down token by token without bound (DPO in its
+    # linear regime, where the small β keeps it, and unlearning up to its clamp); its later tokens are the
+    # same copying the safe answers need, so pushing them down erodes the safe answers. 0 pushes down only
+    # the choice to comply (or refuse).
+    rejected_rest_weight: float = 1.0
 
     def _pairs(self, recipe, n, step, device):
         b = D.safety_batch(recipe, n, step, self.hard_frac)
@@ -180,9 +186,12 @@ class _SafetyObjective:
         out = {"x_chosen": _t(xc, device), "y_chosen": _t(yc, device), "x_rejected": _t(xr, device),
                "y_rejected": _t(yr, device), "unsafe": torch.from_numpy(pick).to(device),
                "decision": torch.from_numpy(decision_positions(yc, yr)).to(device)}
-        if self.decision_weight != 1.0:
+        if self.decision_weight != 1.0 or self.rejected_rest_weight != 1.0:
             w = torch.from_numpy(decision_weights(yc, yr, self.decision_weight)).to(device)
             out["w_chosen"] = out["w_rejected"] = w
+            if self.rejected_rest_weight != 1.0:
+                out["w_rejected"] = torch.from_numpy(
+                    decision_weights(yc, yr, self.decision_weight, self.rejected_rest_weight)).to(device)
         return out
 
 
@@ -337,10 +346,10 @@ def make_objective(name: str, **kwargs):
             continue  # a string option (forget), checked above, or an optional number left unset
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key} must be a number, found {value!r}")
-        if key in ("p_unsafe", "hard_frac") and not 0 <= value <= 1:
+        if key in ("p_unsafe", "hard_frac", "rejected_rest_weight") and not 0 <= value <= 1:
             raise ValueError(f"{key} must be in [0, 1], found {value!r}")
         if key == "w_forget" and value < 0:
             raise ValueError(f"w_forget must be non-negative, found {value!r}")
-        if key not in ("p_unsafe", "hard_frac", "w_forget") and not value > 0:
+        if key not in ("p_unsafe", "hard_frac", "w_forget", "rejected_rest_weight") and not value > 0:
             raise ValueError(f"{key} must be positive, found {value!r}")
     return cls(**kwargs)
