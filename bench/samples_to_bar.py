@@ -51,7 +51,7 @@ def main() -> None:
 
     from pysafe.lab import ckpt as C
     from pysafe.lab.evaluate import safety_table
-    from pysafe.lab.pipeline import DEMO_DIR, stage_settings
+    from pysafe.lab.config import DEMO_DIR, stage_settings
     from pysafe.lab.train import train
 
     torch.set_num_threads(a.threads)

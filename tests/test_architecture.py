@@ -22,8 +22,7 @@ LAYERS = (
                     "pysafe.lab.samplers", "pysafe.lab.testsets", "pysafe.lab.data", "pysafe.lab.answers")),
     ("lab: model", ("pysafe.lab.model",)),
     ("lab: train", ("pysafe.lab.objectives", "pysafe.lab.ckpt", "pysafe.lab.train", "pysafe.lab.config")),
-    ("lab: eval", ("pysafe.lab.generate", "pysafe.lab.attacks", "pysafe.lab.evaluate", "pysafe.lab.inputs",
-                   "pysafe.lab.pipeline")),
+    ("lab: eval", ("pysafe.lab.generate", "pysafe.lab.attacks", "pysafe.lab.evaluate", "pysafe.lab.inputs")),
     ("analysis", ("pysafe.analysis",)),
     ("report", ("pysafe.report",)),
     ("api", ("pysafe",)),  # pysafe/__init__.py only: the public API re-exports the engine and the report writer

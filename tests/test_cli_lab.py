@@ -74,3 +74,10 @@ def test_cli_preset_objective_options_and_flags_override_them(tmp_path):
     b = json.loads((tmp_path / "b" / "config.json").read_text())["objective"]
     assert (a["beta"], a["beta_rejected"]) == (0.05, 0.005)
     assert (b["beta"], b["beta_rejected"]) == (0.3, 0.005)  # the flag wins, the rest of the preset stays
+    # --rejected-rest-weight: recorded in config.json (1, the paper's, by default); dpo and unlearn only
+    ok(["train", "unlearn", *common, "--rejected-rest-weight", "0", "--out", str(tmp_path / "c")])
+    c = json.loads((tmp_path / "c" / "config.json").read_text())["objective"]
+    assert c["rejected_rest_weight"] == 0.0 and a["rejected_rest_weight"] == 1.0
+    bad = r.invoke(main, ["train", "ssft", *common, "--rejected-rest-weight", "0", "--out", str(tmp_path / "d")])
+    assert bad.exit_code == 2 and "--rejected-rest-weight applies to dpo and unlearn only" in bad.output
+    assert not (tmp_path / "d").exists()

@@ -32,6 +32,9 @@ from pysafe.lab.objectives import OBJECTIVES
 @click.option("--hard-frac", type=click.FloatRange(0, 1), default=None,
               help="Share of unsafe-branch training samples whose unsafe operators are branch-dependent ones alone "
                    "(the refusals that need the text's branch); default 0: the paper's mix.")
+@click.option("--rejected-rest-weight", type=click.FloatRange(0, 1), default=None,
+              help="DPO and unlearning: weight of the rejected answer's tokens after its decision token (default 1: "
+                   "the paper's objective; 0 pushes down only the choice to comply or to refuse).")
 @click.option("--forget", type=click.Choice(["clamp", "npo"]), default=None, help="Unlearning forget loss.")
 @click.option("--w-forget", type=click.FloatRange(min=0), default=None, help="Unlearning forget weight (0.1).")
 @device_option()
@@ -43,7 +46,8 @@ from pysafe.lab.objectives import OBJECTIVES
 @click.option("--pipeline", default=None, hidden=True, help="The `pysafe reproduce` command this run is part of.")
 @debug_option
 @handle_errors
-def train_cmd(stage, preset, init, out, lr, steps, batch_size, seed, p_unsafe, decision_weight, hard_frac, beta, beta_rejected, forget,
+def train_cmd(stage, preset, init, out, lr, steps, batch_size, seed, p_unsafe, decision_weight, hard_frac, beta, beta_rejected,
+              rejected_rest_weight, forget,
               w_forget, device, threads, overwrite, quiet, pipeline, debug):
     """Train STAGE (pretrain, ssft, dpo, unlearn) and write a checkpoint directory to --out.
 
@@ -55,11 +59,13 @@ def train_cmd(stage, preset, init, out, lr, steps, batch_size, seed, p_unsafe, d
     if stage != "pretrain" and init is None:
         raise click.UsageError(f"{stage} fine-tunes an existing model: pass --init CKPT (a pretrained checkpoint)")
     opts = {k: v for k, v in {"p_unsafe": p_unsafe, "decision_weight": decision_weight, "hard_frac": hard_frac, "beta": beta, "beta_rejected": beta_rejected,
-                              "forget": forget, "w_forget": w_forget}.items() if v is not None}
+                              "rejected_rest_weight": rejected_rest_weight, "forget": forget, "w_forget": w_forget}.items() if v is not None}
     if stage == "pretrain" and opts:
         raise click.UsageError(f"pretrain takes no safety options (got {', '.join('--' + k.replace('_', '-') for k in opts)})")
     if stage != "dpo" and ({"beta", "beta_rejected"} & set(opts)):
         raise click.UsageError("--beta/--beta-rejected apply to dpo only")
+    if stage not in ("dpo", "unlearn") and "rejected_rest_weight" in opts:
+        raise click.UsageError("--rejected-rest-weight applies to dpo and unlearn only")
     if stage != "unlearn" and ({"forget", "w_forget"} & set(opts)):
         raise click.UsageError("--forget/--w-forget apply to unlearn only")
     settings = stage_settings(preset, stage, lr=lr, steps=steps, batch_size=batch_size)
