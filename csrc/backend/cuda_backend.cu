@@ -307,6 +307,7 @@ class CudaBackend final : public Backend {
   }
   // Through the two pinned buffers: the memcpy into one overlaps the DMA out of the other.
   void upload(void* dst, const void* src, size_t bytes) override {
+    Lock lock(op_mu_);
     Select on(ordinal_);
     check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");  // dst may still be in use
     for (const Chunk& c : plan_chunks(bytes, kStageBytes, 1)) {
@@ -320,6 +321,7 @@ class CudaBackend final : public Backend {
     for (int s = 0; s < 2; ++s) check_cuda(cudaStreamSynchronize(copy_[s]), "cudaStreamSynchronize");
   }
   void download(void* dst, const void* src, size_t bytes) override {
+    Lock lock(op_mu_);
     Select on(ordinal_);
     for (const Chunk& c : plan_chunks(bytes, kStageBytes, 1)) {
       check_cuda(cudaMemcpyAsync(pinned_[0], static_cast<const uint8_t*>(src) + c.offset, c.bytes,
@@ -332,6 +334,7 @@ class CudaBackend final : public Backend {
   void copy2d(void* dst, int64_t ldd, const void* src, int64_t lds, int64_t rows, int64_t cols,
               size_t elem) override {
     if (rows == 0 || cols == 0) return;
+    Lock lock(op_mu_);
     Select on(ordinal_);
     check_cuda(cudaMemcpy2DAsync(dst, static_cast<size_t>(ldd) * elem, src, static_cast<size_t>(lds) * elem,
                                  static_cast<size_t>(cols) * elem, static_cast<size_t>(rows), cudaMemcpyDeviceToDevice,
@@ -351,6 +354,7 @@ class CudaBackend final : public Backend {
   void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
             const float* B, int64_t ldb, float beta, float* C, int64_t ldc) override {
     if (M == 0 || N == 0) return;
+    Lock lock(op_mu_);
     Select on(ordinal_);
     check_blas(MathLibs::get().cublasSgemm_v2(blas_, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N,
                                               to_int(N), to_int(M), to_int(K), &alpha, B, to_int(ldb), A, to_int(lda),
@@ -360,6 +364,7 @@ class CudaBackend final : public Backend {
   void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
             const double* B, int64_t ldb, double beta, double* C, int64_t ldc) override {
     if (M == 0 || N == 0) return;
+    Lock lock(op_mu_);
     Select on(ordinal_);
     check_blas(MathLibs::get().cublasDgemm_v2(blas_, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N,
                                               to_int(N), to_int(M), to_int(K), &alpha, B, to_int(ldb), A, to_int(lda),
@@ -444,12 +449,19 @@ class CudaBackend final : public Backend {
     }
   };
 
+  // One caller at a time per device: the engine runs the SVDs of ΔW and W_base on two host threads, and
+  // they share this backend's stream, handles, staging buffers and scratch word (the stream orders
+  // their device work; the lock keeps the host-side sequences whole).
+  using Lock = std::lock_guard<std::recursive_mutex>;
+  std::recursive_mutex op_mu_;
+
   void sync() { check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); }
   void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
 
   template <typename T>
   blas::OrthoPath householder(int64_t m, int64_t n, T* A) {
     if (n == 0) return blas::OrthoPath::kHouseholder;
+    Lock lock(op_mu_);
     PYSAFE_ASSERT(m >= n);
     Select on(ordinal_);
     const MathLibs& L = MathLibs::get();
@@ -500,6 +512,7 @@ class CudaBackend final : public Backend {
   // is the row-major upper one.
   template <typename T>
   void gram(int64_t m, int64_t n, const T* A, bool columns, std::vector<double>& G) {
+    Lock lock(op_mu_);
     const int64_t d = columns ? n : m;
     G.assign(static_cast<size_t>(d * d), 0.0);
     if (d == 0 || m == 0 || n == 0) return;
@@ -524,6 +537,7 @@ class CudaBackend final : public Backend {
                  std::vector<double>& out) {
     out.assign(static_cast<size_t>(cols), 0.0);
     if (rows == 0 || cols == 0) return;
+    Lock lock(op_mu_);
     Select on(ordinal_);
     Buffer<double> acc(*this, static_cast<size_t>(cols)), th(*this, U ? static_cast<size_t>(cols) : 0);
     if (U) upload(th.data(), theta.data(), static_cast<size_t>(cols) * sizeof(double));
@@ -538,6 +552,7 @@ class CudaBackend final : public Backend {
   template <typename T>
   void widen(const T* src, int64_t lds, int64_t rows, int64_t cols, double* dst, int64_t ldd) {
     if (rows == 0 || cols == 0) return;
+    Lock lock(op_mu_);
     Select on(ordinal_);
     widen_kernel<T><<<grid_for(rows * cols), kThreads, 0, stream_>>>(src, lds, rows, cols, dst, ldd);
     check_launch("widen_kernel");
@@ -546,6 +561,7 @@ class CudaBackend final : public Backend {
   template <typename T>
   void narrow(const double* src, int64_t rows, int64_t cols, const std::vector<double>& div, T* dst) {
     if (rows == 0 || cols == 0) return;
+    Lock lock(op_mu_);
     Select on(ordinal_);
     Buffer<double> dv(*this, static_cast<size_t>(cols));
     upload(dv.data(), div.data(), static_cast<size_t>(cols) * sizeof(double));
@@ -559,6 +575,7 @@ class CudaBackend final : public Backend {
                         T* delta) {
     DeltaStats st;
     if (n == 0) return st;
+    Lock lock(op_mu_);
     const int t = device_dtype(tdt), b = device_dtype(bdt);
     Select on(ordinal_);
     Buffer<unsigned long long> counters(*this, 2);
@@ -580,6 +597,7 @@ class CudaBackend final : public Backend {
   int64_t epilogue(T* G, int64_t rows, int64_t cols, const T* sa, const T* sb, const T* ca, const T* nb,
                    bool euclid) {
     if (rows == 0 || cols == 0) return 0;
+    Lock lock(op_mu_);
     Select on(ordinal_);
     Buffer<unsigned long long> marked(*this, 1);
     epilogue_kernel<T><<<grid_for(rows * cols), kThreads, 0, stream_>>>(G, rows, cols, sa, sb, ca, nb, euclid,
