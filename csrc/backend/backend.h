@@ -89,6 +89,54 @@ class Backend {
                                     const double* ca, const double* nb, bool euclid) = 0;
 };
 
+/// The float and double overrides of Backend, each forwarding to the backend's template of the same
+/// primitive (gemm_t, ortho_t, gram_t, col_norms_t, to_f64_t, from_f64_div_t, residual_t, fused_delta_t,
+/// epilogue_t): a backend writes each primitive once, for both precisions (CRTP).
+template <typename Impl>
+class Typed : public Backend {
+#define PYSAFE_TYPED_OVERRIDES(T)                                                                             \
+  void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,  \
+            int64_t ldb, T beta, T* C, int64_t ldc) override {                                                \
+    self().gemm_t(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);                                      \
+  }                                                                                                           \
+  blas::OrthoPath orthonormalize(int64_t m, int64_t n, T* A, bool full) override {                           \
+    return self().ortho_t(m, n, A, full);                                                                     \
+  }                                                                                                           \
+  void gram_f64(int64_t m, int64_t n, const T* A, bool columns, std::vector<double>& G) override {           \
+    self().gram_t(m, n, A, columns, G);                                                                       \
+  }                                                                                                           \
+  void col_norms(const T* Y, int64_t rows, int64_t cols, std::vector<double>& out) override {                \
+    self().col_norms_t(Y, rows, cols, out);                                                                   \
+  }                                                                                                           \
+  void to_f64(const T* src, int64_t lds, int64_t rows, int64_t cols, double* dst, int64_t ldd) override {    \
+    self().to_f64_t(src, lds, rows, cols, dst, ldd);                                                          \
+  }                                                                                                           \
+  void from_f64_div(const double* src, int64_t rows, int64_t cols, const std::vector<double>& div, T* dst)    \
+      override {                                                                                              \
+    self().from_f64_div_t(src, rows, cols, div, dst);                                                         \
+  }                                                                                                           \
+  void residual_sumsq(const T* R, const T* U, int64_t rows, int64_t cols, const std::vector<double>& theta,   \
+                      std::vector<double>& out) override {                                                    \
+    self().residual_t(R, U, rows, cols, theta, out);                                                          \
+  }                                                                                                           \
+  DeltaStats fused_delta(const uint8_t* tuned, DType tdt, const uint8_t* base, DType bdt, size_t n,           \
+                         T* base_out, T* delta) override {                                                    \
+    return self().fused_delta_t(tuned, tdt, base, bdt, n, base_out, delta);                                  \
+  }                                                                                                           \
+  int64_t distance_epilogue(T* G, int64_t rows, int64_t cols, const T* sa, const T* sb, const T* ca,         \
+                            const T* nb, bool euclid) override {                                              \
+    return self().epilogue_t(G, rows, cols, sa, sb, ca, nb, euclid);                                          \
+  }
+
+ public:
+  PYSAFE_TYPED_OVERRIDES(float)
+  PYSAFE_TYPED_OVERRIDES(double)
+#undef PYSAFE_TYPED_OVERRIDES
+
+ private:
+  Impl& self() { return static_cast<Impl&>(*this); }
+};
+
 /// The CPU backend (process-wide).
 Backend& cpu();
 /// The CUDA backend of device `ordinal` (one per device, created on first use). Throws a

@@ -14,7 +14,7 @@ namespace pysafe::backend {
 
 namespace {
 
-class CpuBackend final : public Backend {
+class CpuBackend final : public Typed<CpuBackend> {
  public:
   std::string name() const override { return "cpu"; }
   bool host_memory() const override { return true; }
@@ -51,97 +51,39 @@ class CpuBackend final : public Backend {
   size_t peak_bytes() const override { return peak_.load(); }
   void reset_peak() override { peak_ = held_.load(); }
 
-  void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
-            const float* B, int64_t ldb, float beta, float* C, int64_t ldc) override {
-    blas::gemm<float>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  }
-  void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
-            const double* B, int64_t ldb, double beta, double* C, int64_t ldc) override {
-    blas::gemm<double>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  }
-  blas::OrthoPath orthonormalize(int64_t m, int64_t n, float* A, bool full) override { return ortho(m, n, A, full); }
-  blas::OrthoPath orthonormalize(int64_t m, int64_t n, double* A, bool full) override {
-    return ortho(m, n, A, full);
-  }
-  void gram_f64(int64_t m, int64_t n, const float* A, bool columns, std::vector<double>& G) override {
-    blas::gram_f64<float>(m, n, A, columns, G);
-  }
-  void gram_f64(int64_t m, int64_t n, const double* A, bool columns, std::vector<double>& G) override {
-    blas::gram_f64<double>(m, n, A, columns, G);
-  }
-
-  void col_norms(const float* Y, int64_t rows, int64_t cols, std::vector<double>& out) override {
-    norms(Y, rows, cols, out);
-  }
-  void col_norms(const double* Y, int64_t rows, int64_t cols, std::vector<double>& out) override {
-    norms(Y, rows, cols, out);
-  }
-  void to_f64(const float* src, int64_t lds, int64_t rows, int64_t cols, double* dst, int64_t ldd) override {
-    widen(src, lds, rows, cols, dst, ldd);
-  }
-  void to_f64(const double* src, int64_t lds, int64_t rows, int64_t cols, double* dst, int64_t ldd) override {
-    widen(src, lds, rows, cols, dst, ldd);
-  }
-  void from_f64_div(const double* src, int64_t rows, int64_t cols, const std::vector<double>& div,
-                    float* dst) override {
-    narrow(src, rows, cols, div, dst);
-  }
-  void from_f64_div(const double* src, int64_t rows, int64_t cols, const std::vector<double>& div,
-                    double* dst) override {
-    narrow(src, rows, cols, div, dst);
-  }
-  void residual_sumsq(const float* R, const float* U, int64_t rows, int64_t cols, const std::vector<double>& theta,
-                      std::vector<double>& out) override {
-    residual(R, U, rows, cols, theta, out);
-  }
-  void residual_sumsq(const double* R, const double* U, int64_t rows, int64_t cols,
-                      const std::vector<double>& theta, std::vector<double>& out) override {
-    residual(R, U, rows, cols, theta, out);
-  }
-  DeltaStats fused_delta(const uint8_t* tuned, DType tdt, const uint8_t* base, DType bdt, size_t n, float* base_out,
-                         float* delta) override {
-    return pysafe::fused_delta<float>(tuned, tdt, base, bdt, n, base_out, delta);
-  }
-  DeltaStats fused_delta(const uint8_t* tuned, DType tdt, const uint8_t* base, DType bdt, size_t n,
-                         double* base_out, double* delta) override {
-    return pysafe::fused_delta<double>(tuned, tdt, base, bdt, n, base_out, delta);
-  }
-  int64_t distance_epilogue(float* G, int64_t rows, int64_t cols, const float* sa, const float* sb, const float* ca,
-                            const float* nb, bool euclid) override {
-    return epilogue(G, rows, cols, sa, sb, ca, nb, euclid);
-  }
-  int64_t distance_epilogue(double* G, int64_t rows, int64_t cols, const double* sa, const double* sb,
-                            const double* ca, const double* nb, bool euclid) override {
-    return epilogue(G, rows, cols, sa, sb, ca, nb, euclid);
-  }
-
- private:
-  std::atomic<size_t> held_{0}, peak_{0};
-
   template <typename T>
-  static blas::OrthoPath ortho(int64_t m, int64_t n, T* A, bool full) {
+  void gemm_t(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
+              int64_t ldb, T beta, T* C, int64_t ldc) {
+    blas::gemm<T>(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+  template <typename T>
+  blas::OrthoPath ortho_t(int64_t m, int64_t n, T* A, bool full) {
     return full ? blas::orthonormalize<T>(m, n, A) : blas::condition_basis<T>(m, n, A);
   }
   template <typename T>
-  static void norms(const T* Y, int64_t rows, int64_t cols, std::vector<double>& nn) {
+  void gram_t(int64_t m, int64_t n, const T* A, bool columns, std::vector<double>& G) {
+    blas::gram_f64<T>(m, n, A, columns, G);
+  }
+  template <typename T>
+  void col_norms_t(const T* Y, int64_t rows, int64_t cols, std::vector<double>& nn) {
     nn.assign(static_cast<size_t>(cols), 0.0);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t j = 0; j < cols; ++j) nn[j] += static_cast<double>(Y[r * cols + j]) * Y[r * cols + j];
     for (auto& v : nn) v = std::sqrt(v);
   }
   template <typename T>
-  static void widen(const T* src, int64_t lds, int64_t rows, int64_t cols, double* dst, int64_t ldd) {
+  void to_f64_t(const T* src, int64_t lds, int64_t rows, int64_t cols, double* dst, int64_t ldd) {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t j = 0; j < cols; ++j) dst[r * ldd + j] = static_cast<double>(src[r * lds + j]);
   }
   template <typename T>
-  static void narrow(const double* src, int64_t rows, int64_t cols, const std::vector<double>& div, T* dst) {
+  void from_f64_div_t(const double* src, int64_t rows, int64_t cols, const std::vector<double>& div, T* dst) {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t j = 0; j < cols; ++j) dst[r * cols + j] = static_cast<T>(src[r * cols + j] / div[j]);
   }
   template <typename T>
-  static void residual(const T* R, const T* U, int64_t rows, int64_t cols, const std::vector<double>& theta,
-                       std::vector<double>& out) {
+  void residual_t(const T* R, const T* U, int64_t rows, int64_t cols, const std::vector<double>& theta,
+                  std::vector<double>& out) {
     out.assign(static_cast<size_t>(cols), 0.0);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t j = 0; j < cols; ++j) {
@@ -150,8 +92,13 @@ class CpuBackend final : public Backend {
       }
   }
   template <typename T>
-  static int64_t epilogue(T* G, int64_t rows, int64_t cols, const T* sa, const T* sb, const T* ca, const T* nb,
-                          bool euclid) {
+  DeltaStats fused_delta_t(const uint8_t* tuned, DType tdt, const uint8_t* base, DType bdt, size_t n, T* base_out,
+                           T* delta) {
+    return pysafe::fused_delta<T>(tuned, tdt, base, bdt, n, base_out, delta);
+  }
+  template <typename T>
+  int64_t epilogue_t(T* G, int64_t rows, int64_t cols, const T* sa, const T* sb, const T* ca, const T* nb,
+                     bool euclid) {
     int64_t marked = 0;
     for (int64_t i = 0; i < rows; ++i) {
       T* row = G + i * cols;
@@ -160,6 +107,9 @@ class CpuBackend final : public Backend {
     }
     return marked;
   }
+
+ private:
+  std::atomic<size_t> held_{0}, peak_{0};
 };
 
 }  // namespace

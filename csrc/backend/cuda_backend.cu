@@ -253,7 +253,7 @@ unsigned grid_for(int64_t n) {
 
 // ---- the backend ---------------------------------------------------------------------------------
 
-class CudaBackend final : public Backend {
+class CudaBackend final : public Typed<CudaBackend> {
  public:
   explicit CudaBackend(int ordinal) : ordinal_(ordinal) {
     const MathLibs& L = MathLibs::get();
@@ -350,89 +350,8 @@ class CudaBackend final : public Backend {
     peak_ = held_;
   }
 
-  // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ on the same memory.
-  void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
-            const float* B, int64_t ldb, float beta, float* C, int64_t ldc) override {
-    if (M == 0 || N == 0) return;
-    Lock lock(op_mu_);
-    Select on(ordinal_);
-    check_blas(MathLibs::get().cublasSgemm_v2(blas_, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N,
-                                              to_int(N), to_int(M), to_int(K), &alpha, B, to_int(ldb), A, to_int(lda),
-                                              &beta, C, to_int(ldc)),
-               "cublasSgemm");
-  }
-  void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, double alpha, const double* A, int64_t lda,
-            const double* B, int64_t ldb, double beta, double* C, int64_t ldc) override {
-    if (M == 0 || N == 0) return;
-    Lock lock(op_mu_);
-    Select on(ordinal_);
-    check_blas(MathLibs::get().cublasDgemm_v2(blas_, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N,
-                                              to_int(N), to_int(M), to_int(K), &alpha, B, to_int(ldb), A, to_int(lda),
-                                              &beta, C, to_int(ldc)),
-               "cublasDgemm");
-  }
-  // Householder QR by cuSOLVER (geqrf + orgqr) for both the full and the conditioning step: an
-  // orthonormal basis is also a well-conditioned one, and on the GPU the panel QR of these tall,
-  // narrow blocks is cheap next to the products with A. Row-major A (m×n) is transposed into a
-  // column-major m×n copy and back (geam).
-  blas::OrthoPath orthonormalize(int64_t m, int64_t n, float* A, bool) override { return householder(m, n, A); }
-  blas::OrthoPath orthonormalize(int64_t m, int64_t n, double* A, bool) override { return householder(m, n, A); }
-
-  void gram_f64(int64_t m, int64_t n, const float* A, bool columns, std::vector<double>& G) override {
-    gram(m, n, A, columns, G);
-  }
-  void gram_f64(int64_t m, int64_t n, const double* A, bool columns, std::vector<double>& G) override {
-    gram(m, n, A, columns, G);
-  }
-
-  void col_norms(const float* Y, int64_t rows, int64_t cols, std::vector<double>& out) override {
-    col_sumsq(Y, static_cast<const float*>(nullptr), rows, cols, {}, out);
-    for (auto& v : out) v = std::sqrt(v);
-  }
-  void col_norms(const double* Y, int64_t rows, int64_t cols, std::vector<double>& out) override {
-    col_sumsq(Y, static_cast<const double*>(nullptr), rows, cols, {}, out);
-    for (auto& v : out) v = std::sqrt(v);
-  }
-  void residual_sumsq(const float* R, const float* U, int64_t rows, int64_t cols, const std::vector<double>& theta,
-                      std::vector<double>& out) override {
-    col_sumsq(R, U, rows, cols, theta, out);
-  }
-  void residual_sumsq(const double* R, const double* U, int64_t rows, int64_t cols,
-                      const std::vector<double>& theta, std::vector<double>& out) override {
-    col_sumsq(R, U, rows, cols, theta, out);
-  }
-  void to_f64(const float* src, int64_t lds, int64_t rows, int64_t cols, double* dst, int64_t ldd) override {
-    widen(src, lds, rows, cols, dst, ldd);
-  }
-  void to_f64(const double* src, int64_t lds, int64_t rows, int64_t cols, double* dst, int64_t ldd) override {
-    widen(src, lds, rows, cols, dst, ldd);
-  }
-  void from_f64_div(const double* src, int64_t rows, int64_t cols, const std::vector<double>& div,
-                    float* dst) override {
-    narrow(src, rows, cols, div, dst);
-  }
-  void from_f64_div(const double* src, int64_t rows, int64_t cols, const std::vector<double>& div,
-                    double* dst) override {
-    narrow(src, rows, cols, div, dst);
-  }
-  DeltaStats fused_delta(const uint8_t* tuned, DType tdt, const uint8_t* base, DType bdt, size_t n, float* base_out,
-                         float* delta) override {
-    return delta_pass(tuned, tdt, base, bdt, n, base_out, delta);
-  }
-  DeltaStats fused_delta(const uint8_t* tuned, DType tdt, const uint8_t* base, DType bdt, size_t n,
-                         double* base_out, double* delta) override {
-    return delta_pass(tuned, tdt, base, bdt, n, base_out, delta);
-  }
-  int64_t distance_epilogue(float* G, int64_t rows, int64_t cols, const float* sa, const float* sb, const float* ca,
-                            const float* nb, bool euclid) override {
-    return epilogue(G, rows, cols, sa, sb, ca, nb, euclid);
-  }
-  int64_t distance_epilogue(double* G, int64_t rows, int64_t cols, const double* sa, const double* sb,
-                            const double* ca, const double* nb, bool euclid) override {
-    return epilogue(G, rows, cols, sa, sb, ca, nb, euclid);
-  }
-
  private:
+  friend class Typed<CudaBackend>;  // the float/double overrides call the templates below
   static constexpr size_t kStageBytes = size_t(32) << 20;
 
   // Makes this backend's device current for the scope (the caller's current device is restored).
@@ -458,8 +377,31 @@ class CudaBackend final : public Backend {
   void sync() { check_cuda(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); }
   void check_launch(const char* what) { check_cuda(cudaGetLastError(), what); }
 
+  // Row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ on the same memory.
   template <typename T>
-  blas::OrthoPath householder(int64_t m, int64_t n, T* A) {
+  void gemm_t(bool ta, bool tb, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
+              int64_t ldb, T beta, T* C, int64_t ldc) {
+    if (M == 0 || N == 0) return;
+    Lock lock(op_mu_);
+    Select on(ordinal_);
+    const MathLibs& L = MathLibs::get();
+    auto gemm = [&](auto fn, const char* what) {
+      check_blas(fn(blas_, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, to_int(N), to_int(M),
+                    to_int(K), &alpha, B, to_int(ldb), A, to_int(lda), &beta, C, to_int(ldc)),
+                 what);
+    };
+    if constexpr (std::is_same_v<T, float>)
+      gemm(L.cublasSgemm_v2, "cublasSgemm");
+    else
+      gemm(L.cublasDgemm_v2, "cublasDgemm");
+  }
+
+  // Householder QR by cuSOLVER (geqrf + orgqr) for both the full and the conditioning step: an
+  // orthonormal basis is also a well-conditioned one, and on the GPU the panel QR of these tall,
+  // narrow blocks is cheap next to the products with A. Row-major A (m×n) is transposed into a
+  // column-major m×n copy and back (geam).
+  template <typename T>
+  blas::OrthoPath ortho_t(int64_t m, int64_t n, T* A, bool) {
     if (n == 0) return blas::OrthoPath::kHouseholder;
     Lock lock(op_mu_);
     PYSAFE_ASSERT(m >= n);
@@ -511,7 +453,7 @@ class CudaBackend final : public Backend {
   // Row-major A (m×n) is column-major X (n×m): AᵀA = X·Xᵀ, AAᵀ = Xᵀ·X; the column-major lower triangle
   // is the row-major upper one.
   template <typename T>
-  void gram(int64_t m, int64_t n, const T* A, bool columns, std::vector<double>& G) {
+  void gram_t(int64_t m, int64_t n, const T* A, bool columns, std::vector<double>& G) {
     Lock lock(op_mu_);
     const int64_t d = columns ? n : m;
     G.assign(static_cast<size_t>(d * d), 0.0);
@@ -520,7 +462,7 @@ class CudaBackend final : public Backend {
     Buffer<double> Xd(*this, static_cast<size_t>(m * n)), Gd(*this, static_cast<size_t>(d * d));
     {
       HostView<T> Av(*this, A, static_cast<size_t>(m * n));
-      widen(Av.data(), n, m, n, Xd.data(), n);
+      to_f64_t(Av.data(), n, m, n, Xd.data(), n);
       sync();
     }
     const double one = 1.0, zero = 0.0;
@@ -533,8 +475,14 @@ class CudaBackend final : public Backend {
   }
 
   template <typename T>
-  void col_sumsq(const T* X, const T* U, int64_t rows, int64_t cols, const std::vector<double>& theta,
-                 std::vector<double>& out) {
+  void col_norms_t(const T* Y, int64_t rows, int64_t cols, std::vector<double>& out) {
+    residual_t(Y, static_cast<const T*>(nullptr), rows, cols, {}, out);
+    for (auto& v : out) v = std::sqrt(v);
+  }
+  // Σ_r (R − θU)² per column, or Σ_r R² when U is null.
+  template <typename T>
+  void residual_t(const T* X, const T* U, int64_t rows, int64_t cols, const std::vector<double>& theta,
+                  std::vector<double>& out) {
     out.assign(static_cast<size_t>(cols), 0.0);
     if (rows == 0 || cols == 0) return;
     Lock lock(op_mu_);
@@ -550,7 +498,7 @@ class CudaBackend final : public Backend {
   }
 
   template <typename T>
-  void widen(const T* src, int64_t lds, int64_t rows, int64_t cols, double* dst, int64_t ldd) {
+  void to_f64_t(const T* src, int64_t lds, int64_t rows, int64_t cols, double* dst, int64_t ldd) {
     if (rows == 0 || cols == 0) return;
     Lock lock(op_mu_);
     Select on(ordinal_);
@@ -559,7 +507,7 @@ class CudaBackend final : public Backend {
   }
 
   template <typename T>
-  void narrow(const double* src, int64_t rows, int64_t cols, const std::vector<double>& div, T* dst) {
+  void from_f64_div_t(const double* src, int64_t rows, int64_t cols, const std::vector<double>& div, T* dst) {
     if (rows == 0 || cols == 0) return;
     Lock lock(op_mu_);
     Select on(ordinal_);
@@ -571,8 +519,8 @@ class CudaBackend final : public Backend {
   }
 
   template <typename T>
-  DeltaStats delta_pass(const uint8_t* tuned, DType tdt, const uint8_t* base, DType bdt, size_t n, T* base_out,
-                        T* delta) {
+  DeltaStats fused_delta_t(const uint8_t* tuned, DType tdt, const uint8_t* base, DType bdt, size_t n, T* base_out,
+                           T* delta) {
     DeltaStats st;
     if (n == 0) return st;
     Lock lock(op_mu_);
@@ -594,8 +542,8 @@ class CudaBackend final : public Backend {
   }
 
   template <typename T>
-  int64_t epilogue(T* G, int64_t rows, int64_t cols, const T* sa, const T* sb, const T* ca, const T* nb,
-                   bool euclid) {
+  int64_t epilogue_t(T* G, int64_t rows, int64_t cols, const T* sa, const T* sb, const T* ca, const T* nb,
+                     bool euclid) {
     if (rows == 0 || cols == 0) return 0;
     Lock lock(op_mu_);
     Select on(ordinal_);
