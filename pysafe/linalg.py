@@ -7,13 +7,7 @@ import os
 import numpy as np
 
 from pysafe._loader import _core
-
-
-def build_info() -> dict:
-    """What this build contains: version, cuda (bool), BLAS configuration, thread count."""
-    info = dict(_core.build_info())
-    info["cuda_devices"] = _core.cuda_device_count()
-    return info
+from pysafe.backend import build_info, engine_device  # noqa: F401  (build_info: re-exported)
 
 
 def read_header(path: str | os.PathLike) -> dict:
@@ -79,28 +73,34 @@ def sin_theta_chance(n: int, k: int) -> float:
 
 def truncated_svd(A: np.ndarray, *, rank: int | None = None, energy: float = 0.9, exact: bool = False,
                   max_rank: int | None = None, exact_max_dim: int = 1024, oversample: int = 10,
-                  power_iters: int | None = None, tol: float = 1e-4, full_spectrum: bool = False, seed: int = 0):
+                  power_iters: int | None = None, tol: float = 1e-4, full_spectrum: bool = False, seed: int = 0,
+                  device="cpu"):
     """Truncated SVD of a 2-D float32/float64 array with the engine's rules (docs/metrics.md).
 
     Returns:
         (U (m×r), S (r,), Vt (r×n), info) with info["k"] the kept rank, info["method"] (exact, gram_eig or
         subspace_iteration), info["rel_error"] (bound on the top-k values' relative error), info["err"]
         (per-value absolute bounds), info["tol_reached"], info["energy_reached"] and, when computed,
-        info["spectrum"] (all singular values).
+        info["spectrum"] (all singular values). ``device`` ("cpu", "cuda", "cuda:N"): where block Krylov
+        and the Gram matrix of gram_eig run (:mod:`pysafe.backend`).
     """
+    index = engine_device(device)
     A = np.asarray(A)
     if A.ndim != 2:
         raise ValueError(f"expected a 2-D array, got shape {A.shape}")
     if A.dtype not in (np.float32, np.float64):
         raise TypeError(f"expected float32 or float64, got {A.dtype}")
     o = svd_options(rank=rank, energy=energy, exact=exact, max_rank=max_rank, exact_max_dim=exact_max_dim,
-                    oversample=oversample, power_iters=power_iters, tol=tol, full_spectrum=full_spectrum, seed=seed)
+                    oversample=oversample, power_iters=power_iters, tol=tol, full_spectrum=full_spectrum, seed=seed,
+                    device=index)
     return _core.truncated_svd(np.ascontiguousarray(A), o)
 
 
 def svd_options(*, rank: int | None, energy: float, exact: bool, max_rank: int | None, exact_max_dim: int,
-                oversample: int, power_iters: int | None, tol: float, full_spectrum: bool, seed: int):
-    """The engine's SVD settings (``_core.SvdOptions``; None becomes its -1 sentinel: "not set")."""
+                oversample: int, power_iters: int | None, tol: float, full_spectrum: bool, seed: int,
+                device: int = -1):
+    """The engine's SVD settings (``_core.SvdOptions``; None becomes its -1 sentinel: "not set"; ``device``
+    is the engine's device index, -1 for the CPU, N for cuda:N)."""
     o = _core.SvdOptions()
     o.rank = -1 if rank is None else int(rank)
     o.energy = float(energy)
@@ -112,4 +112,5 @@ def svd_options(*, rank: int | None, energy: float, exact: bool, max_rank: int |
     o.tol = float(tol)
     o.full_spectrum = full_spectrum
     o.seed = seed
+    o.device = device
     return o

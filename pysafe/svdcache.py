@@ -82,6 +82,8 @@ def svd_options_dict(o) -> dict:
         if name.startswith("_"):
             continue
         v = getattr(o, name)
+        if name == "device" and v < 0:  # the CPU: the keys that builds without a GPU backend wrote stay valid
+            continue
         if isinstance(v, (bool, int, float, str)) or v is None:
             out[name] = v
     return out

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from pysafe._loader import _core
+from pysafe.backend import device_name, engine_device, parse_device
 from pysafe.checkpoint import UNSUPPORTED_DTYPES, Checkpoint, PeftAdapter, detect_scheme, name_info
 from pysafe.errors import CheckpointError, ShapeMismatchError
 from pysafe.linalg import svd_options
@@ -45,6 +46,7 @@ class Options:
     seed: int = 0                     # seed of the randomized SVD's test matrices
     save_vectors: bool = False        # keep the top-k singular vectors in results.h5
     strict: bool = False              # mismatches are errors instead of skips
+    device: str = "cpu"               # where the SVDs run: "cpu", "cuda" or "cuda:N" (pysafe.backend)
 
     def validate(self) -> None:
         if self.dtype not in ("f32", "f64"):
@@ -59,6 +61,7 @@ class Options:
                 raise ValueError(f"{name} must be a positive integer, got {v}")
         if not (0.0 < self.tol < 1.0) or math.isnan(self.tol):
             raise ValueError(f"tol must be in (0, 1), got {self.tol}")
+        parse_device(self.device)
         if self.spectrum not in ("full", "none"):
             raise ValueError(f"spectrum must be 'full' or 'none', got {self.spectrum!r}")
         for name, lo in (("max_rank", 1), ("exact_max_dim", 0), ("oversample", 0), ("power_iters", 0),
@@ -119,6 +122,7 @@ class Comparison:
     seconds: float = 0.0
     bytes_read: int = 0
     cache: dict | None = None  # base-decomposition cache use: dir, hits, misses, writes (None: no cache)
+    device: dict | None = None  # GPU runs: {"name": "cuda:N", "peak_bytes": most device memory held at once}
 
     def __repr__(self) -> str:
         def where(d):
@@ -185,6 +189,9 @@ def compare(base, tuned, *, progress: ProgressFn | None = None,
     """
     opts = Options(**options)
     opts.validate()
+    index = engine_device(opts.device)  # a GPU that is not there fails here, before any file is opened
+    if index >= 0:
+        _core.backend.reset_peak(index)
     from pysafe.svdcache import open_cache
 
     bc = open_cache(cache)
@@ -212,7 +219,9 @@ def compare(base, tuned, *, progress: ProgressFn | None = None,
             t.close()
     return Comparison(base=b.describe(), tuned=t.describe(), params=asdict(opts), records=records, skipped=skipped,
                       preflight=pre, scheme=scheme, seconds=time.perf_counter() - t0, bytes_read=nbytes,
-                      cache=bc.summary(since=cache_before) if bc is not None else None)
+                      cache=bc.summary(since=cache_before) if bc is not None else None,
+                      device={"name": device_name(index), "peak_bytes": _core.backend.peak_bytes(index)}
+                      if index >= 0 else None)
 
 
 def preflight(b: Checkpoint, t: Checkpoint, opts: Options) -> Preflight:
@@ -267,7 +276,8 @@ def preflight(b: Checkpoint, t: Checkpoint, opts: Options) -> Preflight:
 def _svd_options(rank, energy, opts: Options, seed: int, full_spectrum: bool = False):
     return svd_options(rank=rank, energy=energy, exact=opts.exact, max_rank=opts.max_rank,
                        exact_max_dim=opts.exact_max_dim, oversample=opts.oversample, power_iters=opts.power_iters,
-                       tol=opts.tol, full_spectrum=full_spectrum, seed=seed)
+                       tol=opts.tol, full_spectrum=full_spectrum, seed=seed,
+                       device=parse_device(opts.device))
 
 
 def _params(opts: Options, name: str, transposed: bool):

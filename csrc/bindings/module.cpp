@@ -8,7 +8,8 @@
 
 #include "core/error.h"
 #include "core/parallel.h"
-#include "cuda/delta_cuda.h"
+#include "backend/backend.h"
+#include "bindings/backend_bindings.h"
 #include "io/safetensors.h"
 #include "io/shard_index.h"
 #include "linalg/blas.h"
@@ -236,6 +237,7 @@ PYBIND11_MODULE(_core, m) {
         case ErrorKind::FileNotFound: cls = nullptr; break;
         case ErrorKind::TensorNotFound: cls = "TensorNotFoundError"; break;
         case ErrorKind::Internal: cls = "InternalError"; break;
+        case ErrorKind::Device: cls = "DeviceUnavailableError"; break;
       }
       // The whole message (not what(), which stops at a NUL), decoded with a safety net: the core
       // escapes what it echoes, so 'backslashreplace' should never have anything to replace.
@@ -257,17 +259,14 @@ PYBIND11_MODULE(_core, m) {
   m.def("build_info", [] {
     py::dict d;
     d["version"] = PYSAFE_VERSION;
-#ifdef PYSAFE_WITH_CUDA
-    d["cuda"] = true;
-#else
-    d["cuda"] = false;
-#endif
+    add_cuda_info(d);
     d["blas"] = std::string(blas::config());
     d["threads"] = num_threads();
     d["compiler"] = std::string(__VERSION__);
     return d;
-  }, "What this build contains: version, cuda (bool), BLAS configuration, default thread count.");
-  m.def("cuda_device_count", &cuda::device_count, "Visible CUDA devices (0 on a CPU-only build).");
+  }, "What this build contains: version, cuda (bool) and its devices, BLAS configuration, default thread count.");
+  m.def("cuda_device_count", &backend::cuda_device_count, "Visible CUDA devices (0 on a CPU-only build).");
+  register_backend(m);
   m.def("set_num_threads", &set_num_threads, py::arg("n"),
         "Threads for the core's loops and OpenBLAS; n <= 0 means all hardware threads.");
   m.def("get_num_threads", &num_threads);
@@ -284,7 +283,8 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("seed", &SvdOptions::seed)
       .def_readwrite("residual_check", &SvdOptions::residual_check)
       .def_readwrite("tol", &SvdOptions::tol)
-      .def_readwrite("full_spectrum", &SvdOptions::full_spectrum);
+      .def_readwrite("full_spectrum", &SvdOptions::full_spectrum)
+      .def_readwrite("device", &SvdOptions::device);
 
   m.def("sin_theta_chance", &sin_theta_chance, py::arg("n"), py::arg("k"),
         "E[‖(I − P)u‖] for u uniform on the unit sphere of R^n and P a rank-k projector: the chance "
@@ -528,7 +528,8 @@ PYBIND11_MODULE(_core, m) {
     return d;
   };
 
-  m.def("pairwise_distances", [metric_of, stats_dict](py::array A, py::object B, const std::string& metric) {
+  m.def("pairwise_distances", [metric_of, stats_dict](py::array A, py::object B, const std::string& metric,
+                                                     int device) {
     const auto mt = metric_of(metric);
     if (A.ndim() != 2) throw py::value_error("pairwise_distances: a must be 2-D (n × d)");
     auto run = [&](auto tag) -> py::tuple {
@@ -549,14 +550,15 @@ PYBIND11_MODULE(_core, m) {
       dist::Stats st;
       {
         py::gil_scoped_release nogil;
-        st = dist::pairwise<T>(a.data(), n, B.is_none() ? nullptr : b.data(), mrows, d, mt, out.mutable_data());
+        st = dist::pairwise<T>(a.data(), n, B.is_none() ? nullptr : b.data(), mrows, d, mt, out.mutable_data(),
+                               device);
       }
       return py::make_tuple(out, stats_dict(st));
     };
     return by_float_dtype(A, "pairwise_distances", run);
-  }, py::arg("a"), py::arg("b") = py::none(), py::arg("metric") = "euclidean",
+  }, py::arg("a"), py::arg("b") = py::none(), py::arg("metric") = "euclidean", py::arg("device") = -1,
      "Exact blocked pairwise distances: (n×m array in a's precision, stats). b=None: a against itself "
-     "(symmetric, zero diagonal).");
+     "(symmetric, zero diagonal). device >= 0: on cuda:device.");
 
   m.def("distance_rows", [metric_of, stats_dict](py::array A, const std::string& metric, int64_t r0, int64_t r1) {
     const auto mt = metric_of(metric);

@@ -12,7 +12,7 @@
 namespace pysafe {
 
 /// Which Python exception class (pysafe.errors) an Error maps to.
-enum class ErrorKind { Header, ShardIndex, ShapeMismatch, Value, FileNotFound, TensorNotFound, Internal };
+enum class ErrorKind { Header, ShardIndex, ShapeMismatch, Value, FileNotFound, TensorNotFound, Internal, Device };
 
 /// Base of every exception thrown by the core. `code` is a stable machine-readable tag
 /// (for header errors: one per validation condition, see safetensors.h).

@@ -14,7 +14,7 @@ namespace pysafe {
 struct DeltaStats {
   uint64_t nonfinite_base = 0;   ///< NaN/Inf entries in the base input
   uint64_t nonfinite_tuned = 0;  ///< NaN/Inf entries in the tuned input
-  double sumsq_base = 0.0;       ///< ‖W_base‖_F² (f64 accumulation; finite entries only)
+  double sumsq_base = 0.0;       ///< ‖W_base‖_F² (f64 accumulation over every entry: NaN/Inf if one is)
   double sumsq_delta = 0.0;      ///< ‖ΔW‖_F²
 };
 

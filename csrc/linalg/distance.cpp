@@ -9,6 +9,7 @@
 #include <thread>
 #include <utility>
 
+#include "backend/backend.h"
 #include "core/parallel.h"
 #include "linalg/blas.h"
 #include "linalg/gram_kernel.h"
@@ -224,11 +225,68 @@ Prepared<T> prepare_self(const T* A, int64_t n, int64_t d, Metric metric) {
   return prepare<T>(A, n, d, metric, mu);
 }
 
+/// pairwise() on a GPU backend: the same preparation (centring or normalisation in f64, norms in f64) on
+/// the host, then per block of rows one GEMM and the epilogue on the device, and on the host the rare
+/// entries the epilogue marked recomputed difference-first in f64, exactly as the CPU path does. Self
+/// distances: the full square, then the upper triangle mirrored (exactly symmetric, zero diagonal).
+template <typename T>
+Stats pairwise_on(backend::Backend& be, const T* A, int64_t n, const T* B, int64_t m, int64_t d, Metric metric,
+                  T* out) {
+  Stats st;
+  const bool self = B == nullptr;
+  if (self) m = n;
+  const std::vector<double> mu = metric == Metric::kEuclidean ? common_mean<T>(A, n, B, self ? 0 : m, d)
+                                                               : std::vector<double>(static_cast<size_t>(d), 0.0);
+  const Prepared<T> PA = prepare<T>(A, n, d, metric, mu);
+  const Prepared<T> PB = self ? Prepared<T>() : prepare<T>(B, m, d, metric, mu);
+  const Prepared<T>& QB = self ? PA : PB;
+  const double u = std::numeric_limits<T>::epsilon() / 2;
+  const double c = 2.0 * std::sqrt(static_cast<double>(std::max<int64_t>(d, 1))) * u / kTol;
+  std::vector<T> ca(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) ca[static_cast<size_t>(i)] = static_cast<T>(c * PA.nrm[static_cast<size_t>(i)]);
+  const backend::HostView<T> XA(be, PA.X.data(), PA.X.size()), XB(be, QB.X.data(), QB.X.size());
+  const backend::HostView<T> sa(be, PA.sq_t.data(), PA.sq_t.size()), sb(be, QB.sq_t.data(), QB.sq_t.size());
+  const backend::HostView<T> nb(be, QB.nrm_t.data(), QB.nrm_t.size()), cav(be, ca.data(), ca.size());
+  // Rows per block: a tile of at most 256 MiB on the device.
+  const int64_t br = std::max<int64_t>(1, std::min<int64_t>(n, (int64_t(256) << 20) / int64_t(sizeof(T)) /
+                                                                   std::max<int64_t>(m, 1)));
+  backend::Buffer<T> D(be, static_cast<size_t>(std::min(br, n) * m));
+  const bool euclid = metric == Metric::kEuclidean;
+  for (int64_t i0 = 0; i0 < n; i0 += br) {
+    const int64_t bi = std::min(br, n - i0);
+    if (d > 0) be.gemm(false, true, bi, m, d, T(1), XA.data() + i0 * d, d, XB.data(), d, T(0), D.data(), m);
+    const int64_t marked = be.distance_epilogue(D.data(), bi, m, sa.data() + i0, sb.data(), cav.data() + i0,
+                                                nb.data(), euclid);
+    be.download(out + i0 * m, D.data(), static_cast<size_t>(bi * m) * sizeof(T));
+    st.recomputed += marked;
+    for (int64_t r = 0; r < bi && marked > 0; ++r) {
+      T* row = out + (i0 + r) * m;
+      for (int64_t q = 0; q < m; ++q)
+        if (row[q] < T(0)) {
+          const double e = exact_sq(PA, i0 + r, QB, q, metric);
+          row[q] = static_cast<T>(euclid ? std::sqrt(e) : std::min(0.5 * e, 2.0));
+        }
+    }
+  }
+  if (metric == Metric::kCosine && (PA.any_zero || QB.any_zero))
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t q = 0; q < m; ++q)
+        if (PA.zero[static_cast<size_t>(i)] || QB.zero[static_cast<size_t>(q)]) out[i * m + q] = T(1);
+  if (self)
+    for (int64_t i = 0; i < n; ++i) {
+      out[i * n + i] = T(0);
+      for (int64_t j = i + 1; j < n; ++j) out[j * n + i] = out[i * n + j];
+    }
+  st.entries = n * m;
+  return st;
+}
+
 }  // namespace
 
 template <typename T>
-Stats pairwise(const T* A, int64_t n, const T* B, int64_t m, int64_t d, Metric metric, T* out) {
+Stats pairwise(const T* A, int64_t n, const T* B, int64_t m, int64_t d, Metric metric, T* out, int device) {
   Stats st;
+  if (device >= 0) return pairwise_on<T>(backend::get(device), A, n, B, m, d, metric, out);
   if (B == nullptr) {
     Prepared<T> P = prepare_self<T>(A, n, d, metric);
     const int64_t nb = (n + kBlock - 1) / kBlock;
@@ -393,7 +451,7 @@ Stats summarize(const T* A, int64_t n, int64_t d, const int64_t* labels, int64_t
 }
 
 #define PYSAFE_DIST_INSTANTIATE(T)                                                                          \
-  template Stats pairwise<T>(const T*, int64_t, const T*, int64_t, int64_t, Metric, T*);                   \
+  template Stats pairwise<T>(const T*, int64_t, const T*, int64_t, int64_t, Metric, T*, int);                   \
   template Stats summarize<T>(const T*, int64_t, int64_t, const int64_t*, int64_t, int64_t, Metric, double*, \
                               int64_t*, double*);                                                          \
   template Stats self_rows<T>(const T*, int64_t, int64_t, Metric, int64_t, int64_t, T*);

@@ -31,9 +31,10 @@ struct Stats {
 };
 
 /// out[i·m + j] = dist(A_i, B_j) for A n×d, B m×d (row-major). B == nullptr: B = A (self distances,
-/// symmetric, zero diagonal). T is float or double; out has T's precision.
+/// symmetric, zero diagonal). T is float or double; out has T's precision. device >= 0: the GEMMs and the
+/// per-entry pass run on cuda:device (backend/backend.h), the rest as on the CPU.
 template <typename T>
-Stats pairwise(const T* A, int64_t n, const T* B, int64_t m, int64_t d, Metric metric, T* out);
+Stats pairwise(const T* A, int64_t n, const T* B, int64_t m, int64_t d, Metric metric, T* out, int device = -1);
 
 /// Streaming summaries of the self-distance matrix of A (n×d) without materialising it:
 ///   group_sum[i·g + c] = Σ_{j in group c, j ≠ i} dist(A_i, A_j)   (f64; labels in [0, g))

@@ -7,6 +7,7 @@
 #include <mutex>
 #include <type_traits>
 
+#include "backend/backend.h"
 #include "core/error.h"
 #include "core/parallel.h"
 #include "linalg/blas.h"
@@ -293,7 +294,7 @@ TruncatedSvd<T> gram_svd(const T* A, int64_t m, int64_t n, double fro2, const Sv
   const bool columns = m >= n;
   const int64_t d = std::min(m, n), D = std::max(m, n);
   std::vector<double> G, evals, Z;
-  blas::gram_f64<T>(m, n, A, columns, G);
+  backend::get(o.device).gram_f64(m, n, A, columns, G);  // the one O(m·n·d) step: on the device
   int64_t k = 0;
   bool reached = true;
   blas::sym_eig_top(
@@ -490,8 +491,13 @@ bool subspace_iteration(const T* A, int64_t m, int64_t n, double fro2, int64_t k
 // `flops` counts the work done (double flops twice when T is float), for the cost model and the
 // record (svd_flops_*).
 template <typename T>
-bool block_krylov(const T* A, int64_t m, int64_t n, double fro2, int64_t k, const SvdOptions& o,
+bool block_krylov(const T* A_host, int64_t m, int64_t n, double fro2, int64_t k, const SvdOptions& o,
                   TruncatedSvd<T>& s) {
+  // Written once against the backend's primitives (backend/backend.h): A and the bases live in the
+  // backend's memory; the small Rayleigh–Ritz problem (G, s×s) and the bounds are computed on the host.
+  backend::Backend& be = backend::get(o.device);
+  const backend::HostView<T> Aview(be, A_host, static_cast<size_t>(m * n));
+  const T* A = Aview.data();
   const bool tr = m > n;  // A' = Aᵀ
   const int64_t p = std::min(m, n), q = std::max(m, n);
   const int64_t b = std::min(p, k + std::max<int64_t>(o.oversample, 1));
@@ -503,42 +509,42 @@ bool block_krylov(const T* A, int64_t m, int64_t n, double fro2, int64_t k, cons
   // A'·X (X q×c, ld ldx) -> out p×c (ld ldo); A'ᵀ·Y (Y p×c) -> out q×c.
   auto mulA = [&](const T* X, int64_t c, int64_t ldx, T* out, int64_t ldo) {
     if (!tr)
-      blas::gemm<T>(false, false, m, c, n, T(1), A, n, X, ldx, T(0), out, ldo);
+      be.gemm(false, false, m, c, n, T(1), A, n, X, ldx, T(0), out, ldo);
     else
-      blas::gemm<T>(true, false, n, c, m, T(1), A, n, X, ldx, T(0), out, ldo);
+      be.gemm(true, false, n, c, m, T(1), A, n, X, ldx, T(0), out, ldo);
     flops += 2.0 * p * q * c;
   };
   auto mulAt = [&](const T* Y, int64_t c, int64_t ldy, T* out, int64_t ldo) {
     if (!tr)
-      blas::gemm<T>(true, false, n, c, m, T(1), A, n, Y, ldy, T(0), out, ldo);
+      be.gemm(true, false, n, c, m, T(1), A, n, Y, ldy, T(0), out, ldo);
     else
-      blas::gemm<T>(false, false, m, c, n, T(1), A, n, Y, ldy, T(0), out, ldo);
+      be.gemm(false, false, m, c, n, T(1), A, n, Y, ldy, T(0), out, ldo);
     flops += 2.0 * p * q * c;
   };
-  std::vector<T> Qall(static_cast<size_t>(p * smax));
-  std::vector<double> Zall(static_cast<size_t>(q * smax)), G(static_cast<size_t>(smax * smax));
-  std::vector<T> Y(static_cast<size_t>(p * b)), Z(static_cast<size_t>(q * b));
+  backend::Buffer<T> Qall(be, static_cast<size_t>(p * smax));
+  backend::Buffer<double> Zall(be, static_cast<size_t>(q * smax));
+  std::vector<double> G(static_cast<size_t>(smax * smax));
+  backend::Buffer<T> Y(be, static_cast<size_t>(p * b)), Z(be, static_cast<size_t>(q * b));
   {
     auto Om = gaussian_rows<T>(o.seed, q, b);  // Ωᵀ, b×q
+    const backend::HostView<T> Omv(be, Om->data(), static_cast<size_t>(b * q));
     if (!tr)
-      blas::gemm<T>(false, true, m, b, n, T(1), A, n, Om->data(), n, T(0), Y.data(), b);
+      be.gemm(false, true, m, b, n, T(1), A, n, Omv.data(), n, T(0), Y.data(), b);
     else
-      blas::gemm<T>(true, true, n, b, m, T(1), A, n, Om->data(), m, T(0), Y.data(), b);
+      be.gemm(true, true, n, b, m, T(1), A, n, Omv.data(), m, T(0), Y.data(), b);
     flops += 2.0 * p * q * b;
   }
   // Y (p×bj) := Y − Q_all[:, :sc] (Q_all[:, :sc]ᵀ Y)
   auto project = [&](int64_t sc, int64_t bj) {
     if (sc == 0) return;
-    std::vector<T> C(static_cast<size_t>(sc * bj));
-    blas::gemm<T>(true, false, sc, bj, p, T(1), Qall.data(), smax, Y.data(), bj, T(0), C.data(), bj);
-    blas::gemm<T>(false, false, p, bj, sc, T(-1), Qall.data(), smax, C.data(), bj, T(1), Y.data(), bj);
+    backend::Buffer<T> C(be, static_cast<size_t>(sc * bj));
+    be.gemm(true, false, sc, bj, p, T(1), Qall.data(), smax, Y.data(), bj, T(0), C.data(), bj);
+    be.gemm(false, false, p, bj, sc, T(-1), Qall.data(), smax, C.data(), bj, T(1), Y.data(), bj);
     flops += 4.0 * p * sc * bj;
   };
   auto colnorms = [&](int64_t bj) {
-    std::vector<double> nn(static_cast<size_t>(bj), 0.0);
-    for (int64_t r = 0; r < p; ++r)
-      for (int64_t j = 0; j < bj; ++j) nn[j] += static_cast<double>(Y[r * bj + j]) * Y[r * bj + j];
-    for (auto& v : nn) v = std::sqrt(v);
+    std::vector<double> nn;
+    be.col_norms(Y.data(), p, bj, nn);
     return nn;
   };
   int64_t sdim = 0, level = 0, next_check = 1, refills = 0;
@@ -555,8 +561,8 @@ bool block_krylov(const T* A, int64_t m, int64_t n, double fro2, int64_t k, cons
     // reached: exactly low rank) refilled with fresh Gaussian columns, then orthonormalised, and
     // once more projected and orthonormalised.
     if (bj < b) {  // last, narrower block: keep the first bj columns
-      std::vector<T> Yn(static_cast<size_t>(p * bj));
-      for (int64_t r = 0; r < p; ++r) std::copy(Y.begin() + r * b, Y.begin() + r * b + bj, Yn.begin() + r * bj);
+      backend::Buffer<T> Yn(be, static_cast<size_t>(p * bj));
+      be.copy2d(Yn.data(), bj, Y.data(), b, p, bj, sizeof(T));
       Y.swap(Yn);
     }
     const std::vector<double> pre = colnorms(bj);
@@ -567,32 +573,34 @@ bool block_krylov(const T* A, int64_t m, int64_t n, double fro2, int64_t k, cons
     for (int64_t j = 0; j < bj; ++j)
       if (!(post[j] > 1e-4 * pre[j]) || !(pre[j] > 0)) {
         refill = true;
+        std::vector<T> col(static_cast<size_t>(p));
         for (int64_t r = 0; r < p; ++r) {
           double g0, g1;
           gaussian_pair(o.seed ^ 0x2545F4914F6CDD1Dull, static_cast<uint64_t>((refills * b + j) * p + r), g0, g1);
-          Y[r * bj + j] = static_cast<T>(g0);
+          col[static_cast<size_t>(r)] = static_cast<T>(g0);
         }
+        const backend::HostView<T> colv(be, col.data(), col.size());
+        be.copy2d(Y.data() + j, bj, colv.data(), 1, p, 1, sizeof(T));
       }
     if (refill) {
       ++refills;
       project(sdim, bj);
       project(sdim, bj);
     }
-    blas::orthonormalize<T>(p, bj, Y.data());
+    be.orthonormalize(p, bj, Y.data(), true);
     project(sdim, bj);
-    blas::orthonormalize<T>(p, bj, Y.data());
+    be.orthonormalize(p, bj, Y.data(), true);
     flops += 2.0 * 4.0 * p * bj * bj;
-    for (int64_t r = 0; r < p; ++r) std::copy(Y.begin() + r * bj, Y.begin() + (r + 1) * bj, Qall.begin() + r * smax + sdim);
-    Z.resize(static_cast<size_t>(q * bj));
+    be.copy2d(Qall.data() + sdim, smax, Y.data(), bj, p, bj, sizeof(T));
     mulAt(Y.data(), bj, bj, Z.data(), bj);
-    for (int64_t r = 0; r < q; ++r)
-      for (int64_t j = 0; j < bj; ++j) Zall[r * smax + sdim + j] = static_cast<double>(Z[r * bj + j]);
+    be.to_f64(Z.data(), bj, q, bj, Zall.data() + sdim, smax);
     // G[sdim:sdim+bj, :sdim+bj] = Z_jᵀ Z_all (double), mirrored.
     {
       const int64_t s1 = sdim + bj;
-      std::vector<double> Gb(static_cast<size_t>(bj * s1));
-      blas::gemm<double>(true, false, bj, s1, q, 1.0, Zall.data() + sdim, smax, Zall.data(), smax, 0.0, Gb.data(), s1);
+      backend::Buffer<double> Gd(be, static_cast<size_t>(bj * s1));
+      be.gemm(true, false, bj, s1, q, 1.0, Zall.data() + sdim, smax, Zall.data(), smax, 0.0, Gd.data(), s1);
       flops += w * 2.0 * q * bj * s1;
+      const std::vector<double> Gb = Gd.to_host();
       for (int64_t i = 0; i < bj; ++i)
         for (int64_t j = 0; j < s1; ++j) {
           G[(sdim + i) * smax + j] = Gb[i * s1 + j];
@@ -616,25 +624,22 @@ bool block_krylov(const T* A, int64_t m, int64_t n, double fro2, int64_t k, cons
       const double s1 = theta[0], wp = working_error<T>(m, n, s1);
       floor = std::min(s1, 2.0 * wp / o.tol);
       // V_c = Z_all Ubᵀ Θ⁻¹ (q×c, double), U_c = Q_all Ubᵀ (p×c).
-      std::vector<double> Vd(static_cast<size_t>(q * c));
-      blas::gemm<double>(false, true, q, c, sdim, 1.0, Zall.data(), smax, Ub.data(), sdim, 0.0, Vd.data(), c);
-      std::vector<T> Ubt(Ub.begin(), Ub.end()), Uc(static_cast<size_t>(p * c));
-      blas::gemm<T>(false, true, p, c, sdim, T(1), Qall.data(), smax, Ubt.data(), sdim, T(0), Uc.data(), c);
+      backend::Buffer<double> Vd(be, static_cast<size_t>(q * c));
+      const backend::HostView<double> Ubv(be, Ub.data(), Ub.size());
+      be.gemm(false, true, q, c, sdim, 1.0, Zall.data(), smax, Ubv.data(), sdim, 0.0, Vd.data(), c);
+      const std::vector<T> Ubt(Ub.begin(), Ub.end());
+      const backend::HostView<T> Ubtv(be, Ubt.data(), Ubt.size());
+      backend::Buffer<T> Uc(be, static_cast<size_t>(p * c));
+      be.gemm(false, true, p, c, sdim, T(1), Qall.data(), smax, Ubtv.data(), sdim, T(0), Uc.data(), c);
       flops += w * 2.0 * q * sdim * c + 2.0 * p * sdim * c;
       bool degenerate = false;
       for (int64_t j = 0; j < c; ++j) degenerate = degenerate || !(theta[j] > 1e-3 * floor);
       eta.assign(static_cast<size_t>(c), INFINITY);
-      std::vector<T> Vc(static_cast<size_t>(q * c)), R(static_cast<size_t>(p * c));
+      backend::Buffer<T> Vc(be, static_cast<size_t>(q * c)), R(be, static_cast<size_t>(p * c));
       if (!degenerate) {
-        for (int64_t r = 0; r < q; ++r)
-          for (int64_t j = 0; j < c; ++j) Vc[r * c + j] = static_cast<T>(Vd[r * c + j] / theta[j]);
+        be.from_f64_div(Vd.data(), q, c, theta, Vc.data());
         mulA(Vc.data(), c, c, R.data(), c);
-        std::fill(eta.begin(), eta.end(), 0.0);
-        for (int64_t r = 0; r < p; ++r)
-          for (int64_t j = 0; j < c; ++j) {
-            const double dd = static_cast<double>(R[r * c + j]) - theta[j] * static_cast<double>(Uc[r * c + j]);
-            eta[j] += dd * dd;
-          }
+        be.residual_sumsq(R.data(), Uc.data(), p, c, theta, eta);
         for (auto& e : eta) e = std::sqrt(e / 2.0);
       }
       s.err.assign(static_cast<size_t>(k), INFINITY);
@@ -657,8 +662,9 @@ bool block_krylov(const T* A, int64_t m, int64_t n, double fro2, int64_t k, cons
           // Left and right vectors of A (m×k and k×n).
           s.U.assign(static_cast<size_t>(m * k), T(0));
           s.Vt.assign(static_cast<size_t>(k * n), T(0));
-          const std::vector<T>& left = tr ? Vc : Uc;   // m×c
-          const std::vector<T>& right = tr ? Uc : Vc;  // n×c
+          const std::vector<T> Uch = Uc.to_host(), Vch = Vc.to_host();
+          const std::vector<T>& left = tr ? Vch : Uch;   // m×c
+          const std::vector<T>& right = tr ? Uch : Vch;  // n×c
           for (int64_t r = 0; r < m; ++r)
             for (int64_t j = 0; j < k; ++j) s.U[r * k + j] = left[r * c + j];
           for (int64_t j = 0; j < k; ++j)
@@ -683,7 +689,6 @@ bool block_krylov(const T* A, int64_t m, int64_t n, double fro2, int64_t k, cons
       next_check = level + std::max<int64_t>(1, static_cast<int64_t>(0.6 * std::min(levels_left, 1e6)));
     }
     if (flops > budget || full) break;
-    Y.resize(static_cast<size_t>(p * b));
     if (bj < b) break;
     mulA(Z.data(), bj, bj, Y.data(), bj);  // the next block: A'A'ᵀQ_j
   }

@@ -31,6 +31,7 @@ struct SvdOptions {
   bool residual_check = true;   ///< kept for compatibility: the error bound is always computed
   double tol = 1e-4;            ///< relative error allowed on the top-k singular values
   bool full_spectrum = false;   ///< compute all min(m, n) singular values (spectrum-wide metrics)
+  int device = -1;              ///< where block_krylov and gram_eig's Gram product run: -1 CPU, N cuda:N
 };
 
 /// The top components of A (m×n, row-major) and how they were obtained.

@@ -81,7 +81,8 @@ class _Progress:
 @click.option("--hook", default="mlp_act", show_default=True, help="Hook point of the cluster analysis.")
 @click.option("--positions", type=click.Choice(["last", "window", "prompt_mean"]), default="last", show_default=True,
               help="Prompt positions pooled for the activation analyses.")
-@click.option("--device", default="cpu", show_default=True, help="torch device of the activation capture.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where the SVDs and the activation capture run: cpu, cuda or cuda:N.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
               help="Directory caching W_base's decompositions across runs, so that comparing several fine-tunes "
                    "against one base computes the base SVDs once (default: $XDG_CACHE_HOME/pysafe, else "
@@ -109,7 +110,7 @@ def analyze(base, tuned, out, include, exclude, rank, energy, base_rank, base_en
     opts = Options(include=include, exclude=exclude, rank=rank, energy=energy, base_rank=base_rank,
                    base_energy=base_energy, exact=exact, max_rank=max_rank, tol=tol, spectrum=spectrum,
                    center=center, dtype=dtype,
-                   threads=threads, seed=seed, save_vectors=save_vectors, strict=strict)
+                   threads=threads, seed=seed, save_vectors=save_vectors, strict=strict, device=device)
     try:
         opts.validate()
     except ValueError as exc:  # messages start with the field name: show it as the flag
@@ -166,6 +167,9 @@ def analyze(base, tuned, out, include, exclude, rank, energy, base_rank, base_en
     gb = cmp.bytes_read / 1e9
     click.echo(f"{len(cmp.records)} tensors analysed, {len(cmp.skipped)} skipped, {gb:.2f} GB read in "
                f"{cmp.seconds:.1f} s ({cmp.scheme} names) -> {out}/summary.json")
+    if cmp.device is not None:
+        click.echo(f"engine on {cmp.device['name']}: peak device memory {cmp.device['peak_bytes'] / 2**30:.2f} GiB",
+                   err=True)
     if prompts is not None:
         click.echo(f"activation analyses -> {Path(out) / 'activations'}/")
 

@@ -1,0 +1,301 @@
+"""The engine's backends: every primitive held against NumPy float64 references, on the CPU everywhere and
+on a GPU where one exists (the ``cuda`` marker), the device argument's parsing and its errors, the staging
+plan of the host-to-device copies, and the algorithms end to end on a GPU against the CPU backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pysafe
+from pysafe import _core
+from pysafe.backend import engine_device, parse_device
+from pysafe.errors import DeviceUnavailableError
+
+DEVICES = [pytest.param(-1, id="cpu"), pytest.param(0, id="cuda", marks=pytest.mark.cuda)]
+DTYPES = [np.float32, np.float64]
+no_gpu = pytest.mark.skipif(_core.cuda_device_count() > 0, reason="this machine has a GPU")
+
+
+def rel(a, b):
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def tol(dtype):
+    return 1e-5 if dtype == np.float32 else 1e-12
+
+
+# ---- the device argument ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec, index", [(None, -1), ("cpu", -1), ("CPU", -1), ("cuda", 0), ("cuda:0", 0),
+                                         ("cuda:3", 3), (" cuda:1 ", 1)])
+def test_parse_device(spec, index):
+    assert parse_device(spec) == index
+
+
+@pytest.mark.parametrize("spec", ["gpu", "cuda:", "cuda:-1", "cpu:0", "cuda:x", "", "mps"])
+def test_parse_device_refuses(spec):
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:N'"):
+        parse_device(spec)
+
+
+def test_parse_device_takes_torch_devices():
+    torch = pytest.importorskip("torch")
+    assert parse_device(torch.device("cpu")) == -1
+    assert parse_device(torch.device("cuda", 2)) == 2
+
+
+@no_gpu
+@pytest.mark.parametrize("call", [
+    lambda: engine_device("cuda"),
+    lambda: pysafe.pairwise_distances(np.ones((3, 2)), device="cuda:0"),
+    lambda: pysafe.truncated_svd(np.ones((3, 2)), rank=1, device="cuda"),
+    lambda: pysafe.compare("does-not-matter", "either", device="cuda"),
+])
+def test_gpu_request_without_gpu_is_one_clear_line(call):
+    with pytest.raises(DeviceUnavailableError) as e:
+        call()
+    msg = str(e.value)
+    assert "\n" not in msg and "cuda:0 requested" in msg
+    what = "no CUDA support" if not _core.build_info()["cuda"] else "no CUDA device is visible"
+    assert what in msg
+
+
+@no_gpu
+def test_core_refuses_a_gpu_backend_without_gpu():
+    """The core's own check (used by the bindings directly), not only the Python pre-check."""
+    with pytest.raises(DeviceUnavailableError, match="cuda:0 requested"):
+        _core.backend.name(0)
+    with pytest.raises(DeviceUnavailableError, match="cuda:1 requested"):
+        _core.pairwise_distances(np.ones((3, 2), np.float32), None, "euclidean", 1)
+
+
+@no_gpu
+def test_analyze_device_cuda_fails_in_one_line_and_writes_nothing(tmp_path):
+    from click.testing import CliRunner
+
+    from pysafe.cli import main
+
+    pysafe.make_pair(tmp_path / "pair", preset="tiny")
+    out = tmp_path / "report"
+    r = CliRunner().invoke(main, ["analyze", str(tmp_path / "pair" / "base"), str(tmp_path / "pair" / "tuned"),
+                                  "--out", str(out), "--device", "cuda", "--no-plots"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "cuda:0 requested" in lines[0], lines
+    assert not out.exists()
+
+
+def test_build_info_reports_cuda():
+    info = pysafe.build_info()
+    assert isinstance(info["cuda"], bool) and info["cuda_devices"] == _core.cuda_device_count()
+    if info["cuda"]:
+        assert info["cuda_runtime"] > 0 and len(info["cuda_device_names"]) == info["cuda_devices"]
+
+
+# ---- staging plan ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("nbytes, chunk, align", [(0, 64, 2), (10, 64, 2), (64, 64, 2), (1000, 64, 4),
+                                                  (1002, 64, 6), (12, 5, 4), (7, 1, 1)])
+def test_staging_plan_covers_in_whole_elements_and_alternates(nbytes, chunk, align):
+    plan = _core.backend.staging_plan(nbytes, chunk, align)
+    pos = 0
+    for i, (off, n, slot) in enumerate(plan):
+        assert off == pos and n > 0 and n % align == 0 and n <= max(chunk - chunk % align, align)
+        assert slot == i % 2
+        pos += n
+    assert pos == nbytes
+    assert len(plan) == -(-nbytes // max(chunk // align * align, align))
+
+
+def test_staging_plan_refuses_partial_elements():
+    with pytest.raises(pysafe.CheckpointError, match="whole elements"):
+        _core.backend.staging_plan(10, 64, 4)
+
+
+# ---- primitives against float64 references, per device ---------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ta, tb", [(False, False), (True, False), (False, True), (True, True)])
+def test_gemm(device, dtype, ta, tb):
+    rng = np.random.default_rng(1)
+    A = rng.standard_normal((37, 53)).astype(dtype)
+    B = rng.standard_normal((53, 29) if not tb else (29, 53)).astype(dtype)
+    A = np.ascontiguousarray(A.T) if ta else A
+    C = _core.backend.gemm(device, A, B, ta, tb)
+    ref = (A.astype(np.float64).T if ta else A.astype(np.float64)) @ (B.astype(np.float64).T if tb else B)
+    assert C.dtype == dtype and rel(C, ref) < 10 * tol(dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("full", [True, False])
+def test_orthonormalize(device, dtype, full):
+    rng = np.random.default_rng(2)
+    A = (rng.standard_normal((300, 20)) @ np.diag(np.logspace(0, -3, 20))).astype(dtype)
+    Q, path = _core.backend.orthonormalize(device, A, full)
+    Qd = Q.astype(np.float64)
+    Ad = A.astype(np.float64)
+    if full:
+        assert np.linalg.norm(Qd.T @ Qd - np.eye(20)) < 100 * tol(dtype)
+    else:  # a well-conditioned basis
+        assert np.linalg.cond(Qd) < 1.5
+    # the same column space: A's projection onto span(Q) is A (relative to the smallest direction kept)
+    P = Qd @ np.linalg.lstsq(Qd, Ad, rcond=None)[0]
+    assert np.linalg.norm(P - Ad) / np.linalg.norm(Ad) < 100 * tol(dtype)
+    assert path in ("cholqr1", "cholqr2", "cholqr3", "householder")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("columns", [True, False])
+def test_gram_f64(device, dtype, columns):
+    rng = np.random.default_rng(3)
+    A = rng.standard_normal((70, 40)).astype(dtype)
+    G = _core.backend.gram_f64(device, A, columns)
+    Ad = A.astype(np.float64)
+    ref = Ad.T @ Ad if columns else Ad @ Ad.T
+    iu = np.triu_indices(ref.shape[0])
+    assert np.allclose(G[iu], ref[iu], rtol=1e-13, atol=1e-12 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_column_reductions_and_conversions(device, dtype):
+    rng = np.random.default_rng(4)
+    R = rng.standard_normal((1000, 7)).astype(dtype)
+    U = rng.standard_normal((1000, 7)).astype(dtype)
+    theta = list(rng.uniform(0.5, 2, 7))
+    n = _core.backend.col_norms(device, R)
+    assert np.allclose(n, np.linalg.norm(R.astype(np.float64), axis=0), rtol=1e-13)
+    r = _core.backend.residual_sumsq(device, R, U, theta)
+    ref = ((R.astype(np.float64) - np.asarray(theta) * U.astype(np.float64)) ** 2).sum(axis=0)
+    assert np.allclose(r, ref, rtol=1e-13)
+    W = _core.backend.to_f64(device, R)
+    assert W.dtype == np.float64 and np.array_equal(W, R.astype(np.float64))
+    X = rng.standard_normal((50, 7))
+    N = _core.backend.from_f64_div(device, X, theta, dtype == np.float64)
+    assert N.dtype == dtype and np.array_equal(N, (X / np.asarray(theta)).astype(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("f64", [False, True])
+@pytest.mark.parametrize("tdt, bdt", [("BF16", "BF16"), ("F16", "BF16"), ("F32", "F16"), ("F64", "F32")])
+def test_fused_delta_against_torch_upcast(device, f64, tdt, bdt):
+    torch = pytest.importorskip("torch")
+    names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(4099, generator=g).to(names[bdt])
+    tuned = (base.double() + 1e-3 * torch.randn(4099, generator=g, dtype=torch.float64)).to(names[tdt])
+    raw = lambda t: t.contiguous().view(torch.uint8).numpy().tobytes()  # noqa: E731
+    want = torch.float64 if f64 else torch.float32
+    delta, b, st = _core.backend.fused_delta(device, raw(tuned), tdt, raw(base), bdt, f64)
+    ref = (tuned.to(want) - base.to(want)).numpy()
+    assert np.array_equal(delta, ref) and np.array_equal(b, base.to(want).numpy())
+    assert st["nonfinite_tuned"] == st["nonfinite_base"] == 0
+    assert st["sumsq_base"] == pytest.approx(float((base.double().numpy() ** 2).sum()), rel=1e-12)
+    assert st["sumsq_delta"] == pytest.approx(float((ref.astype(np.float64) ** 2).sum()), rel=1e-12)
+    tuned[7] = float("inf")
+    base[11] = float("nan")
+    delta, b, st = _core.backend.fused_delta(device, raw(tuned), tdt, raw(base), bdt, f64)
+    assert np.array_equal(delta, (tuned.to(want) - base.to(want)).numpy(), equal_nan=True)
+    assert st["nonfinite_tuned"] == 1 and st["nonfinite_base"] == 1
+    assert not np.isfinite(st["sumsq_delta"])  # the caller skips such a tensor
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_distance_epilogue_against_cdist_and_marks_cancellation(device, dtype):
+    scipy = pytest.importorskip("scipy.spatial.distance")
+    rng = np.random.default_rng(6)
+    A = rng.standard_normal((40, 16))
+    B = rng.standard_normal((30, 16))
+    B[3] = A[5] + 1e-7  # a near duplicate: the Gram identity cancels there
+    Ad, Bd = A.astype(dtype), B.astype(dtype)
+    G = (Ad @ Bd.T).astype(dtype)
+    sa, sb = (Ad.astype(np.float64) ** 2).sum(1), (Bd.astype(np.float64) ** 2).sum(1)
+    u = np.finfo(dtype).eps / 2
+    ca = 2 * np.sqrt(16) * u / 1e-5 * np.sqrt(sa)
+    D, marked = _core.backend.distance_epilogue(device, G, sa.astype(dtype), sb.astype(dtype), ca.astype(dtype),
+                                                np.sqrt(sb).astype(dtype), True)
+    ref = scipy.cdist(Ad.astype(np.float64), Bd.astype(np.float64))
+    keep = D >= 0
+    assert marked == int((~keep).sum()) and not keep[5, 3]
+    assert np.allclose(D[keep], ref[keep], rtol=100 * tol(dtype) ** 0.5 if dtype == np.float32 else 1e-10)
+
+
+# ---- the algorithms on a GPU against the CPU backend and float64 references -------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1500, 1300), (1300, 1500)])
+def test_block_krylov_on_gpu_matches_cpu_and_float64(dtype, shape):
+    rng = np.random.default_rng(7)
+    m, n = shape
+    A = (rng.standard_normal((m, 40)) @ rng.standard_normal((40, n)) + 0.01 * rng.standard_normal((m, n)))
+    A = A.astype(dtype)
+    ref = np.linalg.svd(A.astype(np.float64), compute_uv=False)[:20]
+    _, Sc, _, ic = pysafe.truncated_svd(A, rank=20, exact_max_dim=256)
+    U, Sg, Vt, ig = pysafe.truncated_svd(A, rank=20, exact_max_dim=256, device="cuda")
+    assert ic["method"] == ig["method"] == "block_krylov" and ig["tol_reached"]
+    assert np.all(np.abs(Sg - ref) <= np.asarray(ig["err"]) + 1e-12 * ref[0])  # the bound holds on the GPU too
+    assert np.allclose(Sg, Sc, rtol=2e-4)
+    assert np.linalg.norm(U.T.astype(np.float64) @ U - np.eye(20)) < 1e-3
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gram_eig_on_gpu_matches_cpu(dtype):
+    rng = np.random.default_rng(8)
+    A = rng.standard_normal((1400, 1100)).astype(dtype)
+    _, Sc, _, ic = pysafe.truncated_svd(A, energy=0.5, exact_max_dim=256)
+    _, Sg, _, ig = pysafe.truncated_svd(A, energy=0.5, exact_max_dim=256, device="cuda")
+    assert ig["method"] == ic["method"] == "gram_eig" and ig["k"] == ic["k"]
+    ref = np.linalg.svd(A.astype(np.float64), compute_uv=False)
+    assert np.allclose(ig["spectrum"], ref, rtol=0, atol=np.sqrt(ig["spectrum_err"]))
+    assert np.allclose(Sg, Sc, rtol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_pairwise_distances_on_gpu_match_cpu(dtype, metric):
+    rng = np.random.default_rng(9)
+    X = rng.standard_normal((700, 64)).astype(dtype) + 50  # a large common offset: many entries recomputed
+    Y = rng.standard_normal((300, 64)).astype(dtype) + 50
+    Y[0] = X[0]
+    X[1] = 0
+    for b in (Y, None):
+        c = pysafe.pairwise_distances(X, b, metric=metric)
+        g = pysafe.pairwise_distances(X, b, metric=metric, device="cuda")
+        assert np.allclose(g, c, rtol=2e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
+        if b is None:
+            assert np.array_equal(g, g.T) and not np.diag(g).any()
+
+
+@pytest.mark.cuda
+def test_analyze_on_gpu_matches_cpu_records(tiny_llama_pair):
+    base, tuned, planted = tiny_llama_pair
+    kw = dict(rank=4, exact_max_dim=16, spectrum="none")
+    c = pysafe.compare(base, tuned, **kw)
+    g = pysafe.compare(base, tuned, device="cuda", **kw)
+    assert g.device["name"] == "cuda:0" and g.device["peak_bytes"] > 0
+    assert [r["name"] for r in g.records] == [r["name"] for r in c.records]
+    for rc, rg in zip(c.records, g.records):
+        where = rc["name"]
+        for key in ("base_fro", "delta_fro", "delta_rel"):  # from the data, not the SVDs
+            assert rg[key] == pytest.approx(rc[key], rel=1e-6), (where, key)
+        if "sv_delta" not in rc:  # a 1-D tensor: norms only
+            continue
+        for key in ("sv_delta", "sv_base"):  # the accuracy contract: tol 1e-4 on each side
+            assert np.allclose(rg[key], rc[key], rtol=2e-4, atol=0), (where, key)
+        for key in ("rank_delta", "rank_base", "null_frac_left_chance", "overlap_right_chance"):
+            assert np.array_equal(rg[key], rc[key], equal_nan=True), (where, key)
+        # subspace metrics: the same seeds, so only rounding separates the two backends' subspaces
+        for key in ("null_frac_left", "null_frac_right", "overlap_left", "overlap_right", "energy_topk_delta"):
+            if rc[key] == rc[key]:
+                assert rg[key] == pytest.approx(rc[key], abs=1e-3), (where, key)
+    for name, d in planted.items():  # against float64: the planted rank-2 ΔW's singular values
+        ref = np.linalg.svd(d, compute_uv=False)[:2]
+        assert np.allclose(g.record(name)["sv_delta"][:2], ref, rtol=1e-4), name
