@@ -182,7 +182,8 @@ def test_column_reductions_and_conversions(device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("f64", [False, True])
 @pytest.mark.parametrize("tdt, bdt", [("BF16", "BF16"), ("F16", "BF16"), ("F32", "F16"), ("F64", "F32")])
-def test_fused_delta_against_torch_upcast(device, f64, tdt, bdt):
+@pytest.mark.parametrize("from_host", [False, True], ids=["device_bytes", "host_bytes"])
+def test_fused_delta_against_torch_upcast(device, f64, tdt, bdt, from_host):
     torch = pytest.importorskip("torch")
     names = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
     g = torch.Generator().manual_seed(5)
@@ -190,7 +191,7 @@ def test_fused_delta_against_torch_upcast(device, f64, tdt, bdt):
     tuned = (base.double() + 1e-3 * torch.randn(4099, generator=g, dtype=torch.float64)).to(names[tdt])
     raw = lambda t: t.contiguous().view(torch.uint8).numpy().tobytes()  # noqa: E731
     want = torch.float64 if f64 else torch.float32
-    delta, b, st = _core.backend.fused_delta(device, raw(tuned), tdt, raw(base), bdt, f64)
+    delta, b, st = _core.backend.fused_delta(device, raw(tuned), tdt, raw(base), bdt, f64, from_host)
     ref = (tuned.to(want) - base.to(want)).numpy()
     assert np.array_equal(delta, ref) and np.array_equal(b, base.to(want).numpy())
     assert st["nonfinite_tuned"] == st["nonfinite_base"] == 0
@@ -198,10 +199,47 @@ def test_fused_delta_against_torch_upcast(device, f64, tdt, bdt):
     assert st["sumsq_delta"] == pytest.approx(float((ref.astype(np.float64) ** 2).sum()), rel=1e-12)
     tuned[7] = float("inf")
     base[11] = float("nan")
-    delta, b, st = _core.backend.fused_delta(device, raw(tuned), tdt, raw(base), bdt, f64)
+    delta, b, st = _core.backend.fused_delta(device, raw(tuned), tdt, raw(base), bdt, f64, from_host)
     assert np.array_equal(delta, (tuned.to(want) - base.to(want)).numpy(), equal_nan=True)
     assert st["nonfinite_tuned"] == 1 and st["nonfinite_base"] == 1
     assert not np.isfinite(st["sumsq_delta"])  # the caller skips such a tensor
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tdt, bdt", [("BF16", "BF16"), ("F32", "BF16")])
+def test_upload_delta_across_staging_chunks_on_gpu(tdt, bdt):
+    """Host bytes larger than one 32 MiB staging buffer: several chunks on alternating streams, each
+    upcast where it lands; every element, the non-finite counts and the sums against torch in float64."""
+    torch = pytest.importorskip("torch")
+    names = {"BF16": torch.bfloat16, "F32": torch.float32}
+    n = 23_000_003  # not a multiple of any chunk: a short last chunk
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(n, generator=g).to(names[bdt])
+    tuned = (base.float() + 1e-2 * torch.randn(n, generator=g)).to(names[tdt])
+    per = (2 if tdt == "BF16" else 4) + 2
+    assert len(_core.backend.staging_plan(n * per, 32 << 20, per)) >= 3
+    for i in (5, n // 2 + 1, n - 1):  # one non-finite value in the first, a middle and the last chunk
+        tuned[i] = float("inf")
+    base[n // 3] = float("nan")
+    raw = lambda t: t.contiguous().view(torch.uint8).numpy().tobytes()  # noqa: E731
+    delta, b, st = _core.backend.fused_delta(0, raw(tuned), tdt, raw(base), bdt, False, True)
+    ref = (tuned.float() - base.float()).numpy()
+    assert np.array_equal(delta, ref, equal_nan=True) and np.array_equal(b, base.float().numpy(), equal_nan=True)
+    assert st["nonfinite_tuned"] == 3 and st["nonfinite_base"] == 1
+    ok = np.isfinite(ref)
+    tuned[~torch.from_numpy(ok)] = 0
+    base[~torch.from_numpy(ok)] = 0
+    delta, b, st = _core.backend.fused_delta(0, raw(tuned), tdt, raw(base), bdt, False, True)
+    assert st["nonfinite_tuned"] == st["nonfinite_base"] == 0
+    assert st["sumsq_base"] == pytest.approx(float((base.double().numpy() ** 2).sum()), rel=1e-9)
+    ref = (tuned.double() - base.double()).numpy()  # the upcast to float32 is exact for these dtypes
+    assert st["sumsq_delta"] == pytest.approx(float((ref ** 2).sum()), rel=1e-6)
+
+
+@pytest.mark.cuda
+def test_upload_delta_refuses_dtypes_the_gpu_does_not_upcast():
+    with pytest.raises(ValueError, match="does not upcast"):
+        _core.backend.fused_delta(0, bytes(8), "I32", bytes(8), "I32", False, True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -299,3 +337,36 @@ def test_analyze_on_gpu_matches_cpu_records(tiny_llama_pair):
     for name, d in planted.items():  # against float64: the planted rank-2 ΔW's singular values
         ref = np.linalg.svd(d, compute_uv=False)[:2]
         assert np.allclose(g.record(name)["sv_delta"][:2], ref, rtol=1e-4), name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("center", [False, True], ids=["formed_on_gpu", "centred_on_host"])
+def test_analyze_bf16_on_gpu_matches_cpu_and_float64(tmp_path, center):
+    """bf16 checkpoints: without centring ΔW and W_base are formed on the GPU from the raw bytes (the
+    SVDs start there); with it, on the host. Either way the records agree with the CPU backend's, and
+    ΔW's singular values with a float64 SVD of the upcast difference."""
+    torch = pytest.importorskip("torch")
+    st = pytest.importorskip("safetensors.torch")
+    g = torch.Generator().manual_seed(3)
+    base = {"layer.weight": torch.randn(600, 400, generator=g).to(torch.bfloat16),
+            "norm.weight": torch.randn(400, generator=g).to(torch.bfloat16)}
+    plant = torch.randn(600, 3, generator=g) @ torch.randn(3, 400, generator=g) * 0.05
+    tuned = {"layer.weight": (base["layer.weight"].float() + plant).to(torch.bfloat16),
+             "norm.weight": (base["norm.weight"].float() + 0.01).to(torch.bfloat16)}
+    for name, tensors in (("base", base), ("tuned", tuned)):
+        (tmp_path / name).mkdir()
+        st.save_file(tensors, str(tmp_path / name / "model.safetensors"))
+    kw = dict(rank=5, exact_max_dim=16, spectrum="none", center=center)
+    c = pysafe.compare(tmp_path / "base", tmp_path / "tuned", **kw)
+    gpu = pysafe.compare(tmp_path / "base", tmp_path / "tuned", device="cuda", **kw)
+    assert gpu.device["name"] == "cuda:0" and gpu.device["peak_bytes"] >= 2 * 600 * 400 * 4
+    for key in ("base_fro", "delta_fro", "delta_rel"):
+        assert gpu.record("layer.weight")[key] == pytest.approx(c.record("layer.weight")[key], rel=1e-6), key
+        assert gpu.record("norm.weight")[key] == pytest.approx(c.record("norm.weight")[key], rel=1e-6), key
+    for key in ("sv_delta", "sv_base"):
+        assert np.allclose(gpu.record("layer.weight")[key], c.record("layer.weight")[key], rtol=2e-4), key
+    d = tuned["layer.weight"].double() - base["layer.weight"].double()
+    if center:
+        d = d - d.mean(0, keepdim=True)
+    ref = np.linalg.svd(d.numpy(), compute_uv=False)[:3]
+    assert np.allclose(gpu.record("layer.weight")["sv_delta"][:3], ref, rtol=1e-4)

@@ -78,6 +78,16 @@ class Backend {
                                  size_t n, float* base_out, float* delta) = 0;
   virtual DeltaStats fused_delta(const uint8_t* tuned, DType tuned_dtype, const uint8_t* base, DType base_dtype,
                                  size_t n, double* base_out, double* delta) = 0;
+  /// The same fused upcast-subtract, reading the raw stored bytes from HOST memory (a memory-mapped
+  /// shard) and writing base_out and delta in this backend's memory. On the CPU the bytes are read in
+  /// place (the same pass as fused_delta); on a GPU they travel in chunks through the pinned staging
+  /// buffers and each chunk is upcast on the device while the next one is copied (two streams).
+  virtual DeltaStats upload_delta(const uint8_t* tuned, DType tuned_dtype, const uint8_t* base, DType base_dtype,
+                                  size_t n, float* base_out, float* delta) = 0;
+  virtual DeltaStats upload_delta(const uint8_t* tuned, DType tuned_dtype, const uint8_t* base, DType base_dtype,
+                                  size_t n, double* base_out, double* delta) = 0;
+  /// Whether upload_delta reads this storage dtype (every dtype on the CPU; F64/F32/F16/BF16 on a GPU).
+  virtual bool upcasts(DType dtype) const = 0;
   /// The distance epilogue over a block of Gram products G (rows×cols, ld = cols) in place, row i against
   /// column q (sa, ca: rows values; sb, nb: cols values; all device vectors in T):
   ///   s² = sa[i] + sb[q] − 2G;  G = −1 where s² < ca[i]·nb[q] (untrustworthy: the caller recomputes it
@@ -91,7 +101,7 @@ class Backend {
 
 /// The float and double overrides of Backend, each forwarding to the backend's template of the same
 /// primitive (gemm_t, ortho_t, gram_t, col_norms_t, to_f64_t, from_f64_div_t, residual_t, fused_delta_t,
-/// epilogue_t): a backend writes each primitive once, for both precisions (CRTP).
+/// upload_delta_t, epilogue_t): a backend writes each primitive once, for both precisions (CRTP).
 template <typename Impl>
 class Typed : public Backend {
 #define PYSAFE_TYPED_OVERRIDES(T)                                                                             \
@@ -122,6 +132,10 @@ class Typed : public Backend {
   DeltaStats fused_delta(const uint8_t* tuned, DType tdt, const uint8_t* base, DType bdt, size_t n,           \
                          T* base_out, T* delta) override {                                                    \
     return self().fused_delta_t(tuned, tdt, base, bdt, n, base_out, delta);                                  \
+  }                                                                                                           \
+  DeltaStats upload_delta(const uint8_t* tuned, DType tdt, const uint8_t* base, DType bdt, size_t n,          \
+                          T* base_out, T* delta) override {                                                   \
+    return self().upload_delta_t(tuned, tdt, base, bdt, n, base_out, delta);                                 \
   }                                                                                                           \
   int64_t distance_epilogue(T* G, int64_t rows, int64_t cols, const T* sa, const T* sb, const T* ca,         \
                             const T* nb, bool euclid) override {                                              \
@@ -194,12 +208,13 @@ class Buffer {
   T* p_ = nullptr;
 };
 
-/// Host data as the backend sees it: the pointer itself on the CPU (no copy), an uploaded copy on a GPU.
+/// Host data as the backend sees it: the pointer itself on the CPU (no copy), an uploaded copy on a GPU,
+/// or `resident` when the caller already holds the same data in the backend's memory (no copy either).
 template <typename T>
 class HostView {
  public:
-  HostView(Backend& be, const T* host, size_t n) : ptr_(host) {
-    if (!be.host_memory()) {
+  HostView(Backend& be, const T* host, size_t n, const T* resident = nullptr) : ptr_(resident ? resident : host) {
+    if (!resident && !be.host_memory()) {
       copy_ = Buffer<T>(be, n);
       be.upload(copy_.data(), host, n * sizeof(T));
       ptr_ = copy_.data();

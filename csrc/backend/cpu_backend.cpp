@@ -97,6 +97,12 @@ class CpuBackend final : public Typed<CpuBackend> {
     return pysafe::fused_delta<T>(tuned, tdt, base, bdt, n, base_out, delta);
   }
   template <typename T>
+  DeltaStats upload_delta_t(const uint8_t* tuned, DType tdt, const uint8_t* base, DType bdt, size_t n, T* base_out,
+                            T* delta) {
+    return pysafe::fused_delta<T>(tuned, tdt, base, bdt, n, base_out, delta);
+  }
+  bool upcasts(DType) const override { return true; }
+  template <typename T>
   int64_t epilogue_t(T* G, int64_t rows, int64_t cols, const T* sa, const T* sb, const T* ca, const T* nb,
                      bool euclid) {
     int64_t marked = 0;

@@ -145,6 +145,7 @@ __device__ inline double load_f64(const uint8_t* p, int dt, size_t i) {
     default: return static_cast<double>(__bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p)[i]));
   }
 }
+bool device_upcasts(DType d) { return d == DType::F64 || d == DType::F32 || d == DType::F16 || d == DType::BF16; }
 int device_dtype(DType d) {
   switch (d) {
     case DType::F64: return 0;
@@ -264,6 +265,7 @@ class CudaBackend final : public Typed<CudaBackend> {
       check_cuda(cudaEventCreateWithFlags(&done_[s], cudaEventDisableTiming), "cudaEventCreate");
       check_cuda(cudaMallocHost(&pinned_[s], kStageBytes), "cudaMallocHost (staging buffer)");
     }
+    check_cuda(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming), "cudaEventCreate");
     check_blas(L.cublasCreate_v2(&blas_), "cublasCreate");
     check_blas(L.cublasSetStream_v2(blas_, stream_), "cublasSetStream");
     check_solver(L.cusolverDnCreate(&solver_), "cusolverDnCreate");
@@ -274,6 +276,7 @@ class CudaBackend final : public Typed<CudaBackend> {
 
   std::string name() const override { return "cuda:" + std::to_string(ordinal_); }
   bool host_memory() const override { return false; }
+  bool upcasts(DType d) const override { return device_upcasts(d); }
 
   void* alloc(size_t bytes) override {
     Select on(ordinal_);
@@ -541,6 +544,53 @@ class CudaBackend final : public Typed<CudaBackend> {
     return st;
   }
 
+  // The raw bytes of both tensors from the host, chunk by chunk: chunk i is copied from the host into
+  // pinned buffer i % 2 (tuned bytes, then base bytes), sent to device buffer i % 2 on copy stream
+  // i % 2, and upcast there by the fused kernel on the same stream, so that the kernel of chunk i runs
+  // while chunk i + 1 is copied and sent on the other stream. The counters and sums accumulate over
+  // the chunks (atomics); the summation order differs from the CPU's, the values written do not.
+  template <typename T>
+  DeltaStats upload_delta_t(const uint8_t* tuned, DType tdt, const uint8_t* base, DType bdt, size_t n, T* base_out,
+                            T* delta) {
+    DeltaStats st;
+    if (n == 0) return st;
+    Lock lock(op_mu_);
+    const int t = device_dtype(tdt), b = device_dtype(bdt);
+    const size_t ts = dtype_bits(tdt) / 8, bs = dtype_bits(bdt) / 8, per = ts + bs;
+    Select on(ordinal_);
+    const std::vector<Chunk> plan = plan_chunks(n * per, kStageBytes, per);
+    const size_t raw_bytes = plan.front().bytes;
+    Buffer<unsigned long long> counters(*this, 2);
+    Buffer<double> sums(*this, 2);
+    Buffer<uint8_t> raw0(*this, raw_bytes), raw1(*this, plan.size() > 1 ? raw_bytes : 0);
+    uint8_t* raw[2] = {raw0.data(), raw1.data()};
+    // The copy streams start after the zero-filling of these buffers and of the outputs (on stream_).
+    check_cuda(cudaEventRecord(ready_, stream_), "cudaEventRecord");
+    for (int s = 0; s < 2; ++s) check_cuda(cudaStreamWaitEvent(copy_[s], ready_, 0), "cudaStreamWaitEvent");
+    for (const Chunk& c : plan) {
+      const size_t first = c.offset / per, count = c.bytes / per;
+      uint8_t* pin = static_cast<uint8_t*>(pinned_[c.slot]);
+      check_cuda(cudaEventSynchronize(done_[c.slot]), "cudaEventSynchronize");  // the pinned buffer is free
+      std::memcpy(pin, tuned + first * ts, count * ts);
+      std::memcpy(pin + count * ts, base + first * bs, count * bs);
+      check_cuda(cudaMemcpyAsync(raw[c.slot], pin, c.bytes, cudaMemcpyHostToDevice, copy_[c.slot]),
+                 "cudaMemcpyAsync (host to device)");
+      check_cuda(cudaEventRecord(done_[c.slot], copy_[c.slot]), "cudaEventRecord");
+      fused_delta_kernel<T><<<grid_for(static_cast<int64_t>(count)), kThreads, 0, copy_[c.slot]>>>(
+          raw[c.slot], t, raw[c.slot] + count * ts, b, count, base_out ? base_out + first : nullptr, delta + first,
+          counters.data(), sums.data());
+      check_launch("fused_delta_kernel");
+    }
+    for (int s = 0; s < 2; ++s) check_cuda(cudaStreamSynchronize(copy_[s]), "cudaStreamSynchronize");
+    const auto cnt = counters.to_host();
+    const auto sm = sums.to_host();
+    st.nonfinite_base = cnt[0];
+    st.nonfinite_tuned = cnt[1];
+    st.sumsq_base = sm[0];
+    st.sumsq_delta = sm[1];
+    return st;
+  }
+
   template <typename T>
   int64_t epilogue_t(T* G, int64_t rows, int64_t cols, const T* sa, const T* sb, const T* ca, const T* nb,
                      bool euclid) {
@@ -557,7 +607,7 @@ class CudaBackend final : public Typed<CudaBackend> {
 
   int ordinal_;
   cudaStream_t stream_ = nullptr, copy_[2] = {nullptr, nullptr};
-  cudaEvent_t done_[2] = {nullptr, nullptr};
+  cudaEvent_t done_[2] = {nullptr, nullptr}, ready_ = nullptr;
   void* pinned_[2] = {nullptr, nullptr};
   void* scratch_ = nullptr;
   cublasHandle_t blas_ = nullptr;

@@ -172,20 +172,27 @@ void register_backend(py::module_& m) {
   }, py::arg("device"), py::arg("X"), py::arg("div"), py::arg("f64") = false);
 
   b.def("fused_delta", [](int device, py::bytes tuned, const std::string& tdt, py::bytes base, const std::string& bdt,
-                          bool f64) {
+                          bool f64, bool from_host) {
     DType t, bd;
     if (!parse_dtype(tdt, t) || !parse_dtype(bdt, bd)) throw py::value_error("fused_delta: unknown dtype");
     const std::string ts = tuned, bs = base;
     const uint64_t n = ts.size() * 8 / dtype_bits(t);
     if (dtype_nbytes(bd, n) != bs.size()) throw py::value_error("fused_delta: tuned and base hold different counts");
     backend::Backend& be = backend::get(device);
-    backend::Buffer<uint8_t> dt(be, ts.size()), db(be, bs.size());
-    be.upload(dt.data(), ts.data(), ts.size());
-    be.upload(db.data(), bs.data(), bs.size());
+    if (from_host && (!be.upcasts(t) || !be.upcasts(bd)))
+      throw py::value_error("fused_delta: " + be.name() + " does not upcast " + tdt + " or " + bdt);
+    backend::Buffer<uint8_t> dt(be, from_host ? 0 : ts.size()), db(be, from_host ? 0 : bs.size());
+    if (!from_host) {
+      be.upload(dt.data(), ts.data(), ts.size());
+      be.upload(db.data(), bs.data(), bs.size());
+    }
+    const auto* th = reinterpret_cast<const uint8_t*>(ts.data());
+    const auto* bh = reinterpret_cast<const uint8_t*>(bs.data());
     auto run = [&](auto tag) -> py::object {
       using T = decltype(tag);
       backend::Buffer<T> delta(be, n), bout(be, n);
-      const DeltaStats st = be.fused_delta(dt.data(), t, db.data(), bd, n, bout.data(), delta.data());
+      const DeltaStats st = from_host ? be.upload_delta(th, t, bh, bd, n, bout.data(), delta.data())
+                                      : be.fused_delta(dt.data(), t, db.data(), bd, n, bout.data(), delta.data());
       py::dict s;
       s["nonfinite_base"] = st.nonfinite_base;
       s["nonfinite_tuned"] = st.nonfinite_tuned;
@@ -195,7 +202,9 @@ void register_backend(py::module_& m) {
     };
     return f64 ? run(double{}) : run(float{});
   }, py::arg("device"), py::arg("tuned"), py::arg("tuned_dtype"), py::arg("base"), py::arg("base_dtype"),
-     py::arg("f64") = false, "The fused upcast-subtract on raw stored bytes: (delta, base, stats).");
+     py::arg("f64") = false, py::arg("from_host") = false,
+     "The fused upcast-subtract on raw stored bytes: (delta, base, stats). from_host: the bytes are read from "
+     "the host by upload_delta (staged, chunk by chunk, on a GPU) instead of being uploaded first.");
 
   b.def("distance_epilogue", [](int device, py::array G, py::array sa, py::array sb, py::array ca, py::array nb,
                                 bool euclid) {

@@ -9,6 +9,7 @@
 #include <thread>
 #include <type_traits>
 
+#include "backend/backend.h"
 #include "core/error.h"
 #include "core/parallel.h"
 #include "linalg/blas.h"
@@ -417,7 +418,22 @@ Record analyze_dense(const uint8_t* base, DType bdt, const uint8_t* tuned, DType
   ws.reserve(n);
   T* Wb = ws.base.get();
   T* dW = ws.delta.get();
-  DeltaStats st = fused_delta<T>(tuned, tdt, base, bdt, n, Wb, dW);
+  // On a GPU (and without centring, which runs on the host): the raw stored bytes go to the device
+  // through the staging buffers and W_b and ΔW are formed there, so the SVDs start from device memory;
+  // the host keeps a copy (downloaded) for the steps that run on the host. On the CPU: formed in place.
+  const int device = p.delta.device;
+  backend::Buffer<T> dev_base, dev_delta;
+  DeltaStats st;
+  if (device >= 0 && !p.center && backend::get(device).upcasts(tdt) && backend::get(device).upcasts(bdt)) {
+    backend::Backend& be = backend::get(device);
+    dev_delta = backend::Buffer<T>(be, n);
+    if (!base_in) dev_base = backend::Buffer<T>(be, n);
+    st = be.upload_delta(tuned, tdt, base, bdt, n, dev_base.data(), dev_delta.data());
+    be.download(dW, dev_delta.data(), n * sizeof(T));
+    if (!base_in) be.download(Wb, dev_base.data(), n * sizeof(T));
+  } else {
+    st = fused_delta<T>(tuned, tdt, base, bdt, n, Wb, dW);
+  }
   rec.scalars["time_read_delta"] = seconds_since(t0);
   if (skip_nonfinite(rec, st)) return rec;
   double base_fro2 = st.sumsq_base, delta_fro2 = st.sumsq_delta;
@@ -439,18 +455,18 @@ Record analyze_dense(const uint8_t* base, DType bdt, const uint8_t* tuned, DType
     std::unique_ptr<blas::ScopedThreads> lane;
     if (num_threads() >= 2) lane.reset(new blas::ScopedThreads(std::max(1, num_threads() / 2)));
     auto t = std::chrono::steady_clock::now();
-    sd = truncated_svd<T>(dW, rows, cols, delta_svd_fro2, od);
+    sd = truncated_svd<T>(dW, rows, cols, delta_svd_fro2, od, dev_delta.data());
     rec.scalars["time_svd_delta"] = seconds_since(t);
   } else {
     two_lanes(
         [&] {
           auto t = std::chrono::steady_clock::now();
-          sd = truncated_svd<T>(dW, rows, cols, delta_svd_fro2, od);
+          sd = truncated_svd<T>(dW, rows, cols, delta_svd_fro2, od, dev_delta.data());
           rec.scalars["time_svd_delta"] = seconds_since(t);
         },
         [&] {
           auto t = std::chrono::steady_clock::now();
-          sb = truncated_svd<T>(Wb, rows, cols, base_svd_fro2, ob);
+          sb = truncated_svd<T>(Wb, rows, cols, base_svd_fro2, ob, ob.device == device ? dev_base.data() : nullptr);
           time_svd_base = seconds_since(t);
         });
   }

@@ -492,11 +492,11 @@ bool subspace_iteration(const T* A, int64_t m, int64_t n, double fro2, int64_t k
 // record (svd_flops_*).
 template <typename T>
 bool block_krylov(const T* A_host, int64_t m, int64_t n, double fro2, int64_t k, const SvdOptions& o,
-                  TruncatedSvd<T>& s) {
+                  TruncatedSvd<T>& s, const T* A_device) {
   // Written once against the backend's primitives (backend/backend.h): A and the bases live in the
   // backend's memory; the small Rayleigh–Ritz problem (G, s×s) and the bounds are computed on the host.
   backend::Backend& be = backend::get(o.device);
-  const backend::HostView<T> Aview(be, A_host, static_cast<size_t>(m * n));
+  const backend::HostView<T> Aview(be, A_host, static_cast<size_t>(m * n), A_device);
   const T* A = Aview.data();
   const bool tr = m > n;  // A' = Aᵀ
   const int64_t p = std::min(m, n), q = std::max(m, n);
@@ -705,7 +705,8 @@ bool block_krylov(const T* A_host, int64_t m, int64_t n, double fro2, int64_t k,
 }  // namespace
 
 template <typename T>
-TruncatedSvd<T> truncated_svd(const T* A, int64_t m, int64_t n, double fro2, const SvdOptions& o) {
+TruncatedSvd<T> truncated_svd(const T* A, int64_t m, int64_t n, double fro2, const SvdOptions& o,
+                              const T* A_device) {
   const int64_t dmin = std::min(m, n);
   TruncatedSvd<T> s;
   if (dmin == 0 || fro2 == 0.0) {  // empty or exactly zero: nothing to decompose
@@ -772,7 +773,7 @@ TruncatedSvd<T> truncated_svd(const T* A, int64_t m, int64_t n, double fro2, con
   if (o.power_iters >= 0) {
     if (subspace_iteration<T>(A, m, n, fro2, want, o, s)) return s;
   } else {
-    if (block_krylov<T>(A, m, n, fro2, want, o, s)) return s;
+    if (block_krylov<T>(A, m, n, fro2, want, o, s, o.device >= 0 ? A_device : nullptr)) return s;
     tried = s.flops;
   }
   // The iteration would cost more than gram_eig to converge: gram_eig (the flops already spent count).
@@ -783,8 +784,10 @@ TruncatedSvd<T> truncated_svd(const T* A, int64_t m, int64_t n, double fro2, con
 
 template int64_t rank_for_energy<float>(const std::vector<float>&, int64_t, double, double);
 template int64_t rank_for_energy<double>(const std::vector<double>&, int64_t, double, double);
-template TruncatedSvd<float> truncated_svd<float>(const float*, int64_t, int64_t, double, const SvdOptions&);
-template TruncatedSvd<double> truncated_svd<double>(const double*, int64_t, int64_t, double, const SvdOptions&);
+template TruncatedSvd<float> truncated_svd<float>(const float*, int64_t, int64_t, double, const SvdOptions&,
+                                                  const float*);
+template TruncatedSvd<double> truncated_svd<double>(const double*, int64_t, int64_t, double, const SvdOptions&,
+                                                    const double*);
 template TruncatedSvd<float> exact_svd<float>(const float*, int64_t, int64_t);
 template TruncatedSvd<double> exact_svd<double>(const double*, int64_t, int64_t);
 template TruncatedSvd<float> randomized_svd<float>(const float*, int64_t, int64_t, int64_t, int64_t, uint64_t);
