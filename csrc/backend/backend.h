@@ -52,8 +52,11 @@ class Backend {
   virtual blas::OrthoPath orthonormalize(int64_t m, int64_t n, float* A, bool full) = 0;
   virtual blas::OrthoPath orthonormalize(int64_t m, int64_t n, double* A, bool full) = 0;
   /// blas::gram_f64 of the HOST matrix A (m×n): upper triangle of AᵀA (columns) or AAᵀ in double.
-  virtual void gram_f64(int64_t m, int64_t n, const float* A, bool columns, std::vector<double>& G) = 0;
-  virtual void gram_f64(int64_t m, int64_t n, const double* A, bool columns, std::vector<double>& G) = 0;
+  /// `resident`: the same matrix already in this backend's memory (read instead of uploading A), or null.
+  virtual void gram_f64(int64_t m, int64_t n, const float* A, bool columns, std::vector<double>& G,
+                        const float* resident) = 0;
+  virtual void gram_f64(int64_t m, int64_t n, const double* A, bool columns, std::vector<double>& G,
+                        const double* resident) = 0;
 
   // --- element-wise passes and column reductions (accumulated in double) --------------------------
   /// out[j] = ‖Y[:, j]‖₂ for Y rows×cols.
@@ -112,8 +115,9 @@ class Typed : public Backend {
   blas::OrthoPath orthonormalize(int64_t m, int64_t n, T* A, bool full) override {                           \
     return self().ortho_t(m, n, A, full);                                                                     \
   }                                                                                                           \
-  void gram_f64(int64_t m, int64_t n, const T* A, bool columns, std::vector<double>& G) override {           \
-    self().gram_t(m, n, A, columns, G);                                                                       \
+  void gram_f64(int64_t m, int64_t n, const T* A, bool columns, std::vector<double>& G, const T* resident)    \
+      override {                                                                                              \
+    self().gram_t(m, n, A, columns, G, resident);                                                             \
   }                                                                                                           \
   void col_norms(const T* Y, int64_t rows, int64_t cols, std::vector<double>& out) override {                \
     self().col_norms_t(Y, rows, cols, out);                                                                   \

@@ -61,7 +61,7 @@ class CpuBackend final : public Typed<CpuBackend> {
     return full ? blas::orthonormalize<T>(m, n, A) : blas::condition_basis<T>(m, n, A);
   }
   template <typename T>
-  void gram_t(int64_t m, int64_t n, const T* A, bool columns, std::vector<double>& G) {
+  void gram_t(int64_t m, int64_t n, const T* A, bool columns, std::vector<double>& G, const T*) {
     blas::gram_f64<T>(m, n, A, columns, G);
   }
   template <typename T>

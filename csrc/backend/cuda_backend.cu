@@ -452,11 +452,12 @@ class CudaBackend final : public Typed<CudaBackend> {
     return blas::OrthoPath::kHouseholder;
   }
 
-  // G (d×d, upper triangle row-major) = AᵀA or AAᵀ in double: A uploaded, widened on the device, one SYRK.
+  // G (d×d, upper triangle row-major) = AᵀA or AAᵀ in double: A uploaded (or its resident copy read),
+  // widened on the device, one SYRK.
   // Row-major A (m×n) is column-major X (n×m): AᵀA = X·Xᵀ, AAᵀ = Xᵀ·X; the column-major lower triangle
   // is the row-major upper one.
   template <typename T>
-  void gram_t(int64_t m, int64_t n, const T* A, bool columns, std::vector<double>& G) {
+  void gram_t(int64_t m, int64_t n, const T* A, bool columns, std::vector<double>& G, const T* resident) {
     Lock lock(op_mu_);
     const int64_t d = columns ? n : m;
     G.assign(static_cast<size_t>(d * d), 0.0);
@@ -464,7 +465,7 @@ class CudaBackend final : public Typed<CudaBackend> {
     Select on(ordinal_);
     Buffer<double> Xd(*this, static_cast<size_t>(m * n)), Gd(*this, static_cast<size_t>(d * d));
     {
-      HostView<T> Av(*this, A, static_cast<size_t>(m * n));
+      HostView<T> Av(*this, A, static_cast<size_t>(m * n), resident);
       to_f64_t(Av.data(), n, m, n, Xd.data(), n);
       sync();
     }

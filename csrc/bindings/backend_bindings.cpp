@@ -108,7 +108,7 @@ void register_backend(py::module_& m) {
       using T = decltype(tag);
       auto a = Arr<T>::ensure(A);
       std::vector<double> G;
-      backend::get(device).gram_f64(a.shape(0), a.shape(1), a.data(), columns, G);
+      backend::get(device).gram_f64(a.shape(0), a.shape(1), a.data(), columns, G, nullptr);
       const py::ssize_t dd = columns ? a.shape(1) : a.shape(0);
       return py::array_t<double>({dd, dd}, G.data());
     });

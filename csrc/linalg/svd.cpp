@@ -289,12 +289,12 @@ TruncatedSvd<T> start_svd(int64_t m, int64_t n, double fro2, const char* method,
 // in double) and the symmetric eigensolver is backward stable (another O(d·u)‖G‖₂), so
 // |σ̂_i² − σ_i²| <= δ := (D + d)·u_64·‖A‖_F², hence |σ̂_i − σ_i| <= min(√δ, δ / σ̂_i).
 template <typename T>
-TruncatedSvd<T> gram_svd(const T* A, int64_t m, int64_t n, double fro2, const SvdOptions& o) {
+TruncatedSvd<T> gram_svd(const T* A, int64_t m, int64_t n, double fro2, const SvdOptions& o, const T* A_device) {
   TruncatedSvd<T> s = start_svd<T>(m, n, fro2, "gram_eig");
   const bool columns = m >= n;
   const int64_t d = std::min(m, n), D = std::max(m, n);
   std::vector<double> G, evals, Z;
-  backend::get(o.device).gram_f64(m, n, A, columns, G);  // the one O(m·n·d) step: on the device
+  backend::get(o.device).gram_f64(m, n, A, columns, G, A_device);  // the one O(m·n·d) step: on the device
   int64_t k = 0;
   bool reached = true;
   blas::sym_eig_top(
@@ -761,7 +761,7 @@ TruncatedSvd<T> truncated_svd(const T* A, int64_t m, int64_t n, double fro2, con
   };
   if (o.exact || dmin <= o.exact_max_dim) return exact();
   auto gram = [&] {
-    TruncatedSvd<T> g = gram_svd<T>(A, m, n, fro2, o);
+    TruncatedSvd<T> g = gram_svd<T>(A, m, n, fro2, o, o.device >= 0 ? A_device : nullptr);
     return g.tol_reached ? g : exact();
   };
   // Every singular value is needed (energy rule: k is defined by the whole spectrum; or the

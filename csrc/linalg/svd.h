@@ -62,8 +62,8 @@ template <typename T>
 int64_t rank_for_energy(const std::vector<T>& S, int64_t count, double fro2, double energy);
 
 /// Truncated SVD of A (m×n row-major, not modified). `fro2` = ‖A‖_F². `A_device`: the same matrix
-/// already in the memory of o.device's backend (a GPU), used by block Krylov instead of uploading A;
-/// the host copy A is still read by the paths that run on the host.
+/// already in the memory of o.device's backend (a GPU), read by block Krylov and gram_eig's Gram product
+/// instead of uploading A; the host copy A is still read by the paths that run on the host.
 template <typename T>
 TruncatedSvd<T> truncated_svd(const T* A, int64_t m, int64_t n, double fro2, const SvdOptions& o,
                               const T* A_device = nullptr);
