@@ -43,6 +43,80 @@ def _as_matrix(x, name: str) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+_DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
+
+
+def _on_gpu(x) -> bool:
+    """Whether ``x`` lives in GPU memory: a CUDA torch tensor, an object with ``__cuda_array_interface__``
+    (CuPy, Numba, ...) or a DLPack producer on a CUDA device."""
+    if getattr(x, "is_cuda", False) is True:
+        return True
+    if hasattr(x, "__cuda_array_interface__"):
+        return True
+    dev = getattr(x, "__dlpack_device__", None)
+    if dev is not None and not hasattr(x, "detach"):
+        try:
+            return int(dev()[0]) in _DLPACK_CUDA
+        except Exception:  # noqa: BLE001 - not a usable DLPack producer: treated as a host array
+            return False
+    return False
+
+
+@dataclass
+class _GpuMatrix:
+    """A C-contiguous float32/float64 matrix in GPU memory: its address, shape and dtype; ``owner``
+    keeps the memory alive while the engine reads it."""
+
+    ptr: int
+    shape: tuple
+    dtype: type
+    owner: object
+
+
+def _gpu_matrix(x, name: str, index: int, dtype=None) -> _GpuMatrix:
+    """``x`` as the engine reads it on GPU ``index``, without leaving the GPU. torch tensors (and DLPack
+    producers, through torch) are made contiguous and float32/float64 there; ``__cuda_array_interface__``
+    objects must already be C-contiguous float32 or float64. A host array (the other operand of a
+    mixed pair) is copied to the GPU with torch."""
+    torch = None
+    if not hasattr(x, "__cuda_array_interface__") or hasattr(x, "detach"):
+        try:
+            import torch
+        except ImportError:
+            raise TypeError(f"{name}: only objects with __cuda_array_interface__ can be used on the GPU without "
+                            f"PyTorch installed, got {type(x).__name__}") from None
+    if torch is not None:
+        if hasattr(x, "detach"):
+            t = x.detach()
+        elif hasattr(x, "__dlpack__") and _on_gpu(x):
+            t = torch.from_dlpack(x)
+        else:
+            t = torch.as_tensor(np.asarray(x), device=f"cuda:{index}")
+        if t.ndim != 2:
+            raise ValueError(f"{name} must be a 2-D array (points × features), got shape {tuple(t.shape)}")
+        if dtype is not None:
+            t = t.to(torch.float64 if dtype == np.float64 else torch.float32)
+        elif t.dtype not in (torch.float32, torch.float64):
+            if t.dtype == torch.bool or t.is_complex():
+                raise TypeError(f"{name} must be real numeric, got dtype {t.dtype}")
+            t = t.to(torch.float64)
+        t = t.contiguous()
+        return _GpuMatrix(int(t.data_ptr()), tuple(t.shape), np.float64 if t.dtype == torch.float64 else np.float32,
+                          t)
+    cai = x.__cuda_array_interface__
+    shape, typestr = tuple(cai["shape"]), cai["typestr"]
+    kinds = {"<f4": np.float32, "<f8": np.float64}
+    if len(shape) != 2:
+        raise ValueError(f"{name} must be a 2-D array (points × features), got shape {shape}")
+    if typestr not in kinds or (dtype is not None and kinds[typestr] != dtype):
+        want = "float64" if dtype == np.float64 else "float32" if dtype is not None else "float32 or float64"
+        raise TypeError(f"{name} on the GPU must be {want} (convert it there first), got typestr {typestr!r}")
+    item = np.dtype(kinds[typestr]).itemsize
+    if cai.get("strides") not in (None, (shape[1] * item, item)) and shape[0] > 1:
+        raise ValueError(f"{name} on the GPU must be C-contiguous (make a contiguous copy there first)")
+    return _GpuMatrix(int(cai["data"][0]), shape, kinds[typestr], x)
+
+
 def _metric(metric: str) -> str:
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
@@ -58,16 +132,28 @@ def pairwise_distances(a, b=None, metric: str = "euclidean", device="cpu") -> np
         metric: ``"euclidean"`` or ``"cosine"`` (1 − cos; a zero row is at distance 1 from every other
             row, sklearn's convention).
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (:mod:`pysafe.backend`): where the GEMMs and the
-            per-entry pass run; the result is the same array on the host either way. torch tensors are
-            accepted (CUDA ones too; they are copied to the host first, as the preparation runs there).
+            per-entry pass run; the result is the same array on the host either way. Inputs already on
+            that GPU (CUDA torch tensors, objects with ``__cuda_array_interface__`` or CUDA DLPack
+            producers) are used where they are: the centring or normalisation and the norms run on the
+            GPU too, and only the rows of the rare entries recomputed in float64 are copied to the host.
+            With ``device="cpu"`` they are copied to the host first.
 
     Returns:
         The n×m array of distances in ``a``'s precision (float32 for float32 input). Relative error against
         float64 ≤ 1e-5 per entry for float32 input; self distances are symmetric with a zero diagonal.
     """
     index = engine_device(device)
-    a = _as_matrix(a, "a")
     metric = _metric(metric)
+    if index >= 0 and (_on_gpu(a) or (b is not None and _on_gpu(b))):
+        ga = _gpu_matrix(a, "a", index)
+        gb = None if b is None else _gpu_matrix(b, "b", index, ga.dtype)
+        if gb is not None and gb.shape[1] != ga.shape[1]:
+            raise ValueError(f"a has {ga.shape[1]} features, b has {gb.shape[1]}")
+        out, _ = _core.pairwise_distances_resident(ga.ptr, ga.shape[0], ga.shape[1], None if gb is None else gb.ptr,
+                                                   0 if gb is None else gb.shape[0], ga.dtype == np.float64, metric,
+                                                   index)
+        return out
+    a = _as_matrix(a, "a")
     if b is not None:
         b = _as_matrix(b, "b").astype(a.dtype, copy=False)
         if b.shape[1] != a.shape[1]:

@@ -370,3 +370,157 @@ def test_analyze_bf16_on_gpu_matches_cpu_and_float64(tmp_path, center):
         d = d - d.mean(0, keepdim=True)
     ref = np.linalg.svd(d.numpy(), compute_uv=False)[:3]
     assert np.allclose(gpu.record("layer.weight")["sv_delta"][:3], ref, rtol=1e-4)
+
+
+# ---- distances on inputs already in the backend's memory ---------------------------------------------------
+
+def _ref_distances(X, Y, metric, self=False):
+    """float64 distances computed difference-first (no Gram identity): the independent reference (a zero
+    row is at cosine distance 1 from every other row; self distances have a zero diagonal)."""
+    X, Y = X.astype(np.float64), Y.astype(np.float64)
+    if metric == "cosine":
+        nx, ny = np.linalg.norm(X, axis=1, keepdims=True), np.linalg.norm(Y, axis=1, keepdims=True)
+        X, Y = X / np.where(nx > 0, nx, 1), Y / np.where(ny > 0, ny, 1)
+        D = 0.5 * ((X[:, None, :] - Y[None, :, :]) ** 2).sum(-1)
+        D[(nx[:, 0] == 0)[:, None] | (ny[:, 0] == 0)[None, :]] = 1.0
+    else:
+        D = np.sqrt(((X[:, None, :] - Y[None, :, :]) ** 2).sum(-1))
+    if self:
+        np.fill_diagonal(D, 0.0)
+    return D
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_col_sums_and_prepare_rows_against_float64(device, dtype):
+    rng = np.random.default_rng(12)
+    P = (rng.standard_normal((300, 33)) * 3 + 20).astype(dtype)
+    P[4] = 0
+    P64 = P.astype(np.float64)
+    assert np.allclose(_core.backend.col_sums(device, P), P64.sum(0), rtol=1e-13)
+    mu = P64.mean(0)
+    X, sq, inv = _core.backend.prepare_rows(device, P, False, list(mu))
+    assert X.dtype == dtype and np.array_equal(X, (P64 - mu).astype(dtype)) and inv.size == 0
+    assert np.allclose(sq, (X.astype(np.float64) ** 2).sum(1), rtol=1e-13)
+    X, sq, inv = _core.backend.prepare_rows(device, P, True)
+    norms = np.linalg.norm(P64, axis=1)
+    assert inv[4] == 0 and np.allclose(inv[norms > 0], 1 / norms[norms > 0], rtol=1e-13)
+    assert np.allclose(X, P64 * inv[:, None], rtol=2 * np.finfo(dtype).eps, atol=0) and not X[4].any()
+    assert np.allclose(sq[norms > 0], 1.0, rtol=1e-6 if dtype == np.float32 else 1e-13) and sq[4] == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_resident_distances_on_cpu_memory_match_float64(dtype, metric):
+    """The resident path (preparation by the backend's primitives, rows fetched one at a time for the
+    recomputed entries) run on the CPU backend, where host memory is the backend's memory."""
+    rng = np.random.default_rng(13)
+    X = np.ascontiguousarray(rng.standard_normal((150, 24)) + 50, dtype=dtype)  # large offset: recomputes
+    Y = np.ascontiguousarray(rng.standard_normal((90, 24)) + 50, dtype=dtype)
+    Y[0] = X[0]
+    X[1] = 0
+    tol = dict(rtol=2e-5, atol=2e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    D, st = _core.pairwise_distances_resident(X.ctypes.data, 150, 24, Y.ctypes.data, 90, dtype == np.float64,
+                                              metric, -1)
+    assert np.allclose(D, _ref_distances(X, Y, metric), **tol)
+    assert np.allclose(D, pysafe.pairwise_distances(X, Y, metric=metric), **tol)
+    assert D[0, 0] == 0 and (metric == "cosine" or st["recomputed"] > 0)
+    S, _ = _core.pairwise_distances_resident(X.ctypes.data, 150, 24, None, 0, dtype == np.float64, metric, -1)
+    assert np.array_equal(S, S.T) and not np.diag(S).any()
+    assert np.allclose(S, _ref_distances(X, X, metric, self=True), **tol)
+
+
+def test_resident_distances_refuse_non_finite_values():
+    X = np.ones((5, 3))
+    X[2, 1] = np.inf
+    for metric, where in (("euclidean", "in column 1"), ("cosine", "in row 2")):
+        with pytest.raises(ValueError, match=f"non-finite value.*{where}"):
+            _core.pairwise_distances_resident(X.ctypes.data, 5, 3, None, 0, True, metric, -1)
+
+
+class _FakeCudaArray:
+    """An object announcing a __cuda_array_interface__ (the address is a host one: nothing reads it)."""
+
+    def __init__(self, a, strides=None, typestr=None):
+        self._a = a
+        self.__cuda_array_interface__ = {"shape": a.shape, "typestr": typestr or a.dtype.str, "version": 3,
+                                         "data": (a.ctypes.data, False), "strides": strides}
+
+
+def test_gpu_inputs_are_recognised():
+    from pysafe.distances import _on_gpu
+    torch = pytest.importorskip("torch")
+
+    class Dl:
+        def __init__(self, kind):
+            self.kind = kind
+
+        def __dlpack__(self, stream=None):
+            raise AssertionError("not read")
+
+        def __dlpack_device__(self):
+            return (self.kind, 0)
+
+    assert _on_gpu(_FakeCudaArray(np.ones((2, 2)))) and _on_gpu(Dl(2))
+    assert not _on_gpu(np.ones((2, 2))) and not _on_gpu(torch.ones(2, 2)) and not _on_gpu(Dl(1))
+
+
+def test_gpu_inputs_go_to_the_resident_path_without_the_host(monkeypatch):
+    """Dispatch on a machine without a GPU: the device check and the engine call are replaced by
+    recorders; a __cuda_array_interface__ input must reach the resident entry point by address, and
+    the host path (_as_matrix) must not be taken."""
+    import pysafe.distances as dist
+    calls = []
+    monkeypatch.setattr(dist, "engine_device", lambda device: 0)
+    monkeypatch.setattr(dist, "_as_matrix", lambda *a: pytest.fail("copied to the host"))
+    monkeypatch.setattr(dist._core, "pairwise_distances_resident",
+                        lambda *args: calls.append(args) or (np.zeros((args[1], args[4] or args[1])), {}))
+    a = np.ones((4, 3), dtype=np.float32)
+    b = np.ones((6, 3), dtype=np.float32)
+    fa, fb = _FakeCudaArray(a), _FakeCudaArray(b)
+    assert dist.pairwise_distances(fa, fb, metric="cosine", device="cuda").shape == (4, 6)
+    assert calls[-1] == (a.ctypes.data, 4, 3, b.ctypes.data, 6, False, "cosine", 0)
+    dist.pairwise_distances(fa, device="cuda")
+    assert calls[-1] == (a.ctypes.data, 4, 3, None, 0, False, "euclidean", 0)
+    with pytest.raises(TypeError, match="must be float32"):  # b is cast to a's precision only by torch
+        dist.pairwise_distances(fa, _FakeCudaArray(b.astype(np.float64)), device="cuda")
+    with pytest.raises(TypeError, match="float32 or float64"):
+        dist.pairwise_distances(_FakeCudaArray(a.astype(np.int32)), device="cuda")
+    with pytest.raises(ValueError, match="C-contiguous"):
+        dist.pairwise_distances(_FakeCudaArray(a, strides=(4, 16)), device="cuda")
+    with pytest.raises(ValueError, match="2-D"):
+        dist.pairwise_distances(_FakeCudaArray(np.ones(3, dtype=np.float32)), device="cuda")
+    with pytest.raises(ValueError, match="a has 3 features, b has 2"):
+        dist.pairwise_distances(fa, _FakeCudaArray(np.ones((2, 2), dtype=np.float32)), device="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_pairwise_distances_on_cuda_tensors_in_place(dtype, metric, monkeypatch):
+    torch = pytest.importorskip("torch")
+    import pysafe.distances as dist
+    rng = np.random.default_rng(14)
+    X = rng.standard_normal((700, 64)).astype(dtype) + 50
+    Y = rng.standard_normal((300, 64)).astype(dtype) + 50
+    Y[0] = X[0]
+    X[1] = 0
+    tol = dict(rtol=2e-5, atol=2e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    c = pysafe.pairwise_distances(X, Y, metric=metric)
+    Xt, Yt = torch.from_numpy(X).cuda(), torch.from_numpy(Y).cuda()
+    monkeypatch.setattr(dist, "_as_matrix", lambda *a: pytest.fail("copied to the host"))
+    g = pysafe.pairwise_distances(Xt, Yt, metric=metric, device="cuda")
+    assert np.allclose(g, c, **tol) and np.allclose(g, _ref_distances(X, Y, metric), **tol)
+    s = pysafe.pairwise_distances(Xt, metric=metric, device="cuda")
+    assert np.array_equal(s, s.T) and not np.diag(s).any() and np.allclose(s, _ref_distances(X, X, metric, self=True), **tol)
+    m = pysafe.pairwise_distances(Xt, Y, metric=metric, device="cuda")  # a host b joins a on the GPU
+    assert np.allclose(m, g, **tol)
+    t = pysafe.pairwise_distances(Xt.T.contiguous().T, Yt, metric=metric, device="cuda")  # made contiguous there
+    assert np.allclose(t, g, **tol)
+
+
+@pytest.mark.cuda
+def test_resident_distances_refuse_host_memory_on_a_gpu():
+    X = np.ones((5, 3))
+    with pytest.raises(ValueError, match="a is not in GPU memory but the distances run on cuda:0"):
+        _core.pairwise_distances_resident(X.ctypes.data, 5, 3, None, 0, True, "euclidean", 0)

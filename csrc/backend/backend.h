@@ -91,6 +91,18 @@ class Backend {
                                   size_t n, double* base_out, double* delta) = 0;
   /// Whether upload_delta reads this storage dtype (every dtype on the CPU; F64/F32/F16/BF16 on a GPU).
   virtual bool upcasts(DType dtype) const = 0;
+  /// The distance engine's preparation of rows it holds in this backend's memory: out[j] = Σ_r P[r, j]
+  /// (col_sums, in double); X[i] = T(P[i] − μ) (μ: host, cols values) or, cosine, T(P[i] · inv[i]) with
+  /// inv[i] = 1/‖P[i]‖ in double (0 for a zero row); sq[i] = ‖X[i]‖² in double (prepare_rows).
+  virtual void col_sums(const float* P, int64_t rows, int64_t cols, std::vector<double>& out) = 0;
+  virtual void col_sums(const double* P, int64_t rows, int64_t cols, std::vector<double>& out) = 0;
+  virtual void prepare_rows(const float* P, int64_t rows, int64_t cols, bool cosine, const std::vector<double>& mu,
+                            float* X, std::vector<double>& sq, std::vector<double>& inv) = 0;
+  virtual void prepare_rows(const double* P, int64_t rows, int64_t cols, bool cosine, const std::vector<double>& mu,
+                            double* X, std::vector<double>& sq, std::vector<double>& inv) = 0;
+  /// Waits until every stream of the device is idle (data written by another library, e.g. PyTorch,
+  /// on its own stream can then be read); nothing on the CPU.
+  virtual void synchronize_device() = 0;
   /// The distance epilogue over a block of Gram products G (rows×cols, ld = cols) in place, row i against
   /// column q (sa, ca: rows values; sb, nb: cols values; all device vectors in T):
   ///   s² = sa[i] + sb[q] − 2G;  G = −1 where s² < ca[i]·nb[q] (untrustworthy: the caller recomputes it
@@ -104,7 +116,7 @@ class Backend {
 
 /// The float and double overrides of Backend, each forwarding to the backend's template of the same
 /// primitive (gemm_t, ortho_t, gram_t, col_norms_t, to_f64_t, from_f64_div_t, residual_t, fused_delta_t,
-/// upload_delta_t, epilogue_t): a backend writes each primitive once, for both precisions (CRTP).
+/// upload_delta_t, col_sums_t, prepare_rows_t, epilogue_t): a backend writes each primitive once, for both precisions (CRTP).
 template <typename Impl>
 class Typed : public Backend {
 #define PYSAFE_TYPED_OVERRIDES(T)                                                                             \
@@ -141,6 +153,13 @@ class Typed : public Backend {
                           T* base_out, T* delta) override {                                                   \
     return self().upload_delta_t(tuned, tdt, base, bdt, n, base_out, delta);                                 \
   }                                                                                                           \
+  void col_sums(const T* P, int64_t rows, int64_t cols, std::vector<double>& out) override {                  \
+    self().col_sums_t(P, rows, cols, out);                                                                    \
+  }                                                                                                           \
+  void prepare_rows(const T* P, int64_t rows, int64_t cols, bool cosine, const std::vector<double>& mu, T* X, \
+                    std::vector<double>& sq, std::vector<double>& inv) override {                             \
+    self().prepare_rows_t(P, rows, cols, cosine, mu, X, sq, inv);                                             \
+  }                                                                                                           \
   int64_t distance_epilogue(T* G, int64_t rows, int64_t cols, const T* sa, const T* sb, const T* ca,         \
                             const T* nb, bool euclid) override {                                              \
     return self().epilogue_t(G, rows, cols, sa, sb, ca, nb, euclid);                                          \
@@ -166,6 +185,9 @@ Backend& get(int device);
 
 /// Visible CUDA devices (0 without a driver, a device, or a CUDA build).
 int cuda_device_count();
+/// The CUDA device whose memory holds address p (device or managed memory), or -1 (host memory, an
+/// unknown address, or a build without CUDA).
+int device_of(const void* p);
 /// What the CUDA side of this build is: compiled in, runtime/driver versions, devices (for build_info).
 struct CudaInfo {
   bool built = false;

@@ -102,6 +102,35 @@ class CpuBackend final : public Typed<CpuBackend> {
     return pysafe::fused_delta<T>(tuned, tdt, base, bdt, n, base_out, delta);
   }
   bool upcasts(DType) const override { return true; }
+  void synchronize_device() override {}
+  template <typename T>
+  void col_sums_t(const T* P, int64_t rows, int64_t cols, std::vector<double>& out) {
+    out.assign(static_cast<size_t>(cols), 0.0);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < cols; ++j) out[j] += static_cast<double>(P[r * cols + j]);
+  }
+  template <typename T>
+  void prepare_rows_t(const T* P, int64_t rows, int64_t cols, bool cosine, const std::vector<double>& mu, T* X,
+                      std::vector<double>& sq, std::vector<double>& inv) {
+    sq.assign(static_cast<size_t>(rows), 0.0);
+    inv.assign(cosine ? static_cast<size_t>(rows) : 0, 0.0);
+    for (int64_t i = 0; i < rows; ++i) {
+      const T* row = P + i * cols;
+      T* out = X + i * cols;
+      double iv = 0.0;
+      if (cosine) {
+        double s = 0.0;
+        for (int64_t k = 0; k < cols; ++k) s += static_cast<double>(row[k]) * static_cast<double>(row[k]);
+        iv = inv[i] = s > 0 ? 1.0 / std::sqrt(s) : 0.0;
+      }
+      double t = 0.0;
+      for (int64_t k = 0; k < cols; ++k) {
+        out[k] = static_cast<T>(cosine ? static_cast<double>(row[k]) * iv : static_cast<double>(row[k]) - mu[k]);
+        t += static_cast<double>(out[k]) * static_cast<double>(out[k]);
+      }
+      sq[i] = t;
+    }
+  }
   template <typename T>
   int64_t epilogue_t(T* G, int64_t rows, int64_t cols, const T* sa, const T* sb, const T* ca, const T* nb,
                      bool euclid) {

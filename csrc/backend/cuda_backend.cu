@@ -210,6 +210,56 @@ __global__ void col_sumsq_kernel(const T* X, const T* U, const double* theta, in
   block_add(s, out + j);
 }
 
+// out[j] += Σ over a slice of rows of P[r, j]. Grid: (cols, row slices).
+template <typename T>
+__global__ void col_sum_kernel(const T* P, int64_t rows, int64_t cols, double* out) {
+  const int64_t j = blockIdx.x;
+  double s = 0.0;
+  for (int64_t r = blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < rows;
+       r += static_cast<int64_t>(gridDim.y) * blockDim.x)
+    s += static_cast<double>(P[r * cols + j]);
+  block_add(s, out + j);
+}
+
+// Block-wide sum of a double, returned to every thread of the block.
+__device__ inline double block_sum(double v) {
+  __shared__ double sh[kThreads];
+  __syncthreads();  // the previous call's readers are done with sh
+  sh[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = kThreads / 2; s > 0; s >>= 1) {
+    if (static_cast<int>(threadIdx.x) < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+    __syncthreads();
+  }
+  return sh[0];
+}
+
+// One block per row i: X[i] = T(P[i] − μ) or T(P[i]·inv_i) (cosine, inv_i = 1/‖P[i]‖ in double, 0 for a
+// zero row), sq[i] = ‖X[i]‖² in double.
+template <typename T>
+__global__ void prepare_rows_kernel(const T* P, int64_t cols, bool cosine, const double* mu, T* X, double* sq,
+                                    double* inv) {
+  const int64_t i = blockIdx.x;
+  const T* row = P + i * cols;
+  T* out = X + i * cols;
+  double iv = 0.0;
+  if (cosine) {
+    double s = 0.0;
+    for (int64_t k = threadIdx.x; k < cols; k += blockDim.x) s += static_cast<double>(row[k]) * row[k];
+    s = block_sum(s);
+    iv = s > 0 ? 1.0 / sqrt(s) : 0.0;
+    if (threadIdx.x == 0) inv[i] = iv;
+  }
+  double t = 0.0;
+  for (int64_t k = threadIdx.x; k < cols; k += blockDim.x) {
+    const T v = static_cast<T>(cosine ? static_cast<double>(row[k]) * iv : static_cast<double>(row[k]) - mu[k]);
+    out[k] = v;
+    t += static_cast<double>(v) * v;
+  }
+  t = block_sum(t);
+  if (threadIdx.x == 0) sq[i] = t;
+}
+
 template <typename T>
 __global__ void widen_kernel(const T* src, int64_t lds, int64_t rows, int64_t cols, double* dst, int64_t ldd) {
   const int64_t n = rows * cols;
@@ -593,6 +643,45 @@ class CudaBackend final : public Typed<CudaBackend> {
   }
 
   template <typename T>
+  void col_sums_t(const T* P, int64_t rows, int64_t cols, std::vector<double>& out) {
+    out.assign(static_cast<size_t>(cols), 0.0);
+    if (rows == 0 || cols == 0) return;
+    Lock lock(op_mu_);
+    Select on(ordinal_);
+    Buffer<double> acc(*this, static_cast<size_t>(cols));
+    const unsigned slices = static_cast<unsigned>(std::min<int64_t>(64, (rows + kThreads - 1) / kThreads));
+    col_sum_kernel<T><<<dim3(static_cast<unsigned>(cols), slices), kThreads, 0, stream_>>>(P, rows, cols, acc.data());
+    check_launch("col_sum_kernel");
+    sync();
+    download(out.data(), acc.data(), out.size() * sizeof(double));
+  }
+
+  template <typename T>
+  void prepare_rows_t(const T* P, int64_t rows, int64_t cols, bool cosine, const std::vector<double>& mu, T* X,
+                      std::vector<double>& sq, std::vector<double>& inv) {
+    sq.assign(static_cast<size_t>(rows), 0.0);
+    inv.assign(cosine ? static_cast<size_t>(rows) : 0, 0.0);
+    if (rows == 0) return;
+    Lock lock(op_mu_);
+    Select on(ordinal_);
+    PYSAFE_CHECK(rows <= INT_MAX, Value, "dim_too_large", "cannot prepare ", rows, " rows in one launch");
+    Buffer<double> mud(*this, cosine ? 0 : static_cast<size_t>(cols)), sqd(*this, static_cast<size_t>(rows)),
+        invd(*this, cosine ? static_cast<size_t>(rows) : 0);
+    if (!cosine && cols > 0) upload(mud.data(), mu.data(), static_cast<size_t>(cols) * sizeof(double));
+    prepare_rows_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, stream_>>>(P, cols, cosine, mud.data(), X,
+                                                                                  sqd.data(), invd.data());
+    check_launch("prepare_rows_kernel");
+    sync();
+    download(sq.data(), sqd.data(), sq.size() * sizeof(double));
+    if (cosine) download(inv.data(), invd.data(), inv.size() * sizeof(double));
+  }
+
+  void synchronize_device() override {
+    Select on(ordinal_);
+    check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  }
+
+  template <typename T>
   int64_t epilogue_t(T* G, int64_t rows, int64_t cols, const T* sa, const T* sb, const T* ca, const T* nb,
                      bool euclid) {
     if (rows == 0 || cols == 0) return 0;
@@ -627,6 +716,16 @@ int cuda_device_count() {
     return 0;
   }
   return n;
+}
+
+int device_of(const void* p) {
+  if (cuda_device_count() == 0) return -1;
+  cudaPointerAttributes a{};
+  if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  return a.type == cudaMemoryTypeDevice || a.type == cudaMemoryTypeManaged ? a.device : -1;
 }
 
 Backend& cuda(int ordinal) {

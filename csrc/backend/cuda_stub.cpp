@@ -13,6 +13,8 @@ Backend& cuda(int ordinal) {
 
 int cuda_device_count() { return 0; }
 
+int device_of(const void*) { return -1; }
+
 CudaInfo cuda_info() { return {}; }
 
 }  // namespace pysafe::backend

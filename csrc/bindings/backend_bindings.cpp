@@ -206,6 +206,36 @@ void register_backend(py::module_& m) {
      "The fused upcast-subtract on raw stored bytes: (delta, base, stats). from_host: the bytes are read from "
      "the host by upload_delta (staged, chunk by chunk, on a GPU) instead of being uploaded first.");
 
+  b.def("col_sums", [](int device, py::array P) {
+    need_2d(P, "P");
+    return by_dtype(P, "col_sums", [&](auto tag) -> py::object {
+      using T = decltype(tag);
+      auto p = Arr<T>::ensure(P);
+      backend::Backend& be = backend::get(device);
+      auto dp = put(be, p);
+      std::vector<double> out;
+      be.col_sums(dp.data(), p.shape(0), p.shape(1), out);
+      return doubles(out);
+    });
+  }, py::arg("device"), py::arg("P"));
+
+  b.def("prepare_rows", [](int device, py::array P, bool cosine, std::vector<double> mu) {
+    need_2d(P, "P");
+    return by_dtype(P, "prepare_rows", [&](auto tag) -> py::object {
+      using T = decltype(tag);
+      auto p = Arr<T>::ensure(P);
+      if (!cosine && static_cast<py::ssize_t>(mu.size()) != p.shape(1))
+        throw py::value_error("prepare_rows: mu must have one value per column");
+      backend::Backend& be = backend::get(device);
+      auto dp = put(be, p);
+      backend::Buffer<T> X(be, static_cast<size_t>(p.size()));
+      std::vector<double> sq, inv;
+      be.prepare_rows(dp.data(), p.shape(0), p.shape(1), cosine, mu, X.data(), sq, inv);
+      return py::make_tuple(get(X, {p.shape(0), p.shape(1)}), doubles(sq), doubles(inv));
+    });
+  }, py::arg("device"), py::arg("P"), py::arg("cosine"), py::arg("mu") = std::vector<double>(),
+     "The distance engine's row preparation: (X, ‖X_i‖² in f64, 1/‖P_i‖ for cosine).");
+
   b.def("distance_epilogue", [](int device, py::array G, py::array sa, py::array sb, py::array ca, py::array nb,
                                 bool euclid) {
     need_2d(G, "G");

@@ -560,6 +560,30 @@ PYBIND11_MODULE(_core, m) {
      "Exact blocked pairwise distances: (n×m array in a's precision, stats). b=None: a against itself "
      "(symmetric, zero diagonal). device >= 0: on cuda:device.");
 
+  m.def("pairwise_distances_resident", [metric_of, stats_dict](uintptr_t a, int64_t n, int64_t d, py::object b,
+                                                              int64_t mrows, bool f64, const std::string& metric,
+                                                              int device) {
+    const auto mt = metric_of(metric);
+    if (n < 0 || d < 0 || mrows < 0) throw py::value_error("pairwise_distances_resident: negative dimension");
+    const uintptr_t bp = b.is_none() ? 0 : b.cast<uintptr_t>();
+    const int64_t m = b.is_none() ? n : mrows;
+    auto run = [&](auto tag) -> py::tuple {
+      using T = decltype(tag);
+      py::array_t<T> out({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(m)});
+      dist::Stats st;
+      {
+        py::gil_scoped_release nogil;
+        st = dist::pairwise_resident<T>(reinterpret_cast<const T*>(a), n, reinterpret_cast<const T*>(bp), m, d, mt,
+                                        out.mutable_data(), device);
+      }
+      return py::make_tuple(out, stats_dict(st));
+    };
+    return f64 ? run(double{}) : run(float{});
+  }, py::arg("a"), py::arg("n"), py::arg("d"), py::arg("b"), py::arg("m"), py::arg("f64"), py::arg("metric"),
+     py::arg("device"),
+     "pairwise_distances on C-contiguous rows at the addresses a (n×d) and b (m×d, None: a against itself) in "
+     "the memory of `device` (a GPU; host memory for -1): (n×m host array, stats).");
+
   m.def("distance_rows", [metric_of, stats_dict](py::array A, const std::string& metric, int64_t r0, int64_t r1) {
     const auto mt = metric_of(metric);
     if (A.ndim() != 2) throw py::value_error("distance_rows: a must be 2-D (n × d)");

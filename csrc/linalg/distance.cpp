@@ -6,10 +6,12 @@
 #include <exception>
 #include <limits>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <utility>
 
 #include "backend/backend.h"
+#include "core/error.h"
 #include "core/parallel.h"
 #include "linalg/blas.h"
 #include "linalg/gram_kernel.h"
@@ -93,25 +95,24 @@ Prepared<T> prepare(const T* P, int64_t n, int64_t d, Metric metric, const std::
   return p;
 }
 
+/// ‖a − b‖² difference-first in f64 (cosine: of the rows scaled by ia, ib).
+template <typename T>
+double exact_rows(const T* a, double ia, const T* b, double ib, int64_t d, Metric metric) {
+  double s = 0;
+  for (int64_t k = 0; k < d; ++k) {
+    const double t = metric == Metric::kEuclidean ? static_cast<double>(a[k]) - static_cast<double>(b[k])
+                                                  : static_cast<double>(a[k]) * ia - static_cast<double>(b[k]) * ib;
+    s += t * t;
+  }
+  return s;
+}
+
 /// ‖a−b‖² difference-first in f64 (cosine: of the normalised rows).
 template <typename T>
 double exact_sq(const Prepared<T>& A, int64_t i, const Prepared<T>& B, int64_t j, Metric metric) {
-  const T* a = A.orig + i * A.d;
-  const T* b = B.orig + j * B.d;
-  double s = 0;
-  if (metric == Metric::kEuclidean) {
-    for (int64_t k = 0; k < A.d; ++k) {
-      const double t = static_cast<double>(a[k]) - static_cast<double>(b[k]);
-      s += t * t;
-    }
-  } else {
-    const double ia = A.inv_norm[i], ib = B.inv_norm[j];
-    for (int64_t k = 0; k < A.d; ++k) {
-      const double t = static_cast<double>(a[k]) * ia - static_cast<double>(b[k]) * ib;
-      s += t * t;
-    }
-  }
-  return s;
+  const bool cosine = metric == Metric::kCosine;
+  return exact_rows(A.orig + i * A.d, cosine ? A.inv_norm[i] : 0.0, B.orig + j * B.d, cosine ? B.inv_norm[j] : 0.0,
+                    A.d, metric);
 }
 
 /// Row i of A against B's columns [j0, j0+bj): drow holds the Gram products on entry and the distances on
@@ -225,26 +226,18 @@ Prepared<T> prepare_self(const T* A, int64_t n, int64_t d, Metric metric) {
   return prepare<T>(A, n, d, metric, mu);
 }
 
-/// pairwise() on a GPU backend: the same preparation (centring or normalisation in f64, norms in f64) on
-/// the host, then per block of rows one GEMM and the epilogue on the device, and on the host the rare
-/// entries the epilogue marked recomputed difference-first in f64, exactly as the CPU path does. Self
-/// distances: the full square, then the upper triangle mirrored (exactly symmetric, zero diagonal).
-template <typename T>
-Stats pairwise_on(backend::Backend& be, const T* A, int64_t n, const T* B, int64_t m, int64_t d, Metric metric,
-                  T* out) {
+/// The GPU loop of pairwise(): per block of rows one GEMM of the prepared rows XA·XBᵀ (both in the
+/// backend's memory) and the epilogue on the device, then on the host the rare entries the epilogue
+/// marked, recomputed by exact(i, q) (‖a_i − b_q‖² difference-first in f64), the cosine zero rows, and
+/// for self distances the upper triangle mirrored (exactly symmetric, zero diagonal).
+template <typename T, typename Exact>
+Stats gpu_loop(backend::Backend& be, const T* XA, const Prepared<T>& PA, const T* XB, const Prepared<T>& QB, int64_t n,
+               int64_t m, int64_t d, Metric metric, bool self, T* out, Exact&& exact) {
   Stats st;
-  const bool self = B == nullptr;
-  if (self) m = n;
-  const std::vector<double> mu = metric == Metric::kEuclidean ? common_mean<T>(A, n, B, self ? 0 : m, d)
-                                                               : std::vector<double>(static_cast<size_t>(d), 0.0);
-  const Prepared<T> PA = prepare<T>(A, n, d, metric, mu);
-  const Prepared<T> PB = self ? Prepared<T>() : prepare<T>(B, m, d, metric, mu);
-  const Prepared<T>& QB = self ? PA : PB;
   const double u = std::numeric_limits<T>::epsilon() / 2;
   const double c = 2.0 * std::sqrt(static_cast<double>(std::max<int64_t>(d, 1))) * u / kTol;
   std::vector<T> ca(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) ca[static_cast<size_t>(i)] = static_cast<T>(c * PA.nrm[static_cast<size_t>(i)]);
-  const backend::HostView<T> XA(be, PA.X.data(), PA.X.size()), XB(be, QB.X.data(), QB.X.size());
   const backend::HostView<T> sa(be, PA.sq_t.data(), PA.sq_t.size()), sb(be, QB.sq_t.data(), QB.sq_t.size());
   const backend::HostView<T> nb(be, QB.nrm_t.data(), QB.nrm_t.size()), cav(be, ca.data(), ca.size());
   // Rows per block: a tile of at most 256 MiB on the device.
@@ -254,7 +247,7 @@ Stats pairwise_on(backend::Backend& be, const T* A, int64_t n, const T* B, int64
   const bool euclid = metric == Metric::kEuclidean;
   for (int64_t i0 = 0; i0 < n; i0 += br) {
     const int64_t bi = std::min(br, n - i0);
-    if (d > 0) be.gemm(false, true, bi, m, d, T(1), XA.data() + i0 * d, d, XB.data(), d, T(0), D.data(), m);
+    if (d > 0) be.gemm(false, true, bi, m, d, T(1), XA + i0 * d, d, XB, d, T(0), D.data(), m);
     const int64_t marked = be.distance_epilogue(D.data(), bi, m, sa.data() + i0, sb.data(), cav.data() + i0,
                                                 nb.data(), euclid);
     be.download(out + i0 * m, D.data(), static_cast<size_t>(bi * m) * sizeof(T));
@@ -263,7 +256,7 @@ Stats pairwise_on(backend::Backend& be, const T* A, int64_t n, const T* B, int64
       T* row = out + (i0 + r) * m;
       for (int64_t q = 0; q < m; ++q)
         if (row[q] < T(0)) {
-          const double e = exact_sq(PA, i0 + r, QB, q, metric);
+          const double e = exact(i0 + r, q);
           row[q] = static_cast<T>(euclid ? std::sqrt(e) : std::min(0.5 * e, 2.0));
         }
     }
@@ -281,7 +274,121 @@ Stats pairwise_on(backend::Backend& be, const T* A, int64_t n, const T* B, int64
   return st;
 }
 
+/// pairwise() on a GPU backend from host rows: the same preparation (centring or normalisation in f64,
+/// norms in f64) on the host, the prepared rows uploaded, then gpu_loop.
+template <typename T>
+Stats pairwise_on(backend::Backend& be, const T* A, int64_t n, const T* B, int64_t m, int64_t d, Metric metric,
+                  T* out) {
+  const bool self = B == nullptr;
+  if (self) m = n;
+  const std::vector<double> mu = metric == Metric::kEuclidean ? common_mean<T>(A, n, B, self ? 0 : m, d)
+                                                               : std::vector<double>(static_cast<size_t>(d), 0.0);
+  const Prepared<T> PA = prepare<T>(A, n, d, metric, mu);
+  const Prepared<T> PB = self ? Prepared<T>() : prepare<T>(B, m, d, metric, mu);
+  const Prepared<T>& QB = self ? PA : PB;
+  const backend::HostView<T> XA(be, PA.X.data(), PA.X.size()), XB(be, QB.X.data(), QB.X.size());
+  return gpu_loop<T>(be, XA.data(), PA, XB.data(), QB, n, m, d, metric, self, out,
+                     [&](int64_t i, int64_t q) { return exact_sq(PA, i, QB, q, metric); });
+}
+
+/// The norms of rows prepared by the backend (sq from prepare_rows) as Prepared holds them; no host rows.
+template <typename T>
+Prepared<T> prepared_norms(int64_t n, int64_t d, Metric metric, std::vector<double> sq, std::vector<double> inv) {
+  Prepared<T> p;
+  p.n = n;
+  p.d = d;
+  p.sq = std::move(sq);
+  p.nrm.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) p.nrm[static_cast<size_t>(i)] = std::sqrt(p.sq[static_cast<size_t>(i)]);
+  p.sq_t.assign(p.sq.begin(), p.sq.end());
+  p.nrm_t.assign(p.nrm.begin(), p.nrm.end());
+  if (metric == Metric::kCosine) {
+    p.inv_norm = std::move(inv);
+    p.zero.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) p.any_zero |= (p.zero[static_cast<size_t>(i)] = p.inv_norm[static_cast<size_t>(i)] == 0.0);
+  }
+  return p;
+}
+
+/// Rows of a matrix in the backend's memory copied to the host one at a time, when first needed (the
+/// rare entries recomputed difference-first): the matrix itself never travels whole.
+template <typename T>
+struct RowCache {
+  backend::Backend& be;
+  const T* rows;
+  int64_t n, d;
+  std::vector<T> host;
+  std::vector<uint8_t> have;
+  const T* row(int64_t i) {
+    if (host.empty()) {
+      host.resize(static_cast<size_t>(n * d));
+      have.assign(static_cast<size_t>(n), 0);
+    }
+    if (!have[static_cast<size_t>(i)]) {
+      be.download(host.data() + i * d, rows + i * d, static_cast<size_t>(d) * sizeof(T));
+      have[static_cast<size_t>(i)] = 1;
+    }
+    return host.data() + i * d;
+  }
+};
+
 }  // namespace
+
+template <typename T>
+Stats pairwise_resident(const T* A, int64_t n, const T* B, int64_t m, int64_t d, Metric metric, T* out, int device) {
+  backend::Backend& be = backend::get(device);
+  for (const auto& [P, name] : {std::pair<const T*, const char*>{A, "a"}, std::pair<const T*, const char*>{B, "b"}})
+    if (P != nullptr && device >= 0) {
+      const int at = backend::device_of(P);
+      PYSAFE_CHECK(at == device, Value, "wrong_device", name, " is ",
+                   at < 0 ? std::string("not in GPU memory") : "on cuda:" + std::to_string(at), " but the distances run on ",
+                   be.name());
+    }
+  be.synchronize_device();  // A and B may have just been written on another library's stream
+  const bool self = B == nullptr;
+  if (self) m = n;
+  std::vector<double> mu(static_cast<size_t>(d), 0.0);
+  if (metric == Metric::kEuclidean) {
+    std::vector<double> sb;
+    be.col_sums(A, n, d, mu);
+    if (!self) be.col_sums(B, m, d, sb);
+    const double total = static_cast<double>(n + (self ? 0 : m));
+    for (int64_t k = 0; k < d; ++k) {
+      if (!self) mu[k] += sb[k];
+      if (total > 0) mu[k] /= total;
+      PYSAFE_CHECK(std::isfinite(mu[k]), Value, "nonfinite", self ? "a" : "a or b",
+                   " has a non-finite value (or values too large to sum) in column ", k);
+    }
+  }
+  backend::Buffer<T> XA(be, static_cast<size_t>(n * d)), XB(be, self ? 0 : static_cast<size_t>(m * d));
+  std::vector<double> sq, inv;
+  const bool cosine = metric == Metric::kCosine;
+  be.prepare_rows(A, n, d, cosine, mu, XA.data(), sq, inv);
+  auto finite_rows = [&](const std::vector<double>& v, const char* name) {
+    for (size_t i = 0; i < v.size(); ++i)
+      PYSAFE_CHECK(std::isfinite(v[i]), Value, "nonfinite", name,
+                   " has a non-finite value (or values too large to square) in row ", i);
+  };
+  finite_rows(sq, "a");
+  const Prepared<T> PA = prepared_norms<T>(n, d, metric, std::move(sq), std::move(inv));
+  Prepared<T> PB;
+  if (!self) {
+    be.prepare_rows(B, m, d, cosine, mu, XB.data(), sq, inv);
+    finite_rows(sq, "b");
+    PB = prepared_norms<T>(m, d, metric, std::move(sq), std::move(inv));
+  }
+  const Prepared<T>& QB = self ? PA : PB;
+  RowCache<T> ra{be, A, n, d, {}, {}}, rb{be, self ? A : B, m, d, {}, {}};
+  RowCache<T>& rq = self ? ra : rb;
+  return gpu_loop<T>(be, XA.data(), PA, self ? XA.data() : XB.data(), QB, n, m, d, metric, self, out,
+                     [&](int64_t i, int64_t q) {
+                       const T* a = ra.row(i);
+                       const T* b = rq.row(q);
+                       return exact_rows(a, cosine ? PA.inv_norm[static_cast<size_t>(i)] : 0.0, b,
+                                         cosine ? QB.inv_norm[static_cast<size_t>(q)] : 0.0, d, metric);
+                     });
+}
+
 
 template <typename T>
 Stats pairwise(const T* A, int64_t n, const T* B, int64_t m, int64_t d, Metric metric, T* out, int device) {
@@ -452,6 +559,7 @@ Stats summarize(const T* A, int64_t n, int64_t d, const int64_t* labels, int64_t
 
 #define PYSAFE_DIST_INSTANTIATE(T)                                                                          \
   template Stats pairwise<T>(const T*, int64_t, const T*, int64_t, int64_t, Metric, T*, int);                   \
+  template Stats pairwise_resident<T>(const T*, int64_t, const T*, int64_t, int64_t, Metric, T*, int);          \
   template Stats summarize<T>(const T*, int64_t, int64_t, const int64_t*, int64_t, int64_t, Metric, double*, \
                               int64_t*, double*);                                                          \
   template Stats self_rows<T>(const T*, int64_t, int64_t, Metric, int64_t, int64_t, T*);

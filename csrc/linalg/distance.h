@@ -36,6 +36,12 @@ struct Stats {
 template <typename T>
 Stats pairwise(const T* A, int64_t n, const T* B, int64_t m, int64_t d, Metric metric, T* out, int device = -1);
 
+/// pairwise() on rows already in the memory of `device`'s backend (a GPU; host memory for device < 0):
+/// the centring or normalisation and the norms run there too, and only the rows of the rare entries
+/// recomputed difference-first in f64 are copied to the host. The result `out` is on the host.
+template <typename T>
+Stats pairwise_resident(const T* A, int64_t n, const T* B, int64_t m, int64_t d, Metric metric, T* out, int device);
+
 /// Streaming summaries of the self-distance matrix of A (n×d) without materialising it:
 ///   group_sum[i·g + c] = Σ_{j in group c, j ≠ i} dist(A_i, A_j)   (f64; labels in [0, g))
 ///   knn_idx / knn_dist [i·k + r]: the r-th nearest other point of i (ties by index), k ≤ n − 1.
