@@ -91,7 +91,9 @@ def _gpu_matrix(x, name: str, index: int, dtype=None) -> _GpuMatrix:
         elif hasattr(x, "__dlpack__") and _on_gpu(x):
             t = torch.from_dlpack(x)
         else:
-            t = torch.as_tensor(np.asarray(x), device=f"cuda:{index}")
+            t = torch.as_tensor(np.asarray(x))
+        if not t.is_cuda:  # the host operand of a mixed pair
+            t = t.to(f"cuda:{index}")
         if t.ndim != 2:
             raise ValueError(f"{name} must be a 2-D array (points × features), got shape {tuple(t.shape)}")
         if dtype is not None:

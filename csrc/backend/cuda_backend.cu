@@ -575,8 +575,7 @@ class CudaBackend final : public Typed<CudaBackend> {
   template <typename T>
   DeltaStats fused_delta_t(const uint8_t* tuned, DType tdt, const uint8_t* base, DType bdt, size_t n, T* base_out,
                            T* delta) {
-    DeltaStats st;
-    if (n == 0) return st;
+    if (n == 0) return {};
     Lock lock(op_mu_);
     const int t = device_dtype(tdt), b = device_dtype(bdt);
     Select on(ordinal_);
@@ -586,8 +585,14 @@ class CudaBackend final : public Typed<CudaBackend> {
         tuned, t, base, b, n, base_out, delta, counters.data(), sums.data());
     check_launch("fused_delta_kernel");
     sync();
+    return delta_stats(counters, sums);
+  }
+
+  // The statistics the fused kernel accumulated: counters [non-finite base, tuned], sums [‖base‖², ‖Δ‖²].
+  DeltaStats delta_stats(const Buffer<unsigned long long>& counters, const Buffer<double>& sums) const {
     const auto c = counters.to_host();
     const auto s = sums.to_host();
+    DeltaStats st;
     st.nonfinite_base = c[0];
     st.nonfinite_tuned = c[1];
     st.sumsq_base = s[0];
@@ -603,8 +608,7 @@ class CudaBackend final : public Typed<CudaBackend> {
   template <typename T>
   DeltaStats upload_delta_t(const uint8_t* tuned, DType tdt, const uint8_t* base, DType bdt, size_t n, T* base_out,
                             T* delta) {
-    DeltaStats st;
-    if (n == 0) return st;
+    if (n == 0) return {};
     Lock lock(op_mu_);
     const int t = device_dtype(tdt), b = device_dtype(bdt);
     const size_t ts = dtype_bits(tdt) / 8, bs = dtype_bits(bdt) / 8, per = ts + bs;
@@ -633,13 +637,7 @@ class CudaBackend final : public Typed<CudaBackend> {
       check_launch("fused_delta_kernel");
     }
     for (int s = 0; s < 2; ++s) check_cuda(cudaStreamSynchronize(copy_[s]), "cudaStreamSynchronize");
-    const auto cnt = counters.to_host();
-    const auto sm = sums.to_host();
-    st.nonfinite_base = cnt[0];
-    st.nonfinite_tuned = cnt[1];
-    st.sumsq_base = sm[0];
-    st.sumsq_delta = sm[1];
-    return st;
+    return delta_stats(counters, sums);
   }
 
   template <typename T>

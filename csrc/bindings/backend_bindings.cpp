@@ -115,18 +115,23 @@ void register_backend(py::module_& m) {
   }, py::arg("device"), py::arg("A"), py::arg("columns") = true,
      "Upper triangle (row-major) of AᵀA (columns) or AAᵀ in double; the lower triangle is not defined.");
 
-  b.def("col_norms", [](int device, py::array Y) {
-    need_2d(Y, "Y");
-    return by_dtype(Y, "col_norms", [&](auto tag) -> py::object {
-      using T = decltype(tag);
-      auto y = Arr<T>::ensure(Y);
-      backend::Backend& be = backend::get(device);
-      auto dy = put(be, y);
-      std::vector<double> out;
-      be.col_norms(dy.data(), y.shape(0), y.shape(1), out);
-      return doubles(out);
-    });
-  }, py::arg("device"), py::arg("Y"));
+  // The per-column reductions in double: ‖Y[:, j]‖₂ (col_norms) and Σ_r Y[r, j] (col_sums).
+  for (const bool sums : {false, true})
+    b.def(sums ? "col_sums" : "col_norms", [sums](int device, py::array Y) {
+      need_2d(Y, "Y");
+      return by_dtype(Y, "column reduction", [&](auto tag) -> py::object {
+        using T = decltype(tag);
+        auto y = Arr<T>::ensure(Y);
+        backend::Backend& be = backend::get(device);
+        auto dy = put(be, y);
+        std::vector<double> out;
+        if (sums)
+          be.col_sums(dy.data(), y.shape(0), y.shape(1), out);
+        else
+          be.col_norms(dy.data(), y.shape(0), y.shape(1), out);
+        return doubles(out);
+      });
+    }, py::arg("device"), py::arg("Y"));
 
   b.def("residual_sumsq", [](int device, py::array R, py::array U, std::vector<double> theta) {
     need_2d(R, "R");
@@ -205,19 +210,6 @@ void register_backend(py::module_& m) {
      py::arg("f64") = false, py::arg("from_host") = false,
      "The fused upcast-subtract on raw stored bytes: (delta, base, stats). from_host: the bytes are read from "
      "the host by upload_delta (staged, chunk by chunk, on a GPU) instead of being uploaded first.");
-
-  b.def("col_sums", [](int device, py::array P) {
-    need_2d(P, "P");
-    return by_dtype(P, "col_sums", [&](auto tag) -> py::object {
-      using T = decltype(tag);
-      auto p = Arr<T>::ensure(P);
-      backend::Backend& be = backend::get(device);
-      auto dp = put(be, p);
-      std::vector<double> out;
-      be.col_sums(dp.data(), p.shape(0), p.shape(1), out);
-      return doubles(out);
-    });
-  }, py::arg("device"), py::arg("P"));
 
   b.def("prepare_rows", [](int device, py::array P, bool cosine, std::vector<double> mu) {
     need_2d(P, "P");
