@@ -471,6 +471,8 @@ Record analyze_dense(const uint8_t* base, DType bdt, const uint8_t* tuned, DType
         });
   }
   rec.scalars["time_svd_base"] = time_svd_base;
+  dev_delta = backend::Buffer<T>();  // the metrics below run on the host: the GPU copies are done with
+  dev_base = backend::Buffer<T>();
   if (!base_in) computed = to_decomposition(sb);
   const BaseDecomposition& bd = base_in ? *base_in : computed;
   sb = from_decomposition<T>(bd);
