@@ -115,6 +115,8 @@ def test_row_scores_sum_to_the_norm():
         Wc = W - W.mean(0) if center else W
         a_hat = a / np.linalg.norm(a, axis=1, keepdims=True)
         np.testing.assert_allclose((scores ** 2).sum(1), np.linalg.norm(a_hat @ Wc.T, axis=1) ** 2, rtol=1e-10)
+    scores, S = row_scores(np.zeros((6, 4)), a[:, :4])  # ΔW = 0 (an unchanged matrix): every score 0
+    assert scores.shape == (30, 4) and not scores.any() and S.tolist() == [0.0] * 4
 
 
 def test_column_and_row_space_schema():

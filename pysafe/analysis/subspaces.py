@@ -41,7 +41,10 @@ def _svd(W: np.ndarray, center: bool, **rule):
 def row_scores(W: np.ndarray, a: np.ndarray, center: bool = False):
     """score[i, j] = σ_j ⟨â_i, v_j⟩ for inputs a [N, in] and W [out, in] (so Σ_j score² = ‖W̃ â‖²); returns
     (scores [N, r], σ [r])."""
-    _, S, Vt, _ = _svd(W, center, rank=min(np.shape(W)))
+    r = min(np.shape(W))
+    _, S, Vt, _ = _svd(W, center, rank=r)
+    if len(S) < r:  # a zero matrix: the engine returns no triplets; every σ is 0
+        S, Vt = np.pad(S, (0, r - len(S))), np.pad(Vt, ((0, r - len(S)), (0, 0)))
     a = np.asarray(a, np.float64)
     a_hat = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-300)
     return (a_hat @ Vt.T) * S[None, :], S
