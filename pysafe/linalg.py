@@ -71,6 +71,17 @@ def sin_theta_chance(n: int, k: int) -> float:
     return float(_core.sin_theta_chance(int(n), int(k)))
 
 
+def sin_theta(U_base: np.ndarray, U: np.ndarray) -> np.ndarray:
+    """sin θ_i = ‖(I − U_base U_baseᵀ) u_i‖ of each column u_i of ``U`` (n×k) to the column space of
+    ``U_base`` (n×k_base, orthonormal columns), each clipped to [0, 1]: the engine's metric behind the
+    records' sin_theta_left/right. Float64 arithmetic when either input is float64."""
+    U_base, U = np.asarray(U_base), np.asarray(U)
+    if U_base.ndim != 2 or U.ndim != 2 or U_base.shape[0] != U.shape[0]:
+        raise ValueError(f"sin_theta: expected two 2-D arrays with the same number of rows, got shapes "
+                         f"{U_base.shape} and {U.shape}")
+    return _core.sin_theta(U_base, U)[0]
+
+
 def truncated_svd(A: np.ndarray, *, rank: int | None = None, energy: float = 0.9, exact: bool = False,
                   max_rank: int | None = None, exact_max_dim: int = 1024, oversample: int = 10,
                   power_iters: int | None = None, tol: float = 1e-4, full_spectrum: bool = False, seed: int = 0,

@@ -23,30 +23,45 @@ from pysafe.linalg import svd_options
 from pysafe.records import scalars
 
 
+def _opt(default, help: str, **cli):
+    """A field of :class:`Options` with its command-line description in the metadata: ``help``, and
+    optionally ``range`` ((lo, hi, lo_open, hi_open); None for no bound), ``choices``, ``metavar``, ``flag``
+    (the option's name when not ``--field-name``). ``pysafe analyze`` builds its flags from these."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass
 class Options:
-    """Every option of an analysis (the CLI flags of ``pysafe analyze``), recorded in summary.json."""
+    """Every option of an analysis (the CLI flags of ``pysafe analyze``, generated from the metadata
+    here), recorded in summary.json."""
 
-    include: str | None = None        # regex: analyse only tensors whose name matches
-    exclude: str | None = None        # regex: skip tensors whose name matches
-    rank: int | None = None           # fixed k for ΔW (else the energy rule)
-    energy: float = 0.9               # energy fraction E for ΔW's k (the paper's 0.9)
-    base_rank: int | None = None      # fixed k for W_base
-    base_energy: float = 0.9          # energy fraction for W_base's k
-    exact: bool = False               # force exact SVDs
-    max_rank: int | None = None       # explicit cap on k under the energy rule (None: the energy is reached)
-    exact_max_dim: int = 1024         # exact SVD when min(out, in) <= this
-    oversample: int = 10              # randomized SVD oversampling p
-    power_iters: int | None = None    # None: iterate until tol is met; q: exactly q + 1 subspace iterations
-    tol: float = 1e-4                 # relative error allowed on the reported top singular values
-    spectrum: str = "full"            # "full": whole spectrum of ΔW (effective rank, energy ranks); "none": skip
-    center: bool = False              # subtract the mean row before the SVDs (the paper's variant)
-    dtype: str = "f32"                # precision of ΔW and the linear algebra: f32 or f64
-    threads: int = 0                  # 0: all cores
-    seed: int = 0                     # seed of the randomized SVD's test matrices
-    save_vectors: bool = False        # keep the top-k singular vectors in results.h5
-    strict: bool = False              # mismatches are errors instead of skips
-    device: str = "cpu"               # where the SVDs run: "cpu", "cuda" or "cuda:N" (pysafe.backend)
+    include: str | None = _opt(None, "Analyse only tensors whose name matches.", metavar="REGEX")
+    exclude: str | None = _opt(None, "Skip tensors whose name matches.", metavar="REGEX")
+    rank: int | None = _opt(None, "Fixed rank k for ΔW (else --energy).", range=(1, None, False, False))
+    energy: float = _opt(0.9, "k = smallest with Σσ² ≥ E·‖ΔW‖²_F.", range=(0, 1, True, False))
+    base_rank: int | None = _opt(None, "Fixed rank k for W_base.", range=(1, None, False, False))
+    base_energy: float = _opt(0.9, "Energy fraction for W_base's k.", range=(0, 1, True, False))
+    exact: bool = _opt(False, "Force exact (LAPACK) SVDs.")
+    max_rank: int | None = _opt(None, "Explicit cap on k under the energy rule (default: none, the energy is "
+                                      "reached; a capped record says energy_reached false).",
+                                range=(1, None, False, False))
+    exact_max_dim: int = _opt(1024, "Exact SVD when min(out, in) is at most this.", range=(0, None, False, False))
+    oversample: int = _opt(10, "Oversampling p of the randomized SVD.", range=(0, None, False, False))
+    power_iters: int | None = _opt(None, "Subspace iterations of the randomized SVD: q gives exactly q + 1 "
+                                         "(default: iterate until --tol is met).", range=(0, None, False, False))
+    tol: float = _opt(1e-4, "Relative error allowed on the reported top singular values; each matrix gets the "
+                            "cheapest algorithm that meets it (records: svd_method_*, svd_rel_error_*, "
+                            "tol_reached_*).", range=(0, 1, True, True))
+    spectrum: str = _opt("full", "full: ΔW's whole spectrum (effective_rank_delta, energy_rank_*_delta); none: "
+                                 "skip it (faster with --rank; those keys are null).", choices=("full", "none"))
+    center: bool = _opt(False, "Subtract the mean row before the SVDs (the paper's variant).")
+    dtype: str = _opt("f32", "Precision of ΔW and the linear algebra.", choices=("f32", "f64"))
+    threads: int = _opt(0, "Worker threads for the core and BLAS (0: all cores).", range=(0, None, False, False))
+    seed: int = _opt(0, "Seed of the randomized SVD (results are deterministic per seed and thread count).",
+                     range=(0, None, False, False))
+    save_vectors: bool = _opt(False, "Store the top-k singular vectors in results.h5.")
+    strict: bool = _opt(False, "Mismatched names, shapes or dtypes are errors instead of skips.")
+    device: str = _opt("cpu", "Where the SVDs run: cpu, cuda or cuda:N.")
 
     def validate(self) -> None:
         if self.dtype not in ("f32", "f64"):

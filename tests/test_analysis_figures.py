@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from pysafe.analysis.lipschitz import lipschitz_analysis, lipschitz_estimates
 from pysafe.lab.inputs import safe_unsafe_inputs
-from pysafe.analysis.subspaces import column_space, energy_rank, row_scores, row_space, sin_theta
+from pysafe.analysis.subspaces import column_space, column_space_row, row_scores, row_space
+from pysafe.linalg import sin_theta
 from pysafe.cli import main
 from pysafe.lab import ckpt as C
 from pysafe.lab import data as D
@@ -33,21 +34,76 @@ def _pair(seed=0):
     return base, tuned
 
 
-def test_energy_rank_and_sin_theta_invariants():
-    s = np.array([3.0, 2.0, 1.0, 0.0])
-    assert energy_rank(s, 0.9) == 2 and energy_rank(s, 9 / 14) == 1 and energy_rank(s, 1.0) == 3
+def test_sin_theta_invariants():
     rng = np.random.default_rng(0)
     Q, _ = np.linalg.qr(rng.standard_normal((40, 40)))
     U = Q[:, :10]
     P = U @ U.T
     np.testing.assert_allclose(P @ P, P, atol=1e-12)  # the projector is idempotent
-    np.testing.assert_allclose(sin_theta(U, U), 0.0, atol=1e-12)  # inside: 0
+    np.testing.assert_allclose(sin_theta(U, U), 0.0, atol=1e-7)  # inside: 0 (√ of a rounding-level residual)
     np.testing.assert_allclose(sin_theta(U, Q[:, 10:15]), 1.0, atol=1e-12)  # orthogonal: 1
     v = rng.standard_normal((40, 5))
     v /= np.linalg.norm(v, axis=0)
     st = sin_theta(U, v)
     assert np.all((st >= 0) & (st <= 1))
-    np.testing.assert_allclose(st, np.linalg.norm(v - P @ v, axis=0))
+    np.testing.assert_allclose(st, np.linalg.norm(v - P @ v, axis=0), rtol=1e-12)
+    st32 = sin_theta(U.astype(np.float32), v.astype(np.float32))  # float32 arithmetic, same values
+    np.testing.assert_allclose(st32, st, atol=1e-5)
+    with pytest.raises(ValueError, match="same number of rows"):
+        sin_theta(U, v[:30])
+
+
+def _reference_row(Wb, Wt, energy, center, max_k):
+    """Fig 4's numbers from NumPy's float64 full SVD, independently of the engine."""
+    def svd(W):
+        W = W - W.mean(0, keepdims=True) if center else W
+        return np.linalg.svd(W, full_matrices=False)
+
+    def k_of(S):
+        e = np.cumsum(S ** 2) / np.sum(S ** 2)
+        return int(np.argmax(e >= energy) + 1)
+
+    Ub, Sb, _ = svd(Wb)
+    kb = k_of(Sb)
+    ref = {"k_base": kb}
+    for label, M in (("tuned", Wt), ("delta", Wt - Wb)):
+        U, S, _ = svd(M)
+        k = min(k_of(S), max_k)
+        u = U[:, :k]
+        ref[label] = (k, np.linalg.norm(u - Ub[:, :kb] @ (Ub[:, :kb].T @ u), axis=0), np.linalg.norm(M))
+    return ref, Ub[:, :kb]
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_column_space_row_matches_a_float64_svd(center):
+    """k_IT, k, every sin θ and the random-ΔW control against NumPy's float64 SVD (Fig 4's numbers)."""
+    rng = np.random.default_rng(5)
+    out_, in_ = 48, 32
+    Wb = rng.standard_normal((out_, 12)) @ rng.standard_normal((12, in_)) + 0.1 * rng.standard_normal((out_, in_))
+    Wt = Wb + 0.3 * np.outer(rng.standard_normal(out_), rng.standard_normal(in_)) \
+        + 0.02 * rng.standard_normal((out_, in_))
+    row = column_space_row(Wb, Wt, energy=0.9, center=center, max_k=20, control_draws=4, seed=11)
+    ref, Ub_k = _reference_row(Wb, Wt, 0.9, center, 20)
+    assert row["k_base"] == ref["k_base"] and 1 < ref["k_base"] < in_
+    for label in ("tuned", "delta"):
+        k, st, fro = ref[label]
+        assert row[label]["k"] == k
+        np.testing.assert_allclose(row[label]["sin_theta"], st, rtol=1e-9, atol=1e-12)
+        assert row[label]["mean_sin_theta"] == pytest.approx(st.mean(), rel=1e-9)
+        assert row[label]["frobenius"] == pytest.approx(fro, rel=1e-12)
+    assert 0 < np.mean(ref["delta"][1]) < 1  # ΔW is neither inside nor outside W_IT's span: the test can fail
+    # the control: the same seeded draws of R, decomposed by NumPy
+    k = ref["tuned"][0]
+    rs = np.random.default_rng(11)
+    expect = []
+    for _ in range(4):
+        R = rs.standard_normal(Wb.shape)
+        R *= ref["delta"][2] / np.linalg.norm(R)
+        W = Wb + R
+        W = W - W.mean(0, keepdims=True) if center else W
+        u = np.linalg.svd(W, full_matrices=False)[0][:, :k]
+        expect.append(np.linalg.norm(u - Ub_k @ (Ub_k.T @ u), axis=0).mean())
+    np.testing.assert_allclose(row["random_delta"]["mean_sin_theta"], expect, rtol=1e-9)
 
 
 def test_row_scores_sum_to_the_norm():
@@ -59,6 +115,8 @@ def test_row_scores_sum_to_the_norm():
         Wc = W - W.mean(0) if center else W
         a_hat = a / np.linalg.norm(a, axis=1, keepdims=True)
         np.testing.assert_allclose((scores ** 2).sum(1), np.linalg.norm(a_hat @ Wc.T, axis=1) ** 2, rtol=1e-10)
+    scores, S = row_scores(np.zeros((6, 4)), a[:, :4])  # ΔW = 0 (an unchanged matrix): every score 0
+    assert scores.shape == (30, 4) and not scores.any() and S.tolist() == [0.0] * 4
 
 
 def test_column_and_row_space_schema():

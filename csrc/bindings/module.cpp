@@ -290,6 +290,29 @@ PYBIND11_MODULE(_core, m) {
         "E[‖(I − P)u‖] for u uniform on the unit sphere of R^n and P a rank-k projector: the chance "
         "level of a mean sin θ against a k-dimensional subspace.");
 
+  m.def("sin_theta", [](py::array Ub, py::array Ud) {
+    if (Ub.ndim() != 2 || Ud.ndim() != 2) throw py::value_error("sin_theta: expected two 2-D arrays");
+    if (Ub.shape(0) != Ud.shape(0))
+      throw py::value_error("sin_theta: the bases have " + std::to_string(Ub.shape(0)) + " and " +
+                            std::to_string(Ud.shape(0)) + " rows; they must live in the same space");
+    int64_t dim = Ub.shape(0), kb = Ub.shape(1), kd = Ud.shape(1);
+    bool f64 = Ub.dtype().is(py::dtype::of<double>()) || Ud.dtype().is(py::dtype::of<double>());
+    double cos2 = 0;
+    std::vector<double> s;
+    auto run = [&](auto tag) {
+      using T = decltype(tag);
+      auto b = py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(Ub);
+      auto d = py::array_t<T, py::array::c_style | py::array::forcecast>::ensure(Ud);
+      if (!b || !d) throw py::type_error("sin_theta: expected real floating-point arrays");
+      py::gil_scoped_release nogil;
+      s = sin_theta<T>(b.data(), kb, d.data(), kd, dim, cos2);
+    };
+    if (f64) run(double{}); else run(float{});
+    return py::make_tuple(py::array_t<double>(static_cast<py::ssize_t>(s.size()), s.data()), cos2);
+  }, py::arg("U_base"), py::arg("U"),
+     "sin θ of each column of U (n×k) to the column space of U_base (n×k_base, orthonormal columns), "
+     "clipped to [0, 1], and ‖U_baseᵀ U‖_F² (float64 when either input is, else float32 arithmetic).");
+
   py::class_<AnalyzeParams>(m, "AnalyzeParams", "Options of one matrix analysis (see metrics.h).")
       .def(py::init<>())
       .def_readwrite("delta", &AnalyzeParams::delta)

@@ -673,6 +673,13 @@ Record analyze_norms(const uint8_t* base, DType bdt, const uint8_t* tuned, DType
   return rec;
 }
 
+template <typename T>
+std::vector<double> sin_theta(const T* Ub, int64_t kb, const T* Ud, int64_t kd, int64_t dim, double& cos2_sum) {
+  return sines(Ub, kb, kb, Ud, kd, kd, dim, cos2_sum);
+}
+template std::vector<double> sin_theta<float>(const float*, int64_t, const float*, int64_t, int64_t, double&);
+template std::vector<double> sin_theta<double>(const double*, int64_t, const double*, int64_t, int64_t, double&);
+
 template Record analyze_dense<float>(const uint8_t*, DType, const uint8_t*, DType, int64_t, int64_t,
                                      const AnalyzeParams&, const BaseDecomposition*, BaseDecomposition*);
 template Record analyze_dense<double>(const uint8_t*, DType, const uint8_t*, DType, int64_t, int64_t,

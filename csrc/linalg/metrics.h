@@ -78,6 +78,12 @@ Record analyze_factored(const uint8_t* base, DType base_dtype, int64_t rows, int
 /// chance level of a mean sin θ against a k-dimensional subspace (exact, through lgamma).
 double sin_theta_chance(int64_t n, int64_t k);
 
+/// sin θ_i = ‖u_i − Ub Ubᵀ u_i‖ (clipped to 1) for the `kd` columns u_i of `Ud` (dim×kd, row-major)
+/// against the column space of `Ub` (dim×kb, row-major, orthonormal columns): the metric behind the
+/// records' sin_theta_left/right, for callers that bring their own bases. `cos2_sum` gets ‖Ubᵀ Ud‖_F².
+template <typename T>
+std::vector<double> sin_theta(const T* Ub, int64_t kb, const T* Ud, int64_t kd, int64_t dim, double& cos2_sum);
+
 /// Norm-only path for 1-D tensors (and any tensor analysed without SVD): delta_fro, delta_rel.
 Record analyze_norms(const uint8_t* base, DType base_dtype, const uint8_t* tuned, DType tuned_dtype, uint64_t n);
 

@@ -1,6 +1,7 @@
 """Figs 4 and 5: where the fine-tune's weights live (column space) and which inputs they read (row space).
 
-Both are computed for the MLP matrices of every layer, in float64, for W_ST and ΔW = W_ST − W_IT against
+Both are computed for the MLP matrices of every layer, in float64 by the native engine (its exact SVD,
+rank rule and sin θ: the same definitions as ``pysafe analyze``'s records), for W_ST and ΔW = W_ST − W_IT against
 W_IT (docs/analyses.md: the reference's choice is ambiguous; all are reported), with the reference's
 bugs fixed (C1-C7, R1-R6): left singular vectors are columns of an economy SVD, no row centring unless
 asked, k = the smallest rank reaching the energy threshold, separate outputs per matrix, chance levels.
@@ -9,6 +10,7 @@ Fig 4, column space: for the top-k_M left singular vectors u_i of M ∈ {W_ST, �
 sin θ_i = ‖(I − U_IT U_ITᵀ) u_i‖ with U_IT the top-k_IT left singular vectors of W_IT. Chance: E[sin θ] of a
 random unit vector against a fixed k_IT-dimensional subspace of R^out, from the engine
 (:func:`pysafe.linalg.sin_theta_chance`, the same value as the ``sin_theta_*_chance`` of the records).
+k_IT and k_M follow the engine's energy rule (:func:`pysafe.linalg.truncated_svd`).
 
 Fig 5, row space: for each input a at the true MLP input (``mlp_in``) of the fine-tuned model and each
 W ∈ {W_IT, W_ST, ΔW} with SVD W = Σ σ_j u_j v_jᵀ: score_j(a) = σ_j ⟨â, v_j⟩, so Σ_j score_j² = ‖W â‖²; a
@@ -20,36 +22,29 @@ from __future__ import annotations
 
 import numpy as np
 
-from pysafe.linalg import sin_theta_chance
+from pysafe.linalg import sin_theta, sin_theta_chance, truncated_svd
 
 MATRICES = ("c_fc", "c_proj")
 
 
-def energy_rank(s: np.ndarray, energy: float = 0.9) -> int:
-    """The smallest k with Σ_{i<k} σ_i² ≥ energy · Σ σ² (at least 1)."""
-    e = np.cumsum(np.asarray(s, np.float64) ** 2)
-    if e[-1] <= 0:
-        return 1
-    return int(min(len(s), np.searchsorted(e / e[-1], energy - 1e-12) + 1))
-
-
-def _svd(W: np.ndarray, center: bool):
+def _svd(W: np.ndarray, center: bool, **rule):
+    """The engine's exact float64 SVD of ``W`` (mean row removed with ``center``): (U, S, Vt, k), every
+    singular triplet (economy size) and k from the engine's rank rule ``rule`` (its ``rank``, ``energy``,
+    ``max_rank``; default: the energy 0.9)."""
     W = np.asarray(W, np.float64)
     if center:
         W = W - W.mean(0, keepdims=True)
-    return np.linalg.svd(W, full_matrices=False)
-
-
-def sin_theta(U_base: np.ndarray, U: np.ndarray) -> np.ndarray:
-    """‖(I − U_base U_baseᵀ) u_i‖ for the columns u_i of U (each in [0, 1] for unit u_i)."""
-    resid = U - U_base @ (U_base.T @ U)
-    return np.clip(np.linalg.norm(resid, axis=0), 0.0, 1.0)
+    U, S, Vt, info = truncated_svd(np.ascontiguousarray(W), exact=True, **rule)
+    return U, S, Vt, int(info["k"])
 
 
 def row_scores(W: np.ndarray, a: np.ndarray, center: bool = False):
     """score[i, j] = σ_j ⟨â_i, v_j⟩ for inputs a [N, in] and W [out, in] (so Σ_j score² = ‖W̃ â‖²); returns
     (scores [N, r], σ [r])."""
-    _, S, Vt = _svd(W, center)
+    r = min(np.shape(W))
+    _, S, Vt, _ = _svd(W, center, rank=r)
+    if len(S) < r:  # a zero matrix: the engine returns no triplets; every σ is 0
+        S, Vt = np.pad(S, (0, r - len(S))), np.pad(Vt, ((0, r - len(S)), (0, 0)))
     a = np.asarray(a, np.float64)
     a_hat = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-300)
     return (a_hat @ Vt.T) * S[None, :], S
@@ -69,7 +64,7 @@ def random_delta_sin_theta(Wb: np.ndarray, Ub_k: np.ndarray, frobenius: float, k
     for i in range(draws):
         R = rng.standard_normal(Wb.shape)
         R *= frobenius / max(float(np.linalg.norm(R)), 1e-300)
-        U, _, _ = _svd(Wb + R, center)
+        U, _, _, _ = _svd(Wb + R, center, rank=k)
         out[i] = float(sin_theta(Ub_k, U[:, :k]).mean())
     return out
 
@@ -96,12 +91,12 @@ def column_space_row(Wb: np.ndarray, Wt: np.ndarray, *, energy: float = 0.9, cen
                      control_draws: int = 20, seed: int = 0) -> dict:
     """One matrix of :func:`column_space`: W_IT = ``Wb``, W_ST = ``Wt`` (float64 arrays [out, in])."""
     Wb, Wt = np.asarray(Wb, np.float64), np.asarray(Wt, np.float64)
-    Ub, Sb, _ = _svd(Wb, center)
-    kb = energy_rank(Sb, energy)
+    Ub, _, _, kb = _svd(Wb, center, energy=energy)
+    kb = max(kb, 1)
     row = {"shape": list(Wb.shape), "k_base": kb, "chance": sin_theta_chance(Wb.shape[0], kb)}
     for label, M in (("tuned", Wt), ("delta", Wt - Wb)):
-        U, S, _ = _svd(M, center)
-        k = min(energy_rank(S, energy), max_k)
+        U, S, _, k = _svd(M, center, energy=energy, max_rank=max_k)
+        k = max(k, 1)  # a zero matrix: k 1 and no angles
         st_ = sin_theta(Ub[:, :kb], U[:, :k]) if np.any(S > 0) else np.zeros(0)
         row[label] = {"k": k, "sin_theta": st_.tolist(),
                       "mean_sin_theta": float(st_.mean()) if st_.size else float("nan"),

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from pysafe.cli.options import debug_option, handle_errors, seed_option, threads_option
+from pysafe.cli.options import dataclass_options, debug_option, handle_errors
+from pysafe.weights import Options
 
 
 class _Progress:
@@ -40,34 +41,8 @@ class _Progress:
 @click.argument("tuned", type=click.Path())
 @click.option("--out", type=click.Path(file_okay=False), default="pysafe-report", show_default=True,
               help="Report directory (index.html, summary.json, results.h5, plots/).")
-@click.option("--include", metavar="REGEX", default=None, help="Analyse only tensors whose name matches.")
-@click.option("--exclude", metavar="REGEX", default=None, help="Skip tensors whose name matches.")
-@click.option("--rank", type=click.IntRange(min=1), default=None, help="Fixed rank k for ΔW (else --energy).")
-@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
-              help="k = smallest with Σσ² ≥ E·‖ΔW‖²_F.")
-@click.option("--base-rank", type=click.IntRange(min=1), default=None, help="Fixed rank k for W_base.")
-@click.option("--base-energy", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
-              help="Energy fraction for W_base's k.")
-@click.option("--max-rank", type=click.IntRange(min=1), default=None,
-              help="Explicit cap on k under the energy rule (default: none, the energy is reached; a capped "
-                   "record says energy_reached false).")
-@click.option("--tol", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=1e-4, show_default=True,
-              help="Relative error allowed on the reported top singular values; each matrix gets the cheapest "
-                   "algorithm that meets it (records: svd_method_*, svd_rel_error_*, tol_reached_*).")
-@click.option("--spectrum", type=click.Choice(["full", "none"]), default="full", show_default=True,
-              help="full: ΔW's whole spectrum (effective_rank_delta, energy_rank_*_delta); none: skip it (faster "
-                   "with --rank; those keys are null).")
-@click.option("--exact/--no-exact", default=False, show_default=True, help="Force exact (LAPACK) SVDs.")
-@click.option("--center/--no-center", default=False, show_default=True,
-              help="Subtract the mean row before the SVDs (the paper's variant).")
-@click.option("--dtype", type=click.Choice(["f32", "f64"]), default="f32", show_default=True,
-              help="Precision of ΔW and the linear algebra.")
-@threads_option
-@seed_option
-@click.option("--save-vectors/--no-save-vectors", default=False, show_default=True,
-              help="Store the top-k singular vectors in results.h5.")
-@click.option("--strict/--no-strict", default=False, show_default=True,
-              help="Mismatched names, shapes or dtypes are errors instead of skips.")
+@dataclass_options(Options, into="opts",
+                   help_overrides={"device": "Where the SVDs and the activation capture run: cpu, cuda or cuda:N."})
 @click.option("--overwrite", is_flag=True,
               help="Replace the pysafe outputs in a non-empty --out, in one rename; your other files there are kept.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
@@ -81,8 +56,6 @@ class _Progress:
 @click.option("--hook", default="mlp_act", show_default=True, help="Hook point of the cluster analysis.")
 @click.option("--positions", type=click.Choice(["last", "window", "prompt_mean"]), default="last", show_default=True,
               help="Prompt positions pooled for the activation analyses.")
-@click.option("--device", default="cpu", show_default=True,
-              help="Where the SVDs and the activation capture run: cpu, cuda or cuda:N.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
               help="Directory caching W_base's decompositions across runs, so that comparing several fine-tunes "
                    "against one base computes the base SVDs once (default: $XDG_CACHE_HOME/pysafe, else "
@@ -92,10 +65,8 @@ class _Progress:
               help="HDF5 file caching pooled activations by (checkpoint, prompts, hook, positions) across runs.")
 @debug_option
 @handle_errors
-def analyze(base, tuned, out, include, exclude, rank, energy, base_rank, base_energy, max_rank, tol, spectrum, exact,
-            center,
-            dtype, threads, seed, save_vectors, strict, overwrite, progress, plots, prompt_files, builtin_prompts,
-            hook, positions, device, cache_dir, no_cache, feature_cache, debug):
+def analyze(base, tuned, out, opts, overwrite, progress, plots, prompt_files, builtin_prompts, hook, positions,
+            cache_dir, no_cache, feature_cache, debug):
     """Compare BASE and TUNED checkpoints tensor by tensor: what did fine-tuning change?
 
     BASE and TUNED are checkpoint directories or files: model.safetensors, a sharded
@@ -105,17 +76,8 @@ def analyze(base, tuned, out, include, exclude, rank, energy, base_rank, base_en
 
     from pysafe._atomic import atomic_dir
     from pysafe.report import REPORT_FILES, format_table, write_report_files
-    from pysafe.weights import Options, compare
+    from pysafe.weights import compare
 
-    opts = Options(include=include, exclude=exclude, rank=rank, energy=energy, base_rank=base_rank,
-                   base_energy=base_energy, exact=exact, max_rank=max_rank, tol=tol, spectrum=spectrum,
-                   center=center, dtype=dtype,
-                   threads=threads, seed=seed, save_vectors=save_vectors, strict=strict, device=device)
-    try:
-        opts.validate()
-    except ValueError as exc:  # messages start with the field name: show it as the flag
-        field = str(exc).split(" ", 1)[0]
-        raise click.BadParameter(str(exc), param_hint=f"'--{field.replace('_', '-')}'") from None
     prompts = None
     if prompt_files or builtin_prompts:
         from pysafe.analysis.hf import builtin_prompts as _builtin
@@ -152,7 +114,7 @@ def analyze(base, tuned, out, include, exclude, rank, energy, base_rank, base_en
             click.echo(table)
         write_report_files(cmp, stage.path, run_id=stage.run_id, plots=plots)
         if prompts is not None:
-            _activations(base, tuned, prompts, stage.path / "activations", hook, positions, device, feature_cache)
+            _activations(base, tuned, prompts, stage.path / "activations", hook, positions, opts.device, feature_cache)
             from pysafe.report import write_index
 
             write_index(stage.path)  # the page now shows the activation figures too

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import traceback
+import typing
 
 import click
 
@@ -15,14 +17,70 @@ def debug_option(f):
     return click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")(f)
 
 
-def threads_option(f):
-    return click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-                        help="Worker threads for the core and BLAS (0: all cores).")(f)
+def option_flag(f) -> str:
+    """The command-line name of dataclass field ``f``: its ``flag`` metadata, else ``--field-name``."""
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
 
 
-def seed_option(f):
-    return click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
-                        help="Seed of the randomized SVD (results are deterministic per seed and thread count).")(f)
+def _click_type(f, kind):
+    if "choices" in f.metadata:
+        return click.Choice(list(f.metadata["choices"]))
+    if "range" in f.metadata:
+        lo, hi, lo_open, hi_open = f.metadata["range"]
+        cls = click.IntRange if kind is int else click.FloatRange
+        return cls(lo, hi, min_open=lo_open, max_open=hi_open)
+    return {int: int, float: float, str: str}[kind]
+
+
+def _field_kind(f, hints) -> type:
+    """bool, int, float or str: the field's annotation with an optional ``| None`` removed."""
+    hint = hints[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    if len(args) != 1 or args[0] not in (bool, int, float, str):
+        raise TypeError(f"{f.name}: cannot make a command-line option of type {hint}")
+    return args[0]
+
+
+def dataclass_options(cls, *, into: str, help_overrides: dict | None = None):
+    """Decorator adding one click option per field of dataclass ``cls`` (name, default, help text and
+    choices or range from the fields' metadata; booleans become ``--x/--no-x``). The command receives the
+    values as one ``cls`` instance in the keyword ``into``; its ``validate()`` runs first and a ValueError
+    is shown as a usage error on the flag its message starts with."""
+    help_overrides = help_overrides or {}
+    hints = typing.get_type_hints(cls)
+    decorators = []
+    for f in dataclasses.fields(cls):
+        kind, flag = _field_kind(f, hints), option_flag(f)
+        help_ = help_overrides.get(f.name, f.metadata.get("help"))
+        if help_ is None:
+            raise TypeError(f"{cls.__name__}.{f.name} has no help text in its metadata")
+        if kind is bool:
+            decorators.append(click.option(f"{flag}/--no-{flag[2:]}", f.name, default=f.default, show_default=True,
+                                           help=help_))
+        else:
+            decorators.append(click.option(flag, f.name, type=_click_type(f, kind), default=f.default,
+                                           show_default=f.default is not None, metavar=f.metadata.get("metavar"),
+                                           help=help_))
+    names = [f.name for f in dataclasses.fields(cls)]
+    flags = {f.name: option_flag(f) for f in dataclasses.fields(cls)}
+
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            obj = cls(**{n: kwargs.pop(n) for n in names})
+            try:
+                obj.validate()
+            except ValueError as exc:  # the messages start with the field's name: show it as the flag
+                field_name = str(exc).split(" ", 1)[0]
+                hint = f"'{flags[field_name]}'" if field_name in flags else None
+                raise click.BadParameter(str(exc), param_hint=hint) from None
+            return command(*args, **{into: obj}, **kwargs)
+
+        for d in reversed(decorators):
+            wrapper = d(wrapper)
+        return wrapper
+
+    return decorate
 
 
 def device_option(help: str = "torch device (cpu, cuda, cuda:N).", default: str = "cpu"):
