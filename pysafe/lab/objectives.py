@@ -75,10 +75,10 @@ def decision_positions(y_chosen: np.ndarray, y_rejected: np.ndarray) -> np.ndarr
     return out
 
 
-def decision_weights(y_chosen: np.ndarray, y_rejected: np.ndarray, w: float, rest: float = 1.0) -> np.ndarray:
-    """float32 [B, T]: ``rest`` everywhere, ``w`` at each row's decision position (:func:`decision_positions`)."""
-    out = np.full(y_chosen.shape, rest, dtype=np.float32)
-    out[decision_positions(y_chosen, y_rejected)] = w
+def decision_weights(decision: np.ndarray, w: float, rest: float = 1.0) -> np.ndarray:
+    """float32 [B, T]: ``rest`` everywhere, ``w`` where ``decision`` (:func:`decision_positions`) is True."""
+    out = np.full(decision.shape, rest, dtype=np.float32)
+    out[decision] = w
     return out
 
 
@@ -183,15 +183,16 @@ class _SafetyObjective:
         xc, yc, xr, yr = _trim(_choose(pick, b.x_unsafe, b.x_safe), _choose(pick, b.y_unsafe, b.y_safe),
                                _choose(pick, b.x_unsafe_target, b.x_safe_target),
                                _choose(pick, b.y_unsafe_target, b.y_safe_target))
+        decision = decision_positions(yc, yr)
         out = {"x_chosen": _t(xc, device), "y_chosen": _t(yc, device), "x_rejected": _t(xr, device),
                "y_rejected": _t(yr, device), "unsafe": torch.from_numpy(pick).to(device),
-               "decision": torch.from_numpy(decision_positions(yc, yr)).to(device)}
+               "decision": torch.from_numpy(decision).to(device)}
         if self.decision_weight != 1.0 or self.rejected_rest_weight != 1.0:
-            w = torch.from_numpy(decision_weights(yc, yr, self.decision_weight)).to(device)
-            out["w_chosen"] = out["w_rejected"] = w
+            w = decision_weights(decision, self.decision_weight)
+            out["w_chosen"] = out["w_rejected"] = torch.from_numpy(w).to(device)
             if self.rejected_rest_weight != 1.0:
-                out["w_rejected"] = torch.from_numpy(
-                    decision_weights(yc, yr, self.decision_weight, self.rejected_rest_weight)).to(device)
+                w = decision_weights(decision, self.decision_weight, self.rejected_rest_weight)
+                out["w_rejected"] = torch.from_numpy(w).to(device)
         return out
 
 
