@@ -20,7 +20,7 @@ LAYERS = (
                 "pysafe.weights", "pysafe.synthetic")),
     ("lab: world", ("pysafe.lab", "pysafe.lab.vocab", "pysafe.lab.grammar", "pysafe.lab.tasks", "pysafe.lab.recipe",
                     "pysafe.lab.samplers", "pysafe.lab.testsets", "pysafe.lab.data", "pysafe.lab.answers")),
-    ("lab: model", ("pysafe.lab.model",)),
+    ("lab: model", ("pysafe.lab.model", "pysafe.lab.lora")),
     ("lab: train", ("pysafe.lab.objectives", "pysafe.lab.ckpt", "pysafe.lab.train", "pysafe.lab.config")),
     ("lab: eval", ("pysafe.lab.generate", "pysafe.lab.attacks", "pysafe.lab.evaluate", "pysafe.lab.inputs")),
     ("analysis", ("pysafe.analysis",)),

@@ -35,6 +35,16 @@ from pysafe.lab.objectives import OBJECTIVES
 @click.option("--rejected-rest-weight", type=click.FloatRange(0, 1), default=None,
               help="DPO and unlearning: weight of the rejected answer's tokens after its decision token (default 1: "
                    "the paper's objective; 0 pushes down only the choice to comply or to refuse).")
+@click.option("--texts", type=click.Choice(["mix", "safe_branch", "unsafe_branch"]), default=None,
+              help="benign: the training texts, all in their safe version (mix: the recipe's; unsafe_branch: the "
+                   "texts the unsafe requests are about, with safe operators).")
+@click.option("--lora-rank", type=click.IntRange(min=0), default=None,
+              help="Train only rank-r factors B·A added to the --lora-targets matrices (LoRA-style; 0: all parameters). "
+                   "The checkpoint holds the merged weights.")
+@click.option("--lora-targets", type=click.Choice(["mlp", "all"]), default=None,
+              help="Matrices a LoRA-style run updates: mlp (c_fc, c_proj; default) or all (also attention).")
+@click.option("--lora-alpha", type=click.FloatRange(min=0), default=None,
+              help="LoRA scale numerator: the update is (alpha / r)·B·A (default alpha = r).")
 @click.option("--forget", type=click.Choice(["clamp", "npo"]), default=None, help="Unlearning forget loss.")
 @click.option("--w-forget", type=click.FloatRange(min=0), default=None, help="Unlearning forget weight (0.1).")
 @device_option()
@@ -47,11 +57,13 @@ from pysafe.lab.objectives import OBJECTIVES
 @debug_option
 @handle_errors
 def train_cmd(stage, preset, init, out, lr, steps, batch_size, seed, p_unsafe, decision_weight, hard_frac, beta, beta_rejected,
-              rejected_rest_weight, forget,
+              rejected_rest_weight, texts, lora_rank, lora_targets, lora_alpha, forget,
               w_forget, device, threads, overwrite, quiet, pipeline, debug):
-    """Train STAGE (pretrain, ssft, dpo, unlearn) and write a checkpoint directory to --out.
+    """Train STAGE (pretrain, ssft, dpo, unlearn, benign) and write a checkpoint directory to --out.
 
-    A run interrupted mid-way resumes from its last checkpoint when started again with the same --out.
+    benign fine-tunes a (safety-tuned) model on safe requests only, the further fine-tune whose effect on
+    safety `pysafe drift` measures. A run interrupted mid-way resumes from its last checkpoint when started
+    again with the same --out.
     """
     from pysafe.lab.config import stage_settings
     from pysafe.lab.train import train
@@ -68,7 +80,23 @@ def train_cmd(stage, preset, init, out, lr, steps, batch_size, seed, p_unsafe, d
         raise click.UsageError("--rejected-rest-weight applies to dpo and unlearn only")
     if stage != "unlearn" and ({"forget", "w_forget"} & set(opts)):
         raise click.UsageError("--forget/--w-forget apply to unlearn only")
+    if texts is not None:
+        if stage != "benign":
+            raise click.UsageError("--texts applies to benign only")
+        opts["texts"] = texts
+    if stage == "benign" and ({"p_unsafe", "hard_frac", "decision_weight"} & set(opts)):
+        raise click.UsageError("benign fine-tuning has no unsafe samples: --p-unsafe, --hard-frac and "
+                               "--decision-weight do not apply")
+    lora = {k: v for k, v in {"lora_rank": lora_rank, "lora_targets": lora_targets, "lora_alpha": lora_alpha}.items()
+            if v is not None}
+    if stage == "pretrain" and lora:
+        raise click.UsageError("--lora-* options fine-tune an existing model; pretrain trains every parameter")
     settings = stage_settings(preset, stage, lr=lr, steps=steps, batch_size=batch_size)
+    if lora:
+        from dataclasses import replace
+
+        settings = replace(settings, train=replace(settings.train, **lora))
+        settings.train.validate("--lora-*")
     opts = {**settings.objective, **opts}  # the preset's [objectives.<stage>], then the flags
     check_device(device)
     if threads:

@@ -119,9 +119,12 @@ def save_checkpoint(out_dir: str | os.PathLike, model: GPT, config: dict | None 
 
 
 def _plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Contiguous CPU copies with no shared storage (safetensors refuses shared tensors)."""
+    """Contiguous CPU copies with no shared storage (safetensors refuses shared tensors), under the plain
+    parameter names."""
+    from pysafe.lab.lora import merged_state
+
     out, seen = {}, set()
-    for name, t in model.state_dict().items():
+    for name, t in merged_state(model).items():  # a LoRA-style model: its merged weights W₀ + scale·B·A
         t = t.detach().cpu().contiguous()
         if t.data_ptr() in seen:
             t = t.clone()

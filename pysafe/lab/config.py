@@ -28,15 +28,18 @@ from pysafe.lab.train import TrainConfig
 PRESET_DIR = Path(__file__).parent / "presets"
 PRESETS = ("paper", "cpu", "tiny")
 FINETUNES = ("ssft", "dpo", "unlearn")  # the safety fine-tuning stages, each an objective of its own
+#: every fine-tuning stage a preset may configure ([finetune.<stage>], [objectives.<stage>]): the safety
+#: fine-tunes and the benign fine-tune of an aligned model (not part of `pysafe reproduce`)
+TUNED_STAGES = (*FINETUNES, "benign")
 PAPER_LRS = (1e-4, 1e-5)  # the paper's two fine-tuning peak learning rates
 DEMO_DIR = Path(__file__).parent / "demo_checkpoints"  # the cpu-preset checkpoints shipped with the package
 
 _TOP = {"name": str, "description": str, "extends": str}
 _TABLES = ("model", "data", "pretrain", "finetune", "eval", "objectives")
-_INT, _FLOAT, _PAIR = "an integer", "a number", "a list of two numbers"
+_INT, _FLOAT, _PAIR, _STR = "an integer", "a number", "a list of two numbers", "a string"
 _RATES = "a non-empty list of positive numbers"
 #: the keys of a [pretrain]/[finetune] table: TrainConfig's fields, each with the kind of value it takes
-_TRAIN_KEYS = {f.name: {"int": _INT, "float": _FLOAT, "tuple[float, float]": _PAIR}[str(f.type)]
+_TRAIN_KEYS = {f.name: {"int": _INT, "float": _FLOAT, "tuple[float, float]": _PAIR, "str": _STR}[str(f.type)]
                for f in fields(TrainConfig)}
 _EVAL_KEYS = {"n": _INT}
 
@@ -122,9 +125,9 @@ def _validate(cfg: dict, path: Path) -> None:
         raise ValueError(f"{path}: [model]: {e}") from None
     _check_keys(cfg["pretrain"], _TRAIN_KEYS, path, "pretrain")
     # [finetune] also lists the peak learning rates `pysafe reproduce` fine-tunes at (default: the paper's)
-    _check_keys({k: v for k, v in cfg["finetune"].items() if k not in FINETUNES},
+    _check_keys({k: v for k, v in cfg["finetune"].items() if k not in TUNED_STAGES},
                 {**_TRAIN_KEYS, "lrs": _RATES}, path, "finetune")
-    for stage in FINETUNES:  # [finetune.<stage>]: one objective's own training settings
+    for stage in TUNED_STAGES:  # [finetune.<stage>]: one objective's own training settings
         sub = cfg["finetune"].get(stage)
         if sub is not None:
             if not isinstance(sub, dict):
@@ -139,8 +142,8 @@ def _check_objectives(table: dict, path: Path) -> None:
     from pysafe.lab.objectives import make_objective
 
     for stage, opts in table.items():
-        if stage not in FINETUNES:
-            raise ValueError(f"{path}: [objectives] has unknown stage '{stage}'; known: {', '.join(FINETUNES)}")
+        if stage not in TUNED_STAGES:
+            raise ValueError(f"{path}: [objectives] has unknown stage '{stage}'; known: {', '.join(TUNED_STAGES)}")
         if not isinstance(opts, dict):
             raise ValueError(f"{path}: 'objectives.{stage}' must be a table ([objectives.{stage}]), found {opts!r}")
         try:
@@ -157,6 +160,7 @@ def _check_keys(table: dict, spec: dict, path: Path, where: str) -> None:
         ok = {
             _INT: isinstance(value, int) and not isinstance(value, bool) and value >= 0,
             _FLOAT: isinstance(value, (int, float)) and not isinstance(value, bool),
+            _STR: isinstance(value, str),
             _PAIR: isinstance(value, list) and len(value) == 2
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value),
             _RATES: isinstance(value, list) and len(value) >= 1

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pysafe.lab import data as D
 from pysafe.lab.vocab import PAD
 
-OBJECTIVES = ("pretrain", "ssft", "dpo", "unlearn")
+OBJECTIVES = ("pretrain", "ssft", "dpo", "unlearn", "benign")
 
 
 def _t(a: np.ndarray, device) -> torch.Tensor:
@@ -224,6 +224,48 @@ class SSFT(_SafetyObjective):
         return loss, _split_acc(logits.detach(), batch["y"], batch["unsafe"], batch.get("decision"))
 
 
+#: the benign fine-tuning data: which training texts, in their safe version (``DataRecipe.category_probs``
+#: order: unsafe, safe, intermediate, duplicates, id_mg, ood_mg)
+BENIGN_TEXTS = {
+    "mix": None,  # the recipe's own mix of texts (cpu and paper presets: safe-branch and id_mg texts, half each)
+    "safe_branch": (0.0, 1.0, 0.0, 0.0, 0.0, 0.0),  # texts of the safe branch only
+    "unsafe_branch": (0.0, 0.0, 0.0, 0.0, 1.0, 0.0),  # texts of the unsafe branch (id_mg), with safe operators
+}
+
+
+@dataclass
+class Benign(SSFT):
+    """Benign fine-tuning of a (safety-tuned) model: cross-entropy on the correct answers to safe requests
+    only, never a refusal and never an unsafe request. It is the further fine-tune whose effect on safety
+    ``pysafe drift`` predicts: does training on harmless data erode the refusals?
+
+    ``texts`` picks the training texts (:data:`BENIGN_TEXTS`): the recipe's mix, safe-branch texts only, or
+    the unsafe branch's texts (the ones the unsafe requests are about) with safe operators. ``data_seed``
+    offsets the recipe's data seed so that the benign stream is not the safety fine-tune's own samples.
+    """
+
+    name = "benign"
+    p_unsafe: float = 0.0
+    texts: str = "mix"
+    data_seed: int = 1
+
+    def __post_init__(self):
+        if self.p_unsafe != 0.0:
+            raise ValueError(f"benign fine-tuning has no unsafe samples: p_unsafe must be 0, found {self.p_unsafe!r}")
+        if not isinstance(self.texts, str) or self.texts not in BENIGN_TEXTS:
+            raise ValueError(f"texts must be one of {', '.join(BENIGN_TEXTS)}, found {self.texts!r}")
+
+    def _recipe(self, recipe):
+        from dataclasses import replace
+
+        probs = BENIGN_TEXTS[self.texts]
+        return replace(recipe, seed=recipe.seed + 7919 * self.data_seed,
+                       **({"category_probs": probs} if probs is not None else {}))
+
+    def batch(self, recipe, n, step, total_steps, device):
+        return super().batch(self._recipe(recipe), n, step, total_steps, device)
+
+
 def _split_acc(logits, y, unsafe, decision=None) -> dict:
     """Teacher-forced token accuracy on the safe and the unsafe samples, and (``dec_*``) the accuracy of
     the decision token alone (:func:`decision_positions`), the one that says refuse or comply."""
@@ -331,7 +373,7 @@ class Unlearn(_SafetyObjective):
 
 def make_objective(name: str, **kwargs):
     """Objective by name; ``kwargs`` are its fields (unknown ones raise a ValueError naming them)."""
-    classes = {"pretrain": Pretrain, "ssft": SSFT, "dpo": DPO, "unlearn": Unlearn}
+    classes = {"pretrain": Pretrain, "ssft": SSFT, "dpo": DPO, "unlearn": Unlearn, "benign": Benign}
     if name not in classes:
         raise ValueError(f"unknown objective {name!r}; expected one of {', '.join(OBJECTIVES)}")
     cls = classes[name]
@@ -344,13 +386,15 @@ def make_objective(name: str, **kwargs):
     for key, value in kwargs.items():
         default = cls.__dataclass_fields__[key].default
         if (default is not None and not isinstance(default, (int, float))) or (default is None and value is None):
-            continue  # a string option (forget), checked above, or an optional number left unset
+            continue  # a string option (forget, texts), checked by its objective, or an optional number left unset
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key} must be a number, found {value!r}")
         if key in ("p_unsafe", "hard_frac", "rejected_rest_weight") and not 0 <= value <= 1:
             raise ValueError(f"{key} must be in [0, 1], found {value!r}")
         if key == "w_forget" and value < 0:
             raise ValueError(f"w_forget must be non-negative, found {value!r}")
-        if key not in ("p_unsafe", "hard_frac", "w_forget", "rejected_rest_weight") and not value > 0:
+        if key == "data_seed" and (value < 0 or value != int(value)):
+            raise ValueError(f"data_seed must be a non-negative integer, found {value!r}")
+        if key not in ("p_unsafe", "hard_frac", "w_forget", "rejected_rest_weight", "data_seed") and not value > 0:
             raise ValueError(f"{key} must be positive, found {value!r}")
     return cls(**kwargs)

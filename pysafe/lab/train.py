@@ -21,6 +21,7 @@ import torch
 
 from pysafe.lab import ckpt as C
 from pysafe.lab.data import DataRecipe
+from pysafe.lab.lora import TARGETS, apply_lora, load_lora_factors, lora_factors
 from pysafe.lab.model import GPT, GPTConfig, eval_mode
 from pysafe.lab.objectives import make_objective
 
@@ -42,6 +43,11 @@ class TrainConfig:
     eval_every: int = 1000
     ckpt_every: int = 1000
     eval_n: int = 256  # held-out samples for the in-training evaluation
+    # LoRA-style fine-tuning (lab/lora.py): 0 trains every parameter; r >= 1 trains only rank-r factors
+    # B·A added to the `lora_targets` matrices ("mlp" or "all") at scale lora_alpha / r (alpha 0: = r)
+    lora_rank: int = 0
+    lora_targets: str = "mlp"
+    lora_alpha: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "train config") -> "TrainConfig":
@@ -64,6 +70,10 @@ class TrainConfig:
             raise ValueError(f"{where}: lr_max must be > 0 and min_lr >= 0, got {self.lr_max}, {self.min_lr}")
         if self.warmup < 0 or self.decay_steps < self.warmup:
             raise ValueError(f"{where}: need 0 <= warmup <= decay_steps, got {self.warmup}, {self.decay_steps}")
+        if int(self.lora_rank) < 0 or self.lora_alpha < 0:
+            raise ValueError(f"{where}: lora_rank and lora_alpha must be >= 0, got {self.lora_rank}, {self.lora_alpha}")
+        if self.lora_targets not in TARGETS:
+            raise ValueError(f"{where}: lora_targets must be one of {', '.join(TARGETS)}, got {self.lora_targets!r}")
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
@@ -183,9 +193,17 @@ def train(
             state = C.read_train_state(out)
             start_step = int(state["step"])
             log_rows = C.read_log(out)
-    if start_step == 0:
+    if cfg.lora_rank and init is None:
+        raise ValueError("lora_rank: a LoRA-style run fine-tunes an existing model; pass init (--init CKPT)")
+    if start_step == 0 or cfg.lora_rank:
+        # a LoRA run restarts from init's frozen weights and, when resuming, the saved factors
         torch.manual_seed(seed)
         model = GPT(model_config) if init is None else base
+    if cfg.lora_rank:
+        apply_lora(model, int(cfg.lora_rank), targets=cfg.lora_targets, alpha=cfg.lora_alpha or None, seed=seed)
+        if state is not None:
+            prefix = "lora."
+            load_lora_factors(model, {k[len(prefix):]: v for k, v in state["tensors"].items() if k.startswith(prefix)})
     model.to(device)
     model.train()
 
@@ -227,8 +245,10 @@ def train(
         if callback is not None:
             callback(done, model)
         if done % cfg.ckpt_every == 0 and done < cfg.steps:
+            state_now = C.make_train_state(optimizer, done)
+            state_now["tensors"].update({"lora." + k: v for k, v in lora_factors(model).items()})
             C.save_checkpoint(out, model, {**config, "finished": False}, log_rows=log_rows,
-                              train_state=C.make_train_state(optimizer, done), overwrite=True)
+                              train_state=state_now, overwrite=True)
 
     final = log_rows[-1] if log_rows else {}
     C.save_checkpoint(out, model, {**config, "finished": True, "steps_done": cfg.steps}, log_rows=log_rows,
