@@ -28,7 +28,7 @@ N_RESAMPLES = 2000
 CONFIDENCE = 0.95
 ROUNDING = 1e-12  # an interval within this (relative) distance of 0 is rounding, not an effect
 SIDES = (">", "<")
-CONTROL_KINDS = ("pretrained", "lower_rate", "lower_budget", "label_permutation", "random_delta", "none")
+CONTROL_KINDS = ("pretrained", "lower_rate", "lower_budget", "label_permutation", "random_delta", "baseline", "none")
 
 
 def _finite(v) -> float | None:
@@ -359,12 +359,12 @@ def figure_claims(figs: dict, weaker: dict | None = None, *, n_resamples: int = 
     return claims
 
 
-def format_claims(claims) -> str:
+def format_claims(claims, title: str = "activation analyses") -> str:
     """One line per claim: verdict, statement, effect and its 95% interval (``Claim`` or claims.json dicts)."""
     def num(v):
         return "nan" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3g}"
 
-    lines = ["claims (activation analyses; effect = measured − control, 95% bootstrap interval; holds = the "
+    lines = [f"claims ({title}; effect = measured − control, 95% bootstrap interval; holds = the "
              "interval lies on the claimed side of 0):"]
     for c in claims:
         d = c.to_json() if isinstance(c, Claim) else c

@@ -14,6 +14,7 @@ from pysafe.cli.make_pair import make_pair_cmd
 from pysafe.cli.report import report_cmd
 from pysafe.cli.reproduce import demo_cmd, reproduce_cmd
 from pysafe.cli.train import train_cmd
+from pysafe.cli.validate_drift import validate_drift_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,5 +35,6 @@ main.add_command(colspace_cmd)
 main.add_command(rowspace_cmd)
 main.add_command(lipschitz_cmd)
 main.add_command(report_cmd)
+main.add_command(validate_drift_cmd)
 
 __all__ = ["main"]

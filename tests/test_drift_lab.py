@@ -1,0 +1,58 @@
+"""pipeline/drift_lab.py: the statistics that test the drift score against measured refusal erosion, and the
+weight-space baselines, each against an independent reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from pysafe.pipeline.drift_lab import baselines, correlation_claim, spearman, versus_baseline_claim
+
+
+def test_spearman_matches_scipy_with_ties_and_batches():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        x, y = rng.integers(0, 5, 12).astype(float), rng.normal(size=12)
+        assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+    xs, ys = rng.normal(size=(7, 10)), rng.normal(size=(7, 10))
+    assert np.allclose(spearman(xs, ys), [stats.spearmanr(a, b).statistic for a, b in zip(xs, ys)])
+    assert np.isnan(spearman(np.ones(5), np.arange(5.0)))
+
+
+def test_correlation_claim_holds_for_a_real_relation_and_not_for_noise():
+    rng = np.random.default_rng(1)
+    score = rng.normal(size=10)
+    related = correlation_claim("r", score, score + 0.3 * rng.normal(size=10), seed=0)
+    assert related.holds and related.measured > 0.8 and abs(related.control) < 0.1
+    # calibration: with independent erosion the claim must (almost) never hold; 95% interval → ≤ ~5% false
+    false = sum(correlation_claim("n", rng.normal(size=10), rng.normal(size=10), seed=s, n_resamples=400).holds
+                for s in range(60))
+    assert false <= 8, false
+
+
+def test_versus_baseline_claim_compares_on_the_same_resamples():
+    rng = np.random.default_rng(2)
+    erosion = rng.normal(size=12)
+    good, noise = erosion + 0.1 * rng.normal(size=12), rng.normal(size=12)
+    c = versus_baseline_claim("g", good, noise, erosion, seed=0)
+    assert c.holds and c.measured == pytest.approx(stats.spearmanr(good, erosion).statistic)
+    assert c.control == pytest.approx(stats.spearmanr(noise, erosion).statistic)
+    assert not versus_baseline_claim("same", good, good, erosion, seed=0).holds  # identical scores: no gain
+
+
+def test_baselines_against_numpy(tmp_path):
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(3)
+    shapes = {"a.weight": (6, 4), "b.weight": (3, 5), "b.bias": (3,)}
+    w = {k: {n: rng.normal(size=s).astype(np.float32) for n, s in shapes.items()} for k in ("base", "al", "tu")}
+    for k, d in w.items():
+        (tmp_path / k).mkdir()
+        save_file(d, str(tmp_path / k / "model.safetensors"))
+    got = baselines(tmp_path / "base", tmp_path / "al", tmp_path / "tu")
+    mats = ("a.weight", "b.weight")  # 2-D weights only
+    f = {k: np.concatenate([w[k][n].astype(np.float64).ravel() for n in mats]) for k in w}
+    dT, dA = f["tu"] - f["al"], f["al"] - f["base"]
+    assert got["rel_norm_T"] == pytest.approx(np.linalg.norm(dT) / np.linalg.norm(f["al"]), rel=1e-12)
+    assert got["cos_TA"] == pytest.approx(dT @ dA / np.linalg.norm(dT) / np.linalg.norm(dA), rel=1e-12)
