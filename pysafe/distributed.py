@@ -64,6 +64,15 @@ def _import_ray():
     return ray
 
 
+def check_available(address: str) -> None:
+    """Fail early, in one line, on a malformed ``address`` or a missing Ray (without importing it)."""
+    import importlib.util
+
+    parse_address(address)
+    if importlib.util.find_spec("ray") is None:
+        raise ClusterError(MISSING)
+
+
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail in seconds, in one line, when HOST:PORT does not answer (Ray itself would retry for minutes)."""
     m = re.fullmatch(r"(?:ray://)?\[?([^\]\s]+?)\]?:(\d+)", address.strip())
@@ -302,4 +311,4 @@ def compare_many_on_ray(base, tuned: list, address: str, *, cache=None, progress
     return cmps
 
 
-__all__ = ["compare_on_ray", "compare_many_on_ray", "cluster", "parse_address", "MAX_RETRIES"]
+__all__ = ["compare_on_ray", "compare_many_on_ray", "cluster", "parse_address", "check_available", "MAX_RETRIES"]
