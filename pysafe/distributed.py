@@ -93,6 +93,8 @@ def cluster(address: str):
     end; a connection this process already had is reused and left open)."""
     kind, n = parse_address(address)
     ray = _import_ray()
+    if kind == "connect":
+        _check_reachable(address)
     if ray.is_initialized():
         yield ray
         return
@@ -100,7 +102,6 @@ def cluster(address: str):
     if kind == "local":
         ray.init(num_cpus=n, object_store_memory=_LOCAL_OBJECT_STORE, **quiet)
     else:
-        _check_reachable(address)
         try:
             ray.init(address=address.strip(), **quiet)
         except (ConnectionError, RuntimeError, ValueError) as exc:

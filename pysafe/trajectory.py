@@ -72,7 +72,7 @@ class Trajectory:
 
     def rows(self) -> Iterator[dict]:
         """Tidy rows, one per checkpoint × tensor × metric: index, step, label, name, layer, module, metric,
-        value. The metrics are the records' numeric scalars (timings left out) plus ``sin_theta_*_mean``, the
+        value. The metrics are the records' finite numeric scalars (timings left out) plus ``sin_theta_*_mean``, the
         mean of the per-direction sin θ array (the number the chance level ``sin_theta_*_chance`` is for)."""
         for p in self.points:
             for rec in p.records:
@@ -92,13 +92,13 @@ class Trajectory:
 
 
 def matrix_metrics(rec: dict) -> dict:
-    """The numeric scalars of one record (NaN kept as NaN, booleans and strings left out), with the mean
-    sin θ of each side when the record has the per-direction array."""
+    """The numeric scalars of one record with a finite value (an undefined one, NaN, is left out, as are
+    booleans and strings), with the mean sin θ of each side when the record has the per-direction array."""
     out = {}
     for k, v in scalars(rec).items():
         if k.startswith(_NOT_METRICS) or isinstance(v, (bool, str, list)) or v is None:
             continue
-        if isinstance(v, (int, float, np.integer, np.floating)):
+        if isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(v):
             out[k] = float(v)
     for side in ("left", "right"):
         a = rec.get(f"sin_theta_{side}")

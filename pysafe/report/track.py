@@ -59,8 +59,7 @@ def track_dict(traj) -> dict:
 
 
 def write_csv(traj, path: str | os.PathLike) -> Path:
-    """track.csv: :meth:`Trajectory.rows` with a header line (empty cells for a missing step or layer, NaN as
-    ``nan``)."""
+    """track.csv: :meth:`Trajectory.rows` with a header line (empty cells for a missing step or layer)."""
     path = Path(path)
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
