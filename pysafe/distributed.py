@@ -135,6 +135,14 @@ def _resolved_threads(threads: int) -> int:
     return n
 
 
+def _task_options(opts: Options) -> dict:
+    """The options each task runs with: the caller's, with the thread count a local run would use here."""
+    if opts.device != "cpu":
+        raise ValueError(f"device {opts.device!r} with --ray: the tasks run the SVDs on the workers' CPUs "
+                         "(a GPU per task is not supported); drop --device or --ray")
+    return {**asdict(opts), "threads": _resolved_threads(opts.threads)}
+
+
 def _open_cache(cache_root, max_bytes):
     return BaseCache(cache_root, max_bytes=max_bytes) if cache_root is not None else None
 
@@ -162,10 +170,11 @@ def _group_task(base: str, tuned: str, names: list, options: dict, scheme: str, 
             "cache": cache.summary() if cache is not None else None, "notes": cache.notes if cache else []}
 
 
-def _checkpoint_task(base: str, tuned: str, options: dict, cache_root, max_bytes) -> Comparison:
-    """One Ray task of a trajectory: the whole comparison of one checkpoint with the base."""
+def _checkpoint_task(base: str, tuned: str, options: dict, cache_root, max_bytes) -> tuple[Comparison, list]:
+    """One Ray task of a trajectory: the whole comparison of one checkpoint with the base, and the cache's notes."""
     _fault_point()
-    return compare(base, tuned, cache=_open_cache(cache_root, max_bytes), **options)
+    cache = _open_cache(cache_root, max_bytes)
+    return compare(base, tuned, cache=cache, **options), cache.notes if cache is not None else []
 
 
 def _groups(names: list[str], scheme: str) -> list[list[str]]:
@@ -220,6 +229,7 @@ def compare_on_ray(base, tuned, address: str, *, progress=None, on_preflight=Non
 
     opts = Options(**options)
     opts.validate()
+    run_opts = _task_options(opts)
     base, tuned = _absolute(base), _absolute(tuned)
     bc = open_cache(cache)
     t0 = time.perf_counter()
@@ -242,7 +252,6 @@ def compare_on_ray(base, tuned, address: str, *, progress=None, on_preflight=Non
     finally:
         b.close()
         t.close()
-    run_opts = {**asdict(opts), "threads": _resolved_threads(opts.threads)}
     groups = _groups(pre.pairs, scheme)
     root, max_bytes = _cache_args(bc)
     done = {"n": 0, "bytes": 0}
@@ -263,14 +272,11 @@ def compare_on_ray(base, tuned, address: str, *, progress=None, on_preflight=Non
     skipped += sorted((s for res in results.values() for s in res["skipped"]), key=lambda s: order[s["name"]])
     cache_summary = None
     if bc is not None:
-        parts = [res["cache"] for res in results.values() if res["cache"]]
-        cache_summary = {"dir": str(bc.dir), **{k: sum(p[k] for p in parts) for k in ("hits", "misses", "writes",
-                                                                                      "notes")}}
-        bc.notes.extend(n for res in results.values() for n in res["notes"])
-        bc.hits += cache_summary["hits"]
-        bc.misses += cache_summary["misses"]
-        bc.writes += cache_summary["writes"]
+        before = bc.summary()
+        for res in results.values():
+            _count(bc, res["cache"], res["notes"])
         bc.prune()
+        cache_summary = bc.summary(since=before)
     return Comparison(base=base_info, tuned=tuned_info, params=asdict(opts), records=records, skipped=skipped,
                       preflight=pre, scheme=scheme, seconds=time.perf_counter() - t0,
                       bytes_read=sum(res["bytes"] for res in results.values()), cache=cache_summary)
@@ -279,22 +285,23 @@ def compare_on_ray(base, tuned, address: str, *, progress=None, on_preflight=Non
 def compare_many_on_ray(base, tuned: list, address: str, *, cache=None, progress=None, **options) -> list[Comparison]:
     """One :func:`pysafe.compare` per checkpoint of ``tuned``, one Ray task each, in the order given. With a
     cache, the first checkpoint runs alone and fills it, so that the others read W_base's decompositions
-    instead of computing them side by side. ``progress(done, total, path)`` after each checkpoint."""
+    instead of computing them side by side. ``progress(done, total, index)`` after each checkpoint (``index``
+    into ``tuned``)."""
     from pysafe.svdcache import open_cache
 
     opts = Options(**options)
     opts.validate()
+    run_opts = _task_options(opts)
     bc = open_cache(cache)
     root, max_bytes = _cache_args(bc)
     base = _absolute(base)
     paths = [_absolute(p) for p in tuned]
-    run_opts = {**asdict(opts), "threads": _resolved_threads(opts.threads)}
-    out: dict[int, Comparison] = {}
+    out: dict[int, tuple] = {}
 
-    def tick(i, cmp):
-        out[i] = cmp
+    def tick(i, res):
+        out[i] = res
         if progress:
-            progress(len(out), len(paths), paths[i])
+            progress(len(out), len(paths), i)
 
     with cluster(address) as ray:
         task = ray.remote(_checkpoint_task).options(max_retries=MAX_RETRIES, num_cpus=1)
@@ -302,14 +309,23 @@ def compare_many_on_ray(base, tuned: list, address: str, *, cache=None, progress
         for batch in (range(first), range(first, len(paths))):
             refs = {task.remote(base, paths[i], run_opts, root, max_bytes): i for i in batch}
             _wait_all(ray, refs, tick)
-    cmps = [out[i] for i in range(len(paths))]
-    for c in cmps:
+    cmps = []
+    for i in range(len(paths)):
+        c, notes = out[i]
         c.params = asdict(opts)  # the options as given (the tasks ran with the thread count resolved)
-        if bc is not None and c.cache:
-            bc.hits += c.cache["hits"]
-            bc.misses += c.cache["misses"]
-            bc.writes += c.cache["writes"]
+        if bc is not None:
+            _count(bc, c.cache, notes)
+        cmps.append(c)
     return cmps
+
+
+def _count(bc: BaseCache, summary: dict | None, notes: list) -> None:
+    """Add a task's cache counts (and notes) to the driver's cache object, whose summary the caller reports."""
+    if summary:
+        bc.hits += summary["hits"]
+        bc.misses += summary["misses"]
+        bc.writes += summary["writes"]
+    bc.notes.extend(notes)
 
 
 __all__ = ["compare_on_ray", "compare_many_on_ray", "cluster", "parse_address", "check_available", "MAX_RETRIES"]

@@ -238,10 +238,9 @@ def track(base, ckpts, *, labels: list[str] | None = None, cache=None, ray: str 
         if ray is not None:
             from pysafe.distributed import compare_many_on_ray
 
-            lab = {p: _label(p, s) for p, s in items}
             cmps = compare_many_on_ray(base, paths, ray, cache=bc if bc is not None else False,
-                                       progress=(lambda d, n, p: progress(d, n, lab[p])) if progress else None,
-                                       **asdict(opts))
+                                       progress=(lambda d, n, i: progress(d, n, _label(*items[i]))) if progress
+                                       else None, **asdict(opts))
         else:
             cmps = []
             for i, (p, s) in enumerate(items):

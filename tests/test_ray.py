@@ -4,11 +4,9 @@ records, bit for bit and in the same order, also when a worker process dies mid-
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import replace
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -20,6 +18,7 @@ from pysafe.distributed import FAULT_ENV, cluster, compare_on_ray  # noqa: E402
 from pysafe.errors import ClusterError  # noqa: E402
 from pysafe.lab.config import stage_settings  # noqa: E402
 from pysafe.lab.train import train  # noqa: E402
+from recordkit import assert_same_records, write_lora_adapter  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -49,19 +48,7 @@ def data(tmp_path_factory):
 
 
 def _equal(a: list[dict], b: list[dict], ignore=()):
-    assert [r["name"] for r in a] == [r["name"] for r in b]
-    for x, y in zip(a, b):
-        assert {k for k in x if not k.startswith("time_")} == {k for k in y if not k.startswith("time_")}
-        for k in x:
-            if k.startswith("time_") or k in ignore:
-                continue
-            u, v = x[k], y[k]
-            if isinstance(u, np.ndarray):
-                assert u.dtype == v.dtype and u.tobytes() == v.tobytes(), (x["name"], k)
-            elif isinstance(u, float) and math.isnan(u):
-                assert math.isnan(v), (x["name"], k)
-            else:
-                assert u == v, (x["name"], k, u, v)
+    assert_same_records(a, b, ignore=("time_", *ignore))
 
 
 def test_analyze_on_ray_equals_the_local_run(ray_cluster, data, tmp_path):
@@ -86,6 +73,19 @@ def test_analyze_on_ray_equals_the_local_run(ray_cluster, data, tmp_path):
     sl, sd = (json.loads((tmp_path / o / "summary.json").read_text()) for o in ("l", "d"))
     strip = [{k: v for k, v in m.items() if not k.startswith("time_")} for m in sl["matrices"]]
     assert strip == [{k: v for k, v in m.items() if not k.startswith("time_")} for m in sd["matrices"]]
+
+
+def test_a_peft_adapter_on_ray_equals_the_local_run(ray_cluster, data, tmp_path):
+    """The factored path (TUNED a LoRA adapter), its targets in two layers: two tasks."""
+    base = data / "pair" / "base"
+    adapter = write_lora_adapter(base, ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight",
+                                        "model.layers.1.self_attn.q_proj.weight"], tmp_path / "adapter", seed=5)
+    local = pysafe.compare(base, adapter)
+    dist = compare_on_ray(base, adapter, "local:3")
+    assert len(local.records) == 3 and all("lora_rank" in r for r in dist.records)
+    _equal(local.records, dist.records)
+    with pytest.raises(ValueError, match="--ray"):
+        compare_on_ray(base, adapter, "local:3", device="cuda")
 
 
 def test_track_on_ray_equals_the_local_run(ray_cluster, data, tmp_path):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -19,6 +21,8 @@ from pysafe.lab.config import stage_settings
 from pysafe.lab.train import train
 from pysafe.report.track import TRACK_FILES
 from pysafe.trajectory import expand_checkpoints, matrix_metrics
+
+from recordkit import assert_same_records
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +40,7 @@ def lab_run(tmp_path_factory):
 
 
 def _same_records(a: list[dict], b: list[dict]):
-    assert [r["name"] for r in a] == [r["name"] for r in b]
-    for x, y in zip(a, b):
-        keys = {k for k in x if not k.startswith("time_") and k != "base_svd_cached"}
-        assert keys == {k for k in y if not k.startswith("time_") and k != "base_svd_cached"}
-        for k in keys:
-            u, v = x[k], y[k]
-            if isinstance(u, np.ndarray):
-                assert u.dtype == v.dtype and u.tobytes() == v.tobytes(), (x["name"], k)
-            elif isinstance(u, float) and math.isnan(u):
-                assert math.isnan(v), (x["name"], k)
-            else:
-                assert u == v, (x["name"], k, u, v)
+    assert_same_records(a, b, ignore=("time_", "base_svd_cached"))
 
 
 def test_checkpoints_are_ordered_by_step_and_the_run_itself_comes_last(lab_run, tmp_path):
@@ -159,3 +152,18 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(lab_run, tmp_path, monkeyp
         res = r.invoke(main, cmd + ["--ray", "local:2", "--out", str(tmp_path / "o3")])
         assert res.exit_code == 1 and 'pip install "pysafe[ray]"' in res.output, res.output
         assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "o3").exists()
+
+
+def test_without_ray_ray_is_never_imported(lab_run, tmp_path):
+    base, run = lab_run
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom pysafe.cli import main\n"
+            "r = CliRunner().invoke(main, ['track', sys.argv[1], sys.argv[2], '--out', sys.argv[3], '--no-plots'])\n"
+            "assert r.exit_code == 0, r.output\n"
+            "r = CliRunner().invoke(main, ['analyze', sys.argv[1], sys.argv[2], '--out', sys.argv[4], '--no-plots'])\n"
+            "assert r.exit_code == 0, r.output\n"
+            "print('ray' in sys.modules)\n")
+    # cwd=tmp_path: from the repository root, `python -c` would import the source tree, not the install
+    r = subprocess.run([sys.executable, "-c", code, str(base), str(run), str(tmp_path / "t"), str(tmp_path / "a")],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
