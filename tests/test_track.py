@@ -19,7 +19,7 @@ import pysafe
 from pysafe.cli import main
 from pysafe.lab.config import stage_settings
 from pysafe.lab.train import train
-from pysafe.report.track import TRACK_FILES
+from pysafe.report.track import TRACK_FILES, x_axis
 from pysafe.trajectory import expand_checkpoints, matrix_metrics
 
 from recordkit import assert_same_records
@@ -167,3 +167,13 @@ def test_without_ray_ray_is_never_imported(lab_run, tmp_path):
                        capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
+
+
+def test_the_x_axis_is_the_step_only_when_the_steps_increase():
+    doc = {"checkpoints": [{"step": 2, "label": "step 2"}, {"step": 5, "label": "step 5"}]}
+    x, label, ticks = x_axis(doc)
+    assert list(x) == [2, 5] and label == "training step" and ticks is None
+    for pts in ([{"step": 4, "label": "step 4"}, {"step": 2, "label": "step 2"}],
+                [{"step": 4, "label": "step 4"}, {"step": None, "label": "final"}]):
+        x, label, ticks = x_axis({"checkpoints": pts})
+        assert list(x) == [0, 1] and ticks == [p["label"] for p in pts]

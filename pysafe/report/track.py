@@ -99,10 +99,11 @@ def _per_module(doc: dict, key: str) -> dict[str, np.ndarray]:
 
 
 def x_axis(doc: dict) -> tuple[np.ndarray, str, list[str] | None]:
-    """The x values (steps when every checkpoint has one, else positions), the axis label, and tick labels."""
+    """The x values (the steps when every checkpoint has one and they increase, else the positions), the axis
+    label, and tick labels."""
     pts = doc["checkpoints"]
     steps = [p.get("step") for p in pts]
-    if all(isinstance(s, int) for s in steps):
+    if all(isinstance(s, int) for s in steps) and all(a < b for a, b in zip(steps, steps[1:])):
         return np.asarray(steps, dtype=float), "training step", None
     return np.arange(len(pts), dtype=float), "checkpoint (in the order given)", [p["label"] for p in pts]
 
