@@ -55,6 +55,11 @@ def test_checkpoints_are_ordered_by_step_and_the_run_itself_comes_last(lab_run, 
         expand_checkpoints([run, tmp_path / "nope"])
     with pytest.raises(NotImplementedError, match="pysafe.drift"):
         pysafe.track(base, run, aligned=base)
+    with pytest.raises(ValueError, match="2 given for 4 checkpoints"):
+        pysafe.track(base, run, labels=["a", "b"])
+    traj = pysafe.track(base, given, labels=["six", "base", "two"], cache=False, include=r"c_fc")
+    assert [p.label for p in traj.points] == ["six", "base", "two"] and [p.step for p in traj.points] == [6, 6, 2]
+    assert all(r["delta_fro"] == 0 for r in traj.points[1].records)  # the base against itself
 
 
 def test_base_svds_are_computed_once_and_the_records_are_those_of_separate_comparisons(lab_run, tmp_path):
@@ -177,3 +182,12 @@ def test_the_x_axis_is_the_step_only_when_the_steps_increase():
                 [{"step": 4, "label": "step 4"}, {"step": None, "label": "final"}]):
         x, label, ticks = x_axis({"checkpoints": pts})
         assert list(x) == [0, 1] and ticks == [p["label"] for p in pts]
+
+
+def test_to_pandas_is_the_tidy_rows(lab_run):
+    pd = pytest.importorskip("pandas")
+    traj = pysafe.track(*lab_run, cache=False, include=r"c_fc")
+    df = traj.to_pandas()
+    assert isinstance(df, pd.DataFrame) and list(df.columns) == ["index", "step", "label", "name", "layer", "module",
+                                                                  "metric", "value"]
+    assert len(df) == len(list(traj.rows())) and set(df["step"]) == {2, 4, 6, 7}
