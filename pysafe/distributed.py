@@ -186,26 +186,35 @@ def _groups(names: list[str], scheme: str) -> list[list[str]]:
 
 
 def _get(ray, ref, what: str):
-    """``ray.get`` with the task's own exception re-raised (one line at the CLI), and a dead worker named."""
+    """``ray.get`` with the task's own exception re-raised (one line at the CLI); a worker that could not
+    import pysafe, or that kept dying, is a :class:`ClusterError` naming the task."""
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as exc:
         cause = getattr(exc, "cause", None)
+        if isinstance(cause, Exception) and "failed to import on the worker" in str(cause):
+            raise ClusterError(f"{what}: the Ray workers cannot import pysafe; install the same pysafe on every "
+                               "machine of the cluster (a local cluster's workers also search the current "
+                               "directory first: a pysafe source tree there without a built core shadows the "
+                               "installed package, so run from another directory)") from None
         if isinstance(cause, Exception):
             raise cause from None
         raise ClusterError(f"{what}: {' '.join(str(exc).split())[:300]}") from None
     except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError) as exc:
         raise ClusterError(f"{what}: the worker died {MAX_RETRIES + 1} times ({type(exc).__name__}); see the "
                            "Ray logs of the cluster") from None
+    except ray.exceptions.RayError as exc:  # out of memory, a lost object, a cancelled task ...
+        raise ClusterError(f"{what}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
 
 
-def _wait_all(ray, refs: dict, on_done) -> dict:
-    """Results of ``{ref: what}`` as they finish; ``on_done(what, result)`` after each."""
+def _wait_all(ray, refs: dict, on_done, what) -> dict:
+    """Results of ``{ref: key}`` as they finish; ``on_done(key, result)`` after each; ``what(key)`` names a
+    task in errors."""
     out, pending = {}, list(refs)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         for r in ready:
-            res = _get(ray, r, refs[r])
+            res = _get(ray, r, what(refs[r]))
             out[refs[r]] = res
             on_done(refs[r], res)
     return out
@@ -266,7 +275,7 @@ def compare_on_ray(base, tuned, address: str, *, progress=None, on_preflight=Non
     with cluster(address) as ray:
         task = ray.remote(_group_task).options(max_retries=MAX_RETRIES, num_cpus=1)
         refs = {task.remote(base, tuned, g, run_opts, scheme, root, max_bytes): i for i, g in enumerate(groups)}
-        results = _wait_all(ray, refs, tick)
+        results = _wait_all(ray, refs, tick, lambda i: f"tensors {groups[i][0]} .. {groups[i][-1]}")
     order = {n: i for i, n in enumerate(pre.pairs)}
     records = sorted((r for res in results.values() for r in res["records"]), key=lambda r: order[r["name"]])
     skipped += sorted((s for res in results.values() for s in res["skipped"]), key=lambda s: order[s["name"]])
@@ -308,7 +317,7 @@ def compare_many_on_ray(base, tuned: list, address: str, *, cache=None, progress
         first = 1 if bc is not None and len(paths) > 1 else 0
         for batch in (range(first), range(first, len(paths))):
             refs = {task.remote(base, paths[i], run_opts, root, max_bytes): i for i in batch}
-            _wait_all(ray, refs, tick)
+            _wait_all(ray, refs, tick, lambda i: paths[i])
     cmps = []
     for i in range(len(paths)):
         c, notes = out[i]

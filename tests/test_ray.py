@@ -31,6 +31,9 @@ def ray_cluster(tmp_path_factory):
     marker.write_text("disarmed")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(FAULT_ENV, str(marker))
+        # Ray puts the driver's working directory first on its local workers' sys.path: from the repository root
+        # they would import the source tree (no built core) instead of the installed pysafe
+        mp.chdir(marker.parent)
         with cluster("local:3"):
             assert ray.cluster_resources()["CPU"] == 3
             yield marker
@@ -113,6 +116,16 @@ def test_a_killed_worker_is_retried_and_the_result_is_unchanged(ray_cluster, dat
         os.kill(pid, 0)
     for p, q in zip(local.points, dist.points):
         _equal(p.records, q.records)
+
+
+def test_a_task_error_is_the_error_of_the_local_run(ray_cluster, data, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(pysafe.CheckpointError, match="no weights found"):
+        pysafe.track(data / "base", [data / "run" / "steps" / "step_000002", tmp_path / "empty"], ray="local:3",
+                     cache=False)
+    res = CliRunner().invoke(main, ["track", str(data / "base"), str(tmp_path / "empty"), "--ray", "local:3",
+                                    "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "no weights found" in res.output and len(res.output.strip().splitlines()) == 1
 
 
 def test_an_unreachable_cluster_is_one_line(tmp_path, data):
