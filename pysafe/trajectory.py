@@ -16,7 +16,7 @@ import os
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -63,7 +63,6 @@ class Trajectory:
     seconds: float = 0.0
     cache: dict | None = None  # hits, misses, writes over the whole trajectory (None: no cache)
     ray: str | None = None  # the cluster address when run with ray=
-    extra: dict = field(default_factory=dict)
 
     def __repr__(self) -> str:
         steps = [p.step for p in self.points]
@@ -225,6 +224,7 @@ def track(base, ckpts, *, labels: list[str] | None = None, cache=None, ray: str 
     items = expand_checkpoints(ckpts)
     if labels is not None and len(labels) != len(items):
         raise ValueError(f"labels: {len(labels)} given for {len(items)} checkpoints")
+    names = list(labels) if labels is not None else [_label(p, s) for p, s in items]
     if not Path(base).exists():
         raise FileNotFoundError(f"{base}: no such file or directory")
     t0 = time.perf_counter()
@@ -239,19 +239,18 @@ def track(base, ckpts, *, labels: list[str] | None = None, cache=None, ray: str 
             from pysafe.distributed import compare_many_on_ray
 
             cmps = compare_many_on_ray(base, paths, ray, cache=bc if bc is not None else False,
-                                       progress=(lambda d, n, i: progress(d, n, _label(*items[i]))) if progress
-                                       else None, **asdict(opts))
+                                       progress=(lambda d, n, i: progress(d, n, names[i])) if progress else None,
+                                       **asdict(opts))
         else:
             cmps = []
-            for i, (p, s) in enumerate(items):
+            for i, (p, _) in enumerate(items):
                 cmps.append(compare(base, p, cache=bc if bc is not None else False, **asdict(opts)))
                 if progress:
-                    progress(i + 1, len(items), _label(p, s))
+                    progress(i + 1, len(items), names[i])
         cache_summary = bc.summary(since=before) if bc is not None else None
         if cache_summary is not None and temporary:
             cache_summary["dir"] = None  # a temporary directory, gone after this call
-    points = [TrackPoint(i, s, labels[i] if labels else _label(p, s), str(Path(p).resolve()), c)
-              for i, ((p, s), c) in enumerate(zip(items, cmps))]
+    points = [TrackPoint(i, s, names[i], str(Path(p).resolve()), c) for i, ((p, s), c) in enumerate(zip(items, cmps))]
     return Trajectory(base=cmps[0].base, params=asdict(opts), points=points, scheme=cmps[0].scheme,
                       seconds=time.perf_counter() - t0, cache=cache_summary, ray=ray)
 
