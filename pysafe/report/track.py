@@ -9,7 +9,6 @@ written whole and swapped into place like every pysafe report (:func:`pysafe._at
 from __future__ import annotations
 
 import csv
-import datetime as _dt
 import math
 import os
 from pathlib import Path
@@ -18,10 +17,9 @@ import numpy as np
 
 from pysafe._atomic import atomic_dir, json_ready, write_json
 from pysafe._figures import OKABE_ITO, pyplot, save_figure
-from pysafe._version import __version__
 from pysafe.checkpoint import MODULE_ORDER
 from pysafe.report.html import write_index
-from pysafe.report.summary import record_json
+from pysafe.report.summary import record_json, stamp
 
 #: track.json layout version (the engine's records inside follow summary.json's schema_version 2)
 TRACK_SCHEMA_VERSION = 1
@@ -41,9 +39,7 @@ CSV_COLUMNS = ("index", "step", "label", "name", "layer", "module", "metric", "v
 def track_dict(traj) -> dict:
     """The content of track.json for a :class:`~pysafe.trajectory.Trajectory`."""
     return {
-        "schema_version": TRACK_SCHEMA_VERSION,
-        "pysafe_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **stamp(TRACK_SCHEMA_VERSION),
         "base": traj.base,
         "params": json_ready(traj.params),
         "scheme": traj.scheme,
