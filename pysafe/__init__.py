@@ -5,6 +5,10 @@ Functions:
         Compare two checkpoints tensor by tensor: ΔW's norm, spectrum and position relative to the base
         weights' top singular directions, with chance levels (options: see ``pysafe.Options``).
     write_report(cmp, out)              summary.json, results.h5, plots/ and index.html, written atomically.
+    track(base, ckpts, **options) -> Trajectory
+        compare() for every checkpoint of a training run (a run directory's steps/step_N, or paths in
+        order), W_base's decompositions computed once; ``ray="local:4"`` spreads it over a Ray cluster.
+    write_track_report(traj, out)       track.json, track.csv, plots/ and index.html, written atomically.
     make_pair(out, preset="small")      a synthetic base/tuned pair with a planted ΔW.
     read_header(path), read_tensor(path, name)   safetensors header and one tensor (upcast to f32/f64).
     truncated_svd(a, rank=k)           top-k SVD by the native engine (or energy=0.9).
@@ -24,6 +28,7 @@ from pysafe.distances import distance_summary, pairwise_distances, write_distanc
 from pysafe.checkpoint import Checkpoint, PeftAdapter, detect_scheme, name_info
 from pysafe.errors import (  # noqa: F401  (re-exported; see pysafe.errors)
     CheckpointError,
+    ClusterError,
     DeviceUnavailableError,
     HeaderError,
     InternalError,
@@ -34,7 +39,9 @@ from pysafe.errors import (  # noqa: F401  (re-exported; see pysafe.errors)
 )
 from pysafe.linalg import build_info, read_header, read_tensor, truncated_svd
 from pysafe.report import write_report
+from pysafe.report.track import write_track_report
 from pysafe.synthetic import make_pair
+from pysafe.trajectory import Trajectory, track
 from pysafe.weights import Comparison, Options, compare
 
 #: the public names; the error classes are in ``pysafe.errors`` (and importable from here) but left out of
@@ -43,6 +50,8 @@ __all__ = [
     "__version__",
     "compare",
     "write_report",
+    "track",
+    "write_track_report",
     "make_pair",
     "read_header",
     "read_tensor",
@@ -54,6 +63,7 @@ __all__ = [
     "detect_scheme",
     "name_info",
     "Comparison",
+    "Trajectory",
     "Options",
     "Checkpoint",
     "PeftAdapter",

@@ -482,3 +482,24 @@ def name_info(name: str, scheme: str) -> NameInfo:
     if scheme == "lab" and (m := _LAB.match(name)):
         return NameInfo(int(m.group(1)), _GPT2_MODULE[m.group(2)])
     return NameInfo(None, "")
+
+
+# -- a training run's intermediate checkpoints ----------------------------------------------------------------
+#: ``RUN/steps/step_000250/``: the intermediate checkpoints of a run (``pysafe train --keep-every``), each a
+#: complete checkpoint directory
+STEPS_DIR = "steps"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    """``step_000250``: the directory name of the checkpoint kept at ``step`` (six digits or more)."""
+    return f"step_{int(step):06d}"
+
+
+def step_dirs(run: str | os.PathLike) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``RUN/steps/step_N`` directory, by step (empty when there are none)."""
+    d = Path(run) / STEPS_DIR
+    if not d.is_dir():
+        return []
+    out = [(int(m.group(1)), p) for p in d.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
+    return sorted(out)

@@ -52,6 +52,12 @@ class DeviceUnavailableError(PysafeError, RuntimeError):
     code = "device"
 
 
+class ClusterError(PysafeError, RuntimeError):
+    """``--ray``: Ray is not installed, the cluster cannot be reached, or its workers kept dying."""
+
+    code = "cluster"
+
+
 class InternalError(PysafeError, RuntimeError):
     """An invariant of pysafe itself failed: this is a pysafe bug."""
 

@@ -353,20 +353,36 @@ def _compare_dense(b: Checkpoint, t: Checkpoint, opts: Options, scheme: str, pro
     pre = preflight(b, t, opts)
     if on_preflight:
         on_preflight(pre)
+    skipped = preflight_skips(pre)
+    records, more, done_bytes = analyze_pairs(b, t, pre.pairs, opts, scheme, progress, cache)
+    return records, skipped + more, pre, done_bytes
+
+
+def preflight_skips(pre: Preflight) -> list[dict]:
+    """The skipped entries pairing found (before any tensor is read), in the order compare() reports them."""
     skipped = [{"name": n, "reason": "only in base"} for n in pre.only_in_base]
     skipped += [{"name": n, "reason": "only in tuned"} for n in pre.only_in_tuned]
     skipped += [{"name": m["name"], "reason": f"shape mismatch: base {m['base']} vs tuned {m['tuned']}"}
                 for m in pre.shape_mismatch]
     skipped += [dict(m) for m in pre.not_matrix]
-    records = []
-    total_bytes = sum(b.tensors[n].nbytes + t.tensors[n].nbytes for n in pre.pairs)
+    return skipped
+
+
+def analyze_pairs(b: Checkpoint, t: Checkpoint, names: list[str], opts: Options, scheme: str, progress=None,
+                  cache=None) -> tuple[list[dict], list[dict], int]:
+    """The records of the tensor pairs ``names`` (paired by :func:`preflight`), in that order, and the ones
+    skipped while computing (non-finite values); returns ``(records, skipped, bytes_read)``. Each tensor's
+    numbers depend only on its own data, its name and the options, so any subset gives the same records as
+    the whole (how ``--ray`` splits a comparison)."""
+    records, skipped = [], []
+    total_bytes = sum(b.tensors[n].nbytes + t.tensors[n].nbytes for n in names)
     done_bytes = 0
     f64 = opts.dtype == "f64"
-    for i, name in enumerate(pre.pairs):
+    for i, name in enumerate(names):
         bi, ti = b.tensors[name], t.tensors[name]
-        if i + 1 < len(pre.pairs):  # prefetch the next pair while this one computes
-            b.advise(pre.pairs[i + 1], "willneed")
-            t.advise(pre.pairs[i + 1], "willneed")
+        if i + 1 < len(names):  # prefetch the next pair while this one computes
+            b.advise(names[i + 1], "willneed")
+            t.advise(names[i + 1], "willneed")
         bbuf, tbuf = b.buffer(name), t.buffer(name)
         if len(bi.shape) == 2:
             ni = name_info(name, scheme)
@@ -385,8 +401,8 @@ def _compare_dense(b: Checkpoint, t: Checkpoint, opts: Options, scheme: str, pro
         _finish(name, bi.shape, bi, ti, scheme, raw, records, skipped)
         done_bytes += bi.nbytes + ti.nbytes
         if progress:
-            progress(i + 1, len(pre.pairs), done_bytes, total_bytes, name)
-    return records, skipped, pre, done_bytes
+            progress(i + 1, len(names), done_bytes, total_bytes, name)
+    return records, skipped, done_bytes
 
 
 def _finish(name, shape, bi, ti, scheme, raw, records, skipped):
@@ -399,10 +415,20 @@ def _finish(name, shape, bi, ti, scheme, raw, records, skipped):
 def _compare_adapter(b: Checkpoint, t: PeftAdapter, opts: Options, scheme: str, progress, on_preflight,
                      cache=None):
     """ΔW = scale · B · A per target module, analysed from its factors (never forming B·A)."""
+    pre, skipped = adapter_preflight(b, t, opts, scheme)
+    if on_preflight:
+        on_preflight(pre)
+    records, more, done_bytes = analyze_targets(b, t, pre.pairs, opts, scheme, progress, cache)
+    return records, skipped + more, pre, done_bytes
+
+
+def adapter_preflight(b: Checkpoint, t: PeftAdapter, opts: Options, scheme: str) -> tuple[Preflight, list[dict]]:
+    """Pair an adapter's targets with the base tensors (headers only): the :class:`Preflight` (``pairs``: the
+    base names of the targets to analyse) and the skipped entries."""
     pre = Preflight()
     inc = re.compile(opts.include) if opts.include else None
     exc = re.compile(opts.exclude) if opts.exclude else None
-    skipped, records, todo = [], [], []
+    skipped, todo = [], []
     for tg in t.targets:
         if (inc and not inc.search(tg.base_name)) or (exc and exc.search(tg.base_name)):
             pre.filtered_out += 1
@@ -428,8 +454,15 @@ def _compare_adapter(b: Checkpoint, t: PeftAdapter, opts: Options, scheme: str, 
     if opts.strict and (pre.only_in_tuned or pre.shape_mismatch):
         raise ShapeMismatchError("--strict: " + "; ".join(s["name"] + ": " + s["reason"] for s in skipped))
     pre.pairs = [tg.base_name for tg in todo]
-    if on_preflight:
-        on_preflight(pre)
+    return pre, skipped
+
+
+def analyze_targets(b: Checkpoint, t: PeftAdapter, names: list[str], opts: Options, scheme: str, progress=None,
+                    cache=None) -> tuple[list[dict], list[dict], int]:
+    """:func:`analyze_pairs` for an adapter: the records of the targets whose base tensors are ``names``."""
+    wanted = set(names)
+    todo = [tg for tg in t.targets if tg.base_name in wanted]  # names keep the targets' order
+    records, skipped = [], []
     f64 = opts.dtype == "f64"
     total_bytes = sum(b.tensors[tg.base_name].nbytes for tg in todo)
     done_bytes = 0
@@ -461,4 +494,4 @@ def _compare_adapter(b: Checkpoint, t: PeftAdapter, opts: Options, scheme: str, 
         done_bytes += bi.nbytes
         if progress:
             progress(i + 1, len(todo), done_bytes, total_bytes, tg.base_name)
-    return records, skipped, pre, done_bytes
+    return records, skipped, done_bytes

@@ -19,6 +19,8 @@ from pysafe import _core
 from pysafe.svdcache import BaseCache
 from pysafe.weights import compare
 
+from recordkit import write_lora_adapter
+
 #: record keys allowed to differ between a cached and an uncached run
 VOLATILE = ("time_", "base_svd_cached")
 #: a few variants that exercise the randomized path (tiny matrices), fixed and energy base ranks, centering, f64
@@ -297,27 +299,9 @@ def test_cli_cache_options(pair, tmp_path, monkeypatch):
 def test_adapter_path_hits_and_matches(pair, tmp_path):
     """PEFT adapters (the factored path): a hit gives the uncached records; the dense path's entries are not
     reused there (another thread layout of the base SVD), nor entries made with another thread count."""
-    import torch
-    from safetensors.torch import save_file as save_torch
-
     base, tuned = pair
-    rng = np.random.default_rng(3)
-    ckpt = pysafe.Checkpoint.open(base)
     targets = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"]
-    tensors, r = {}, 4
-    for nm in targets:
-        out_f, in_f = ckpt.tensors[nm].shape
-        mod = nm[: -len(".weight")]
-        tensors[f"base_model.model.{mod}.lora_A.weight"] = torch.tensor(rng.standard_normal((r, in_f)) * 0.1,
-                                                                          dtype=torch.float32)
-        tensors[f"base_model.model.{mod}.lora_B.weight"] = torch.tensor(rng.standard_normal((out_f, r)) * 0.1,
-                                                                          dtype=torch.float32)
-    ckpt.close()
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    save_torch(tensors, str(adapter / "adapter_model.safetensors"))
-    (adapter / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": r, "lora_alpha": 8, "target_modules": ["q_proj", "down_proj"]}))
+    adapter = write_lora_adapter(base, targets, tmp_path / "adapter")
     cache = BaseCache(tmp_path / "cache")
     compare(base, tuned, cache=cache, threads=2, include=r"layers\.[01]\.")  # dense entries for these tensors
     plain = compare(base, adapter, threads=2)

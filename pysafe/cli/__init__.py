@@ -13,6 +13,7 @@ from pysafe.cli.eval import eval_cmd
 from pysafe.cli.make_pair import make_pair_cmd
 from pysafe.cli.report import report_cmd
 from pysafe.cli.reproduce import demo_cmd, reproduce_cmd
+from pysafe.cli.track import track_cmd
 from pysafe.cli.train import train_cmd
 from pysafe.cli.validate_drift import validate_drift_cmd
 
@@ -35,6 +36,7 @@ main.add_command(colspace_cmd)
 main.add_command(rowspace_cmd)
 main.add_command(lipschitz_cmd)
 main.add_command(report_cmd)
+main.add_command(track_cmd)
 main.add_command(validate_drift_cmd)
 
 __all__ = ["main"]

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from pysafe.cli.options import dataclass_options, debug_option, handle_errors
+from pysafe.cli.options import (cache_options, dataclass_options, debug_option, echo_cache, handle_errors,
+                                open_base_cache, ray_option, report_options)
 from pysafe.weights import Options
 
 
@@ -43,10 +44,7 @@ class _Progress:
               help="Report directory (index.html, summary.json, results.h5, plots/).")
 @dataclass_options(Options, into="opts",
                    help_overrides={"device": "Where the SVDs and the activation capture run: cpu, cuda or cuda:N."})
-@click.option("--overwrite", is_flag=True,
-              help="Replace the pysafe outputs in a non-empty --out, in one rename; your other files there are kept.")
-@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-@click.option("--plots/--no-plots", default=True, show_default=True, help="Write plots/*.png.")
+@report_options
 @click.option("--prompts", "prompt_files", type=click.Path(dir_okay=False), multiple=True,
               help="Also capture activations of both models (HF Llama-family checkpoints, needs pysafe[hf]) on "
                    "these prompts: JSONL with text and group, or text files (one prompt per line, group = file "
@@ -56,17 +54,14 @@ class _Progress:
 @click.option("--hook", default="mlp_act", show_default=True, help="Hook point of the cluster analysis.")
 @click.option("--positions", type=click.Choice(["last", "window", "prompt_mean"]), default="last", show_default=True,
               help="Prompt positions pooled for the activation analyses.")
-@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
-              help="Directory caching W_base's decompositions across runs, so that comparing several fine-tunes "
-                   "against one base computes the base SVDs once (default: $XDG_CACHE_HOME/pysafe, else "
-                   "~/.cache/pysafe; bounded to PYSAFE_CACHE_MAX_GB, default 16, least recently used first).")
-@click.option("--no-cache", is_flag=True, help="Neither read nor write the base-decomposition cache.")
+@cache_options
+@ray_option("one task per layer")
 @click.option("--feature-cache", type=click.Path(dir_okay=False), default=None,
               help="HDF5 file caching pooled activations by (checkpoint, prompts, hook, positions) across runs.")
 @debug_option
 @handle_errors
 def analyze(base, tuned, out, opts, overwrite, progress, plots, prompt_files, builtin_prompts, hook, positions,
-            cache_dir, no_cache, feature_cache, debug):
+            cache_dir, no_cache, ray, feature_cache, debug):
     """Compare BASE and TUNED checkpoints tensor by tensor: what did fine-tuning change?
 
     BASE and TUNED are checkpoint directories or files: model.safetensors, a sharded
@@ -77,6 +72,11 @@ def analyze(base, tuned, out, opts, overwrite, progress, plots, prompt_files, bu
     from pysafe._atomic import atomic_dir
     from pysafe.report import REPORT_FILES, format_table, write_report_files
     from pysafe.weights import compare
+
+    if ray is not None:
+        from pysafe.distributed import check_available
+
+        check_available(ray)  # a bad address or a missing Ray fails here, before any work
 
     prompts = None
     if prompt_files or builtin_prompts:
@@ -96,17 +96,19 @@ def analyze(base, tuned, out, opts, overwrite, progress, plots, prompt_files, bu
             click.echo(f"pre-flight: {line}", err=True)
         click.echo(f"pre-flight: {len(pre.pairs)} tensors to analyse", err=True)
 
-    if no_cache and cache_dir is not None:
-        raise click.UsageError("--cache and --no-cache contradict each other; pass one")
-    from pysafe.svdcache import BaseCache
-
-    cache = None if no_cache else BaseCache(cache_dir)
+    cache = open_base_cache(cache_dir, no_cache)
     planned = REPORT_FILES + (ACTIVATION_FILES if prompts is not None else ())
     # the staging directory is made first: an unwritable --out fails before any work
     with atomic_dir(out, overwrite=overwrite, planned=planned, log=lambda m: click.echo(m, err=True)) as stage:
         bar = _Progress(show)
         try:
-            cmp = compare(base, tuned, progress=bar, on_preflight=report_preflight, cache=cache, **vars(opts))
+            if ray is not None:
+                from pysafe.distributed import compare_on_ray
+
+                cmp = compare_on_ray(base, tuned, ray, progress=bar, on_preflight=report_preflight, cache=cache,
+                                     **vars(opts))
+            else:
+                cmp = compare(base, tuned, progress=bar, on_preflight=report_preflight, cache=cache, **vars(opts))
         finally:
             bar.close()
         table = format_table(cmp)
@@ -118,14 +120,7 @@ def analyze(base, tuned, out, opts, overwrite, progress, plots, prompt_files, bu
             from pysafe.report import write_index
 
             write_index(stage.path)  # the page now shows the activation figures too
-    if cache is not None:
-        c = cache.summary()
-        ignored = f", {c['notes']} cache notes (--debug shows them)" if c["notes"] and not debug else ""
-        click.echo(f"base decompositions: {c['hits']} from cache, {c['writes']} stored ({c['dir']}){ignored}",
-                   err=True)
-        if debug:
-            for note in cache.notes:
-                click.echo(f"cache: {note}", err=True)
+    echo_cache(cache, debug)
     gb = cmp.bytes_read / 1e9
     click.echo(f"{len(cmp.records)} tensors analysed, {len(cmp.skipped)} skipped, {gb:.2f} GB read in "
                f"{cmp.seconds:.1f} s ({cmp.scheme} names) -> {out}/summary.json")

@@ -83,6 +83,55 @@ def dataclass_options(cls, *, into: str, help_overrides: dict | None = None):
     return decorate
 
 
+def report_options(f):
+    """``--overwrite``, ``--progress/--no-progress`` and ``--plots/--no-plots`` of a command writing a report folder."""
+    f = click.option("--plots/--no-plots", default=True, show_default=True, help="Write plots/*.png.")(f)
+    f = click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")(f)
+    return click.option("--overwrite", is_flag=True,
+                        help="Replace the pysafe outputs in a non-empty --out, in one rename; your other files there "
+                             "are kept.")(f)
+
+
+def cache_options(f):
+    """``--cache DIR`` / ``--no-cache``: the base-decomposition cache; :func:`open_base_cache` reads them."""
+    f = click.option("--no-cache", is_flag=True, help="Neither read nor write the base-decomposition cache.")(f)
+    return click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
+                        help="Directory caching W_base's decompositions across runs, so that comparing several "
+                             "fine-tunes against one base computes the base SVDs once (default: "
+                             "$XDG_CACHE_HOME/pysafe, else ~/.cache/pysafe; bounded to PYSAFE_CACHE_MAX_GB, default "
+                             "16, least recently used first).")(f)
+
+
+def open_base_cache(cache_dir, no_cache):
+    """The :class:`~pysafe.svdcache.BaseCache` of ``--cache``/``--no-cache`` (None for ``--no-cache``)."""
+    if no_cache and cache_dir is not None:
+        raise click.UsageError("--cache and --no-cache contradict each other; pass one")
+    from pysafe.svdcache import BaseCache
+
+    return None if no_cache else BaseCache(cache_dir)
+
+
+def echo_cache(cache, debug: bool) -> None:
+    """One line on stderr with the cache's hits and writes (and its notes with --debug)."""
+    if cache is None:
+        return
+    c = cache.summary()
+    ignored = f", {c['notes']} cache notes (--debug shows them)" if c["notes"] and not debug else ""
+    click.echo(f"base decompositions: {c['hits']} from cache, {c['writes']} stored ({c['dir']}){ignored}", err=True)
+    if debug:
+        for note in cache.notes:
+            click.echo(f"cache: {note}", err=True)
+
+
+def ray_option(what: str):
+    """``--ray ADDRESS``: run on a Ray cluster (pysafe.distributed); ``what`` says what one task is."""
+    return click.option("--ray", "ray", default=None, metavar="ADDRESS",
+                        help=f"Spread the work over a Ray cluster, {what}: local[:N] starts N local worker processes "
+                             "(default: one per core), auto / HOST:PORT / ray://HOST:PORT connects to a running "
+                             "cluster whose machines see the checkpoints at the same paths. Same results as without "
+                             "it. Needs pysafe[ray].")
+
+
 def device_option(help: str = "torch device (cpu, cuda, cuda:N).", default: str = "cpu"):
     """``--device``: the torch device of a lab or activation command; check it with :func:`check_device`."""
     return click.option("--device", default=default, show_default=True, help=help)

@@ -47,6 +47,9 @@ from pysafe.lab.objectives import OBJECTIVES
               help="LoRA scale numerator: the update is (alpha / r)·B·A (default alpha = r).")
 @click.option("--forget", type=click.Choice(["clamp", "npo"]), default=None, help="Unlearning forget loss.")
 @click.option("--w-forget", type=click.FloatRange(min=0), default=None, help="Unlearning forget weight (0.1).")
+@click.option("--keep-every", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Also keep the model of every N-th step as OUT/steps/step_NNNNNN/, a checkpoint directory of its "
+                   "own (for `pysafe track`); default: the preset's keep_every, 0 = none.")
 @device_option()
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="torch CPU threads (0: torch's default). Part of the run's identity: byte-identical results "
@@ -58,7 +61,7 @@ from pysafe.lab.objectives import OBJECTIVES
 @handle_errors
 def train_cmd(stage, preset, init, out, lr, steps, batch_size, seed, p_unsafe, decision_weight, hard_frac, beta, beta_rejected,
               rejected_rest_weight, texts, lora_rank, lora_targets, lora_alpha, forget,
-              w_forget, device, threads, overwrite, quiet, pipeline, debug):
+              w_forget, keep_every, device, threads, overwrite, quiet, pipeline, debug):
     """Train STAGE (pretrain, ssft, dpo, unlearn, benign) and write a checkpoint directory to --out.
 
     benign fine-tunes a (safety-tuned) model on safe requests only, the further fine-tune whose effect on
@@ -98,6 +101,8 @@ def train_cmd(stage, preset, init, out, lr, steps, batch_size, seed, p_unsafe, d
         settings = replace(settings, train=replace(settings.train, **lora))
         settings.train.validate("--lora-*")
     opts = {**settings.objective, **opts}  # the preset's [objectives.<stage>], then the flags
+    if keep_every is not None:
+        settings.train.keep_every = keep_every
     check_device(device)
     if threads:
         import torch

@@ -8,6 +8,8 @@ Layout of a checkpoint directory::
     train_log.jsonl          one JSON object per logged step
     train_state.safetensors  (resumable runs only) AdamW moments and step, RNG states as uint8/int64 tensors
     train_state.json         (resumable runs only) step, optimizer hyper-parameters, the scalar RNG fields
+    steps/step_000250/       (``pysafe train --keep-every 250``) the model as it was at step 250: a complete
+                             checkpoint directory of its own (weights, config.json with its "step", log)
 
 A directory is written whole into a hidden sibling and then renamed into place, so a crash never leaves
 a complete-looking half-written checkpoint; an existing directory is replaced only with ``overwrite``.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import struct
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -27,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from pysafe._atomic import replace_dir
+from pysafe.checkpoint import STEPS_DIR, step_dir_name
 from pysafe.errors import CheckpointError, ShapeMismatchError, TensorNotFoundError
 from pysafe.lab.model import GPT, GPTConfig
 from pysafe.lab.vocab import TOKENS
@@ -64,7 +68,8 @@ def _save_safetensors(tensors: dict, path: Path, metadata: dict | None) -> None:
 
 
 def save_checkpoint(out_dir: str | os.PathLike, model: GPT, config: dict | None = None, log_rows=None,
-                    train_state: dict | None = None, *, overwrite: bool = False, command: str | None = None) -> Path:
+                    train_state: dict | None = None, *, overwrite: bool = False, command: str | None = None,
+                    keep_steps=()) -> Path:
     """Write ``model`` (and optionally its log and resume state) as the checkpoint directory ``out_dir``.
 
     Args:
@@ -76,6 +81,9 @@ def save_checkpoint(out_dir: str | os.PathLike, model: GPT, config: dict | None 
         train_state: from :func:`make_train_state`; makes the checkpoint resumable.
         overwrite: replace an existing ``out_dir``.
         command: the exact command line (stored as "command" unless ``config`` already has one).
+        keep_steps: steps whose ``out_dir/steps/step_N`` directories the new directory keeps (hard links to
+            the same files, so the old directory stays whole until the new one replaces it); any other
+            ``steps/`` entry of the old directory is dropped with it.
 
     Returns:
         The path of the checkpoint directory.
@@ -115,7 +123,34 @@ def save_checkpoint(out_dir: str | os.PathLike, model: GPT, config: dict | None 
         for f in tmp.iterdir():
             os.chmod(f, mode)
             _fsync(f)
+        _link_steps(out, tmp, keep_steps)
     return out
+
+
+def _link_steps(out: Path, tmp: Path, steps) -> None:
+    """Hard-link the files of ``out/steps/step_N`` (N in ``steps``) into the staging directory ``tmp``
+    (a copy where the file system has no hard links). Checkpoint files are never modified in place, so
+    the old and the new directory can share them."""
+    for step in sorted(set(steps)):
+        name = step_dir_name(step)
+        src = out / STEPS_DIR / name
+        if not (src / CONFIG).is_file():
+            continue
+        dst = tmp / STEPS_DIR / name
+        dst.mkdir(parents=True)
+        for f in src.iterdir():
+            if f.is_file():
+                try:
+                    os.link(f, dst / f.name)
+                except OSError:
+                    shutil.copy2(f, dst / f.name)
+
+
+def save_step(out_dir: str | os.PathLike, step: int, model: GPT, config: dict, log_rows=None) -> Path:
+    """Write ``out_dir/steps/step_N`` (N = ``step``): the model at this step as a checkpoint directory of its
+    own, atomically (a rerun of the same step replaces it), with ``"step"`` in its config.json."""
+    d = Path(out_dir) / STEPS_DIR / step_dir_name(step)
+    return save_checkpoint(d, model, {**config, "step": int(step)}, log_rows=log_rows, overwrite=True)
 
 
 def _plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -3,7 +3,9 @@
 Reads top to bottom like nanoGPT: build (or load) the model, the AdamW groups and the schedule, then
 for each step draw the objective's batch, compute its loss, backward, clip (after backward), step.
 Every ``ckpt_every`` steps the model, the optimizer state and the log are written (no pickles), and a
-run started again with the same ``--out`` resumes from there. Batches are a pure function of
+run started again with the same ``--out`` resumes from there. With ``keep_every`` N, the model at every N-th
+step is also kept as ``out/steps/step_N/``, a checkpoint directory ``pysafe analyze`` and ``pysafe track``
+read like ``out`` itself. Batches are a pure function of
 ``(data seed, step)``, so a resumed run is identical to an uninterrupted one on CPU.
 """
 
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pysafe.checkpoint import step_dirs
 from pysafe.lab import ckpt as C
 from pysafe.lab.data import DataRecipe
 from pysafe.lab.lora import TARGETS, apply_lora, load_lora_factors, lora_factors
@@ -43,6 +46,7 @@ class TrainConfig:
     eval_every: int = 1000
     ckpt_every: int = 1000
     eval_n: int = 256  # held-out samples for the in-training evaluation
+    keep_every: int = 0  # keep the model of every N-th step as out/steps/step_N/ (0: none)
     # LoRA-style fine-tuning (lab/lora.py): 0 trains every parameter; r >= 1 trains only rank-r factors
     # B·A added to the `lora_targets` matrices ("mlp" or "all") at scale lora_alpha / r (alpha 0: = r)
     lora_rank: int = 0
@@ -66,6 +70,9 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every", "eval_every", "ckpt_every", "eval_n"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{where}: {name} must be >= 1, got {getattr(self, name)}")
+        if int(self.keep_every) < 0:
+            raise ValueError(f"{where}: keep_every must be >= 0 (0: keep no intermediate checkpoints), "
+                             f"got {self.keep_every}")
         if not (self.lr_max > 0 and self.min_lr >= 0):
             raise ValueError(f"{where}: lr_max must be > 0 and min_lr >= 0, got {self.lr_max}, {self.min_lr}")
         if self.warmup < 0 or self.decay_steps < self.warmup:
@@ -193,6 +200,9 @@ def train(
             state = C.read_train_state(out)
             start_step = int(state["step"])
             log_rows = C.read_log(out)
+    # the steps/ directories this run owns: those kept before the step it resumes from (a later one is from
+    # the interrupted stretch and is written again, identically, when the run passes that step)
+    kept = {s for s, _ in step_dirs(out) if s <= start_step and cfg.keep_every and s % cfg.keep_every == 0}
     if cfg.lora_rank and init is None:
         raise ValueError("lora_rank: a LoRA-style run fine-tunes an existing model; pass init (--init CKPT)")
     if start_step == 0 or cfg.lora_rank:
@@ -244,15 +254,18 @@ def train(
             progress(done, cfg.steps, running)
         if callback is not None:
             callback(done, model)
+        if cfg.keep_every and done % cfg.keep_every == 0:
+            C.save_step(out, done, model, {**config, "finished": True, "steps_done": done}, log_rows=log_rows)
+            kept.add(done)
         if done % cfg.ckpt_every == 0 and done < cfg.steps:
             state_now = C.make_train_state(optimizer, done)
             state_now["tensors"].update({"lora." + k: v for k, v in lora_factors(model).items()})
-            C.save_checkpoint(out, model, {**config, "finished": False}, log_rows=log_rows,
-                              train_state=state_now, overwrite=True)
+            C.save_checkpoint(out, model, {**config, "finished": False, "step": done}, log_rows=log_rows,
+                              train_state=state_now, overwrite=True, keep_steps=kept)
 
     final = log_rows[-1] if log_rows else {}
-    C.save_checkpoint(out, model, {**config, "finished": True, "steps_done": cfg.steps}, log_rows=log_rows,
-                      overwrite=True)
+    C.save_checkpoint(out, model, {**config, "finished": True, "steps_done": cfg.steps, "step": cfg.steps},
+                      log_rows=log_rows, overwrite=True, keep_steps=kept)
     return RunResult(out=out, steps=cfg.steps, resumed_from=start_step, final=final,
                      seconds=time.perf_counter() - t0)
 
@@ -266,6 +279,10 @@ def _update_running(running: dict, values: dict, alpha: float = 0.05) -> None:
 
 
 def _check_resumable(out: Path, prev: dict, config: dict) -> None:
+    prev = dict(prev)
+    if isinstance(prev.get("train"), dict):  # a run written before a TrainConfig field existed had its default
+        defaults = _jsonable(asdict(TrainConfig()))
+        prev["train"] = {**{k: defaults[k] for k in config["train"] if k not in prev["train"]}, **prev["train"]}
     for key in ("stage", "model", "data", "train", "objective", "seed", "init"):
         if prev.get(key) != config.get(key):
             raise ValueError(

@@ -132,10 +132,28 @@ CAPTIONS = {
                      "inputs shifts the unsafe histogram left; AUROC in each title.",
 }
 
+CAPTIONS.update({
+    "track_delta_rel.png": "How far each module type has moved from the base at each checkpoint: ‖ΔW‖_F / ‖W_base‖_F, "
+                           "averaged over the layers. A curve that keeps rising means training is still moving "
+                           "the weights; one that flattens, that they have settled.",
+    "track_effective_rank.png": "Effective rank of ΔW (exp of the entropy of its normalised singular values), averaged "
+                                "over the layers of each module type: how many directions the change is spread over. "
+                                "About 1 for a rank-one change, up to min(out, in) for a flat spectrum.",
+    "track_energy_rank.png": "The number of singular directions of ΔW that hold 90% of its energy, averaged over the "
+                             "layers of each module type. Low and flat: training keeps writing into a few directions.",
+    "track_sin_theta.png": "Mean sin θ between ΔW's top singular directions and W_base's top-k subspace, per module "
+                           "type (left: output side, right: input side); dashed, in the same colour: its chance level, "
+                           "the mean for random directions. Solid below dashed: ΔW lies in directions the base "
+                           "already uses more than chance would give; at the dashed line, no more than random.",
+})
+
 FIGURE_TITLES = {
     "sv_decay.png": "Spectrum of ΔW", "clusters.png": "Activation clusters (Fig 3, Fig 7)",
     "colspace.png": "Column space of the weights (Fig 4)", "rowspace.png": "Row space and inputs (Fig 5)",
     "lipschitz.png": "Local Lipschitzness (Fig 6)",
+    "track_delta_rel.png": "Relative change over training", "track_effective_rank.png": "Effective rank of ΔW over training",
+    "track_energy_rank.png": "Energy rank of ΔW over training",
+    "track_sin_theta.png": "sin θ to the base's top directions over training",
 }
 
 
@@ -521,6 +539,106 @@ def _analysis_findings(d: Path, name: str) -> list[str]:
     return out
 
 
+# -- a trajectory (pysafe track) ---------------------------------------------------------------------------------
+
+
+def _sin_pairs(recs: list, side: str) -> list[tuple[float, float]]:
+    """(mean sin θ, its chance) of every matrix with ΔW directions on ``side``."""
+    out = []
+    for r in recs:
+        a, c = r.get(f"sin_theta_{side}"), r.get(f"sin_theta_{side}_chance")
+        if isinstance(a, list) and a and c is not None and all(v is not None for v in a):
+            out.append((sum(a) / len(a), c))
+    return out
+
+
+def track_findings(doc: dict) -> list[str]:
+    """Plain-words findings of a track.json, each citing its numbers and, for sin θ, its chance level."""
+    pts = [p for p in doc.get("checkpoints", []) if isinstance(p, dict)]
+    if not pts:
+        return ["The trajectory holds no checkpoint."]
+    first, last = pts[0], pts[-1]
+    s0, s1 = first.get("summary") or {}, last.get("summary") or {}
+    a, b = _e(first.get("label", "first")), _e(last.get("label", "last"))
+    out = [f"Over {len(pts)} checkpoints the whole model moved from {_num(s0.get('delta_rel'))} of its norm at {a} "
+           f"to {_num(s1.get('delta_rel'))} at {b} (‖ΔW‖_F / ‖W_base‖_F over {_e(s1.get('tensors', '?'))} tensors); "
+           f"the median matrix from {_num(s0.get('delta_rel_median'))} to {_num(s1.get('delta_rel_median'))}."]
+    for side, words in (("left", "column (output)"), ("right", "row (input)")):
+        pairs = _sin_pairs(last.get("matrices", []), side)
+        if not pairs:
+            continue
+        below = sum(1 for v, c in pairs if v < c)
+        vals = sorted(v for v, _ in pairs)
+        verdict = ("ΔW lies in directions the base weights already use more than chance would give"
+                   if below > len(pairs) / 2 else "ΔW is not closer to the base weights' top directions than chance")
+        out.append(f"At {b}, {verdict} ({words} side): mean sin θ {_num(sum(vals) / len(vals))} (range {_num(vals[0])} "
+                   f"to {_num(vals[-1])} over {len(pairs)} matrices) against {_num(sum(c for _, c in pairs) / len(pairs))} "
+                   f"for random directions (chance); {below} of {len(pairs)} matrices are below chance.")
+    e0, e1 = s0.get("effective_rank_share_median"), s1.get("effective_rank_share_median")
+    if e0 is not None or e1 is not None:
+        out.append(f"ΔW's median effective rank is {_num(e0)} of its largest possible rank at {a} and {_num(e1)} at "
+                   f"{b} (1.0: a flat spectrum, as noise gives; near 0: a few directions).")
+    return out
+
+
+TRACK_COLUMNS = (
+    ("delta_rel", "‖ΔW‖/‖W_base‖, whole model", None),
+    ("delta_rel_median", "‖ΔW‖/‖W_base‖, median matrix", None),
+    ("effective_rank_share_median", "effective rank / max, median", None),
+    ("sin_theta_left_mean", "sin θ, output side", "sin_theta_left_chance_mean"),
+    ("sin_theta_right_mean", "sin θ, input side", "sin_theta_right_chance_mean"),
+    ("null_frac_left_mean", "energy outside W_base's top-k columns", "null_frac_left_chance_mean"),
+)
+
+
+def track_section(page: Page, doc: dict) -> str:
+    """The "Trajectory" section: one row per checkpoint with its whole-model numbers, then the figures."""
+    pts = [p for p in doc.get("checkpoints", []) if isinstance(p, dict)]
+    head = "".join(f"<th>{_e(w)}</th>" for _, w, _ in TRACK_COLUMNS)
+    rows = []
+    for p in pts:
+        s = p.get("summary") or {}
+        cells = []
+        for key, _, chance in TRACK_COLUMNS:
+            c = f'<span class=ci>chance {_num(s.get(chance))}</span>' if chance else ""
+            cells.append(f"<td>{_num(s.get(key))}{c}</td>")
+        step = "–" if p.get("step") is None else _num(p["step"])
+        rows.append(f'<tr><th class=l title="{_e(p.get("path", ""))}">{_e(p.get("label", ""))}</th><td>{step}</td>'
+                    f'<td>{_e(s.get("matrices", "?"))} ({_e(s.get("skipped", 0))} skipped)</td>{"".join(cells)}</tr>')
+    parts = ["<p>Every checkpoint compared with the base, tensor by tensor, with the options above. Whole model: "
+             "the root of the summed squares over every analysed tensor; the other columns summarise the 2-D "
+             "matrices (medians, or means beside the mean of their chance levels).</p>",
+             f'<div class=scroll><table><tr><th class=l>checkpoint</th><th>step</th><th>matrices</th>{head}</tr>'
+             f'{"".join(rows)}</table></div>']
+    for stem in ("track_delta_rel", "track_effective_rank", "track_energy_rank", "track_sin_theta"):
+        f = page.root / "plots" / f"{stem}.png"
+        if f.exists():
+            parts.append(page.figure(f))
+    parts.append(page.source(page.root / "track.json"))
+    if (page.root / "track.csv").exists():
+        parts.append(page.source(page.root / "track.csv"))
+    return "\n".join(parts)
+
+
+def track_compared_rows(doc: dict) -> list:
+    pts = [p for p in doc.get("checkpoints", []) if isinstance(p, dict)]
+    rows = [("base", _ckpt_cell(doc.get("base"))),
+            ("checkpoints", f"{len(pts)}" + (f": {_e(pts[0].get('label'))} to {_e(pts[-1].get('label'))}" if pts else "")),
+            ("naming scheme", _e(doc.get("scheme", "?"))),
+            ("pysafe", f"{_e(doc.get('pysafe_version', '?'))}, {_e(doc.get('created', ''))}, {_num(doc.get('seconds'))} s")]
+    c = doc.get("cache")
+    if isinstance(c, dict):
+        rows.append(("base decompositions", f"{_e(c.get('misses', '?'))} computed, {_e(c.get('hits', '?'))} read from "
+                                            "the cache"))
+    if doc.get("ray"):
+        rows.append(("Ray cluster", f"<code>{_e(doc['ray'])}</code>"))
+    params = doc.get("params") or {}
+    if params:
+        rows.append(("options", "<code>" + _e(", ".join(f"{k}={v}" for k, v in params.items() if v is not None))
+                     + "</code>"))
+    return rows
+
+
 # -- the page ---------------------------------------------------------------------------------------------------
 
 
@@ -563,7 +681,12 @@ def build_index(root: str | os.PathLike) -> str:
     analyze_dirs = [root / "analyze" / n for n in _order(p.parent.name for p in (root / "analyze").glob("*/summary.json"))] \
         if (root / "analyze").is_dir() else []
     is_analyze = "matrices" in summary
-    if is_analyze:
+    track = _load(root / "track.json")
+    track = track if isinstance(track, dict) and isinstance(track.get("checkpoints"), list) else None
+    if track is not None and not is_analyze:
+        title = f"pysafe track: {len(track['checkpoints'])} checkpoints vs " \
+                f"{Path(str((track.get('base') or {}).get('path', 'base'))).name}"
+    elif is_analyze:
         title = f"pysafe report: {Path(str((summary.get('tuned') or {}).get('path', 'tuned'))).name} vs " \
                 f"{Path(str((summary.get('base') or {}).get('path', 'base'))).name}"
     elif evals or analyze_dirs:
@@ -574,6 +697,10 @@ def build_index(root: str | os.PathLike) -> str:
 
     findings: list[str] = []
     # what was compared
+    if track is not None and not is_analyze:
+        page.add("compared", "What was compared", _compared_table(track_compared_rows(track)))
+    if track is not None:
+        findings += track_findings(track)
     if is_analyze:
         page.add("compared", "What was compared", _compared_table(compared_rows(summary)))
         findings += analyze_findings(summary)
@@ -609,6 +736,8 @@ def build_index(root: str | os.PathLike) -> str:
         page.add("findings", "Findings", '<ul class=findings>' + "".join(f"<li>{f}</li>" for f in findings)
                  + "</ul><p class=src>Each sentence is generated from the numbers in this folder; the sections "
                    "below hold the tables and figures they come from.</p>")
+    if track is not None:
+        page.add("trajectory", "Trajectory", track_section(page, track))
     if is_analyze:
         page.add("layers", "Per-layer tables and figures", analyze_section(page, root, summary, compared=False))
     if safety_body:
@@ -654,6 +783,10 @@ def _describe(p: Path) -> str:
         return "HDF5: full spectra and metrics per tensor"
     if n == "claims.json":
         return "the paper's claims, measured"
+    if n == "track.json":
+        return "the trajectory: per checkpoint its step, whole-model summary and per-matrix records"
+    if n == "track.csv":
+        return "the trajectory as tidy rows: checkpoint × tensor × metric"
     if n == "safety_table.txt":
         return "the safety table as text"
     if p.parent.name == "eval" and p.suffix == ".json":

@@ -29,11 +29,15 @@ def record_json(rec: dict) -> dict:
 SCHEMA_VERSION = 2
 
 
+def stamp(schema_version: int) -> dict:
+    """The first keys of every JSON file a report holds: its layout version, pysafe's version, when (UTC)."""
+    return {"schema_version": schema_version, "pysafe_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
 def summary_dict(cmp) -> dict:
     return {
-        "schema_version": SCHEMA_VERSION,
-        "pysafe_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **stamp(SCHEMA_VERSION),
         "base": cmp.base,
         "tuned": cmp.tuned,
         "params": json_ready(cmp.params),
