@@ -4,6 +4,10 @@ Functions:
     compare(base, tuned, **options) -> Comparison
         Compare two checkpoints tensor by tensor: ΔW's norm, spectrum and position relative to the base
         weights' top singular directions, with chance levels (options: see ``pysafe.Options``).
+    drift(base, aligned, tuned, **options) -> DriftResult
+        Does a fine-tune of an aligned model (full or a LoRA adapter) undo the alignment change
+        ALIGNED − BASE? Per-matrix overlap, projection, angles and intruder dimensions, with chance levels
+        and bootstrap intervals (docs/drift.md).
     write_report(cmp, out)              summary.json, results.h5, plots/ and index.html, written atomically.
     make_pair(out, preset="small")      a synthetic base/tuned pair with a planted ΔW.
     read_header(path), read_tensor(path, name)   safetensors header and one tensor (upcast to f32/f64).
@@ -20,6 +24,7 @@ The native core (``pysafe._core``) is internal: call these instead.
 
 from pysafe._loader import _core  # noqa: F401  (loads the native core and its BLAS)
 from pysafe._version import __version__
+from pysafe.drift import DriftResult, drift
 from pysafe.distances import distance_summary, pairwise_distances, write_distance_matrix
 from pysafe.checkpoint import Checkpoint, PeftAdapter, detect_scheme, name_info
 from pysafe.errors import (  # noqa: F401  (re-exported; see pysafe.errors)
@@ -42,6 +47,7 @@ from pysafe.weights import Comparison, Options, compare
 __all__ = [
     "__version__",
     "compare",
+    "drift",
     "write_report",
     "make_pair",
     "read_header",
@@ -54,6 +60,7 @@ __all__ = [
     "detect_scheme",
     "name_info",
     "Comparison",
+    "DriftResult",
     "Options",
     "Checkpoint",
     "PeftAdapter",
