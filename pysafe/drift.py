@@ -86,7 +86,7 @@ class DriftResult:
 
 
 def drift(base, aligned, tuned, *, k: int | None = None, energy: float = 0.9, max_rank: int | None = None,
-          tol: float = 1e-4, intruder_k: int = 10, intruder_eps: float = 0.5, include: str | None = None,
+          tol: float = 1e-4, exact: bool = False, intruder_k: int = 10, intruder_eps: float = 0.5, include: str | None = None,
           device: str = "cpu", progress=None, on_pairs=None) -> DriftResult:
     """Measure, per matrix, how the change TUNED − ALIGNED relates to the alignment change ALIGNED − BASE.
 
@@ -96,7 +96,9 @@ def drift(base, aligned, tuned, *, k: int | None = None, energy: float = 0.9, ma
         k: fixed rank of ΔA's and ΔT's top subspaces; None: the smallest k holding ``energy`` of ‖·‖²_F.
         energy: energy fraction of the rank rule (0, 1].
         max_rank: cap on k under the energy rule (None: no cap).
-        tol: relative error allowed on the top singular values (the engine's SVD setting).
+        tol: relative error allowed on the singular values (the engine's SVD setting): each SVD gets the
+            engine's cheapest algorithm that meets it.
+        exact: force exact (LAPACK) SVDs everywhere.
         intruder_k: how many top left singular vectors of W_tuned are tested for intruder dimensions
             (0: skip the intruder test and its full SVDs).
         intruder_eps: a vector is an intruder when its largest |cos| with every left singular vector of
@@ -112,7 +114,7 @@ def drift(base, aligned, tuned, *, k: int | None = None, energy: float = 0.9, ma
         ShapeMismatchError: a matrix has different shapes in the checkpoints, or nothing to analyse.
         ValueError: a bad option value.
     """
-    params = {"k": k, "energy": energy, "max_rank": max_rank, "tol": tol, "intruder_k": intruder_k,
+    params = {"k": k, "energy": energy, "max_rank": max_rank, "tol": tol, "exact": bool(exact), "intruder_k": intruder_k,
               "intruder_eps": intruder_eps, "include": include, "device": device}
     _validate(params)
     engine_device(device)  # a GPU that is not there fails here, before any file is opened
@@ -242,7 +244,7 @@ def _delta(c1: Checkpoint, c0: Checkpoint, name: str) -> tuple[np.ndarray, int]:
 def _svd(M: np.ndarray, rank, params, seed: int):
     """The engine's truncated SVD of M under the drift rank rule; (U_k, S_k, V_k, info)."""
     U, S, Vt, info = truncated_svd(M, rank=None if rank is None else min(rank, min(M.shape)),
-                                   energy=params["energy"], max_rank=params["max_rank"], tol=params["tol"],
+                                   energy=params["energy"], max_rank=params["max_rank"], **_method(params),
                                    seed=seed, device=params["device"])
     kk = int(info["k"])
     return U[:, :kk], S[:kk], Vt[:kk].T, info
@@ -403,13 +405,20 @@ def _factored_svd(dT: _Factored, params, seed):
     return Q_L @ U_c, Q_R @ V_c, info
 
 
+def _method(params) -> dict:
+    """The engine's SVD algorithm choice: exact LAPACK when asked, else the cheapest that meets ``tol``
+    (at every size: exact_max_dim 0)."""
+    return {"exact": params["exact"], "exact_max_dim": 0, "tol": params["tol"]}
+
+
 def _all_left(W, seed, params):
-    U, _, _, _ = truncated_svd(W, rank=min(W.shape), exact=True, seed=seed, device=params["device"])
+    """Every left singular vector of W (min(m, n) of them)."""
+    U, _, _, _ = truncated_svd(W, rank=min(W.shape), **_method(params), seed=seed, device=params["device"])
     return U
 
 
 def _top_left(W, k, seed, params):
-    U, _, _, _ = truncated_svd(W, rank=k, tol=params["tol"], seed=seed, device=params["device"])
+    U, _, _, _ = truncated_svd(W, rank=k, **_method(params), seed=seed, device=params["device"])
     return U[:, :k]
 
 

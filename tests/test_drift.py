@@ -105,15 +105,15 @@ def _reference(Wb, dA, dT, energy=0.9, k=None, ik=10, eps=0.5):
     return out
 
 
-def _check_record(rec, ref):
+def _check_record(rec, ref, rel=1e-7):
     for key, want in ref.items():
         got = rec[key]
         if isinstance(want, (list, int)) and not isinstance(want, bool):
             assert got == want, key
         elif isinstance(want, np.ndarray):
-            np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-9, err_msg=key)
+            np.testing.assert_allclose(got, want, rtol=rel, atol=1e-9, err_msg=key)
         else:
-            assert got == pytest.approx(float(want), rel=1e-7, abs=1e-10), key
+            assert got == pytest.approx(float(want), rel=rel, abs=1e-10), key
 
 
 def _generic_dT(rng, dA):
@@ -127,17 +127,19 @@ def _generic_dT(rng, dA):
 def test_every_record_key_against_numpy_float64(tmp_path, transposed):
     names = LLAMA if not transposed else [f"transformer.h.{i}.mlp.c_fc.weight" for i in range(3)]
     bp, ap, tp, ref = _triple(tmp_path, _generic_dT, seed=1, names=names, transposed=transposed)
-    res = pysafe.drift(bp, ap, tp)
+    res = pysafe.drift(bp, ap, tp, exact=True)
+    fast = pysafe.drift(bp, ap, tp)  # the engine's cheapest SVDs within tol = 1e-4
     assert len(res.records) == len(names) and not res.skipped
     for nm in names:
         rec = res.record(nm)
         assert rec["transposed"] is transposed and rec["tuned_kind"] == "dense"
         want = _reference(*ref[nm])
         _check_record(rec, want)
+        _check_record(fast.record(nm), want, rel=1e-3)
         assert rec["intruder_count"] >= 1  # the planted rank-one direction is an intruder
         assert rec["sin_theta_left_chance"] == pytest.approx(sin_theta_chance(rec["shape"][0], rec["k_A"]))
     # a fixed k instead of the energy rule
-    res3 = pysafe.drift(bp, ap, tp, k=2, intruder_k=4, intruder_eps=0.3)
+    res3 = pysafe.drift(bp, ap, tp, k=2, intruder_k=4, intruder_eps=0.3, exact=True)
     for nm in names:
         _check_record(res3.record(nm), _reference(*ref[nm], k=2, ik=4, eps=0.3))
 
@@ -267,7 +269,7 @@ def _adapter(tmp_path, seed=11, r=4, alpha=8.0, rslora=False):
 
 def test_lora_adapter_equals_its_merged_checkpoint(tmp_path):
     bp, ap, adp, mp = _adapter(tmp_path)
-    fact, dense = pysafe.drift(bp, ap, adp), pysafe.drift(bp, ap, mp)
+    fact, dense = pysafe.drift(bp, ap, adp, exact=True), pysafe.drift(bp, ap, mp, exact=True)
     assert fact.tuned["format"] == "peft"
     for nm in LLAMA:
         f, d = fact.record(nm), dense.record(nm)

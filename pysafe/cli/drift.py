@@ -21,7 +21,9 @@ from pysafe.cli.options import debug_option, handle_errors
               help="k = smallest with Σσ² ≥ E·‖Δ‖²_F.")
 @click.option("--max-rank", type=click.IntRange(min=1), default=None, help="Cap on k under the energy rule.")
 @click.option("--tol", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=1e-4, show_default=True,
-              help="Relative error allowed on the top singular values.")
+              help="Relative error allowed on the singular values; each SVD gets the cheapest algorithm that "
+                   "meets it.")
+@click.option("--exact", is_flag=True, help="Force exact (LAPACK) SVDs everywhere.")
 @click.option("--intruder-k", type=click.IntRange(min=0), default=10, show_default=True,
               help="Top singular vectors of W_tuned tested for intruder dimensions (0: skip the test and its "
                    "full SVDs).")
@@ -34,7 +36,7 @@ from pysafe.cli.options import debug_option, handle_errors
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write plots/*.png.")
 @debug_option
 @handle_errors
-def drift_cmd(base, aligned, tuned, out, include, k, energy, max_rank, tol, intruder_k, intruder_eps, device,
+def drift_cmd(base, aligned, tuned, out, include, k, energy, max_rank, tol, exact, intruder_k, intruder_eps, device,
               overwrite, progress, plots, debug):
     """Does TUNED, a fine-tune of ALIGNED, undo ALIGNED's safety alignment of BASE?
 
@@ -55,7 +57,8 @@ def drift_cmd(base, aligned, tuned, out, include, k, energy, max_rank, tol, intr
     with atomic_dir(out, overwrite=overwrite, planned=DRIFT_FILES, log=lambda m: click.echo(m, err=True)) as stage:
         bar = _Progress(wanted(progress))
         try:
-            res = drift(base, aligned, tuned, k=k, energy=energy, max_rank=max_rank, tol=tol, intruder_k=intruder_k,
+            res = drift(base, aligned, tuned, k=k, energy=energy, max_rank=max_rank, tol=tol, exact=exact,
+                        intruder_k=intruder_k,
                         intruder_eps=intruder_eps, include=include, device=device, progress=bar,
                         on_pairs=report_pairs)
         finally:
