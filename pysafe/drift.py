@@ -24,8 +24,6 @@ from pysafe.checkpoint import Checkpoint, PeftAdapter, detect_scheme, name_info
 from pysafe.errors import CheckpointError, ShapeMismatchError, TensorNotFoundError, printable
 from pysafe.linalg import sin_theta, sin_theta_chance, truncated_svd
 
-#: summary layout version of drift.json
-SCHEMA_VERSION = 1
 #: bootstrap settings of the whole-model intervals (resamples over matrices, seed)
 N_BOOT, BOOT_SEED = 2000, 0
 
@@ -301,7 +299,7 @@ class _Dense(_Factored):
 def _one(b, a, t, name, target, scheme, params) -> dict:
     ni = name_info(name, scheme)
     stored = a.tensors[name].shape
-    seed = hash_name(name)
+    seed = _seed(name)
     dA, bad = _delta(a, b, name)
     if bad:
         return {"skip_reason": f"{bad} non-finite values in BASE or ALIGNED"}
@@ -390,7 +388,7 @@ def _one(b, a, t, name, target, scheme, params) -> dict:
     return rec
 
 
-def hash_name(name: str) -> int:
+def _seed(name: str) -> int:
     """A per-tensor seed (results do not depend on the order of tensors)."""
     import zlib
 
@@ -412,8 +410,10 @@ def _method(params) -> dict:
 
 
 def _all_left(W, seed, params):
-    """Every left singular vector of W (min(m, n) of them)."""
-    U, _, _, _ = truncated_svd(W, rank=min(W.shape), **_method(params), seed=seed, device=params["device"])
+    """Every left singular vector of W (min(m, n) of them); asking for the whole spectrum lets the engine
+    take its Gram-matrix path, the cheapest for a full decomposition."""
+    U, _, _, _ = truncated_svd(W, rank=min(W.shape), **_method(params), full_spectrum=True, seed=seed,
+                               device=params["device"])
     return U
 
 

@@ -221,6 +221,26 @@ def test_chance_levels_against_monte_carlo(tmp_path):
     assert rec["undo_chance_sd"] == pytest.approx(rec["cos_TA_chance_sd"] * rec["norm_delta_T"] / rec["norm_delta_A"])
 
 
+def test_whole_model_undo_control_against_monte_carlo(tmp_path):
+    """summary.model.undo_chance_sd is the sd of the aggregate undo when each ΔT is a random direction of its
+    own size."""
+    bp, ap, tp, ref = _triple(tmp_path, _generic_dT, seed=8)
+    res = pysafe.drift(bp, ap, tp, intruder_k=0)
+    rng = np.random.default_rng(9)
+    draws = []
+    for _ in range(4000):
+        num = den = 0.0
+        for nm, (_, dA, dT) in ref.items():
+            D = rng.standard_normal(dA.shape)
+            D *= np.linalg.norm(dT) / np.linalg.norm(D)
+            num -= np.sum(D * dA)
+            den += np.sum(dA ** 2)
+        draws.append(num / den)
+    g = res.summary["model"]
+    assert abs(np.mean(draws)) < 5 * np.std(draws) / math.sqrt(len(draws))
+    assert np.std(draws) == pytest.approx(g["undo_chance_sd"], rel=0.05)
+
+
 def test_bootstrap_interval_against_scipy():
     scipy_stats = pytest.importorskip("scipy.stats")
     rng = np.random.default_rng(7)
