@@ -84,8 +84,8 @@ class DriftResult:
 
 
 def drift(base, aligned, tuned, *, k: int | None = None, energy: float = 0.9, max_rank: int | None = None,
-          tol: float = 1e-4, exact: bool = False, intruder_k: int = 10, intruder_eps: float = 0.5, include: str | None = None,
-          device: str = "cpu", progress=None, on_pairs=None) -> DriftResult:
+          tol: float = 1e-4, exact: bool = False, intruder_k: int = 10, intruder_eps: float = 0.5,
+          include: str | None = None, device: str = "cpu", progress=None, on_pairs=None) -> DriftResult:
     """Measure, per matrix, how the change TUNED − ALIGNED relates to the alignment change ALIGNED − BASE.
 
     Args:
@@ -112,8 +112,8 @@ def drift(base, aligned, tuned, *, k: int | None = None, energy: float = 0.9, ma
         ShapeMismatchError: a matrix has different shapes in the checkpoints, or nothing to analyse.
         ValueError: a bad option value.
     """
-    params = {"k": k, "energy": energy, "max_rank": max_rank, "tol": tol, "exact": bool(exact), "intruder_k": intruder_k,
-              "intruder_eps": intruder_eps, "include": include, "device": device}
+    params = {"k": k, "energy": energy, "max_rank": max_rank, "tol": tol, "exact": bool(exact),
+              "intruder_k": intruder_k, "intruder_eps": intruder_eps, "include": include, "device": device}
     _validate(params)
     engine_device(device)  # a GPU that is not there fails here, before any file is opened
     t0 = time.perf_counter()
@@ -525,8 +525,11 @@ def summarize(records: list[dict], intruder_k: int = 10) -> dict:
     return out
 
 
-def _pc(v) -> str:
-    return "–" if v is None or not math.isfinite(v) else f"{100 * v:.1f}%"
+def percent(v) -> str:
+    """A share as a percentage; below 0.1% with two significant digits (chance levels are often tiny)."""
+    if v is None or not math.isfinite(v):
+        return "–"
+    return f"{100 * v:.2g}%" if 0 < abs(v) < 1e-3 else f"{100 * v:.1f}%"
 
 
 def _x(v) -> str:
@@ -542,8 +545,8 @@ def verdict(g: dict) -> str:
         return "ΔT is zero (TUNED equals ALIGNED) or ΔA is zero: nothing to compare."
     ci, rci = g.get("energy_both_ci95"), g.get("energy_both_ratio_ci95")
     parts = []
-    e = (f"ΔT puts {_pc(g['energy_both'])} of its energy in the alignment subspace (ΔA's top singular "
-         f"directions on both sides; chance {_pc(g['energy_both_chance'])}), {_x(g['energy_both_ratio'])} chance")
+    e = (f"ΔT puts {percent(g['energy_both'])} of its energy in the alignment subspace (ΔA's top singular "
+         f"directions on both sides; chance {percent(g['energy_both_chance'])}), {_x(g['energy_both_ratio'])} chance")
     if rci:
         e += f" [95% interval {_x(rci[0])} to {_x(rci[1])}]"
         e = ("no evidence of overlap: " + e + ", an interval that includes chance") if rci[0] <= 1 <= rci[1] else e
@@ -551,23 +554,23 @@ def verdict(g: dict) -> str:
         e += " (too few matrices for an interval)"
     parts.append(e[0].upper() + e[1:] + ".")
     u, uci, sd = g["undo"], g.get("undo_ci95"), g.get("undo_chance_sd") or 0.0
-    ctl = f"a random ΔT of the same size gives 0 ± {_pc(sd)}"
+    ctl = f"a random ΔT of the same size gives 0 ± {percent(sd)}"
     if uci is None:
-        parts.append(f"It undoes {_pc(u)} of the alignment change ({ctl}; too few matrices for an interval).")
+        parts.append(f"It undoes {percent(u)} of the alignment change ({ctl}; too few matrices for an interval).")
     elif uci[0] <= 0 <= uci[1] or abs(u) <= 3 * sd:
-        parts.append(f"No evidence that it undoes or reinforces the alignment change: undo {_pc(u)} "
-                     f"[95% interval {_pc(uci[0])} to {_pc(uci[1])}] ({ctl}).")
+        parts.append(f"No evidence that it undoes or reinforces the alignment change: undo {percent(u)} "
+                     f"[95% interval {percent(uci[0])} to {percent(uci[1])}] ({ctl}).")
     elif u > 0:
-        parts.append(f"It undoes {_pc(u)} [95% interval {_pc(uci[0])} to {_pc(uci[1])}] of the alignment change "
-                     f"({ctl}).")
+        parts.append(f"It undoes {percent(u)} [95% interval {percent(uci[0])} to {percent(uci[1])}] of the "
+                     f"alignment change ({ctl}).")
     else:
-        parts.append(f"It reinforces the alignment change: undo {_pc(u)} [95% interval {_pc(uci[0])} to "
-                     f"{_pc(uci[1])}] ({ctl}).")
+        parts.append(f"It reinforces the alignment change: undo {percent(u)} [95% interval {percent(uci[0])} to "
+                     f"{percent(uci[1])}] ({ctl}).")
     if g.get("intruder_tested"):
         ici = g.get("intruders_ci95")
         parts.append(f"Intruder dimensions: {g['intruder_count']} of the {g['intruder_tested']} top singular "
-                     f"vectors tested ({_pc(g['intruders'])}"
-                     + (f" [95% interval {_pc(ici[0])} to {_pc(ici[1])}]" if ici else "")
+                     f"vectors tested ({percent(g['intruders'])}"
+                     + (f" [95% interval {percent(ici[0])} to {percent(ici[1])}]" if ici else "")
                      + f"); the alignment step itself, tested the same way against BASE: "
-                       f"{g['intruder_count_alignment']} ({_pc(g['intruders_alignment'])}).")
+                       f"{g['intruder_count_alignment']} ({percent(g['intruders_alignment'])}).")
     return " ".join(parts)

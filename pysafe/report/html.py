@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from pysafe.checkpoint import MODULE_ORDER
+from pysafe.drift import percent as _pc
 
 INDEX = "index.html"
 #: the mark of a page pysafe wrote (also how a folder without a manifest recognises it)
@@ -530,15 +531,15 @@ DRIFT_ROWS = (
 
 
 def _drift_chance(g: dict, key: str, pct: bool) -> str:
-    fmt = _pct if pct else _num
+    fmt = _pc if pct else _num
     if key + "_chance" in g:
         return fmt(g[key + "_chance"])
     if key in ("undo", "undo_topk") and g.get("undo_chance_sd") is not None:
-        return f"0 ± {_pct(g['undo_chance_sd'])} (sd)"
+        return f"0 ± {_pc(g['undo_chance_sd'])} (sd)"
     if key == "cos_TA" and g.get("cos_TA_chance_sd") is not None:
         return f"0 ± {_num(g['cos_TA_chance_sd'])} (sd)"
     if key == "intruders" and g.get("intruders_alignment") is not None:
-        return f"alignment step: {_pct(g['intruders_alignment'])}"
+        return f"alignment step: {_pc(g['intruders_alignment'])}"
     return "–"
 
 
@@ -551,7 +552,7 @@ def _drift_table(groups: dict, label: str) -> str:
     for name, g in groups.items():
         cells = []
         for k, pct in keys:
-            fmt = _pct if pct else _num
+            fmt = _pc if pct else _num
             ci = g.get(k + "_ci95")
             ci_s = f"[{fmt(ci[0])}, {fmt(ci[1])}] " if ci else ""
             cells.append(f"<td>{fmt(g.get(k))}<span class=ci>{ci_s}chance {_e(_drift_chance(g, k, pct))}</span></td>")
@@ -579,7 +580,7 @@ def drift_section(page: Page, root: Path, d: dict) -> str:
     for key, words, pct in DRIFT_ROWS:
         if key not in g:
             continue
-        fmt = _pct if pct else _num
+        fmt = _pc if pct else _num
         ci = g.get(key + "_ci95")
         ratio = g.get(key + "_ratio")
         rci = g.get(key + "_ratio_ci95")
