@@ -4,6 +4,10 @@ Functions:
     compare(base, tuned, **options) -> Comparison
         Compare two checkpoints tensor by tensor: ΔW's norm, spectrum and position relative to the base
         weights' top singular directions, with chance levels (options: see ``pysafe.Options``).
+    drift(base, aligned, tuned, **options) -> DriftResult
+        Does a fine-tune of an aligned model (full or a LoRA adapter) undo the alignment change
+        ALIGNED − BASE? Per-matrix overlap, projection, angles and intruder dimensions, with chance levels
+        and bootstrap intervals (docs/drift.md).
     write_report(cmp, out)              summary.json, results.h5, plots/ and index.html, written atomically.
     track(base, ckpts, **options) -> Trajectory
         compare() for every checkpoint of a training run (a run directory's steps/step_N, or paths in
@@ -24,6 +28,7 @@ The native core (``pysafe._core``) is internal: call these instead.
 
 from pysafe._loader import _core  # noqa: F401  (loads the native core and its BLAS)
 from pysafe._version import __version__
+from pysafe.drift import DriftResult, drift
 from pysafe.distances import distance_summary, pairwise_distances, write_distance_matrix
 from pysafe.checkpoint import Checkpoint, PeftAdapter, detect_scheme, name_info
 from pysafe.errors import (  # noqa: F401  (re-exported; see pysafe.errors)
@@ -49,6 +54,7 @@ from pysafe.weights import Comparison, Options, compare
 __all__ = [
     "__version__",
     "compare",
+    "drift",
     "write_report",
     "track",
     "write_track_report",
@@ -64,6 +70,7 @@ __all__ = [
     "name_info",
     "Comparison",
     "Trajectory",
+    "DriftResult",
     "Options",
     "Checkpoint",
     "PeftAdapter",

@@ -17,7 +17,7 @@ LAYERS = (
     ("base", ("pysafe._version", "pysafe._loader", "pysafe._core", "pysafe.errors", "pysafe._atomic",
               "pysafe._progress", "pysafe._figures")),
     ("engine", ("pysafe.backend", "pysafe.linalg", "pysafe.checkpoint", "pysafe.distances", "pysafe.svdcache", "pysafe.records",
-                "pysafe.weights", "pysafe.synthetic", "pysafe.distributed", "pysafe.trajectory")),
+                "pysafe.weights", "pysafe.synthetic", "pysafe.distributed", "pysafe.trajectory", "pysafe.drift")),
     ("lab: world", ("pysafe.lab", "pysafe.lab.vocab", "pysafe.lab.grammar", "pysafe.lab.tasks", "pysafe.lab.recipe",
                     "pysafe.lab.samplers", "pysafe.lab.testsets", "pysafe.lab.data", "pysafe.lab.answers")),
     ("lab: model", ("pysafe.lab.model", "pysafe.lab.lora")),

@@ -9,6 +9,7 @@ from pysafe.cli.analyze import analyze
 from pysafe.cli.clusters import clusters_cmd
 from pysafe.cli.figures import colspace_cmd, lipschitz_cmd, rowspace_cmd
 from pysafe.cli.data import data_cmd
+from pysafe.cli.drift import drift_cmd
 from pysafe.cli.eval import eval_cmd
 from pysafe.cli.make_pair import make_pair_cmd
 from pysafe.cli.report import report_cmd
@@ -25,6 +26,7 @@ def main():
 
 
 main.add_command(analyze)
+main.add_command(drift_cmd)
 main.add_command(make_pair_cmd)
 main.add_command(data_cmd)
 main.add_command(train_cmd)

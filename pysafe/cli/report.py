@@ -17,7 +17,7 @@ from pysafe.cli.options import debug_option, handle_errors
 @handle_errors
 def report_cmd(directory, markdown, debug):
     """Rebuild DIRECTORY/index.html, the report page, from the files in DIRECTORY (a folder written by
-    `pysafe analyze`, `track`, `demo`, `reproduce`, `clusters`, `colspace`, `rowspace` or `lipschitz`). Only
+    `pysafe analyze`, `track`, `drift`, `demo`, `reproduce`, `clusters`, `colspace`, `rowspace` or `lipschitz`). Only
     index.html is written; an index.html that pysafe did not write is left alone (an error)."""
     from pysafe.report.html import results_markdown, write_index
 

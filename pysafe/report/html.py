@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from pysafe.checkpoint import MODULE_ORDER
+from pysafe.drift import percent as _pc
 
 INDEX = "index.html"
 #: the mark of a page pysafe wrote (also how a folder without a manifest recognises it)
@@ -146,8 +147,19 @@ CAPTIONS.update({
                            "the mean for random directions. Solid below dashed: ΔW lies in directions the base "
                            "already uses more than chance would give; at the dashed line, no more than random.",
 })
+CAPTIONS["drift_energy.png"] = (
+    "Per layer, the share of the new change ΔT's energy (‖ΔT‖²) that lies in the alignment change ΔA's top "
+    "singular directions: column space, row space and both at once, summed over the layer's matrices, with a 95% "
+    "bootstrap interval over them. The dashes are chance, what a random ΔT of the same shape would put there. "
+    "Points far above their dash: the fine-tune writes into the directions the alignment used.")
+CAPTIONS["drift_undo.png"] = (
+    "Per layer, the fraction of the alignment change the new change cancels: −⟨ΔT, ΔA⟩ / ‖ΔA‖² summed over the "
+    "layer's matrices (1: TUNED is back at BASE along ΔA; negative: the fine-tune reinforces the alignment), with "
+    "a 95% bootstrap interval over the matrices. Grey band: where a random ΔT of the same size would land (±2 sd).")
 
 FIGURE_TITLES = {
+    "drift_energy.png": "Energy of ΔT in the alignment subspace, per layer",
+    "drift_undo.png": "Alignment change undone, per layer",
     "sv_decay.png": "Spectrum of ΔW", "clusters.png": "Activation clusters (Fig 3, Fig 7)",
     "colspace.png": "Column space of the weights (Fig 4)", "rowspace.png": "Row space and inputs (Fig 5)",
     "lipschitz.png": "Local Lipschitzness (Fig 6)",
@@ -508,7 +520,7 @@ def analyze_section(page: Page, d: Path, s: dict, level: int = 2, label: str = "
         items = "".join(f"<li><code>{_e(x.get('name', '?'))}</code>: {_e(x.get('reason', ''))}</li>"
                         for x in skipped[:20])
         parts.append(f"<h{level + 1}>Skipped tensors</h{level + 1}><ul>{items}</ul>")
-    for p in sorted((d / "plots").glob("*.png"), key=_plot_order):
+    for p in sorted((p for p in (d / "plots").glob("*.png") if not p.stem.startswith("drift_")), key=_plot_order):
         parts.append(page.figure(p, f"{label}: {_caption(p)[0]}" if label else None))
     parts.append(page.source(d / "summary.json"))
     if (d / "results.h5").exists():
@@ -519,6 +531,97 @@ def analyze_section(page: Page, d: Path, s: dict, level: int = 2, label: str = "
 def _plot_order(p: Path):
     order = ["sv_decay", "heatmap_delta_rel", "heatmap_null_frac_left", "heatmap_overlap_left", "heatmap_effective_rank_delta"]
     return (order.index(p.stem) if p.stem in order else len(order), p.name)
+
+
+#: the drift metrics shown on the page: key, words, whether it is a percentage
+DRIFT_ROWS = (
+    ("energy_both", "share of ΔT's energy in ΔA's top directions, both sides", True),
+    ("energy_left", "share of ΔT's energy in ΔA's top column space", True),
+    ("energy_right", "share of ΔT's energy in ΔA's top row space", True),
+    ("undo", "fraction of ΔA undone, −⟨ΔT, ΔA⟩/‖ΔA‖²", True),
+    ("undo_topk", "the same, on ΔA's top-k part only", True),
+    ("cos_TA", "cosine of ΔT and ΔA (all matrices as one vector)", False),
+    ("sin_theta_left", "mean sin θ, ΔT's top column directions to ΔA's", False),
+    ("sin_theta_right", "mean sin θ, ΔT's top row directions to ΔA's", False),
+    ("intruders", "intruder dimensions of W_tuned vs W_aligned (share of tested)", True),
+)
+
+
+def _drift_chance(g: dict, key: str, pct: bool) -> str:
+    fmt = _pc if pct else _num
+    if key + "_chance" in g:
+        return fmt(g[key + "_chance"])
+    if key in ("undo", "undo_topk") and g.get("undo_chance_sd") is not None:
+        return f"0 ± {_pc(g['undo_chance_sd'])} (sd)"
+    if key == "cos_TA" and g.get("cos_TA_chance_sd") is not None:
+        return f"0 ± {_num(g['cos_TA_chance_sd'])} (sd)"
+    if key == "intruders" and g.get("intruders_alignment") is not None:
+        return f"alignment step: {_pc(g['intruders_alignment'])}"
+    return "–"
+
+
+def _drift_table(groups: dict, label: str) -> str:
+    """Rows = groups (layers or modules), one column per main metric, each cell value, interval, chance."""
+    keys = [("energy_both", True), ("energy_left", True), ("undo", True), ("cos_TA", False),
+            ("sin_theta_left", False), ("intruders", True)]
+    head = "".join(f"<th>{_e(k)}</th>" for k, _ in keys)
+    rows = []
+    for name, g in groups.items():
+        cells = []
+        for k, pct in keys:
+            fmt = _pc if pct else _num
+            ci = g.get(k + "_ci95")
+            ci_s = f"[{fmt(ci[0])}, {fmt(ci[1])}] " if ci else ""
+            cells.append(f"<td>{fmt(g.get(k))}<span class=ci>{ci_s}chance {_e(_drift_chance(g, k, pct))}</span></td>")
+        rows.append(f"<tr><th>{_e(name)}</th><td>{_e(g.get('n_matrices', ''))}</td>{''.join(cells)}</tr>")
+    return (f"<div class=scroll><table><tr><th>{_e(label)}</th><th>matrices</th>{head}</tr>{''.join(rows)}"
+            "</table></div>")
+
+
+def drift_section(page: Page, root: Path, d: dict) -> str:
+    """The Drift section: what was compared, the verdict, the whole-model numbers, per-layer and per-module
+    tables and the figures, from drift.json."""
+    s = d["summary"]
+    params = d.get("params") or {}
+    rows = [("BASE", _ckpt_cell(d.get("base"))), ("ALIGNED (BASE's safety-tuned version)", _ckpt_cell(d.get("aligned"))),
+            ("TUNED (a fine-tune of ALIGNED)", _ckpt_cell(d.get("tuned"))),
+            ("matrices analysed", f"{len(d.get('matrices', []))} ({len(d.get('skipped', []))} skipped)"),
+            ("options", "<code>" + _e(", ".join(f"{k}={v}" for k, v in params.items() if v is not None)) + "</code>"),
+            ("pysafe", f"{_e(d.get('pysafe_version', '?'))}, {_e(d.get('created', ''))}, {_num(d.get('seconds'))} s")]
+    parts = ["<p>ΔA = W_aligned − W_base is the alignment change, ΔT = W_tuned − W_aligned the new one. Each number "
+             "is summed over matrices (Σ numerators / Σ denominators) and shown with its 95% bootstrap interval over "
+             "matrices and with chance: what a random ΔT of the same shapes and size would give.</p>",
+             _compared_table(rows), f"<p><b>Verdict.</b> {_e(s.get('verdict', ''))}</p>"]
+    g = s.get("model") or {}
+    body = []
+    for key, words, pct in DRIFT_ROWS:
+        if key not in g:
+            continue
+        fmt = _pc if pct else _num
+        ci = g.get(key + "_ci95")
+        ratio = g.get(key + "_ratio")
+        rci = g.get(key + "_ratio_ci95")
+        ratio_s = (f"{_num(ratio)}×" + (f" [{_num(rci[0])}, {_num(rci[1])}]" if rci else "")) if ratio is not None else "–"
+        body.append(f"<tr><td class=l>{_e(words)}</td><td>{fmt(g.get(key))}</td>"
+                    f"<td>{(fmt(ci[0]) + ' to ' + fmt(ci[1])) if ci else '–'}</td>"
+                    f"<td>{_e(_drift_chance(g, key, pct))}</td><td>{ratio_s}</td></tr>")
+    parts.append(f"<h3>Whole model ({_e(g.get('n_matrices', 0))} matrices)</h3><table><tr><th class=l>metric</th>"
+                 f"<th>value</th><th>95% interval</th><th>chance</th><th>÷ chance</th></tr>{''.join(body)}</table>")
+    if s.get("by_layer"):
+        parts.append("<h3>Per layer (0-based)</h3>" + _drift_table(s["by_layer"], "layer"))
+    if s.get("by_module"):
+        parts.append("<h3>Per module type</h3>" + _drift_table(s["by_module"], "module"))
+    skipped = d.get("skipped") or []
+    if skipped:
+        items = "".join(f"<li><code>{_e(x.get('name', '?'))}</code>: {_e(x.get('reason', ''))}</li>"
+                        for x in skipped[:20])
+        parts.append(f"<h3>Skipped tensors</h3><ul>{items}</ul>")
+    for p in sorted((root / "plots").glob("drift_*.png")):
+        parts.append(page.figure(p))
+    parts.append(page.source(root / "drift.json"))
+    if (root / "drift.csv").exists():
+        page.used_files.add(root / "drift.csv")
+    return "\n".join(parts)
 
 
 def _analysis_findings(d: Path, name: str) -> list[str]:
@@ -686,6 +789,11 @@ def build_index(root: str | os.PathLike) -> str:
     if track is not None and not is_analyze:
         title = f"pysafe track: {len(track['checkpoints'])} checkpoints vs " \
                 f"{Path(str((track.get('base') or {}).get('path', 'base'))).name}"
+    drift = _load(root / "drift.json")
+    drift = drift if isinstance(drift, dict) and isinstance(drift.get("summary"), dict) else None
+    if drift is not None and not is_analyze:
+        title = f"pysafe drift: {Path(str((drift.get('tuned') or {}).get('path', 'tuned'))).name} on " \
+                f"{Path(str((drift.get('aligned') or {}).get('path', 'aligned'))).name}"
     elif is_analyze:
         title = f"pysafe report: {Path(str((summary.get('tuned') or {}).get('path', 'tuned'))).name} vs " \
                 f"{Path(str((summary.get('base') or {}).get('path', 'base'))).name}"
@@ -719,6 +827,8 @@ def build_index(root: str | os.PathLike) -> str:
                  "compared with the pretrained weights.</p>")
         page.add("compared", "What was compared", intro + _compared_table(rows)
                  + (page.source(root / "summary.json") if (root / "summary.json").exists() else ""))
+    if drift is not None:
+        findings.append(_e(drift["summary"].get("verdict", "")))
     safety_body = claims_body = None
     if evals:
         safety_body, lines = safety_section(page, evals)
@@ -738,6 +848,8 @@ def build_index(root: str | os.PathLike) -> str:
                    "below hold the tables and figures they come from.</p>")
     if track is not None:
         page.add("trajectory", "Trajectory", track_section(page, track))
+    if drift is not None:
+        page.add("drift", "Drift: does the fine-tune undo the alignment?", drift_section(page, root, drift))
     if is_analyze:
         page.add("layers", "Per-layer tables and figures", analyze_section(page, root, summary, compared=False))
     if safety_body:
@@ -781,6 +893,10 @@ def _describe(p: Path) -> str:
         return "the run's summary (per-matrix metrics for an analyze report)"
     if n == "results.h5":
         return "HDF5: full spectra and metrics per tensor"
+    if n == "drift.json":
+        return "pysafe drift: per-matrix records, whole-model summary with intervals, settings"
+    if n == "drift.csv":
+        return "pysafe drift: one row per matrix"
     if n == "claims.json":
         return "the paper's claims, measured"
     if n == "track.json":
