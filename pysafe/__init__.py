@@ -21,7 +21,8 @@ Functions:
     build_info()                        what the native core was built with.
 
 Classes: Comparison (``.records``, ``.record(name)``, ``.to_pandas()``), Options, Checkpoint
-(``Checkpoint.open(path)``), PeftAdapter. Errors: ``pysafe.errors`` (PysafeError and its subclasses,
+(``Checkpoint.open(path)``), PeftAdapter; Trajectory and DriftResult (what ``track`` and ``drift`` return;
+``help(pysafe.Trajectory)``, ``help(pysafe.DriftResult)``). Errors: ``pysafe.errors`` (PysafeError and its subclasses,
 also importable from ``pysafe``). Command line: ``pysafe --help``. Documentation: the repository's docs/.
 The native core (``pysafe._core``) is internal: call these instead.
 """
@@ -50,7 +51,8 @@ from pysafe.trajectory import Trajectory, track
 from pysafe.weights import Comparison, Options, compare
 
 #: the public names; the error classes are in ``pysafe.errors`` (and importable from here) but left out of
-#: __all__ so that ``help(pysafe)`` shows the functions, not pages of inherited exception methods
+#: __all__ so that ``help(pysafe)`` shows the functions, not pages of inherited exception methods; so are the
+#: result classes that only come back from a function (Trajectory from track, DriftResult from drift)
 __all__ = [
     "__version__",
     "compare",
@@ -69,8 +71,6 @@ __all__ = [
     "detect_scheme",
     "name_info",
     "Comparison",
-    "Trajectory",
-    "DriftResult",
     "Options",
     "Checkpoint",
     "PeftAdapter",
