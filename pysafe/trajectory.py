@@ -42,6 +42,7 @@ class TrackPoint:
     label: str
     path: str
     comparison: Comparison
+    drift: dict | None = None  # whole-model drift against the aligned reference (track(aligned=...)), else None
 
     @property
     def records(self) -> list[dict]:
@@ -63,6 +64,7 @@ class Trajectory:
     seconds: float = 0.0
     cache: dict | None = None  # hits, misses, writes over the whole trajectory (None: no cache)
     ray: str | None = None  # the cluster address when run with ray=
+    aligned: str | None = None  # the aligned reference of the drift numbers (track(aligned=...)), else None
 
     def __repr__(self) -> str:
         steps = [p.step for p in self.points]
@@ -79,6 +81,10 @@ class Trajectory:
                         "layer": rec.get("layer"), "module": rec.get("module") or ""}
                 for k, v in matrix_metrics(rec).items():
                     yield {**head, "metric": k, "value": v}
+            for k, v in (p.drift or {}).items():  # whole-model drift: one row per number, name "(model)"
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    yield {"index": p.index, "step": p.step, "label": p.label, "name": "(model)", "layer": None,
+                           "module": "", "metric": "drift_" + k, "value": float(v)}
 
     def to_pandas(self):
         """:meth:`rows` as a pandas DataFrame. Needs pandas: ``pip install "pysafe[pandas]"``."""
@@ -209,16 +215,17 @@ def track(base, ckpts, *, labels: list[str] | None = None, cache=None, ray: str 
         ray: a Ray cluster address (``local``, ``local:N``, ``auto``, ``HOST:PORT``): one task per checkpoint
             (needs ``pysafe[ray]``); the records are those of the local run.
         progress: called as ``progress(done, total, label)`` after each checkpoint.
-        aligned: drift against an aligned reference, when pysafe.drift is available (not in this version:
-            anything but None raises NotImplementedError).
+        aligned: an aligned (safety-tuned) version of ``base`` of which the checkpoints are further fine-tunes:
+            each checkpoint's whole-model drift against the alignment change (:func:`pysafe.drift` with
+            BASE = ``base``, ALIGNED = ``aligned``, TUNED = the checkpoint; its summary's "model" numbers and
+            verdict in ``TrackPoint.drift``), computed in this process after the comparisons.
         **options: any field of :class:`pysafe.Options`, as for :func:`pysafe.compare`.
 
     Returns:
         A :class:`Trajectory`.
     """
-    if aligned is not None:
-        raise NotImplementedError("track(aligned=...): drift against an aligned reference needs pysafe.drift, "
-                                  "which this version of pysafe does not have")
+    if aligned is not None and not Path(aligned).exists():
+        raise FileNotFoundError(f"{aligned}: no such file or directory")
     opts = Options(**options)
     opts.validate()
     items = expand_checkpoints(ckpts)
@@ -251,8 +258,15 @@ def track(base, ckpts, *, labels: list[str] | None = None, cache=None, ray: str 
         if cache_summary is not None and temporary:
             cache_summary["dir"] = None  # a temporary directory, gone after this call
     points = [TrackPoint(i, s, names[i], str(Path(p).resolve()), c) for i, ((p, s), c) in enumerate(zip(items, cmps))]
+    if aligned is not None:
+        from pysafe.drift import drift
+
+        for pt in points:
+            res = drift(base, aligned, pt.path, include=opts.include, device=opts.device)
+            pt.drift = {**res.summary["model"], "verdict": res.summary.get("verdict")}
     return Trajectory(base=cmps[0].base, params=asdict(opts), points=points, scheme=cmps[0].scheme,
-                      seconds=time.perf_counter() - t0, cache=cache_summary, ray=ray)
+                      seconds=time.perf_counter() - t0, cache=cache_summary, ray=ray,
+                      aligned=None if aligned is None else str(Path(aligned).resolve()))
 
 
 def _label(path: str, step: int | None) -> str:

@@ -53,8 +53,8 @@ def test_checkpoints_are_ordered_by_step_and_the_run_itself_comes_last(lab_run, 
     assert [s for _, s in expand_checkpoints(given)] == [6, 6, 2]  # the base's config.json records steps_done 6
     with pytest.raises(FileNotFoundError, match="nope"):
         expand_checkpoints([run, tmp_path / "nope"])
-    with pytest.raises(NotImplementedError, match="pysafe.drift"):
-        pysafe.track(base, run, aligned=base)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        pysafe.track(base, run, aligned=tmp_path / "nope")
     with pytest.raises(ValueError, match="2 given for 4 checkpoints"):
         pysafe.track(base, run, labels=["a", "b"])
     traj = pysafe.track(base, given, labels=["six", "base", "two"], cache=False, include=r"c_fc")
@@ -191,3 +191,43 @@ def test_to_pandas_is_the_tidy_rows(lab_run):
     assert isinstance(df, pd.DataFrame) and list(df.columns) == ["index", "step", "label", "name", "layer", "module",
                                                                   "metric", "value"]
     assert len(df) == len(list(traj.rows())) and set(df["step"]) == {2, 4, 6, 7}
+
+
+def test_drift_against_an_aligned_reference_along_the_trajectory(lab_run, tmp_path):
+    """track(aligned=...): checkpoints planted at W_aligned − c·ΔA give undo = c (an independent number), and
+    each point's drift equals pysafe.drift on that checkpoint; track.json, track.csv, the plot and the page
+    carry it, and the CLI takes --aligned."""
+    from safetensors.numpy import save_file
+
+    base, run = lab_run
+    aligned = run / "steps" / "step_000006"
+    wb, wa = load_file(base / "model.safetensors"), load_file(aligned / "model.safetensors")
+    cfg = json.loads((aligned / "config.json").read_text())
+    ckpts = []
+    for i, c in enumerate((0.0, 0.25, 0.5)):
+        d = tmp_path / f"c{i}"
+        d.mkdir()
+        save_file({k: (wa[k] - c * (wa[k] - wb[k]).astype(np.float64)).astype(np.float32) if wa[k].ndim == 2
+                   else wa[k] for k in wa}, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps({**cfg, "step": 10 * (i + 1)}))
+        ckpts.append(d)
+    traj = pysafe.track(base, ckpts[1:], aligned=aligned, cache=False)
+    assert traj.aligned == str(aligned.resolve())
+    for p, c in zip(traj.points, (0.25, 0.5)):
+        assert p.drift["undo"] == pytest.approx(c, abs=1e-5)
+        direct = pysafe.drift(base, aligned, p.path).summary["model"]
+        assert all(p.drift[k] == direct[k] for k in ("undo", "energy_both", "energy_both_ratio", "cos_TA"))
+        assert "undoes" in p.drift["verdict"]
+    assert {r["metric"] for r in traj.rows() if r["name"] == "(model)"} >= {"drift_undo", "drift_energy_both_ratio"}
+    out = tmp_path / "t"
+    res = CliRunner().invoke(main, ["track", str(base), *map(str, ckpts), "--aligned", str(aligned), "--out", str(out),
+                                    "--no-cache"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    doc = json.loads((out / "track.json").read_text())
+    assert [round(p["drift"]["undo"], 4) for p in doc["checkpoints"]] == [0.0, 0.25, 0.5]
+    assert (out / "plots" / "track_drift.png").stat().st_size > 1000
+    page = (out / "index.html").read_text()
+    assert "track_drift.png" in page and "share of ΔA it undoes" in page
+    with open(out / "track.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["value"]) for r in rows if r["metric"] == "drift_undo"] == pytest.approx([0, 0.25, 0.5], abs=1e-5)

@@ -14,13 +14,16 @@ from pysafe.weights import Options
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path())
 @click.option("--out", type=click.Path(file_okay=False), default="pysafe-track", show_default=True,
               help="Report directory (index.html, track.json, track.csv, plots/).")
+@click.option("--aligned", type=click.Path(exists=True), default=None,
+              help="An aligned (safety-tuned) version of BASE that the checkpoints fine-tune further: add each "
+                   "checkpoint's whole-model drift against the alignment change (pysafe drift BASE ALIGNED CKPT).")
 @dataclass_options(Options, into="opts")
 @report_options
 @cache_options
 @ray_option("one task per checkpoint")
 @debug_option
 @handle_errors
-def track_cmd(base, checkpoints, out, opts, overwrite, progress, plots, cache_dir, no_cache, ray, debug):
+def track_cmd(base, checkpoints, out, aligned, opts, overwrite, progress, plots, cache_dir, no_cache, ray, debug):
     """Compare every checkpoint of a training run with BASE, tensor by tensor, and follow the metrics over
     the steps.
 
@@ -31,7 +34,7 @@ def track_cmd(base, checkpoints, out, opts, overwrite, progress, plots, cache_di
     """
     from pysafe._atomic import atomic_dir
     from pysafe._progress import bar, wanted
-    from pysafe.report.track import TRACK_FILES, write_track_files
+    from pysafe.report.track import DRIFT_PLOT, TRACK_FILES, write_track_files
     from pysafe.trajectory import track
 
     if ray is not None:
@@ -39,9 +42,9 @@ def track_cmd(base, checkpoints, out, opts, overwrite, progress, plots, cache_di
 
         check_available(ray)  # a bad address or a missing Ray fails here, before any work
     cache = open_base_cache(cache_dir, no_cache)
-    with atomic_dir(out, overwrite=overwrite, planned=TRACK_FILES, log=lambda m: click.echo(m, err=True)) as stage:
+    with atomic_dir(out, overwrite=overwrite, planned=TRACK_FILES + ((f"plots/{DRIFT_PLOT}.png",) if aligned else ()), log=lambda m: click.echo(m, err=True)) as stage:
         with bar("checkpoints", None, wanted(progress)) as b:
-            traj = track(base, checkpoints, cache=cache if cache is not None else False, ray=ray,
+            traj = track(base, checkpoints, cache=cache if cache is not None else False, ray=ray, aligned=aligned,
                          progress=lambda done, total, label: b.update(completed=done, total=total, note=label),
                          **vars(opts))
         write_track_files(traj, stage.path, run_id=stage.run_id, plots=plots)
@@ -49,7 +52,9 @@ def track_cmd(base, checkpoints, out, opts, overwrite, progress, plots, cache_di
         s = p.summary()
         click.echo(f"{p.label:>14}  ‖ΔW‖/‖W_base‖ {s['delta_rel']:.4g}  median matrix {s['delta_rel_median']:.4g}  "
                    f"sin θ out {s['sin_theta_left_mean']:.3f} (chance {s['sin_theta_left_chance_mean']:.3f})  "
-                   f"in {s['sin_theta_right_mean']:.3f} (chance {s['sin_theta_right_chance_mean']:.3f})")
+                   f"in {s['sin_theta_right_mean']:.3f} (chance {s['sin_theta_right_chance_mean']:.3f})"
+                   + (f"  undo {p.drift['undo']:.3g}, energy in ΔA's space {p.drift['energy_both_ratio']:.3g}× chance"
+                      if p.drift else ""))
     echo_cache(cache, debug)
     n = len(traj.points[0].records)
     click.echo(f"{len(traj.points)} checkpoints × {n} tensors in {traj.seconds:.1f} s"

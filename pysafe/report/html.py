@@ -142,6 +142,11 @@ CAPTIONS.update({
                                 "About 1 for a rank-one change, up to min(out, in) for a flat spectrum.",
     "track_energy_rank.png": "The number of singular directions of ΔW that hold 90% of its energy, averaged over the "
                              "layers of each module type. Low and flat: training keeps writing into a few directions.",
+    "track_drift.png": "Each checkpoint's drift against the alignment change (track --aligned): left, the share of "
+                       "ΔA = ALIGNED − BASE that the checkpoint's change ΔT = CKPT − ALIGNED cancels (0: none; 1: back "
+                       "at BASE along ΔA); right, ΔT's energy in ΔA's top singular directions (both sides) as a "
+                       "multiple of what a random ΔT would put there (dashed: 1). Bands: 95% bootstrap intervals "
+                       "over the matrices.",
     "track_sin_theta.png": "Mean sin θ between ΔW's top singular directions and W_base's top-k subspace, per module "
                            "type (left: output side, right: input side); dashed, in the same colour: its chance level, "
                            "the mean for random directions. Solid below dashed: ΔW lies in directions the base "
@@ -713,7 +718,22 @@ def track_section(page: Page, doc: dict) -> str:
              "matrices (medians, or means beside the mean of their chance levels).</p>",
              f'<div class=scroll><table><tr><th class=l>checkpoint</th><th>step</th><th>matrices</th>{head}</tr>'
              f'{"".join(rows)}</table></div>']
-    for stem in ("track_delta_rel", "track_effective_rank", "track_energy_rank", "track_sin_theta"):
+    drifts = [(p.get("label", ""), p["drift"]) for p in pts if isinstance(p.get("drift"), dict)]
+    if drifts:
+        def iv(d, k, pct):
+            v, c = d.get(k), d.get(k + "_ci95") or [None, None]
+            f = _pct if pct else _num
+            return f"<td>{f(v)}<span class=ci>[{f(c[0])}, {f(c[1])}]</span></td>"
+
+        drows = "".join(f"<tr><th class=l>{_e(lab)}</th>{iv(d, 'undo', True)}{iv(d, 'energy_both_ratio', False)}"
+                        f"<td class=l>{_e(d.get('verdict') or '')}</td></tr>" for lab, d in drifts)
+        parts.append(f"<p>Drift of each checkpoint against the alignment change ΔA = ALIGNED − BASE "
+                     f"(aligned reference: {_e(Path(str(doc.get('aligned') or '')).name)}; pysafe drift, "
+                     f"docs/drift.md): the share of ΔA it undoes and ΔT's energy in ΔA's top subspace as a multiple "
+                     f"of chance, with 95% bootstrap intervals over matrices.</p>"
+                     f"<div class=scroll><table><tr><th class=l>checkpoint</th><th>undo</th>"
+                     f"<th>energy in ΔA's subspace (× chance)</th><th class=l>verdict</th></tr>{drows}</table></div>")
+    for stem in ("track_delta_rel", "track_effective_rank", "track_energy_rank", "track_sin_theta", "track_drift"):
         f = page.root / "plots" / f"{stem}.png"
         if f.exists():
             parts.append(page.figure(f))

@@ -32,6 +32,8 @@ TRACK_PLOTS = {
     "track_sin_theta": ("sin_theta", "sin θ of ΔW's top directions to W_base's top-k space, against chance",
                         "mean sin θ (dashed: chance)"),
 }
+#: with an aligned reference (``track --aligned``): the whole-model drift over the steps
+DRIFT_PLOT = "track_drift"
 TRACK_FILES = ("index.html", "track.json", "track.csv") + tuple(f"plots/{p}.png" for p in TRACK_PLOTS)
 CSV_COLUMNS = ("index", "step", "label", "name", "layer", "module", "metric", "value")
 
@@ -46,10 +48,12 @@ def track_dict(traj) -> dict:
         "seconds": round(traj.seconds, 3),
         "cache": traj.cache,
         "ray": traj.ray,
+        "aligned": traj.aligned,
         "checkpoints": [{
             "index": p.index, "step": p.step, "label": p.label, "path": p.path, "tuned": p.comparison.tuned,
             "seconds": round(p.comparison.seconds, 3), "summary": json_ready(p.summary()),
             "matrices": [record_json(r) for r in p.records], "skipped": json_ready(p.comparison.skipped),
+            **({"drift": json_ready(p.drift)} if p.drift is not None else {}),
         } for p in traj.points],
     }
 
@@ -144,6 +148,39 @@ def write_track_plots(doc: dict, out: str | os.PathLike, run_id: str | None = No
     return written
 
 
+def write_drift_plot(doc: dict, out: str | os.PathLike, run_id: str | None = None) -> Path | None:
+    """plots/track_drift.png when the checkpoints carry drift numbers (``track --aligned``): the share of the
+    alignment change undone and ΔT's energy in ΔA's top subspace as a multiple of chance, each with its 95%
+    bootstrap interval over matrices; None when there is nothing to draw."""
+    pts = doc["checkpoints"]
+    if not any(isinstance(p.get("drift"), dict) for p in pts):
+        return None
+    plt = pyplot()
+    x, xlabel, ticks = x_axis(doc)
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 3.6))
+    for ax, key, ylabel, ref in ((axes[0], "undo", "share of ΔA undone", 0.0),
+                                 (axes[1], "energy_both_ratio", "ΔT energy in ΔA's subspace (× chance)", 1.0)):
+        def val(p, k):
+            v = (p.get("drift") or {}).get(k)
+            return float("nan") if v is None else float(v)
+
+        y = np.array([val(p, key) for p in pts])
+        ci = [(p.get("drift") or {}).get(key + "_ci95") or [None, None] for p in pts]
+        lo = np.array([float("nan") if c[0] is None else c[0] for c in ci])
+        hi = np.array([float("nan") if c[1] is None else c[1] for c in ci])
+        ax.fill_between(x, lo, hi, color=OKABE_ITO["sky"], alpha=0.35, lw=0, label="95% interval")
+        ax.plot(x, y, color=OKABE_ITO["blue"], marker="o", ms=3, lw=1.3, label="whole model")
+        ax.axhline(ref, color=OKABE_ITO["grey"], ls="--", lw=1.0, label="random ΔT" if ref else "none undone")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if ticks is not None:
+            ax.set_xticks(x, ticks, rotation=30, ha="right", fontsize=7)
+        ax.legend(fontsize=7, frameon=False)
+    fig.suptitle("Drift against the alignment change over the checkpoints", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, Path(out) / f"{DRIFT_PLOT}.png", run_id=run_id)
+
+
 def write_track_files(traj, directory: str | os.PathLike, *, run_id: str | None = None,
                       plots: bool = True) -> Path:
     """Write track.json, track.csv, plots/ and index.html into ``directory`` (no staging: a folder being built)."""
@@ -156,6 +193,7 @@ def write_track_files(traj, directory: str | os.PathLike, *, run_id: str | None 
     (d / "plots").mkdir(exist_ok=True)
     if plots:
         write_track_plots(doc, d / "plots", run_id=run_id)
+        write_drift_plot(doc, d / "plots", run_id=run_id)
     write_json(d / "track.json", doc, indent=1)
     write_index(d)
     return d
