@@ -29,6 +29,8 @@ def test_correlation_claim_holds_for_a_real_relation_and_not_for_noise():
     false = sum(correlation_claim("n", rng.normal(size=10), rng.normal(size=10), seed=s, n_resamples=400).holds
                 for s in range(60))
     assert false <= 8, false
+    for c in (correlation_claim("c", [1.0, 2, 3], [0.0, 0, 0]), versus_baseline_claim("b", [1.0, 2], [2.0, 1], [0.0, 1])):
+        assert not c.holds and c.method.startswith("not computed")  # constant erosion / too few runs
 
 
 def test_versus_baseline_claim_compares_on_the_same_resamples():
@@ -56,3 +58,39 @@ def test_baselines_against_numpy(tmp_path):
     dT, dA = f["tu"] - f["al"], f["al"] - f["base"]
     assert got["rel_norm_T"] == pytest.approx(np.linalg.norm(dT) / np.linalg.norm(f["al"]), rel=1e-12)
     assert got["cos_TA"] == pytest.approx(dT @ dA / np.linalg.norm(dT) / np.linalg.norm(dA), rel=1e-12)
+
+
+def test_validate_drift_end_to_end_on_tiny(tmp_path):
+    """Three benign variants of a tiny aligned model: trained (and reused on a second call), evaluated, scored
+    by pysafe.drift, the claims written; erosion is the aligned refusal rate minus each run's."""
+    import json
+    from dataclasses import replace
+
+    import pysafe
+    from pysafe.lab.config import stage_settings
+    from pysafe.lab.train import train
+    from pysafe.pipeline.drift_lab import validate_drift
+
+    pre = stage_settings("tiny", "pretrain")
+    train("pretrain", tmp_path / "base", model_config=pre.model, recipe=pre.recipe, train_config=replace(pre.train, steps=4))
+    ft = stage_settings("tiny", "ssft").train
+    train("ssft", tmp_path / "aligned", train_config=replace(ft, steps=4), init=tmp_path / "base")
+    variants = (("a", {"lr": 1e-4}), ("b", {"lr": 1e-3, "texts": "unsafe_branch"}), ("c", {"lr": 3e-3, "lora_rank": 2}))
+    res = validate_drift(tmp_path / "base", tmp_path / "aligned", tmp_path / "v", preset="tiny", n=16,
+                         variants=variants, log=lambda m: None)
+    assert [r["name"] for r in res["runs"]] == ["a", "b", "c"]
+    for r in res["runs"]:
+        assert r["erosion"] == pytest.approx(res["aligned_rates"]["table"]["unsafe_refuse"]
+                                             - r["table"]["unsafe_refuse"])
+        assert r["drift"]["undo"] == pytest.approx(
+            pysafe.drift(tmp_path / "base", tmp_path / "aligned", r["checkpoint"]).summary["model"]["undo"])
+        assert json.loads((tmp_path / "v" / "runs" / r["name"] / "config.json").read_text())["stage"] == "benign"
+    claims = json.loads((tmp_path / "v" / "claims.json").read_text())
+    assert len(claims) == 6 and {c["control_kind"] for c in claims} == {"label_permutation", "baseline"}
+    assert all(c["n"] == {"runs": 3} for c in claims)
+    mtime = (tmp_path / "v" / "runs" / "a" / "model.safetensors").stat().st_mtime_ns
+    logs = []
+    validate_drift(tmp_path / "base", tmp_path / "aligned", tmp_path / "v", preset="tiny", n=16, variants=variants,
+                   log=logs.append)
+    assert "a: finished earlier, reused" in logs
+    assert (tmp_path / "v" / "runs" / "a" / "model.safetensors").stat().st_mtime_ns == mtime

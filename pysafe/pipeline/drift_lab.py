@@ -11,14 +11,14 @@ reported as measured (``drift_validation.json``, ``claims.json``, a table).
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from pathlib import Path
 
 import numpy as np
 
 from pysafe._atomic import write_json
-from pysafe.analysis.claims import Claim, N_RESAMPLES, bootstrap_replicates, percentile_interval
+from pysafe.analysis.claims import Claim, N_RESAMPLES, _nan_claim, bootstrap_replicates, percentile_interval
 from pysafe.lab import ckpt as C
 from pysafe.lab.data import DataRecipe
 from pysafe.lab.evaluate import safety_table
@@ -128,10 +128,16 @@ def correlation_claim(text: str, score, erosion, *, n_resamples: int = N_RESAMPL
     s, e = np.asarray(score, np.float64), np.asarray(erosion, np.float64)
     rng = np.random.default_rng(seed)
     measured = float(spearman(s, e))
+    if len(s) < 3 or not math.isfinite(measured):
+        return _nan_claim(text, "label_permutation", ">", {"runs": int(len(s))},
+                          "fewer than 3 runs, or a score or the erosion is the same for every run")
     boot = bootstrap_replicates([s, e], spearman, paired=True, n_resamples=n_resamples, rng=rng)
     perm = np.argsort(rng.random((n_resamples, len(e))), axis=1)
     null = spearman(np.broadcast_to(s, perm.shape), e[perm])
     boot, null = boot[np.isfinite(boot)], null[np.isfinite(null)]
+    if len(boot) < n_resamples // 2 or len(null) < n_resamples // 2:
+        return _nan_claim(text, "label_permutation", ">", {"runs": int(len(s))},
+                          "most resamples of the runs give a constant score or erosion")
     control = float(null.mean())
     reps = boot - rng.choice(null, size=len(boot))
     return Claim(text, measured, control, "label_permutation", ">", measured - control, percentile_interval(reps),
@@ -144,12 +150,18 @@ def versus_baseline_claim(text: str, score, baseline, erosion, *, n_resamples: i
     """ρ(score, erosion) − ρ(baseline, erosion), both on the same bootstrap resamples of the runs."""
     s, b, e = (np.asarray(v, np.float64) for v in (score, baseline, erosion))
     measured, control = float(spearman(s, e)), float(spearman(b, e))
+    if len(s) < 3 or not (math.isfinite(measured) and math.isfinite(control)):
+        return _nan_claim(text, "baseline", ">", {"runs": int(len(s))},
+                          "fewer than 3 runs, or a score or the erosion is the same for every run")
 
     def diff(s_, b_, e_):
         return spearman(s_, e_) - spearman(b_, e_)
 
     reps = bootstrap_replicates([s, b, e], diff, paired=True, n_resamples=n_resamples, rng=seed)
     reps = reps[np.isfinite(reps)]
+    if len(reps) < n_resamples // 2:
+        return _nan_claim(text, "baseline", ">", {"runs": int(len(s))},
+                          "most resamples of the runs give a constant score or erosion")
     return Claim(text, measured, control, "baseline", ">", measured - control, percentile_interval(reps),
                  {"runs": int(len(s))}, f"difference of Spearman ρ on the same bootstrap resamples of the runs "
                  f"({n_resamples}); percentile interval")
