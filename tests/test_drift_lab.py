@@ -94,3 +94,18 @@ def test_validate_drift_end_to_end_on_tiny(tmp_path):
                    log=logs.append)
     assert "a: finished earlier, reused" in logs
     assert (tmp_path / "v" / "runs" / "a" / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_shipped_drift_validation_claims_recompute_from_its_numbers():
+    """The demo's drift claims are recomputed from the shipped per-run numbers; they equal the claims the
+    validation wrote, and each run's erosion is the aligned refusal rate minus the run's."""
+    import json
+
+    from pysafe.lab.config import DEMO_DIR
+    from pysafe.pipeline.demo import shipped_drift_claims
+
+    doc = json.loads((DEMO_DIR / "drift_validation.json").read_text())
+    assert len(doc["runs"]) >= 8
+    for r in doc["runs"]:
+        assert r["erosion"] == pytest.approx(doc["aligned_rates"]["table"]["unsafe_refuse"] - r["table"]["unsafe_refuse"])
+    assert shipped_drift_claims(DEMO_DIR, log=lambda m: None) == doc["claims"]

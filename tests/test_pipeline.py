@@ -66,7 +66,7 @@ def test_reproduce_checkpoints_then_demo(tmp_path):
     assert res.exit_code != 0 and "demo checkpoints missing" in res.output and "Traceback" not in res.output
 
 
-def test_reproduce_end_to_end_tiny(tmp_path):
+def test_reproduce_end_to_end_tiny(tmp_path, monkeypatch):
     """`pysafe reproduce` from nothing on the tiny preset: both learning rates, safety tables, analyze
     reports, clusters of every checkpoint and the claims table (with the strength claim); a second run reuses
     every finished stage."""
@@ -74,7 +74,10 @@ def test_reproduce_end_to_end_tiny(tmp_path):
 
     out = tmp_path / "run"
     logs = []
-    summary = reproduce("tiny", out, eval_n=8, log=logs.append, jobs=1)
+    import pysafe.pipeline.drift_lab as drift_lab
+
+    monkeypatch.setattr(drift_lab, "VARIANTS", (("a", {"lr": 1e-4}), ("b", {"lr": 1e-3}), ("c", {"lr": 3e-3, "lora_rank": 2})))
+    summary = reproduce("tiny", out, eval_n=8, log=logs.append, jobs=1, validate_drift=True)
     names = {"pretrain", *(f"{s}_lr{t}" for s in ("ssft", "dpo", "unlearn") for t in ("1em4", "1em5"))}
     assert set(summary["safety_table"]) == names
     assert {p.stem for p in (out / "eval").glob("*.json")} == names
@@ -83,6 +86,9 @@ def test_reproduce_end_to_end_tiny(tmp_path):
                                                                "dpo_lr1em5", "unlearn_lr1em5"}
     claims = json.loads((out / "claims.json").read_text())
     assert any("grows with fine-tuning strength" in c["claim"] for c in claims)
+    val = json.loads((out / "drift_validation" / "drift_validation.json").read_text())  # --validate-drift
+    assert [r["name"] for r in val["runs"]] == ["a", "b", "c"] and val["aligned"] == str(out / "unlearn_lr1em4")
+    assert [c for c in claims if c["control_kind"] == "baseline" or "drift score" in c["claim"]] == val["claims"]
     for word in ("minimal transformation", "reads unsafe inputs more than safe", "Lipschitzness drops",
                  "separate clusters", "attacked inputs", "grows with the attack budget"):
         assert any(word in c["claim"] for c in claims), word

@@ -28,9 +28,13 @@ from pysafe.cli.options import check_device, debug_option, device_option, handle
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
               help="Cache directory for the base SVDs and pooled activations [default: $XDG_CACHE_HOME/pysafe, "
                    "else ~/.cache/pysafe].")
+@click.option("--validate-drift", is_flag=True,
+              help="Also fine-tune the main-rate unlearning model on benign data in ten variants and test whether "
+                   "`pysafe drift` ranks the refusals they lose (pysafe validate-drift; its claims join claims.json).")
 @debug_option
 @handle_errors
-def reproduce_cmd(preset, out, seed, lrs, eval_n, checkpoints_only, device, jobs, overwrite, quiet, cache_dir, debug):
+def reproduce_cmd(preset, out, seed, lrs, eval_n, checkpoints_only, device, jobs, overwrite, quiet, cache_dir,
+                  validate_drift, debug):
     """Regenerate everything from scratch: pretraining, SSFT/DPO/unlearning at both learning rates,
     the safety table of every checkpoint (each rate with its 95% Wilson interval), `pysafe analyze` of
     every fine-tune, the activation analyses and claims.json (each claim with its effect, control and 95%
@@ -44,7 +48,8 @@ def reproduce_cmd(preset, out, seed, lrs, eval_n, checkpoints_only, device, jobs
                         checkpoints_only=checkpoints_only, overwrite=overwrite,
                         log=lambda m: click.echo(m, err=True), progress=None if quiet else _progress_bar, cache=cache_dir,
                         invocation=_command_line(click.get_current_context()),
-                        jobs=jobs or (2 if device == "cpu" and (os.cpu_count() or 1) >= 2 else 1))
+                        jobs=jobs or (2 if device == "cpu" and (os.cpu_count() or 1) >= 2 else 1),
+                        validate_drift=validate_drift)
     click.echo(f"done in {summary['seconds']:.0f} s; results under {out}"
                + ("" if checkpoints_only else f"; report: {Path(out) / 'index.html'}"))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 from pysafe._atomic import atomic_dir, write_json
@@ -34,6 +36,21 @@ def _demo_finetunes(checkpoints: Path) -> list[Path]:
 #: files every demo folder has (checked against the user's files before the demo starts)
 DEMO_FILES = ("index.html", "summary.json", "claims.json", "safety_table.txt",
               *(f"eval/{n}.json" for n in ("pretrained", *FINETUNES)))
+
+
+def shipped_drift_claims(checkpoints: Path, log=print) -> list[dict]:
+    """The drift validation's claims, recomputed from the per-run numbers a reproduce output carries in
+    drift_validation.json (benign fine-tunes of its unlearning model: erosion, drift scores, baselines; the
+    fine-tunes themselves are not shipped); none when the file is absent."""
+    from pysafe.pipeline.drift_lab import drift_claims
+
+    f = checkpoints / "drift_validation.json"
+    if not f.is_file():
+        return []
+    doc = json.loads(f.read_text(encoding="utf-8"))
+    log(f"drift validation: {len(doc['runs'])} benign fine-tunes of {Path(doc['aligned']).name} "
+        f"({doc.get('command') or 'pysafe validate-drift'})")
+    return [c.to_json() for c in drift_claims(doc["runs"], seed=int(doc.get("seed", 0)))]
 
 
 def demo(out, *, eval_n: int = 500, device: str = "cpu", log=print, checkpoints: Path = DEMO_DIR,
@@ -73,6 +90,7 @@ def demo(out, *, eval_n: int = 500, device: str = "cpu", log=print, checkpoints:
             write_report_files(cmp, root / "analyze" / name, run_id=stage.run_id)
             say(f"\n{name} ({d.name}) vs pretrained (pysafe analyze):\n{weights_table(cmp)}")
         claims = clusters_and_claims(named, root, min(eval_n, 500), device, cache=cache, bars=bars)
+        claims += shipped_drift_claims(checkpoints, say)
         write_json(root / "claims.json", claims)
         say("\n" + format_claims(claims))
         summary = {"pysafe_version": __version__, "run_id": stage.run_id, "eval_n": eval_n, "safety_table": tables,

@@ -58,8 +58,10 @@ def _train_args(name: str, opts: dict, aligned: Path, out: Path, preset: str, se
 
 
 def train_variants(aligned, out, *, preset: str = "cpu", seed: int = 0, device: str = "cpu", jobs: int = 1,
-                   variants=VARIANTS, invocation=None, log=print) -> list[Path]:
-    """Fine-tune ``aligned`` in each variant under ``out/runs/<name>`` (finished runs are reused)."""
+                   variants=None, invocation=None, log=print) -> list[Path]:
+    """Fine-tune ``aligned`` in each variant (default :data:`VARIANTS`) under ``out/runs/<name>`` (finished
+    runs are reused)."""
+    variants = VARIANTS if variants is None else variants
     aligned, runs_dir = Path(aligned), Path(out) / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     dirs, todo = [], []
@@ -181,13 +183,32 @@ def drift_scores(base, aligned, tuned) -> dict:
     return {k: float(s[k]) for k in SCORES}
 
 
+def drift_claims(runs: list[dict], *, seed: int = 0) -> list[Claim]:
+    """The validation's claims from its per-run rows (``drift_validation.json["runs"]``: each with
+    ``erosion``, ``drift`` and ``baselines``): for each score of :data:`SCORES`, its correlation with the
+    erosion against the permutation control, and its gain over each baseline."""
+    erosion = [r["erosion"] for r in runs]
+    claims = []
+    for key in SCORES:
+        score = [r["drift"][key] for r in runs]
+        claims.append(correlation_claim(f"the drift score {key} ranks the refusals a benign fine-tune erodes "
+                                        f"(Spearman ρ over {len(runs)} runs)", score, erosion, seed=seed))
+        for bkey, sign in (("rel_norm_T", 1.0), ("cos_TA", -1.0)):
+            base_score = [sign * r["baselines"][bkey] for r in runs]
+            claims.append(versus_baseline_claim(
+                f"{key} ranks the erosion better than {'' if sign > 0 else '−'}{bkey}", score, base_score, erosion,
+                seed=seed))
+    return claims
+
+
 def validate_drift(base, aligned, out, *, preset: str = "cpu", n: int = 500, seed: int = 0, device: str = "cpu",
-                   jobs: int = 1, variants=VARIANTS, invocation=None, log=print) -> dict:
+                   jobs: int = 1, variants=None, invocation=None, log=print) -> dict:
     """Train the benign variants, evaluate them and the aligned model, score their drift, test the scores.
 
     Writes ``out/drift_validation.json`` (per run: options, refusal rates with intervals, erosion, drift
     numbers, baselines; the claims) and ``out/claims.json``; returns the former's content."""
     out = Path(out)
+    variants = VARIANTS if variants is None else variants
     t0 = time.perf_counter()
     dirs = train_variants(aligned, out, preset=preset, seed=seed, device=device, jobs=jobs, variants=variants,
                           invocation=invocation, log=log)
@@ -202,18 +223,9 @@ def validate_drift(base, aligned, out, *, preset: str = "cpu", n: int = 500, see
         runs.append(row)
         log(f"{name}: refuses {100 * rates['table']['unsafe_refuse']:.1f}% (erosion {100 * row['erosion']:+.1f} "
             f"points), drift {', '.join(f'{k} {v:.3g}' for k, v in row['drift'].items())}")
-    erosion = [r["erosion"] for r in runs]
-    claims = []
-    for key in SCORES:
-        score = [r["drift"][key] for r in runs]
-        claims.append(correlation_claim(f"the drift score {key} ranks the refusals a benign fine-tune erodes",
-                                        score, erosion, seed=seed))
-        for bkey, sign in (("rel_norm_T", 1.0), ("cos_TA", -1.0)):
-            base_score = [sign * r["baselines"][bkey] for r in runs]
-            claims.append(versus_baseline_claim(
-                f"{key} ranks the erosion better than {'' if sign > 0 else '−'}{bkey}", score, base_score, erosion,
-                seed=seed))
-    result = {"base": str(base), "aligned": str(aligned), "preset": preset, "seed": seed, "n_per_set": n,
+    claims = drift_claims(runs, seed=seed)
+    result = {"command": invocation, "base": str(base), "aligned": str(aligned), "preset": preset, "seed": seed,
+              "n_per_set": n,
               "aligned_rates": ref, "runs": runs, "claims": [c.to_json() for c in claims],
               "seconds": round(time.perf_counter() - t0, 1)}
     write_json(out / "drift_validation.json", result)

@@ -31,7 +31,7 @@ def _lr_tag(lr: float) -> str:
 
 
 #: what ``reproduce`` writes directly under its ``--out`` besides the checkpoint directories
-REPRODUCE_OUTPUTS = ("eval", "analyze", "clusters", "figures", "cache", "safety_table.txt", "claims.json", "summary.json",
+REPRODUCE_OUTPUTS = ("eval", "analyze", "clusters", "figures", "cache", "drift_validation", "safety_table.txt", "claims.json", "summary.json",
                      "index.html")
 
 
@@ -65,7 +65,7 @@ def _remove_reproduce_outputs(out: Path, lrs, log=print) -> None:
 def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: int | None = None,
               lrs=None, analyze: bool = True, checkpoints_only: bool = False, log=print,
               overwrite: bool = False, progress=None, invocation: str | None = None, jobs: int = 1,
-              cache=None) -> dict:
+              cache=None, validate_drift: bool = False) -> dict:
     """Regenerate the lab end to end under ``out``; returns the summary also written to out/summary.json.
 
     ``lrs`` defaults to the preset's fine-tuning rates (:func:`preset_lrs`).
@@ -74,7 +74,9 @@ def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: i
     Stages already finished in ``out`` are reused (so an interrupted run continues where it stopped);
     ``overwrite`` starts over. ``progress(label)`` makes a per-stage progress callback (or None);
     ``invocation`` (the ``pysafe reproduce`` command line) is recorded in every checkpoint's config.
-    ``jobs`` > 1 trains that many fine-tunes at once, each a ``pysafe train`` subprocess with
+    ``validate_drift`` adds the drift validation (:mod:`pysafe.pipeline.drift_lab`: benign fine-tunes of the
+    main-rate unlearning model under ``drift_validation/``, their erosion and drift) and its claims to
+    claims.json. ``jobs`` > 1 trains that many fine-tunes at once, each a ``pysafe train`` subprocess with
     cores/jobs torch threads (the lab models are small: one thread per run is nearly as fast as two, so on
     2 cores two runs at once halve the wall time). The exact command of each is in its config.json.
     ``cache``: where the base SVDs and pooled activations are cached (:func:`pysafe.pipeline.steps.feature_cache_path`).
@@ -133,12 +135,14 @@ def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: i
     bars.__enter__()
     try:
         return _reproduce_reports(out, pre, tuned, lrs, n, device, log, timings, t_start, preset, seed,
+                                  validate_drift and dict(jobs=jobs, invocation=invocation),
                                   analyze, cache, bars)
     finally:
         bars.__exit__(None, None, None)
 
 
-def _reproduce_reports(out, pre, tuned, lrs, n, device, log, timings, t_start, preset, seed, analyze, cache,
+def _reproduce_reports(out, pre, tuned, lrs, n, device, log, timings, t_start, preset, seed, drift_validation,
+                       analyze, cache,
                        bars) -> dict:
     """The evaluation and analysis half of :func:`reproduce`."""
     if bars.shown:
@@ -168,6 +172,14 @@ def _reproduce_reports(out, pre, tuned, lrs, n, device, log, timings, t_start, p
                 named[f"{st}_lr{_lr_tag(lr)}"] = out / f"{st}_lr{_lr_tag(lr)}"
                 weaker[st] = f"{st}_lr{_lr_tag(lr)}"
         claims = clusters_and_claims(named, out, min(n, 500), device, log, weaker, cache=cache, bars=bars)
+        if drift_validation:
+            from pysafe.pipeline.drift_lab import validate_drift
+
+            t1 = time.perf_counter()
+            res = validate_drift(pre, named["unlearn"], out / "drift_validation", preset=preset, n=min(n, 500),
+                                 seed=seed, device=device, log=log, **drift_validation)
+            claims += res["claims"]
+            timings["drift validation"] = time.perf_counter() - t1
         write_json(out / "claims.json", claims)
         timings["clusters"] = time.perf_counter() - t0
         log(format_claims(claims))
