@@ -90,19 +90,17 @@ def train_cmd(stage, preset, init, out, lr, steps, batch_size, seed, p_unsafe, d
     if stage == "benign" and ({"p_unsafe", "hard_frac", "decision_weight"} & set(opts)):
         raise click.UsageError("benign fine-tuning has no unsafe samples: --p-unsafe, --hard-frac and "
                                "--decision-weight do not apply")
-    lora = {k: v for k, v in {"lora_rank": lora_rank, "lora_targets": lora_targets, "lora_alpha": lora_alpha}.items()
-            if v is not None}
-    if stage == "pretrain" and lora:
+    # the flags that replace fields of the preset's training settings (train() validates the result)
+    train_flags = {k: v for k, v in {"lora_rank": lora_rank, "lora_targets": lora_targets, "lora_alpha": lora_alpha,
+                                     "keep_every": keep_every}.items() if v is not None}
+    if stage == "pretrain" and {"lora_rank", "lora_targets", "lora_alpha"} & set(train_flags):
         raise click.UsageError("--lora-* options fine-tune an existing model; pretrain trains every parameter")
     settings = stage_settings(preset, stage, lr=lr, steps=steps, batch_size=batch_size)
-    if lora:
+    if train_flags:
         from dataclasses import replace
 
-        settings = replace(settings, train=replace(settings.train, **lora))
-        settings.train.validate("--lora-*")
+        settings = replace(settings, train=replace(settings.train, **train_flags))
     opts = {**settings.objective, **opts}  # the preset's [objectives.<stage>], then the flags
-    if keep_every is not None:
-        settings.train.keep_every = keep_every
     check_device(device)
     if threads:
         import torch

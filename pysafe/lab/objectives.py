@@ -13,7 +13,7 @@ running metrics (docs/lab.md). Where pysafe departs from the reference code:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -256,8 +256,6 @@ class Benign(SSFT):
             raise ValueError(f"texts must be one of {', '.join(BENIGN_TEXTS)}, found {self.texts!r}")
 
     def _recipe(self, recipe):
-        from dataclasses import replace
-
         probs = BENIGN_TEXTS[self.texts]
         return replace(recipe, seed=recipe.seed + 7919 * self.data_seed,
                        **({"category_probs": probs} if probs is not None else {}))
