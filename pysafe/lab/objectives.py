@@ -187,13 +187,18 @@ class _SafetyObjective:
         out = {"x_chosen": _t(xc, device), "y_chosen": _t(yc, device), "x_rejected": _t(xr, device),
                "y_rejected": _t(yr, device), "unsafe": torch.from_numpy(pick).to(device),
                "decision": torch.from_numpy(decision).to(device)}
-        if self.decision_weight != 1.0 or self.rejected_rest_weight != 1.0:
-            w = decision_weights(decision, self.decision_weight)
+        chosen_rest = self._chosen_rest_weight()
+        if self.decision_weight != 1.0 or self.rejected_rest_weight != 1.0 or chosen_rest != 1.0:
+            w = decision_weights(decision, self.decision_weight, chosen_rest)
             out["w_chosen"] = out["w_rejected"] = torch.from_numpy(w).to(device)
-            if self.rejected_rest_weight != 1.0:
+            if self.rejected_rest_weight != chosen_rest:
                 w = decision_weights(decision, self.decision_weight, self.rejected_rest_weight)
                 out["w_rejected"] = torch.from_numpy(w).to(device)
         return out
+
+    def _chosen_rest_weight(self) -> float:
+        """Weight of the chosen answer's tokens other than its decision token (1 but for DPO's option)."""
+        return 1.0
 
 
 @dataclass
@@ -291,6 +296,15 @@ class DPO(_SafetyObjective):
     p_unsafe: float = 0.5
     beta: float = 0.1
     beta_rejected: float | None = None
+    # Weight of the chosen answer's tokens other than its decision token (1 = the paper's objective). With
+    # rejected_rest_weight also 0, the preference is over the decision token alone: the later tokens of the
+    # chosen refusal are trivially predictable, so their log-ratio grows fast and saturates the margin before
+    # the refusal itself is learnt, while the later tokens of a compliant answer are copying the pretrained
+    # model already does.
+    chosen_rest_weight: float = 1.0
+
+    def _chosen_rest_weight(self) -> float:
+        return self.chosen_rest_weight
 
     def batch(self, recipe, n, step, total_steps, device):
         return self._pairs(recipe, n, step, device)
@@ -387,12 +401,12 @@ def make_objective(name: str, **kwargs):
             continue  # a string option (forget, texts), checked by its objective, or an optional number left unset
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key} must be a number, found {value!r}")
-        if key in ("p_unsafe", "hard_frac", "rejected_rest_weight") and not 0 <= value <= 1:
+        if key in ("p_unsafe", "hard_frac", "rejected_rest_weight", "chosen_rest_weight") and not 0 <= value <= 1:
             raise ValueError(f"{key} must be in [0, 1], found {value!r}")
         if key == "w_forget" and value < 0:
             raise ValueError(f"w_forget must be non-negative, found {value!r}")
         if key == "data_seed" and (value < 0 or value != int(value)):
             raise ValueError(f"data_seed must be a non-negative integer, found {value!r}")
-        if key not in ("p_unsafe", "hard_frac", "w_forget", "rejected_rest_weight", "data_seed") and not value > 0:
+        if key not in ("p_unsafe", "hard_frac", "w_forget", "rejected_rest_weight", "chosen_rest_weight", "data_seed") and not value > 0:
             raise ValueError(f"{key} must be positive, found {value!r}")
     return cls(**kwargs)
