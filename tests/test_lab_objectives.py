@@ -214,6 +214,29 @@ def test_dpo_on_the_decision_token_alone_matches_a_direct_computation():
         assert abs(l_a.item() - l_b.item()) > 1e-6
 
 
+def test_dpo_chosen_nll_weight_adds_alpha_times_the_chosen_cross_entropy():
+    """RPO-style DPO: L(α) − L(0) is α times the chosen answer's cross-entropy (torch's own at w = 1; SSFT's
+    loss on the same chosen answers at w = 5), and α = 0 is the paper's DPO."""
+    policy, ref = tiny_model(TINY1, seed=1), tiny_model(TINY1)
+    for w in (1.0, 5.0):
+        plain = DPO(decision_weight=w, p_unsafe=0.5)
+        rpo = DPO(decision_weight=w, p_unsafe=0.5, chosen_nll_weight=0.7)
+        b0, b1 = plain.batch(RECIPE, 16, 3, 10, "cpu"), rpo.batch(RECIPE, 16, 3, 10, "cpu")
+        with torch.no_grad():
+            l0, _ = plain.loss(policy, b0, ref)
+            l1, m1 = rpo.loss(policy, b1, ref)
+            if w == 1.0:
+                ce = torch.nn.functional.cross_entropy(policy(b0["x_chosen"]).flatten(0, 1).double(),
+                                                       b0["y_chosen"].flatten(), ignore_index=PAD)
+            else:
+                sft = SSFT(decision_weight=w, p_unsafe=0.5)
+                ce, _ = sft.loss(policy, sft.batch(RECIPE, 16, 3, 10, "cpu"))
+        assert l1.item() - l0.item() == pytest.approx(0.7 * ce.item(), rel=1e-5), w
+        assert m1["nll_chosen"] == pytest.approx(ce.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="chosen_nll_weight must be non-negative"):
+        make_objective("dpo", chosen_nll_weight=-1.0)
+
+
 def test_rest_weight_is_validated():
     with pytest.raises(ValueError, match="chosen_rest_weight must be in"):
         make_objective("dpo", chosen_rest_weight=2.0)

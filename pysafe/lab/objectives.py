@@ -302,12 +302,21 @@ class DPO(_SafetyObjective):
     # the refusal itself is learnt, while the later tokens of a compliant answer are copying the pretrained
     # model already does.
     chosen_rest_weight: float = 1.0
+    # Weight α of an added cross-entropy on the chosen answer (0 = the paper's DPO): L_DPO + α·NLL(chosen),
+    # the NLL a token mean with the decision token weighted as in SSFT. This is the "DPO + SFT loss" of
+    # RPO (Pang et al. 2024) and Llama 3's preference stage (α = 0.2); it anchors the copying that a
+    # preference over the decision token alone leaves free to drift.
+    chosen_nll_weight: float = 0.0
 
     def _chosen_rest_weight(self) -> float:
         return self.chosen_rest_weight
 
     def batch(self, recipe, n, step, total_steps, device):
-        return self._pairs(recipe, n, step, device)
+        out = self._pairs(recipe, n, step, device)
+        if self.chosen_nll_weight > 0 and self.decision_weight != 1.0:
+            w = decision_weights(out["decision"].cpu().numpy(), self.decision_weight)
+            out["w_nll"] = torch.from_numpy(w).to(device)
+        return out
 
     def loss(self, model, batch, ref=None):
         if ref is None:
@@ -326,6 +335,11 @@ class DPO(_SafetyObjective):
         margin = self.beta * d_chosen - beta_r * d_rejected
         loss = -F.logsigmoid(margin).mean()
         metrics = _split_acc(logits[:n].detach(), batch["y_chosen"], batch["unsafe"], batch["decision"])
+        if self.chosen_nll_weight > 0:
+            tok, weight = token_logprobs(logits[:n], batch["y_chosen"], batch.get("w_nll"))
+            nll = -tok.sum() / weight.sum().clamp_min(1e-12)
+            metrics["nll_chosen"] = float(nll.detach())
+            loss = loss + self.chosen_nll_weight * nll
         metrics["margin"] = float(margin.detach().mean())
         metrics["pref_acc"] = float((margin.detach() > 0).float().mean())
         return loss, metrics
@@ -403,10 +417,11 @@ def make_objective(name: str, **kwargs):
             raise ValueError(f"{key} must be a number, found {value!r}")
         if key in ("p_unsafe", "hard_frac", "rejected_rest_weight", "chosen_rest_weight") and not 0 <= value <= 1:
             raise ValueError(f"{key} must be in [0, 1], found {value!r}")
-        if key == "w_forget" and value < 0:
-            raise ValueError(f"w_forget must be non-negative, found {value!r}")
+        if key in ("w_forget", "chosen_nll_weight") and value < 0:
+            raise ValueError(f"{key} must be non-negative, found {value!r}")
         if key == "data_seed" and (value < 0 or value != int(value)):
             raise ValueError(f"data_seed must be a non-negative integer, found {value!r}")
-        if key not in ("p_unsafe", "hard_frac", "w_forget", "rejected_rest_weight", "chosen_rest_weight", "data_seed") and not value > 0:
+        if key not in ("p_unsafe", "hard_frac", "w_forget", "rejected_rest_weight", "chosen_rest_weight",
+                       "chosen_nll_weight", "data_seed") and not value > 0:
             raise ValueError(f"{key} must be positive, found {value!r}")
     return cls(**kwargs)
