@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--decision-weight", type=float, default=None)
     ap.add_argument("--hard-frac", type=float, default=None)
     ap.add_argument("--rejected-rest-weight", type=float, default=None)
+    ap.add_argument("--chosen-rest-weight", type=float, default=None)
+    ap.add_argument("--chosen-nll-weight", type=float, default=None)
     ap.add_argument("--w-forget", type=float, default=None)
     ap.add_argument("--beta", type=float, default=None)
     ap.add_argument("--beta-rejected", type=float, default=None)
@@ -58,7 +60,7 @@ def main() -> None:
     init = a.init or str(DEMO_DIR / "pretrain")
     settings = stage_settings(a.preset, a.stage, lr=a.lr, steps=a.steps, batch_size=a.batch_size)
     opts = dict(settings.objective)
-    for k in ("p_unsafe", "decision_weight", "hard_frac", "rejected_rest_weight", "w_forget", "beta", "beta_rejected"):
+    for k in ("p_unsafe", "decision_weight", "hard_frac", "rejected_rest_weight", "chosen_rest_weight", "chosen_nll_weight", "w_forget", "beta", "beta_rejected"):
         if getattr(a, k) is not None:
             opts[k] = getattr(a, k)
     _, init_cfg = C.load_checkpoint(init)

@@ -451,7 +451,7 @@ def _columns(r: dict) -> dict:
 
 
 def _table(records) -> np.ndarray:
-    rows = [[_columns(r)[c] for c in _COLUMNS] for r in records]
+    rows = [[cols[c] for c in _COLUMNS] for cols in map(_columns, records)]
     X = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(_COLUMNS))
     return np.nan_to_num(X, nan=0.0)  # a matrix with ΔT = 0 adds nothing to any sum
 
@@ -487,9 +487,9 @@ def bootstrap_ci(X: np.ndarray, n_boot: int = N_BOOT, seed: int = BOOT_SEED, lev
 
 def _group(records) -> dict:
     X = _table(records)
-    point = _stats(X.sum(axis=0))
-    ci = bootstrap_ci(X)
     s = X.sum(axis=0)
+    point = _stats(s)
+    ci = bootstrap_ci(X)
     col = {c: s[i] for i, c in enumerate(_COLUMNS)}
     out = {"n_matrices": len(records)}
     for key, v in point.items():

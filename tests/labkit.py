@@ -40,3 +40,22 @@ def token_batch(B=4, seed=0, lens=(25, 30, 35, 28)):
         x[b, s[b] + 1:s[b] + 1 + A] = ans
         y[b, s[b]:s[b] + A] = ans
     return x, y, s, L
+
+
+class Interrupted(Exception):
+    """Raised inside a training run by :func:`train_until` (the run stops as a crash would stop it)."""
+
+
+def train_until(step: int, stage, out, **kwargs):
+    """``lab.train.train(stage, out, **kwargs)`` stopped right after optimizer step ``step``; asserts that it
+    was stopped there."""
+    import pytest
+
+    from pysafe.lab.train import train
+
+    def interrupt(done, total, running):
+        if done == step:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(stage, out, progress=interrupt, **kwargs)

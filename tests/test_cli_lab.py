@@ -80,4 +80,11 @@ def test_cli_preset_objective_options_and_flags_override_them(tmp_path):
     assert c["rejected_rest_weight"] == 0.0 and a["rejected_rest_weight"] == 1.0
     bad = r.invoke(main, ["train", "ssft", *common, "--rejected-rest-weight", "0", "--out", str(tmp_path / "d")])
     assert bad.exit_code == 2 and "--rejected-rest-weight applies to dpo and unlearn only" in bad.output
+    ok(["train", "dpo", *common, "--chosen-rest-weight", "0", "--rejected-rest-weight", "0", "--chosen-nll-weight", "0.5",
+        "--out", str(tmp_path / "f")])
+    f = json.loads((tmp_path / "f" / "config.json").read_text())["objective"]
+    assert (f["chosen_rest_weight"], f["rejected_rest_weight"], f["chosen_nll_weight"]) == (0.0, 0.0, 0.5)
+    assert (a["chosen_rest_weight"], a["chosen_nll_weight"]) == (1.0, 0.0)
+    bad = r.invoke(main, ["train", "unlearn", *common, "--chosen-rest-weight", "0", "--out", str(tmp_path / "e")])
+    assert bad.exit_code == 2 and "--chosen-rest-weight/--chosen-nll-weight apply to dpo only" in bad.output
     assert not (tmp_path / "d").exists()

@@ -16,7 +16,7 @@ from pysafe.cli import main
 from pysafe.lab.config import stage_settings
 from pysafe.lab.train import TrainConfig, train
 
-from labkit import TINY1
+from labkit import TINY1, train_until
 
 
 def _cfg(**kw):
@@ -52,16 +52,8 @@ def test_kept_steps_are_the_models_at_those_steps_and_survive_a_resume(tmp_path)
     assert max(r["delta_fro"] for r in cmp.records) > 0
 
     # interrupted at step 7: the last resumable state is step 4, step 6 was kept in the stretch after it
-    class Stop(Exception):
-        pass
-
-    def interrupt(done, total, running):
-        if done == 7:
-            raise Stop
-
     r = tmp_path / "r"
-    with pytest.raises(Stop):
-        train("pretrain", r, model_config=TINY1, train_config=cfg, seed=3, progress=interrupt)
+    train_until(7, "pretrain", r, model_config=TINY1, train_config=cfg, seed=3)
     assert _steps(r) == ["step_000003", "step_000006"]
     res = train("pretrain", r, model_config=TINY1, train_config=cfg, seed=3)
     assert res.resumed_from == 4
@@ -79,15 +71,7 @@ def test_kept_steps_are_the_models_at_those_steps_and_survive_a_resume(tmp_path)
 def test_a_run_saved_before_keep_every_existed_still_resumes(tmp_path):
     cfg = _cfg(steps=8, ckpt_every=4)
 
-    class Stop(Exception):
-        pass
-
-    def interrupt(done, total, running):
-        if done == 5:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train("pretrain", tmp_path / "r", model_config=TINY1, train_config=cfg, progress=interrupt)
+    train_until(5, "pretrain", tmp_path / "r", model_config=TINY1, train_config=cfg)
     p = tmp_path / "r" / "config.json"
     c = json.loads(p.read_text())
     del c["train"]["keep_every"]

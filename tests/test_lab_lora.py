@@ -20,7 +20,7 @@ from pysafe.lab.objectives import Benign, make_objective
 from pysafe.lab.recipe import CATEGORIES
 from pysafe.lab.train import train
 
-from labkit import TINY, TINY1, tiny_model
+from labkit import TINY, TINY1, tiny_model, train_until
 
 
 def _cfg(**kw):
@@ -70,15 +70,7 @@ def test_lora_run_resumes_identically(tmp_path, pre):
     cfg = _cfg(steps=8, ckpt_every=3, lr_max=1e-2, warmup=1, decay_steps=8, lora_rank=2, lora_targets="all")
     train("benign", tmp_path / "a", train_config=cfg, init=pre, seed=2)
 
-    class Stop(Exception):
-        pass
-
-    def interrupt(done, total, running):
-        if done == 5:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train("benign", tmp_path / "r", train_config=cfg, init=pre, seed=2, progress=interrupt)
+    train_until(5, "benign", tmp_path / "r", train_config=cfg, init=pre, seed=2)
     res = train("benign", tmp_path / "r", train_config=cfg, init=pre, seed=2)
     assert res.resumed_from == 3
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "r" / "model.safetensors").read_bytes()

@@ -136,11 +136,11 @@ def test_per_sample_mixing_and_unknown_options():
 
 # rejected_rest_weight: how much of the rejected answer DPO and unlearning push down
 
-def _scramble_rejected_after_decision(batch):
-    """The same batch with every supervised rejected token after the decision token changed (both the
-    input copy and the target), so only the rejected answer's later tokens differ."""
+def _scramble_rejected_after_decision(batch, side="rejected"):
+    """The same batch with every supervised token of the ``side`` answer after the decision token changed
+    (both the input copy and the target), so only that answer's later tokens differ."""
     b = dict(batch)
-    xr, yr = batch["x_rejected"].clone(), batch["y_rejected"].clone()
+    xr, yr = batch[f"x_{side}"].clone(), batch[f"y_{side}"].clone()
     dec = batch["decision"].int().argmax(1)
     for i in range(yr.shape[0]):
         for t in range(int(dec[i]) + 1, yr.shape[1]):
@@ -149,7 +149,7 @@ def _scramble_rejected_after_decision(batch):
                 yr[i, t] = new
                 if t + 1 < xr.shape[1]:
                     xr[i, t + 1] = new  # x is y shifted by one
-    b["x_rejected"], b["y_rejected"] = xr, yr
+    b[f"x_{side}"], b[f"y_{side}"] = xr, yr
     return b
 
 
@@ -183,7 +183,65 @@ def test_rest_weight_one_is_the_plain_weighting_and_the_chosen_side_is_untouched
     assert loss.item() == pytest.approx(0.6931471805599453, abs=1e-6)
 
 
+def test_dpo_on_the_decision_token_alone_matches_a_direct_computation():
+    """chosen_rest_weight = rejected_rest_weight = 0: the loss is standard DPO on the decision token's
+    log-probabilities, computed here directly (log-softmax at the decision positions), and scrambling
+    either answer's later tokens leaves it unchanged; a chosen_rest_weight of 0.5 does see them."""
+    policy, ref = tiny_model(TINY1, seed=1), tiny_model(TINY1)
+    obj = DPO(beta=0.1, chosen_rest_weight=0.0, rejected_rest_weight=0.0)
+    b = obj.batch(RECIPE, 16, 3, 10, "cpu")
+    assert b["decision"].any(1).all()
+    with torch.no_grad():
+        loss, _ = obj.loss(policy, b, ref)
+        rows = torch.arange(16)
+        pos = b["decision"].int().argmax(1)
+
+        def dec_logp(model, side):
+            lp = torch.log_softmax(model(b[f"x_{side}"]).double(), -1)
+            return lp[rows, pos, b[f"y_{side}"][rows, pos]]
+
+        d_c = dec_logp(policy, "chosen") - dec_logp(ref, "chosen")
+        d_r = dec_logp(policy, "rejected") - dec_logp(ref, "rejected")
+        direct = -torch.nn.functional.logsigmoid(0.1 * (d_c - d_r)).mean()
+        assert loss.item() == pytest.approx(direct.item(), rel=1e-5)
+        for side in ("chosen", "rejected"):
+            loss2, _ = obj.loss(policy, _scramble_rejected_after_decision(b, side), ref)
+            assert loss2.item() == pytest.approx(loss.item(), rel=1e-6), side
+        half = DPO(beta=0.1, chosen_rest_weight=0.5, rejected_rest_weight=0.0)
+        b2 = half.batch(RECIPE, 16, 3, 10, "cpu")
+        l_a, _ = half.loss(policy, b2, ref)
+        l_b, _ = half.loss(policy, _scramble_rejected_after_decision(b2, "chosen"), ref)
+        assert abs(l_a.item() - l_b.item()) > 1e-6
+
+
+def test_dpo_chosen_nll_weight_adds_alpha_times_the_chosen_cross_entropy():
+    """RPO-style DPO: L(α) − L(0) is α times the chosen answer's cross-entropy (torch's own at w = 1; SSFT's
+    loss on the same chosen answers at w = 5), and α = 0 is the paper's DPO."""
+    policy, ref = tiny_model(TINY1, seed=1), tiny_model(TINY1)
+    for w in (1.0, 5.0):
+        plain = DPO(decision_weight=w, p_unsafe=0.5)
+        rpo = DPO(decision_weight=w, p_unsafe=0.5, chosen_nll_weight=0.7)
+        b0, b1 = plain.batch(RECIPE, 16, 3, 10, "cpu"), rpo.batch(RECIPE, 16, 3, 10, "cpu")
+        with torch.no_grad():
+            l0, _ = plain.loss(policy, b0, ref)
+            l1, m1 = rpo.loss(policy, b1, ref)
+            if w == 1.0:
+                ce = torch.nn.functional.cross_entropy(policy(b0["x_chosen"]).flatten(0, 1).double(),
+                                                       b0["y_chosen"].flatten(), ignore_index=PAD)
+            else:
+                sft = SSFT(decision_weight=w, p_unsafe=0.5)
+                ce, _ = sft.loss(policy, sft.batch(RECIPE, 16, 3, 10, "cpu"))
+        assert l1.item() - l0.item() == pytest.approx(0.7 * ce.item(), rel=1e-5), w
+        assert m1["nll_chosen"] == pytest.approx(ce.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="chosen_nll_weight must be non-negative"):
+        make_objective("dpo", chosen_nll_weight=-1.0)
+
+
 def test_rest_weight_is_validated():
+    with pytest.raises(ValueError, match="chosen_rest_weight must be in"):
+        make_objective("dpo", chosen_rest_weight=2.0)
+    with pytest.raises(ValueError, match="no option chosen_rest_weight"):
+        make_objective("unlearn", chosen_rest_weight=0.0)
     with pytest.raises(ValueError, match="rejected_rest_weight must be in"):
         make_objective("dpo", rejected_rest_weight=1.5)
     with pytest.raises(ValueError, match="rejected_rest_weight must be in"):

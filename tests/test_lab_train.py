@@ -15,7 +15,7 @@ from pysafe.lab import data as D
 from pysafe.lab.config import stage_settings
 from pysafe.lab.train import TrainConfig, get_lr, train
 
-from labkit import TINY1
+from labkit import TINY1, train_until
 
 RECIPE = D.DataRecipe()
 
@@ -66,15 +66,7 @@ def test_same_seed_same_weights_and_resume_equals_uninterrupted(tmp_path):
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     assert not all(np.array_equal(wa[k], wc[k]) for k in wa)
 
-    class Stop(Exception):
-        pass
-
-    def interrupt(done, total, running):
-        if done == 7:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train("pretrain", tmp_path / "r", model_config=TINY1, train_config=cfg, seed=3, progress=interrupt)
+    train_until(7, "pretrain", tmp_path / "r", model_config=TINY1, train_config=cfg, seed=3)
     assert json.loads((tmp_path / "r" / "config.json").read_text())["finished"] is False
     res = train("pretrain", tmp_path / "r", model_config=TINY1, train_config=cfg, seed=3)
     assert res.resumed_from == 4

@@ -35,6 +35,12 @@ from pysafe.lab.objectives import OBJECTIVES
 @click.option("--rejected-rest-weight", type=click.FloatRange(0, 1), default=None,
               help="DPO and unlearning: weight of the rejected answer's tokens after its decision token (default 1: "
                    "the paper's objective; 0 pushes down only the choice to comply or to refuse).")
+@click.option("--chosen-rest-weight", type=click.FloatRange(0, 1), default=None,
+              help="DPO: weight of the chosen answer's tokens after its decision token (default 1: the paper's "
+                   "objective; with --rejected-rest-weight 0 too, the preference is over the decision token alone).")
+@click.option("--chosen-nll-weight", type=click.FloatRange(min=0), default=None,
+              help="DPO: add this weight times the chosen answer's cross-entropy to the loss (default 0: the "
+                   "paper's DPO; RPO and Llama 3's preference stage use such a term).")
 @click.option("--texts", type=click.Choice(["mix", "safe_branch", "unsafe_branch"]), default=None,
               help="benign: the training texts, all in their safe version (mix: the recipe's; unsafe_branch: the "
                    "texts the unsafe requests are about, with safe operators).")
@@ -60,7 +66,7 @@ from pysafe.lab.objectives import OBJECTIVES
 @debug_option
 @handle_errors
 def train_cmd(stage, preset, init, out, lr, steps, batch_size, seed, p_unsafe, decision_weight, hard_frac, beta, beta_rejected,
-              rejected_rest_weight, texts, lora_rank, lora_targets, lora_alpha, forget,
+              rejected_rest_weight, chosen_rest_weight, chosen_nll_weight, texts, lora_rank, lora_targets, lora_alpha, forget,
               w_forget, keep_every, device, threads, overwrite, quiet, pipeline, debug):
     """Train STAGE (pretrain, ssft, dpo, unlearn, benign) and write a checkpoint directory to --out.
 
@@ -74,13 +80,17 @@ def train_cmd(stage, preset, init, out, lr, steps, batch_size, seed, p_unsafe, d
     if stage != "pretrain" and init is None:
         raise click.UsageError(f"{stage} fine-tunes an existing model: pass --init CKPT (a pretrained checkpoint)")
     opts = {k: v for k, v in {"p_unsafe": p_unsafe, "decision_weight": decision_weight, "hard_frac": hard_frac, "beta": beta, "beta_rejected": beta_rejected,
-                              "rejected_rest_weight": rejected_rest_weight, "forget": forget, "w_forget": w_forget}.items() if v is not None}
+                              "rejected_rest_weight": rejected_rest_weight,
+                              "chosen_rest_weight": chosen_rest_weight, "chosen_nll_weight": chosen_nll_weight,
+                              "forget": forget, "w_forget": w_forget}.items() if v is not None}
     if stage == "pretrain" and opts:
         raise click.UsageError(f"pretrain takes no safety options (got {', '.join('--' + k.replace('_', '-') for k in opts)})")
     if stage != "dpo" and ({"beta", "beta_rejected"} & set(opts)):
         raise click.UsageError("--beta/--beta-rejected apply to dpo only")
     if stage not in ("dpo", "unlearn") and "rejected_rest_weight" in opts:
         raise click.UsageError("--rejected-rest-weight applies to dpo and unlearn only")
+    if stage != "dpo" and {"chosen_rest_weight", "chosen_nll_weight"} & set(opts):
+        raise click.UsageError("--chosen-rest-weight/--chosen-nll-weight apply to dpo only")
     if stage != "unlearn" and ({"forget", "w_forget"} & set(opts)):
         raise click.UsageError("--forget/--w-forget apply to unlearn only")
     if texts is not None:
@@ -90,19 +100,17 @@ def train_cmd(stage, preset, init, out, lr, steps, batch_size, seed, p_unsafe, d
     if stage == "benign" and ({"p_unsafe", "hard_frac", "decision_weight"} & set(opts)):
         raise click.UsageError("benign fine-tuning has no unsafe samples: --p-unsafe, --hard-frac and "
                                "--decision-weight do not apply")
-    lora = {k: v for k, v in {"lora_rank": lora_rank, "lora_targets": lora_targets, "lora_alpha": lora_alpha}.items()
-            if v is not None}
-    if stage == "pretrain" and lora:
+    # the flags that replace fields of the preset's training settings (train() validates the result)
+    train_flags = {k: v for k, v in {"lora_rank": lora_rank, "lora_targets": lora_targets, "lora_alpha": lora_alpha,
+                                     "keep_every": keep_every}.items() if v is not None}
+    if stage == "pretrain" and {"lora_rank", "lora_targets", "lora_alpha"} & set(train_flags):
         raise click.UsageError("--lora-* options fine-tune an existing model; pretrain trains every parameter")
     settings = stage_settings(preset, stage, lr=lr, steps=steps, batch_size=batch_size)
-    if lora:
+    if train_flags:
         from dataclasses import replace
 
-        settings = replace(settings, train=replace(settings.train, **lora))
-        settings.train.validate("--lora-*")
+        settings = replace(settings, train=replace(settings.train, **train_flags))
     opts = {**settings.objective, **opts}  # the preset's [objectives.<stage>], then the flags
-    if keep_every is not None:
-        settings.train.keep_every = keep_every
     check_device(device)
     if threads:
         import torch

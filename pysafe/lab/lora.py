@@ -67,26 +67,29 @@ def apply_lora(model: nn.Module, rank: int, *, targets: str = "mlp", alpha: floa
     return names
 
 
-def lora_factors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``{"<layer>.lora_A": A, "<layer>.lora_B": B}`` of every parametrised layer (copies, on the CPU)."""
-    out = {}
+def _deltas(model: nn.Module):
+    """(layer name, its :class:`LowRankDelta`) of every parametrised layer of ``model``."""
     for name, m in model.named_modules():
         if parametrize.is_parametrized(m, "weight"):
             for p in m.parametrizations.weight:
                 if isinstance(p, LowRankDelta):
-                    out[f"{name}.lora_A"] = p.A.detach().cpu().clone()
-                    out[f"{name}.lora_B"] = p.B.detach().cpu().clone()
+                    yield name, p
+
+
+def lora_factors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{"<layer>.lora_A": A, "<layer>.lora_B": B}`` of every parametrised layer (copies, on the CPU)."""
+    out = {}
+    for name, p in _deltas(model):
+        out[f"{name}.lora_A"] = p.A.detach().cpu().clone()
+        out[f"{name}.lora_B"] = p.B.detach().cpu().clone()
     return out
 
 
 def load_lora_factors(model: nn.Module, factors: dict[str, torch.Tensor]) -> None:
     """Copy saved factors (:func:`lora_factors`) into a model prepared by :func:`apply_lora`."""
     mine = {}
-    for name, m in model.named_modules():
-        if parametrize.is_parametrized(m, "weight"):
-            for p in m.parametrizations.weight:
-                if isinstance(p, LowRankDelta):
-                    mine[f"{name}.lora_A"], mine[f"{name}.lora_B"] = p.A, p.B
+    for name, p in _deltas(model):
+        mine[f"{name}.lora_A"], mine[f"{name}.lora_B"] = p.A, p.B
     if set(mine) != set(factors):
         raise ValueError(f"saved LoRA factors {sorted(factors)} do not match the model's {sorted(mine)}")
     with torch.no_grad():

@@ -13,7 +13,7 @@ running metrics (docs/lab.md). Where pysafe departs from the reference code:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -187,13 +187,18 @@ class _SafetyObjective:
         out = {"x_chosen": _t(xc, device), "y_chosen": _t(yc, device), "x_rejected": _t(xr, device),
                "y_rejected": _t(yr, device), "unsafe": torch.from_numpy(pick).to(device),
                "decision": torch.from_numpy(decision).to(device)}
-        if self.decision_weight != 1.0 or self.rejected_rest_weight != 1.0:
-            w = decision_weights(decision, self.decision_weight)
+        chosen_rest = self._chosen_rest_weight()
+        if self.decision_weight != 1.0 or self.rejected_rest_weight != 1.0 or chosen_rest != 1.0:
+            w = decision_weights(decision, self.decision_weight, chosen_rest)
             out["w_chosen"] = out["w_rejected"] = torch.from_numpy(w).to(device)
-            if self.rejected_rest_weight != 1.0:
+            if self.rejected_rest_weight != chosen_rest:
                 w = decision_weights(decision, self.decision_weight, self.rejected_rest_weight)
                 out["w_rejected"] = torch.from_numpy(w).to(device)
         return out
+
+    def _chosen_rest_weight(self) -> float:
+        """Weight of the chosen answer's tokens other than its decision token (1 but for DPO's option)."""
+        return 1.0
 
 
 @dataclass
@@ -256,8 +261,6 @@ class Benign(SSFT):
             raise ValueError(f"texts must be one of {', '.join(BENIGN_TEXTS)}, found {self.texts!r}")
 
     def _recipe(self, recipe):
-        from dataclasses import replace
-
         probs = BENIGN_TEXTS[self.texts]
         return replace(recipe, seed=recipe.seed + 7919 * self.data_seed,
                        **({"category_probs": probs} if probs is not None else {}))
@@ -293,9 +296,27 @@ class DPO(_SafetyObjective):
     p_unsafe: float = 0.5
     beta: float = 0.1
     beta_rejected: float | None = None
+    # Weight of the chosen answer's tokens other than its decision token (1 = the paper's objective). With
+    # rejected_rest_weight also 0, the preference is over the decision token alone: the later tokens of the
+    # chosen refusal are trivially predictable, so their log-ratio grows fast and saturates the margin before
+    # the refusal itself is learnt, while the later tokens of a compliant answer are copying the pretrained
+    # model already does.
+    chosen_rest_weight: float = 1.0
+    # Weight α of an added cross-entropy on the chosen answer (0 = the paper's DPO): L_DPO + α·NLL(chosen),
+    # the NLL a token mean with the decision token weighted as in SSFT. This is the "DPO + SFT loss" of
+    # RPO (Pang et al. 2024) and Llama 3's preference stage (α = 0.2); it anchors the copying that a
+    # preference over the decision token alone leaves free to drift.
+    chosen_nll_weight: float = 0.0
+
+    def _chosen_rest_weight(self) -> float:
+        return self.chosen_rest_weight
 
     def batch(self, recipe, n, step, total_steps, device):
-        return self._pairs(recipe, n, step, device)
+        out = self._pairs(recipe, n, step, device)
+        if self.chosen_nll_weight > 0 and self.decision_weight != 1.0:
+            w = decision_weights(out["decision"].cpu().numpy(), self.decision_weight)
+            out["w_nll"] = torch.from_numpy(w).to(device)
+        return out
 
     def loss(self, model, batch, ref=None):
         if ref is None:
@@ -314,6 +335,11 @@ class DPO(_SafetyObjective):
         margin = self.beta * d_chosen - beta_r * d_rejected
         loss = -F.logsigmoid(margin).mean()
         metrics = _split_acc(logits[:n].detach(), batch["y_chosen"], batch["unsafe"], batch["decision"])
+        if self.chosen_nll_weight > 0:
+            tok, weight = token_logprobs(logits[:n], batch["y_chosen"], batch.get("w_nll"))
+            nll = -tok.sum() / weight.sum().clamp_min(1e-12)
+            metrics["nll_chosen"] = float(nll.detach())
+            loss = loss + self.chosen_nll_weight * nll
         metrics["margin"] = float(margin.detach().mean())
         metrics["pref_acc"] = float((margin.detach() > 0).float().mean())
         return loss, metrics
@@ -389,12 +415,13 @@ def make_objective(name: str, **kwargs):
             continue  # a string option (forget, texts), checked by its objective, or an optional number left unset
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key} must be a number, found {value!r}")
-        if key in ("p_unsafe", "hard_frac", "rejected_rest_weight") and not 0 <= value <= 1:
+        if key in ("p_unsafe", "hard_frac", "rejected_rest_weight", "chosen_rest_weight") and not 0 <= value <= 1:
             raise ValueError(f"{key} must be in [0, 1], found {value!r}")
-        if key == "w_forget" and value < 0:
-            raise ValueError(f"w_forget must be non-negative, found {value!r}")
+        if key in ("w_forget", "chosen_nll_weight") and value < 0:
+            raise ValueError(f"{key} must be non-negative, found {value!r}")
         if key == "data_seed" and (value < 0 or value != int(value)):
             raise ValueError(f"data_seed must be a non-negative integer, found {value!r}")
-        if key not in ("p_unsafe", "hard_frac", "w_forget", "rejected_rest_weight", "data_seed") and not value > 0:
+        if key not in ("p_unsafe", "hard_frac", "w_forget", "rejected_rest_weight", "chosen_rest_weight",
+                       "chosen_nll_weight", "data_seed") and not value > 0:
             raise ValueError(f"{key} must be positive, found {value!r}")
     return cls(**kwargs)

@@ -162,6 +162,8 @@ def train(
     objective = make_objective(stage, **(objective_options or {}))
     seed_everything(seed)
 
+    if cfg.lora_rank and init is None:
+        raise ValueError("lora_rank: a LoRA-style run fine-tunes an existing model; pass init (--init CKPT)")
     init_config = None
     if init is not None:
         base, init_config = C.load_checkpoint(init)
@@ -196,15 +198,14 @@ def train(
             raise FileExistsError(f"{out}: already holds a finished {prev.get('stage')} checkpoint; pass --overwrite to replace it")
         if not finished and not overwrite:
             _check_resumable(out, prev, config)
-            model, _ = C.load_checkpoint(out)
+            if not cfg.lora_rank:  # a LoRA run's weights are init's (frozen) and the factors in the resume state
+                model, _ = C.load_checkpoint(out)
             state = C.read_train_state(out)
             start_step = int(state["step"])
             log_rows = C.read_log(out)
     # the steps/ directories this run owns: those kept before the step it resumes from (a later one is from
     # the interrupted stretch and is written again, identically, when the run passes that step)
     kept = {s for s, _ in step_dirs(out) if s <= start_step and cfg.keep_every and s % cfg.keep_every == 0}
-    if cfg.lora_rank and init is None:
-        raise ValueError("lora_rank: a LoRA-style run fine-tunes an existing model; pass init (--init CKPT)")
     if start_step == 0 or cfg.lora_rank:
         # a LoRA run restarts from init's frozen weights and, when resuming, the saved factors
         torch.manual_seed(seed)

@@ -176,10 +176,11 @@ SCORES = ("undo", "energy_both_ratio")
 
 
 def drift_scores(base, aligned, tuned) -> dict:
-    """The whole-model drift numbers of one benign fine-tune that the validation tests (:data:`SCORES`)."""
+    """The whole-model drift numbers of one benign fine-tune that the validation tests (:data:`SCORES`; the
+    intruder test, which they do not use, is skipped with its full SVDs)."""
     from pysafe.drift import drift
 
-    s = drift(base, aligned, tuned).summary["model"]
+    s = drift(base, aligned, tuned, intruder_k=0).summary["model"]
     return {k: float(s[k]) for k in SCORES}
 
 
