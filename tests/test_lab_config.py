@@ -68,13 +68,16 @@ def test_preset_objective_options(tmp_path):
     # cpu runs DPO at the reference's effective β (its 0.1 and 0.01 over the constant 159, lab.md §4)
     dpo = stage_settings("cpu", "dpo").objective
     assert dpo["beta"] == pytest.approx(0.1 / 159, rel=0.01) and dpo["beta_rejected"] == pytest.approx(0.01 / 159, rel=0.01)
-    assert stage_settings("cpu", "ssft").objective == {} and stage_settings("cpu", "pretrain").objective == {}
+    # cpu's SSFT to the quality bar: half unsafe samples, the decision token weighted 20x, 8x the steps
+    assert stage_settings("cpu", "ssft").objective == {"p_unsafe": 0.5, "decision_weight": 20.0}
+    assert (stage_settings("cpu", "ssft").train.steps, stage_settings("cpu", "dpo").train.steps) == (8000, 1000)
+    assert stage_settings("cpu", "pretrain").objective == {}
     assert load_preset("paper")["objectives"] == {}  # the paper preset keeps D10's defaults
     mine = tmp_path / "mine.toml"
     mine.write_text('extends = "cpu"\n[objectives.dpo]\nbeta = 0.2\n[objectives.unlearn]\nforget = "npo"\n')
     cfg = load_preset(mine)
     assert cfg["objectives"]["dpo"] == {"beta": 0.2, "beta_rejected": 6.3e-5}  # merged key by key
-    assert stage_settings(str(mine), "unlearn").objective == {"forget": "npo"}
+    assert stage_settings(str(mine), "unlearn").objective == {**stage_settings("cpu", "unlearn").objective, "forget": "npo"}
     for text, msg in [
         ("[objectives.pretrain]\np_unsafe = 0.5\n", r"\[objectives\] has unknown stage 'pretrain'"),
         ("[objectives.dpo]\nbetta = 0.5\n", r"\[objectives\.dpo\] objective 'dpo' has no option betta"),
