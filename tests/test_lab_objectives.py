@@ -233,6 +233,15 @@ def test_dpo_chosen_nll_weight_adds_alpha_times_the_chosen_cross_entropy():
                 ce, _ = sft.loss(policy, sft.batch(RECIPE, 16, 3, 10, "cpu"))
         assert l1.item() - l0.item() == pytest.approx(0.7 * ce.item(), rel=1e-5), w
         assert m1["nll_chosen"] == pytest.approx(ce.item(), rel=1e-5)
+    # with the DPO term on the decision token alone, the added cross-entropy still weights the whole answer
+    rest0 = dict(decision_weight=5.0, p_unsafe=0.5, chosen_rest_weight=0.0, rejected_rest_weight=0.0)
+    plain, rpo = DPO(**rest0), DPO(**rest0, chosen_nll_weight=0.7)
+    with torch.no_grad():
+        l0, _ = plain.loss(policy, plain.batch(RECIPE, 16, 3, 10, "cpu"), ref)
+        l1, _ = rpo.loss(policy, rpo.batch(RECIPE, 16, 3, 10, "cpu"), ref)
+        sft = SSFT(decision_weight=5.0, p_unsafe=0.5)
+        ce, _ = sft.loss(policy, sft.batch(RECIPE, 16, 3, 10, "cpu"))
+    assert l1.item() - l0.item() == pytest.approx(0.7 * ce.item(), rel=1e-5)
     with pytest.raises(ValueError, match="chosen_nll_weight must be non-negative"):
         make_objective("dpo", chosen_nll_weight=-1.0)
 

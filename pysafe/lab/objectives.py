@@ -177,7 +177,9 @@ class _SafetyObjective:
     # the choice to comply (or refuse).
     rejected_rest_weight: float = 1.0
 
-    def _pairs(self, recipe, n, step, device):
+    def _pairs(self, recipe, n, step, device, chosen_rest: float = 1.0, nll: bool = False):
+        """The chosen/rejected batch; ``chosen_rest`` weights the chosen answer's tokens after its decision
+        token (DPO's option), ``nll`` adds ``w_nll``, SSFT's token weights for a cross-entropy on the chosen."""
         b = D.safety_batch(recipe, n, step, self.hard_frac)
         pick = _pick_unsafe(n, self.p_unsafe, recipe.seed, step)
         xc, yc, xr, yr = _trim(_choose(pick, b.x_unsafe, b.x_safe), _choose(pick, b.y_unsafe, b.y_safe),
@@ -187,18 +189,16 @@ class _SafetyObjective:
         out = {"x_chosen": _t(xc, device), "y_chosen": _t(yc, device), "x_rejected": _t(xr, device),
                "y_rejected": _t(yr, device), "unsafe": torch.from_numpy(pick).to(device),
                "decision": torch.from_numpy(decision).to(device)}
-        chosen_rest = self._chosen_rest_weight()
         if self.decision_weight != 1.0 or self.rejected_rest_weight != 1.0 or chosen_rest != 1.0:
             w = decision_weights(decision, self.decision_weight, chosen_rest)
             out["w_chosen"] = out["w_rejected"] = torch.from_numpy(w).to(device)
             if self.rejected_rest_weight != chosen_rest:
                 w = decision_weights(decision, self.decision_weight, self.rejected_rest_weight)
                 out["w_rejected"] = torch.from_numpy(w).to(device)
+        if nll and self.decision_weight != 1.0:
+            out["w_nll"] = (out["w_chosen"] if chosen_rest == 1.0
+                            else torch.from_numpy(decision_weights(decision, self.decision_weight)).to(device))
         return out
-
-    def _chosen_rest_weight(self) -> float:
-        """Weight of the chosen answer's tokens other than its decision token (1 but for DPO's option)."""
-        return 1.0
 
 
 @dataclass
@@ -308,15 +308,9 @@ class DPO(_SafetyObjective):
     # preference over the decision token alone leaves free to drift.
     chosen_nll_weight: float = 0.0
 
-    def _chosen_rest_weight(self) -> float:
-        return self.chosen_rest_weight
-
     def batch(self, recipe, n, step, total_steps, device):
-        out = self._pairs(recipe, n, step, device)
-        if self.chosen_nll_weight > 0 and self.decision_weight != 1.0:
-            w = decision_weights(out["decision"].cpu().numpy(), self.decision_weight)
-            out["w_nll"] = torch.from_numpy(w).to(device)
-        return out
+        return self._pairs(recipe, n, step, device, chosen_rest=self.chosen_rest_weight,
+                           nll=self.chosen_nll_weight > 0)
 
     def loss(self, model, batch, ref=None):
         if ref is None:
@@ -397,6 +391,11 @@ class Unlearn(_SafetyObjective):
         return loss, metrics
 
 
+#: numeric objective options in [0, 1], and those that may be 0; every other number must be positive
+_UNIT_OPTIONS = frozenset({"p_unsafe", "hard_frac", "rejected_rest_weight", "chosen_rest_weight"})
+_NONNEGATIVE_OPTIONS = frozenset({"w_forget", "chosen_nll_weight"})
+
+
 def make_objective(name: str, **kwargs):
     """Objective by name; ``kwargs`` are its fields (unknown ones raise a ValueError naming them)."""
     classes = {"pretrain": Pretrain, "ssft": SSFT, "dpo": DPO, "unlearn": Unlearn, "benign": Benign}
@@ -415,13 +414,12 @@ def make_objective(name: str, **kwargs):
             continue  # a string option (forget, texts), checked by its objective, or an optional number left unset
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key} must be a number, found {value!r}")
-        if key in ("p_unsafe", "hard_frac", "rejected_rest_weight", "chosen_rest_weight") and not 0 <= value <= 1:
+        if key in _UNIT_OPTIONS and not 0 <= value <= 1:
             raise ValueError(f"{key} must be in [0, 1], found {value!r}")
-        if key in ("w_forget", "chosen_nll_weight") and value < 0:
+        if key in _NONNEGATIVE_OPTIONS and value < 0:
             raise ValueError(f"{key} must be non-negative, found {value!r}")
         if key == "data_seed" and (value < 0 or value != int(value)):
             raise ValueError(f"data_seed must be a non-negative integer, found {value!r}")
-        if key not in ("p_unsafe", "hard_frac", "w_forget", "rejected_rest_weight", "chosen_rest_weight",
-                       "chosen_nll_weight", "data_seed") and not value > 0:
+        if key not in _UNIT_OPTIONS | _NONNEGATIVE_OPTIONS | {"data_seed"} and not value > 0:
             raise ValueError(f"{key} must be positive, found {value!r}")
     return cls(**kwargs)
