@@ -21,6 +21,10 @@ import time
 
 import torch
 
+#: the objective options this script takes as --flags (numbers; each overrides the preset's [objectives.<stage>])
+OBJECTIVE_FLAGS = ("p_unsafe", "decision_weight", "hard_frac", "rejected_rest_weight", "chosen_rest_weight",
+                   "chosen_nll_weight", "w_forget", "beta", "beta_rejected")
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,15 +38,8 @@ def main() -> None:
     ap.add_argument("--eval-n", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--p-unsafe", type=float, default=None)
-    ap.add_argument("--decision-weight", type=float, default=None)
-    ap.add_argument("--hard-frac", type=float, default=None)
-    ap.add_argument("--rejected-rest-weight", type=float, default=None)
-    ap.add_argument("--chosen-rest-weight", type=float, default=None)
-    ap.add_argument("--chosen-nll-weight", type=float, default=None)
-    ap.add_argument("--w-forget", type=float, default=None)
-    ap.add_argument("--beta", type=float, default=None)
-    ap.add_argument("--beta-rejected", type=float, default=None)
+    for k in OBJECTIVE_FLAGS:
+        ap.add_argument("--" + k.replace("_", "-"), type=float, default=None)
     ap.add_argument("--follow-bar", type=float, default=0.90)
     ap.add_argument("--refuse-bar", type=float, default=0.95)
     ap.add_argument("--stop-at-bar", action="store_true", help="stop at the first evaluation that meets the bar")
@@ -60,7 +57,7 @@ def main() -> None:
     init = a.init or str(DEMO_DIR / "pretrain")
     settings = stage_settings(a.preset, a.stage, lr=a.lr, steps=a.steps, batch_size=a.batch_size)
     opts = dict(settings.objective)
-    for k in ("p_unsafe", "decision_weight", "hard_frac", "rejected_rest_weight", "chosen_rest_weight", "chosen_nll_weight", "w_forget", "beta", "beta_rejected"):
+    for k in OBJECTIVE_FLAGS:
         if getattr(a, k) is not None:
             opts[k] = getattr(a, k)
     _, init_cfg = C.load_checkpoint(init)
