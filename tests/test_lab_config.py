@@ -70,13 +70,15 @@ def test_preset_objective_options(tmp_path):
     assert dpo["beta"] == pytest.approx(0.1 / 159, rel=0.01) and dpo["beta_rejected"] == pytest.approx(0.01 / 159, rel=0.01)
     # cpu's SSFT to the quality bar: half unsafe samples, the decision token weighted 20x, 8x the steps
     assert stage_settings("cpu", "ssft").objective == {"p_unsafe": 0.5, "decision_weight": 20.0}
-    assert (stage_settings("cpu", "ssft").train.steps, stage_settings("cpu", "dpo").train.steps) == (8000, 1000)
+    assert (stage_settings("cpu", "ssft").train.steps, stage_settings("cpu", "dpo").train.steps) == (8000, 8000)
+    assert stage_settings("cpu", "benign").train.steps == 300  # each stage its own length over [finetune]'s 1000
     assert stage_settings("cpu", "pretrain").objective == {}
     assert load_preset("paper")["objectives"] == {}  # the paper preset keeps D10's defaults
     mine = tmp_path / "mine.toml"
     mine.write_text('extends = "cpu"\n[objectives.dpo]\nbeta = 0.2\n[objectives.unlearn]\nforget = "npo"\n')
     cfg = load_preset(mine)
-    assert cfg["objectives"]["dpo"] == {"beta": 0.2, "beta_rejected": 6.3e-5}  # merged key by key
+    assert cfg["objectives"]["dpo"] == {**dpo, "beta": 0.2}  # merged key by key
+    assert dpo["rejected_rest_weight"] == 0.0 and cfg["objectives"]["dpo"]["beta_rejected"] == 6.3e-5
     assert stage_settings(str(mine), "unlearn").objective == {**stage_settings("cpu", "unlearn").objective, "forget": "npo"}
     for text, msg in [
         ("[objectives.pretrain]\np_unsafe = 0.5\n", r"\[objectives\] has unknown stage 'pretrain'"),

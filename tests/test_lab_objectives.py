@@ -256,3 +256,56 @@ def test_rest_weight_is_validated():
     with pytest.raises(ValueError, match="rejected_rest_weight must be in"):
         make_objective("unlearn", rejected_rest_weight=-0.1)
     assert make_objective("unlearn", rejected_rest_weight=0.0).rejected_rest_weight == 0.0
+
+
+def test_dpo_rest_zero_reads_the_rejected_decision_token_from_the_chosen_pass():
+    """With rejected_rest_weight 0, DPO reads the rejected decision token's log-probability from the chosen
+    sequence's forward pass. Checked against the two-pass computation written out here (each answer through
+    the model on its own, the weighted log-probabilities summed by hand): same loss and same gradients, at
+    the cpu preset's weighting and on batches of both recipes' texts, and the prefix the reading relies on
+    (both sequences agree up to and including the decision position's input) holds on every row."""
+    policy, ref = tiny_model(TINY1, seed=1), tiny_model(TINY1)
+    recipes = (RECIPE, D.DataRecipe(category_probs=(0.0, 0.5, 0.0, 0.0, 0.5, 0.0)))
+    for recipe, step, kw in ((recipes[0], 3, dict(decision_weight=20.0)),
+                             (recipes[1], 7, dict(decision_weight=20.0, chosen_nll_weight=0.5)),
+                             (recipes[1], 11, dict(decision_weight=1.0, chosen_rest_weight=0.0))):
+        obj = DPO(beta=6.3e-4, beta_rejected=6.3e-5, p_unsafe=0.5, rejected_rest_weight=0.0, **kw)
+        b = obj.batch(recipe, 32, step, 10, "cpu")
+        pos = b["decision"].int().argmax(1)
+        for i in range(32):
+            if b["decision"][i].any():
+                p = int(pos[i])
+                assert torch.equal(b["x_chosen"][i, :p + 1], b["x_rejected"][i, :p + 1]), (step, i)
+
+        policy.zero_grad()
+        loss, _ = obj.loss(policy, b, ref)
+        loss.backward()
+        grads = [None if q.grad is None else q.grad.clone() for q in policy.parameters()]
+        assert sum(g is not None for g in grads) > 2
+
+        def weighted_sum(model, side, w):
+            lp = torch.log_softmax(model(b[f"x_{side}"]).double(), -1)
+            y = b[f"y_{side}"]
+            tok = lp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            return (tok * ((y != PAD).double() * w.double())).sum(-1)
+
+        policy.zero_grad()
+        with torch.no_grad():
+            r_c = weighted_sum(ref, "chosen", b["w_chosen"])
+            r_r = weighted_sum(ref, "rejected", b["w_rejected"])
+        d_c = weighted_sum(policy, "chosen", b["w_chosen"]) - r_c
+        d_r = weighted_sum(policy, "rejected", b["w_rejected"]) - r_r
+        direct = -torch.nn.functional.logsigmoid(6.3e-4 * d_c - 6.3e-5 * d_r).mean()
+        if "w_nll" in b:
+            y = b["y_chosen"]
+            lp = torch.log_softmax(policy(b["x_chosen"]).double(), -1)
+            tok = lp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            wt = (y != PAD).double() * b["w_nll"].double()
+            direct = direct + 0.5 * (-(tok * wt).sum() / wt.sum())
+        direct.backward()
+        assert loss.item() == pytest.approx(direct.item(), rel=1e-6)
+        for g, q in zip(grads, policy.parameters()):
+            assert (g is None) == (q.grad is None)
+            if g is not None:
+                scale = float(q.grad.abs().max())
+                assert torch.allclose(g.double(), q.grad.double(), rtol=1e-4, atol=1e-6 * scale), step
