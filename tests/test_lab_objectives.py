@@ -309,3 +309,42 @@ def test_dpo_rest_zero_reads_the_rejected_decision_token_from_the_chosen_pass():
             if g is not None:
                 scale = float(q.grad.abs().max())
                 assert torch.allclose(g.double(), q.grad.double(), rtol=1e-4, atol=1e-6 * scale), step
+
+
+@pytest.mark.parametrize("forget", ["clamp", "npo"])
+def test_unlearn_rest_zero_reads_the_rejected_decision_token_from_the_chosen_pass(forget):
+    """Unlearning at rejected_rest_weight 0 (the cpu preset's) against the two-pass computation written out
+    here from the class's documented formula: the retain NLL (per-token mean over each chosen answer, then
+    over rows) minus w_forget times the clamped forget NLL at the rejected decision token, or NPO's term on
+    the rejected answer through its own forward pass. Same loss, same gradients."""
+    policy, ref = tiny_model(TINY1, seed=2), tiny_model(TINY1)
+    obj = Unlearn(p_unsafe=0.5, decision_weight=20.0, rejected_rest_weight=0.0, forget=forget, w_forget=0.3)
+    b = obj.batch(RECIPE, 32, 5, 10, "cpu")
+    policy.zero_grad()
+    loss, _ = obj.loss(policy, b, ref)
+    loss.backward()
+    grads = [None if q.grad is None else q.grad.clone() for q in policy.parameters()]
+
+    def per_token(model, side):
+        lp = torch.log_softmax(model(b[f"x_{side}"]).double(), -1)
+        y = b[f"y_{side}"]
+        w = (y != PAD).double() * b[f"w_{side}"].double()
+        return lp.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1) * w, w
+
+    policy.zero_grad()
+    tc, wc = per_token(policy, "chosen")
+    tr, wr = per_token(policy, "rejected")
+    retain = (-tc.sum(-1) / wc.sum(-1).clamp_min(1)).mean()
+    if forget == "clamp":
+        direct = retain - 0.3 * torch.clamp(-tr.sum(-1) / wr.sum(-1).clamp_min(1), max=math.log(59)).mean()
+    else:
+        with torch.no_grad():
+            ref_r, _ = per_token(ref, "rejected")
+        ratio = tr.sum(-1) - ref_r.sum(-1)
+        direct = retain + 0.3 * (2 / 0.1) * torch.nn.functional.softplus(0.1 * ratio).mean()
+    direct.backward()
+    assert loss.item() == pytest.approx(direct.item(), rel=1e-6)
+    for g, q in zip(grads, policy.parameters()):
+        assert (g is None) == (q.grad is None)
+        if g is not None:
+            assert torch.allclose(g.double(), q.grad.double(), rtol=1e-4, atol=1e-6 * float(q.grad.abs().max()))

@@ -330,7 +330,7 @@ class DPO(_SafetyObjective):
             # token from the prompt and the answer tokens before it, which the two answers share: its
             # log-probability is read from the chosen sequence's forward pass (the logits at the decision
             # position, at the rejected token), so one forward pass of n rows replaces two. Same loss and
-            # gradients as the two-pass path (tests/test_lab_objectives.py), about half of DPO's step.
+            # gradients as the two-pass path (tests/test_lab_objectives.py), about half of the step.
             logits = model(batch["x_chosen"])
             lp = self._shared_logprobs(logits, batch)
             with torch.no_grad():
@@ -387,28 +387,38 @@ class Unlearn(_SafetyObjective):
         return self._pairs(recipe, n, step, device)
 
     def loss(self, model, batch, ref=None):
-        x = torch.cat([batch["x_chosen"], batch["x_rejected"]])
-        y = torch.cat([batch["y_chosen"], batch["y_rejected"]])
-        w = torch.cat([batch["w_chosen"], batch["w_rejected"]]) if "w_chosen" in batch else None
-        logits = model(x)
-        tok, mask = token_logprobs(logits, y, w)
+        n = batch["x_chosen"].shape[0]
+        # r = 0: the rejected answer counts at its decision token alone, read from the chosen pass (see DPO)
+        shared = self.rejected_rest_weight == 0.0
+        if shared:
+            logits = model(batch["x_chosen"])
+            tok_c, mask_c = token_logprobs(logits, batch["y_chosen"], batch.get("w_chosen"))
+            tok_r, mask_r = token_logprobs(logits, batch["y_rejected"], batch["w_rejected"])
+            tok, mask = torch.cat([tok_c, tok_r]), torch.cat([mask_c, mask_r])
+            logits_chosen = logits
+        else:
+            x = torch.cat([batch["x_chosen"], batch["x_rejected"]])
+            y = torch.cat([batch["y_chosen"], batch["y_rejected"]])
+            w = torch.cat([batch["w_chosen"], batch["w_rejected"]]) if "w_chosen" in batch else None
+            logits = model(x)
+            tok, mask = token_logprobs(logits, y, w)
+            logits_chosen = logits[:n]
         count = mask.sum(-1).clamp_min(1)
         nll = -tok.sum(-1) / count
-        n = batch["x_chosen"].shape[0]
         retain = nll[:n].mean()
         if self.forget == "npo":
             if ref is None:
                 raise ValueError("NPO unlearning needs a reference model (the --init checkpoint)")
             with torch.no_grad():
-                ref_tok, _ = token_logprobs(ref(batch["x_rejected"]), batch["y_rejected"],
-                                            batch.get("w_rejected"))
+                ref_tok, _ = token_logprobs(ref(batch["x_chosen" if shared else "x_rejected"]),
+                                            batch["y_rejected"], batch.get("w_rejected"))
             log_ratio = tok[n:].sum(-1) - ref_tok.sum(-1)
             forget_term = (2.0 / self.npo_beta) * F.softplus(self.npo_beta * log_ratio).mean()
             loss = self.w_retain * retain + self.w_forget * forget_term
         else:
             forget_term = torch.clamp(nll[n:], max=self.forget_clamp).mean()
             loss = self.w_retain * retain - self.w_forget * forget_term
-        metrics = _split_acc(logits[:n].detach(), batch["y_chosen"], batch["unsafe"], batch["decision"])
+        metrics = _split_acc(logits_chosen.detach(), batch["y_chosen"], batch["unsafe"], batch["decision"])
         metrics["nll_rejected"] = float(nll[n:].detach().mean())
         return loss, metrics
 
