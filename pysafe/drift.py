@@ -83,9 +83,44 @@ class DriftResult:
         return pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, list)} for r in self.records])
 
 
+class AlignmentMemo:
+    """What :func:`drift` computes from BASE and ALIGNED alone, kept across calls that share them.
+
+    ``pysafe track --aligned`` and ``validate-drift`` measure many TUNED checkpoints against one BASE and
+    ALIGNED; per matrix, ΔA's top singular subspace and the intruder control (W_aligned's top left vectors
+    against W_base's) do not depend on TUNED, and neither do W_aligned's left singular vectors, which the
+    intruder test reads. Pass one memo to every such call (``drift(..., memo=m)``): the first computes and
+    keeps them, the others reuse them, with identical records. W_aligned's vectors are kept while the memo
+    holds at most ``max_bytes`` of them (all of them for the lab's models; for a 7B model they are
+    recomputed). A memo belongs to one BASE, ALIGNED and set of options: using it with others raises a
+    ValueError.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes = int(max_bytes)
+        self.key = None
+        self.entries: dict[str, dict] = {}
+        self.bytes = 0
+        self.hits = 0
+
+    def _bind(self, key) -> None:
+        if self.key is None:
+            self.key = key
+        elif self.key != key:
+            raise ValueError("this AlignmentMemo was filled for another BASE, ALIGNED or other drift options; "
+                             "use one memo per BASE, ALIGNED and set of options")
+
+    def _keep_vectors(self, U: np.ndarray) -> bool:
+        if self.bytes + U.nbytes > self.max_bytes:
+            return False
+        self.bytes += U.nbytes
+        return True
+
+
 def drift(base, aligned, tuned, *, k: int | None = None, energy: float = 0.9, max_rank: int | None = None,
           tol: float = 1e-4, exact: bool = False, intruder_k: int = 10, intruder_eps: float = 0.5,
-          include: str | None = None, device: str = "cpu", progress=None, on_pairs=None) -> DriftResult:
+          include: str | None = None, device: str = "cpu", progress=None, on_pairs=None,
+          memo: AlignmentMemo | None = None) -> DriftResult:
     """Measure, per matrix, how the change TUNED − ALIGNED relates to the alignment change ALIGNED − BASE.
 
     Args:
@@ -105,6 +140,8 @@ def drift(base, aligned, tuned, *, k: int | None = None, energy: float = 0.9, ma
         device: where the SVDs run: cpu, cuda or cuda:N.
         progress: called as ``progress(done, total, bytes_done, bytes_total, name)`` after each matrix.
         on_pairs: called with the list of matrix names once pairing is done, before any data is read.
+        memo: an :class:`AlignmentMemo` shared by calls with the same BASE, ALIGNED and options, which then
+            compute the alignment side once (identical records).
 
     Raises:
         FileNotFoundError, CheckpointError, HeaderError: unreadable inputs.
@@ -132,6 +169,8 @@ def drift(base, aligned, tuned, *, k: int | None = None, energy: float = 0.9, ma
             if isinstance(c, PeftAdapter):
                 raise CheckpointError(f"{c.path}: {what} is a PEFT adapter; only TUNED may be an adapter (on ALIGNED)")
         scheme = detect_scheme(a.tensors)
+        if memo is not None:
+            memo._bind((b.describe(), a.describe(), {k: v for k, v in params.items() if k != "device"}))
         todo, skipped = _pair(b, a, t, include, scheme)
         if on_pairs:
             on_pairs([name for name, _ in todo])
@@ -139,7 +178,7 @@ def drift(base, aligned, tuned, *, k: int | None = None, energy: float = 0.9, ma
         total = sum(3 * b.tensors[n].nbytes for n, _ in todo)
         done = 0
         for i, (name, target) in enumerate(todo):
-            rec = _one(b, a, t, name, target, scheme, params)
+            rec = _one(b, a, t, name, target, scheme, params, memo)
             if "skip_reason" in rec:
                 skipped.append({"name": name, "reason": rec["skip_reason"]})
             else:
@@ -296,7 +335,7 @@ class _Dense(_Factored):
         return self.D
 
 
-def _one(b, a, t, name, target, scheme, params) -> dict:
+def _one(b, a, t, name, target, scheme, params, memo: AlignmentMemo | None = None) -> dict:
     ni = name_info(name, scheme)
     stored = a.tensors[name].shape
     seed = _seed(name)
@@ -328,8 +367,17 @@ def _one(b, a, t, name, target, scheme, params) -> dict:
     aligned_sq = float(np.sum(W_al * W_al))
     rec.update(norm_delta_A=math.sqrt(aa), norm_delta_T=math.sqrt(tt), norm_aligned=math.sqrt(aligned_sq),
                rel_delta_T=math.sqrt(tt / aligned_sq) if aligned_sq > 0 else float("nan"))
-    # ΔA's top subspace
-    U_A, S_A, V_A, info = _svd(dA, params["k"], params, seed)
+    # ΔA's top subspace (and, below, the intruder control): from BASE and ALIGNED alone, so from the memo
+    # when an earlier call on the same pair computed them
+    known = memo.entries.get(name) if memo is not None else None
+    if known is not None:
+        memo.hits += 1
+        U_A, S_A, V_A, info = known["svd_A"]
+    else:
+        U_A, S_A, V_A, info = _svd(dA, params["k"], params, seed)
+        known = {"svd_A": (U_A, S_A, V_A, info)}
+        if memo is not None:
+            memo.entries[name] = known
     kA = U_A.shape[1]
     rec.update(k_A=kA, svd_method_A=info["method"], energy_reached_A=bool(info["energy_reached"]))
     nan = float("nan")
@@ -379,10 +427,15 @@ def _one(b, a, t, name, target, scheme, params) -> dict:
     rec["intruder_k"] = ik
     if ik:
         W_tu = W_al + dT.dense()
-        W_b = W_al - dA
-        U_al = _all_left(W_al, seed + 2, params)
+        U_al = known.get("U_al")
+        if U_al is None:
+            U_al = _all_left(W_al, seed + 2, params)
+            if memo is not None and memo._keep_vectors(U_al):
+                known["U_al"] = U_al
+        if "idx0" not in known:
+            known["idx0"], _ = intruders(U_al[:, :ik], _all_left(W_al - dA, seed + 4, params), params["intruder_eps"])
+        idx0 = known["idx0"]
         idx, cos = intruders(_top_left(W_tu, ik, seed + 3, params), U_al, params["intruder_eps"])
-        idx0, _ = intruders(U_al[:, :ik], _all_left(W_b, seed + 4, params), params["intruder_eps"])
         rec.update(intruder_count=len(idx), intruder_indices=idx, intruder_max_cos=cos.tolist(),
                    intruder_count_alignment=len(idx0))
     return rec

@@ -259,10 +259,11 @@ def track(base, ckpts, *, labels: list[str] | None = None, cache=None, ray: str 
             cache_summary["dir"] = None  # a temporary directory, gone after this call
     points = [TrackPoint(i, s, names[i], str(Path(p).resolve()), c) for i, ((p, s), c) in enumerate(zip(items, cmps))]
     if aligned is not None:
-        from pysafe.drift import drift
+        from pysafe.drift import AlignmentMemo, drift
 
+        memo = AlignmentMemo()  # the alignment side (ΔA's SVDs, the intruder control) once for all points
         for pt in points:
-            res = drift(base, aligned, pt.path, include=opts.include, device=opts.device)
+            res = drift(base, aligned, pt.path, include=opts.include, device=opts.device, memo=memo)
             pt.drift = {**res.summary["model"], "verdict": res.summary.get("verdict")}
     return Trajectory(base=cmps[0].base, params=asdict(opts), points=points, scheme=cmps[0].scheme,
                       seconds=time.perf_counter() - t0, cache=cache_summary, ray=ray,

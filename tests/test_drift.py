@@ -434,3 +434,50 @@ def test_to_pandas(tmp_path):
     bp, ap, tp, _ = _triple(tmp_path, _generic_dT, seed=6, names=LLAMA[:2])
     df = pysafe.drift(bp, ap, tp).to_pandas()
     assert isinstance(df, pd.DataFrame) and len(df) == 2 and "undo" in df.columns
+
+
+def test_alignment_memo_reuses_the_alignment_side_with_identical_records(tmp_path, monkeypatch):
+    """Two TUNED checkpoints against one BASE and ALIGNED through one AlignmentMemo: every record equals the
+    memo-less call's, the second call skips ΔA's SVD and the intruder control's two full SVDs (counted at
+    the engine's truncated_svd), a memo too small for W_aligned's vectors recomputes them and still agrees,
+    and a memo filled for another pair or other options refuses to serve."""
+    import importlib
+
+    from pysafe.drift import AlignmentMemo
+
+    drift_mod = importlib.import_module("pysafe.drift")  # the module (pysafe.drift is also the function)
+
+    bp, ap, tp, _ = _triple(tmp_path / "one", _generic_dT, seed=7)
+    rng = np.random.default_rng(8)
+    from safetensors.numpy import load_file
+
+    T2 = {nm: W + 0.05 * rng.standard_normal(W.shape) for nm, W in load_file(str(ap / "model.safetensors")).items()}
+    tp2 = _write(tmp_path / "tuned2", T2)
+    calls = []
+    real = drift_mod.truncated_svd
+    monkeypatch.setattr(drift_mod, "truncated_svd", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+
+    plain = [pysafe.drift(bp, ap, t) for t in (tp, tp2)]
+    n_plain = len(calls)
+    for max_bytes in (1 << 30, 0):
+        memo = AlignmentMemo(max_bytes=max_bytes)
+        del calls[:]
+        first = drift_mod.drift(bp, ap, tp, memo=memo)
+        n_first = len(calls)
+        second = drift_mod.drift(bp, ap, tp2, memo=memo)
+        n_second = len(calls) - n_first
+        assert n_first == n_plain // 2
+        # per matrix, without the memo: ΔA, ΔT, W_aligned (all), W_tuned (top), W_base (all) = 5 SVDs
+        saved = 3 if max_bytes else 2
+        assert n_second == n_first - saved * len(LLAMA), (max_bytes, n_first, n_second)
+        assert memo.hits == len(LLAMA)
+        for want, got in zip(plain, (first, second)):
+            assert [r["name"] for r in got.records] == [r["name"] for r in want.records]
+            for r_w, r_g in zip(want.records, got.records):
+                assert r_g == r_w
+            assert got.summary == want.summary
+    with pytest.raises(ValueError, match="another BASE, ALIGNED or other drift options"):
+        drift_mod.drift(bp, ap, tp, k=2, memo=memo)
+    other = _triple(tmp_path / "two", _generic_dT, seed=9)
+    with pytest.raises(ValueError, match="another BASE"):
+        drift_mod.drift(other[0], other[1], other[2], memo=memo)

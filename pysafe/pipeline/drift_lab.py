@@ -175,12 +175,13 @@ def versus_baseline_claim(text: str, score, baseline, erosion, *, n_resamples: i
 SCORES = ("undo", "energy_both_ratio")
 
 
-def drift_scores(base, aligned, tuned) -> dict:
+def drift_scores(base, aligned, tuned, memo=None) -> dict:
     """The whole-model drift numbers of one benign fine-tune that the validation tests (:data:`SCORES`; the
-    intruder test, which they do not use, is skipped with its full SVDs)."""
+    intruder test, which they do not use, is skipped with its full SVDs). ``memo``: a
+    :class:`pysafe.drift.AlignmentMemo` shared by the runs, so ΔA's decompositions are computed once."""
     from pysafe.drift import drift
 
-    s = drift(base, aligned, tuned, intruder_k=0).summary["model"]
+    s = drift(base, aligned, tuned, intruder_k=0, memo=memo).summary["model"]
     return {k: float(s[k]) for k in SCORES}
 
 
@@ -215,12 +216,14 @@ def validate_drift(base, aligned, out, *, preset: str = "cpu", n: int = 500, see
                           invocation=invocation, log=log)
     ref = refusal_rates(aligned, n, device)
     log(f"aligned model: refuses {100 * ref['table']['unsafe_refuse']:.1f}% of std_unsafe ({n} samples)")
-    runs = []
+    from pysafe.drift import AlignmentMemo
+
+    runs, memo = [], AlignmentMemo()
     for (name, opts), d in zip(variants, dirs):
         rates = refusal_rates(d, n, device)
         row = {"name": name, "options": opts, "checkpoint": str(d), **rates,
                "erosion": ref["table"]["unsafe_refuse"] - rates["table"]["unsafe_refuse"],
-               "drift": drift_scores(base, aligned, d), "baselines": baselines(base, aligned, d)}
+               "drift": drift_scores(base, aligned, d, memo), "baselines": baselines(base, aligned, d)}
         runs.append(row)
         log(f"{name}: refuses {100 * rates['table']['unsafe_refuse']:.1f}% (erosion {100 * row['erosion']:+.1f} "
             f"points), drift {', '.join(f'{k} {v:.3g}' for k, v in row['drift'].items())}")
