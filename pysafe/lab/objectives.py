@@ -201,6 +201,29 @@ class _SafetyObjective:
         return out
 
 
+    def _pair_logprobs(self, model, batch):
+        """(tok, weight, logits_chosen): the per-token weighted log-probabilities and the weights of the
+        chosen answers, then of the rejected ones, [2n, T] (:func:`token_logprobs`), and the chosen answers'
+        logits.
+
+        With ``rejected_rest_weight`` 0 the rejected answer is weighted at its decision token alone, which
+        a causal model predicts from the prompt and the answer tokens before it, tokens the two answers
+        share: its log-probability is read from the chosen sequence's forward pass (the logits at the
+        decision position, at the rejected token), so one pass of n rows replaces two, with the same loss
+        and gradients (tests/test_lab_objectives.py) at about half the cost."""
+        if self.rejected_rest_weight == 0.0:
+            logits = model(batch["x_chosen"])
+            tok_c, w_c = token_logprobs(logits, batch["y_chosen"], batch.get("w_chosen"))
+            tok_r, w_r = token_logprobs(logits, batch["y_rejected"], batch["w_rejected"])
+            return torch.cat([tok_c, tok_r]), torch.cat([w_c, w_r]), logits
+        x = torch.cat([batch["x_chosen"], batch["x_rejected"]])
+        y = torch.cat([batch["y_chosen"], batch["y_rejected"]])
+        w = torch.cat([batch["w_chosen"], batch["w_rejected"]]) if "w_chosen" in batch else None
+        logits = model(x)
+        tok, weight = token_logprobs(logits, y, w)
+        return tok, weight, logits[:batch["x_chosen"].shape[0]]
+
+
 @dataclass
 class SSFT(_SafetyObjective):
     """Supervised safety fine-tuning: cross-entropy on the safe answer or on the refusal (docs/lab.md).
@@ -312,39 +335,14 @@ class DPO(_SafetyObjective):
         return self._pairs(recipe, n, step, device, chosen_rest=self.chosen_rest_weight,
                            nll=self.chosen_nll_weight > 0)
 
-    @staticmethod
-    def _shared_logprobs(logits, batch) -> torch.Tensor:
-        """[2n]: the chosen answers' weighted log-probabilities, then the rejected ones' read from the same
-        (chosen) logits, exact when the rejected weight is non-zero only at decision positions, before
-        which both sequences agree."""
-        lp_c = sequence_logprob(logits, batch["y_chosen"], batch.get("w_chosen"))
-        lp_r = sequence_logprob(logits, batch["y_rejected"], batch["w_rejected"])
-        return torch.cat([lp_c, lp_r])
-
     def loss(self, model, batch, ref=None):
         if ref is None:
             raise ValueError("DPO needs a reference model (the --init checkpoint)")
         n = batch["x_chosen"].shape[0]
-        if self.rejected_rest_weight == 0.0:
-            # The rejected answer is weighted at its decision token alone, and a causal model predicts that
-            # token from the prompt and the answer tokens before it, which the two answers share: its
-            # log-probability is read from the chosen sequence's forward pass (the logits at the decision
-            # position, at the rejected token), so one forward pass of n rows replaces two. Same loss and
-            # gradients as the two-pass path (tests/test_lab_objectives.py), about half of the step.
-            logits = model(batch["x_chosen"])
-            lp = self._shared_logprobs(logits, batch)
-            with torch.no_grad():
-                lp_ref = self._shared_logprobs(ref(batch["x_chosen"]), batch)
-            logits_chosen = logits
-        else:
-            x = torch.cat([batch["x_chosen"], batch["x_rejected"]])
-            y = torch.cat([batch["y_chosen"], batch["y_rejected"]])
-            w = torch.cat([batch["w_chosen"], batch["w_rejected"]]) if "w_chosen" in batch else None
-            logits = model(x)
-            lp = sequence_logprob(logits, y, w)
-            with torch.no_grad():
-                lp_ref = sequence_logprob(ref(x), y, w)
-            logits_chosen = logits[:n]
+        tok, _, logits_chosen = self._pair_logprobs(model, batch)
+        lp = tok.sum(-1)
+        with torch.no_grad():
+            lp_ref = self._pair_logprobs(ref, batch)[0].sum(-1)
         d_chosen = lp[:n] - lp_ref[:n]
         d_rejected = lp[n:] - lp_ref[n:]
         beta_r = self.beta if self.beta_rejected is None else self.beta_rejected
@@ -388,21 +386,7 @@ class Unlearn(_SafetyObjective):
 
     def loss(self, model, batch, ref=None):
         n = batch["x_chosen"].shape[0]
-        # r = 0: the rejected answer counts at its decision token alone, read from the chosen pass (see DPO)
-        shared = self.rejected_rest_weight == 0.0
-        if shared:
-            logits = model(batch["x_chosen"])
-            tok_c, mask_c = token_logprobs(logits, batch["y_chosen"], batch.get("w_chosen"))
-            tok_r, mask_r = token_logprobs(logits, batch["y_rejected"], batch["w_rejected"])
-            tok, mask = torch.cat([tok_c, tok_r]), torch.cat([mask_c, mask_r])
-            logits_chosen = logits
-        else:
-            x = torch.cat([batch["x_chosen"], batch["x_rejected"]])
-            y = torch.cat([batch["y_chosen"], batch["y_rejected"]])
-            w = torch.cat([batch["w_chosen"], batch["w_rejected"]]) if "w_chosen" in batch else None
-            logits = model(x)
-            tok, mask = token_logprobs(logits, y, w)
-            logits_chosen = logits[:n]
+        tok, mask, logits_chosen = self._pair_logprobs(model, batch)
         count = mask.sum(-1).clamp_min(1)
         nll = -tok.sum(-1) / count
         retain = nll[:n].mean()
@@ -410,8 +394,8 @@ class Unlearn(_SafetyObjective):
             if ref is None:
                 raise ValueError("NPO unlearning needs a reference model (the --init checkpoint)")
             with torch.no_grad():
-                ref_tok, _ = token_logprobs(ref(batch["x_chosen" if shared else "x_rejected"]),
-                                            batch["y_rejected"], batch.get("w_rejected"))
+                side = "x_chosen" if self.rejected_rest_weight == 0.0 else "x_rejected"  # see _pair_logprobs
+                ref_tok, _ = token_logprobs(ref(batch[side]), batch["y_rejected"], batch.get("w_rejected"))
             log_ratio = tok[n:].sum(-1) - ref_tok.sum(-1)
             forget_term = (2.0 / self.npo_beta) * F.softplus(self.npo_beta * log_ratio).mean()
             loss = self.w_retain * retain + self.w_forget * forget_term
