@@ -65,9 +65,10 @@ def test_preset_objective_options(tmp_path):
     """[objectives.<stage>] holds one safety objective's options: validated, merged through `extends`."""
     from pysafe.lab.config import stage_settings
 
-    # cpu runs DPO at the reference's effective β (its 0.1 and 0.01 over the constant 159, lab.md §4)
+    # cpu runs DPO as RPO: standard DPO on the decision token alone plus the chosen answer's cross-entropy
     dpo = stage_settings("cpu", "dpo").objective
-    assert dpo["beta"] == pytest.approx(0.1 / 159, rel=0.01) and dpo["beta_rejected"] == pytest.approx(0.01 / 159, rel=0.01)
+    assert dpo == {"beta": 0.025, "beta_rejected": 0.025, "p_unsafe": 0.5, "decision_weight": 20.0,
+                   "chosen_rest_weight": 0.0, "rejected_rest_weight": 0.0, "chosen_nll_weight": 1.0}
     # cpu's SSFT to the quality bar: half unsafe samples, the decision token weighted 20x, 8x the steps
     assert stage_settings("cpu", "ssft").objective == {"p_unsafe": 0.5, "decision_weight": 20.0}
     assert (stage_settings("cpu", "ssft").train.steps, stage_settings("cpu", "dpo").train.steps) == (8000, 8000)
@@ -78,7 +79,7 @@ def test_preset_objective_options(tmp_path):
     mine.write_text('extends = "cpu"\n[objectives.dpo]\nbeta = 0.2\n[objectives.unlearn]\nforget = "npo"\n')
     cfg = load_preset(mine)
     assert cfg["objectives"]["dpo"] == {**dpo, "beta": 0.2}  # merged key by key
-    assert dpo["rejected_rest_weight"] == 0.0 and cfg["objectives"]["dpo"]["beta_rejected"] == 6.3e-5
+    assert cfg["objectives"]["dpo"]["beta_rejected"] == 0.025
     assert stage_settings(str(mine), "unlearn").objective == {**stage_settings("cpu", "unlearn").objective, "forget": "npo"}
     for text, msg in [
         ("[objectives.pretrain]\np_unsafe = 0.5\n", r"\[objectives\] has unknown stage 'pretrain'"),
