@@ -37,12 +37,10 @@ def test_dpo_sequence_logprob_uses_each_responses_own_tokens():
     m = tiny_model(TINY1)
     obj = DPO()
     b = obj.batch(RECIPE, 4, 0, 10, "cpu")
-    from pysafe.lab.objectives import sequence_logprob
 
     with torch.no_grad():
-        logits = m(b["x_rejected"])
-        lp = sequence_logprob(logits, b["y_rejected"])
-        ls = torch.log_softmax(logits, -1)
+        lp = obj._pair_logprobs(m, b)[0].sum(-1)[4:]  # what DPO.loss sums: the rejected half
+        ls = torch.log_softmax(m(b["x_rejected"]), -1)
         for i in range(4):
             mask = b["y_rejected"][i] != PAD
             ref = sum(float(ls[i, t, b["y_rejected"][i, t]]) for t in torch.nonzero(mask).flatten())

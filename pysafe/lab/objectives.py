@@ -56,13 +56,6 @@ def token_logprobs(logits: torch.Tensor, y: torch.Tensor,
     return tok * mask, mask
 
 
-def sequence_logprob(logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum of log-probabilities over each sequence's own supervised (non-PAD) targets, [B]
-    (weighted by ``weight`` [B, T] when given)."""
-    tok, _ = token_logprobs(logits, y, weight)
-    return tok.sum(-1)
-
-
 def decision_positions(y_chosen: np.ndarray, y_rejected: np.ndarray) -> np.ndarray:
     """bool [B, T]: the first position where the chosen and the rejected answer are both supervised and
     differ, i.e. the token at which a model commits to refusing or complying (block 1's first letter, or
@@ -200,6 +193,11 @@ class _SafetyObjective:
                             else torch.from_numpy(decision_weights(decision, self.decision_weight)).to(device))
         return out
 
+    @property
+    def _one_pass(self) -> bool:
+        """The rejected answer counts at its decision token alone (``rejected_rest_weight`` 0), so its
+        log-probability can be read from the chosen answer's forward pass (:meth:`_pair_logprobs`)."""
+        return self.rejected_rest_weight == 0.0
 
     def _pair_logprobs(self, model, batch):
         """(tok, weight, logits_chosen): the per-token weighted log-probabilities and the weights of the
@@ -211,7 +209,7 @@ class _SafetyObjective:
         share: its log-probability is read from the chosen sequence's forward pass (the logits at the
         decision position, at the rejected token), so one pass of n rows replaces two, with the same loss
         and gradients (tests/test_lab_objectives.py) at about half the cost."""
-        if self.rejected_rest_weight == 0.0:
+        if self._one_pass:
             logits = model(batch["x_chosen"])
             tok_c, w_c = token_logprobs(logits, batch["y_chosen"], batch.get("w_chosen"))
             tok_r, w_r = token_logprobs(logits, batch["y_rejected"], batch["w_rejected"])
@@ -394,8 +392,8 @@ class Unlearn(_SafetyObjective):
             if ref is None:
                 raise ValueError("NPO unlearning needs a reference model (the --init checkpoint)")
             with torch.no_grad():
-                side = "x_chosen" if self.rejected_rest_weight == 0.0 else "x_rejected"  # see _pair_logprobs
-                ref_tok, _ = token_logprobs(ref(batch[side]), batch["y_rejected"], batch.get("w_rejected"))
+                x = batch["x_chosen" if self._one_pass else "x_rejected"]
+                ref_tok, _ = token_logprobs(ref(x), batch["y_rejected"], batch.get("w_rejected"))
             log_ratio = tok[n:].sum(-1) - ref_tok.sum(-1)
             forget_term = (2.0 / self.npo_beta) * F.softplus(self.npo_beta * log_ratio).mean()
             loss = self.w_retain * retain + self.w_forget * forget_term
