@@ -219,7 +219,7 @@ def bench_floor() -> None:
             # the GEMMs the step runs: rows = tokens of the batch (x2 for the paired objectives, unless the
             # rejected answer is read from the chosen pass: rejected_rest_weight 0)
             rows = int(batch[next(k for k in ("x", "x_chosen") if k in batch)].numel())
-            rows *= 2 if stage in ("dpo", "unlearn") and not obj._one_pass else 1
+            rows *= 2 if stage in ("dpo", "unlearn") and not obj.one_pass else 1
             d, h = s.model.d_model, s.model.d_model * s.model.mlp_ratio
             for mkn in ((rows, d, 3 * d), (rows, d, d), (rows, d, h), (rows, h, d), (rows, d, s.model.vocab_size)):
                 shapes[mkn] = s.model.n_layer if mkn[2] != s.model.vocab_size else 1

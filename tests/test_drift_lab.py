@@ -94,6 +94,14 @@ def test_validate_drift_end_to_end_on_tiny(tmp_path):
                    log=logs.append)
     assert "a: finished earlier, reused" in logs
     assert (tmp_path / "v" / "runs" / "a" / "model.safetensors").stat().st_mtime_ns == mtime
+    # the aligned model retrained (other weights at the same path): its earlier benign runs are not reused
+    stamp = json.loads((tmp_path / "v" / "runs" / "aligned.json").read_text())
+    train("ssft", tmp_path / "aligned", train_config=replace(ft, steps=5), init=tmp_path / "base", overwrite=True)
+    with pytest.raises(ValueError, match=r"runs/a: a benign run .* trained from another aligned .*remove"):
+        validate_drift(tmp_path / "base", tmp_path / "aligned", tmp_path / "v", preset="tiny", n=16,
+                       variants=variants, log=logs.append)
+    assert json.loads((tmp_path / "v" / "runs" / "aligned.json").read_text()) == stamp  # nothing rewritten
+    assert (tmp_path / "v" / "runs" / "a" / "model.safetensors").stat().st_mtime_ns == mtime
 
 
 def test_shipped_drift_validation_claims_recompute_from_its_numbers():

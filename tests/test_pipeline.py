@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from pysafe.cli import main
@@ -107,6 +108,16 @@ def test_reproduce_end_to_end_tiny(tmp_path, monkeypatch):
     logs.clear()
     reproduce("tiny", out, eval_n=8, log=logs.append, jobs=1, analyze=False)
     assert sum("finished earlier, reused" in m for m in logs) == 7
+    # the same preset with DPO's options changed: the finished DPO runs are not this preset's, and reproduce
+    # says so instead of reusing them (pretrain and SSFT still match: their checks pass first)
+    from pysafe.lab.config import PRESET_DIR
+
+    changed = tmp_path / "tiny.toml"
+    changed.write_text((PRESET_DIR / "tiny.toml").read_text() + "\n[objectives.dpo]\nbeta = 0.05\n")
+    logs.clear()
+    with pytest.raises(ValueError, match=r"dpo_lr1em4: a finished dpo run whose 'objective' .*beta"):
+        reproduce(str(changed), out, eval_n=8, log=logs.append, jobs=1, analyze=False)
+    assert logs == ["pretrain: finished earlier, reused", "ssft_lr1em4: finished earlier, reused"]
 
 
 def test_reproduce_overwrite_keeps_user_files(tmp_path):
@@ -125,3 +136,30 @@ def test_reproduce_overwrite_keeps_user_files(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["mine", "notes.md"]
     assert (out / "mine" / "f.txt").read_text() == "x"
     assert "pretrain" in logs[0] and "notes.md" not in logs[0]
+
+
+@pytest.mark.parametrize("stage,options", [
+    ("dpo", {}), ("dpo", {"rejected_rest_weight": 0.0}), ("unlearn", {}), ("unlearn", {"rejected_rest_weight": 0.0}),
+    ("unlearn", {"forget": "npo"}), ("unlearn", {"forget": "npo", "rejected_rest_weight": 0.0})])
+def test_finetune_cost_matches_the_counted_flops_of_a_step(stage, options):
+    """`reproduce --jobs` orders the fine-tunes by their cost per sample (the objective's relative_cost,
+    relative to SSFT's); it must match the matmul flops torch counts on a real loss + backward."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from labkit import TINY1, tiny_model
+    from pysafe.lab.data import DataRecipe
+    from pysafe.lab.objectives import make_objective
+
+    def flops(obj):
+        model, ref = tiny_model(TINY1), tiny_model(TINY1, seed=1).requires_grad_(False)
+        batch = obj.batch(DataRecipe(), 16, 3, 10, "cpu")
+        with FlopCounterMode(display=False) as fc:
+            loss, _ = obj.loss(model, batch, ref if obj.uses_reference else None)
+            loss.backward()
+        return fc.get_total_flops()
+
+    obj = make_objective(stage, **options)
+    ratio = flops(obj) / flops(make_objective("ssft"))
+    assert ratio == pytest.approx(obj.relative_cost, rel=0.02)
+    assert make_objective("ssft").relative_cost == make_objective("pretrain").relative_cost == 1.0

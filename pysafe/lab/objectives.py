@@ -89,6 +89,7 @@ class Pretrain:
 
     name = "pretrain"
     uses_reference = False
+    relative_cost = 1.0  # work per sample relative to SSFT's (see _SafetyObjective.relative_cost)
 
     def batch(self, recipe, n: int, step: int, total_steps: int, device) -> dict:
         b = D.pretrain_batch(recipe, n, step, total_steps)
@@ -194,10 +195,23 @@ class _SafetyObjective:
         return out
 
     @property
-    def _one_pass(self) -> bool:
+    def one_pass(self) -> bool:
         """The rejected answer counts at its decision token alone (``rejected_rest_weight`` 0), so its
         log-probability can be read from the chosen answer's forward pass (:meth:`_pair_logprobs`)."""
         return self.rejected_rest_weight == 0.0
+
+    #: passes of the reference per sample (DPO: both answers, NPO unlearning: the rejected one)
+    _reference_rows = 0
+
+    @property
+    def relative_cost(self) -> float:
+        """Matmul work per sample relative to SSFT's one forward+backward of the chosen answer (3 units: a
+        backward costs two forwards): a second forward+backward over the rejected answer unless
+        :attr:`one_pass`, and the reference's forwards (``pysafe reproduce --jobs`` starts the costliest
+        fine-tunes first)."""
+        passes = 1 if self.one_pass else 2
+        ref = min(self._reference_rows, passes) if self.uses_reference else 0
+        return (3 * passes + ref) / 3
 
     def _pair_logprobs(self, model, batch):
         """(tok, weight, logits_chosen): the per-token weighted log-probabilities and the weights of the
@@ -209,7 +223,7 @@ class _SafetyObjective:
         share: its log-probability is read from the chosen sequence's forward pass (the logits at the
         decision position, at the rejected token), so one pass of n rows replaces two, with the same loss
         and gradients (tests/test_lab_objectives.py) at about half the cost."""
-        if self._one_pass:
+        if self.one_pass:
             logits = model(batch["x_chosen"])
             tok_c, w_c = token_logprobs(logits, batch["y_chosen"], batch.get("w_chosen"))
             tok_r, w_r = token_logprobs(logits, batch["y_rejected"], batch["w_rejected"])
@@ -230,6 +244,7 @@ class SSFT(_SafetyObjective):
     """
 
     name = "ssft"
+    relative_cost = 1.0  # one forward+backward of the chosen answer: the unit
     uses_reference = False
     p_unsafe: float = 0.2
 
@@ -313,6 +328,7 @@ class DPO(_SafetyObjective):
     """
 
     name = "dpo"
+    _reference_rows = 2
     uses_reference = True
     p_unsafe: float = 0.5
     beta: float = 0.1
@@ -368,6 +384,7 @@ class Unlearn(_SafetyObjective):
     """
 
     name = "unlearn"
+    _reference_rows = 1
     p_unsafe: float = 0.5
     w_retain: float = 1.0
     w_forget: float = 0.1
@@ -392,7 +409,7 @@ class Unlearn(_SafetyObjective):
             if ref is None:
                 raise ValueError("NPO unlearning needs a reference model (the --init checkpoint)")
             with torch.no_grad():
-                x = batch["x_chosen" if self._one_pass else "x_rejected"]
+                x = batch["x_chosen" if self.one_pass else "x_rejected"]
                 ref_tok, _ = token_logprobs(ref(x), batch["y_rejected"], batch.get("w_rejected"))
             log_ratio = tok[n:].sum(-1) - ref_tok.sum(-1)
             forget_term = (2.0 / self.npo_beta) * F.softplus(self.npo_beta * log_ratio).mean()

@@ -174,15 +174,14 @@ def train(
         raise ValueError("pretraining needs a model config (a preset's [model] table)")
     recipe = recipe or DataRecipe()
 
+    settings = stage_config(stage, cfg, objective_options, seed, init)
     config = {
         "stage": stage,
         "preset": preset,
         "seed": seed,
         "model": asdict(model_config),
         "data": recipe.to_dict(),
-        "train": _jsonable(asdict(cfg)),
-        "objective": _jsonable(asdict(objective)),
-        "init": str(init) if init is not None else None,
+        **{k: settings[k] for k in ("train", "objective", "init")},
         "init_stage": init_config.get("stage") if init_config else None,
         "command": command,
         **({"provenance": provenance} if provenance else {}),
@@ -279,16 +278,39 @@ def _update_running(running: dict, values: dict, alpha: float = 0.05) -> None:
         running[k] = v if k not in running else (1 - alpha) * running[k] + alpha * v
 
 
-def _check_resumable(out: Path, prev: dict, config: dict) -> None:
+#: the config.json keys that decide what a stage trains (a resumed or reused run must match them all)
+SETTINGS_KEYS = ("stage", "model", "data", "train", "objective", "seed", "init")
+
+
+def settings_difference(prev: dict, config: dict, keys=SETTINGS_KEYS) -> str | None:
+    """The first of ``keys`` whose value differs between a run's recorded config ``prev`` and ``config``,
+    as ``"'key' (recorded vs now)"``; None when they agree. A run written before a TrainConfig field
+    existed had that field's default."""
     prev = dict(prev)
-    if isinstance(prev.get("train"), dict):  # a run written before a TrainConfig field existed had its default
+    if isinstance(prev.get("train"), dict) and isinstance(config.get("train"), dict):
         defaults = _jsonable(asdict(TrainConfig()))
         prev["train"] = {**{k: defaults[k] for k in config["train"] if k not in prev["train"]}, **prev["train"]}
-    for key in ("stage", "model", "data", "train", "objective", "seed", "init"):
+    for key in keys:
         if prev.get(key) != config.get(key):
-            raise ValueError(
-                f"{out}: holds an unfinished run whose {key!r} differs from this one "
-                f"({_short(prev.get(key))} vs {_short(config.get(key))}); pass --overwrite to start over")
+            return f"{key!r} ({_short(prev.get(key))} vs {_short(config.get(key))})"
+    return None
+
+
+def stage_config(stage: str, train_config: TrainConfig, objective_options: dict | None, seed: int,
+                 init=None) -> dict:
+    """What config.json records under ``stage``, ``train``, ``objective``, ``seed`` and ``init`` for these
+    settings, as :func:`train` writes them (``pysafe reproduce`` checks a finished stage against it before
+    reusing it)."""
+    return _jsonable({"stage": stage, "seed": seed, "train": asdict(train_config),
+                      "objective": asdict(make_objective(stage, **(objective_options or {}))),
+                      "init": str(init) if init is not None else None})
+
+
+def _check_resumable(out: Path, prev: dict, config: dict) -> None:
+    diff = settings_difference(prev, config)
+    if diff is not None:
+        raise ValueError(f"{out}: holds an unfinished run whose {diff} differs from this one; "
+                         "pass --overwrite to start over")
 
 
 def _short(v) -> str:

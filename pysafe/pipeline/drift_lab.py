@@ -11,6 +11,7 @@ reported as measured (``drift_validation.json``, ``claims.json``, a table).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from pysafe.lab import ckpt as C
 from pysafe.lab.data import DataRecipe
 from pysafe.lab.evaluate import safety_table
 from pysafe.pipeline.jobs import finished, parallel_train
+from pysafe.pipeline.steps import checkpoint_info
 
 #: the benign fine-tunes (name, options of ``pysafe train benign``); steps default to the preset's
 #: [finetune.benign]. They span the ways a benign fine-tune can differ: rate, length, which texts (the
@@ -64,17 +66,37 @@ def train_variants(aligned, out, *, preset: str = "cpu", seed: int = 0, device: 
     variants = VARIANTS if variants is None else variants
     aligned, runs_dir = Path(aligned), Path(out) / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
+    digest = checkpoint_info(aligned).get("sha256")
+    stamp = runs_dir / "aligned.json"  # which aligned model the runs in runs_dir were trained from
+    recorded = _read_json(stamp).get("sha256")
     dirs, todo = [], []
     for name, opts in variants:
         d = runs_dir / name
         dirs.append(d)
+        if recorded is not None and recorded != digest and (d / "config.json").exists():
+            raise ValueError(f"{d}: a benign run (finished or to resume) trained from another {aligned.name} "
+                             f"(model.safetensors sha256 {recorded[:12]}..., now {str(digest)[:12]}...); "
+                             f"remove {runs_dir} to train the runs again from this one")
         if finished(d):
             log(f"{name}: finished earlier, reused")
         else:
             todo.append((d, _train_args(name, opts, aligned, d, preset, seed, device)))
+    if recorded is None and len(todo) < len(dirs):
+        log(f"{runs_dir}: runs from before pysafe recorded their aligned model, reused as they are "
+            "(remove the folder if the aligned model changed since)")
+    elif todo:
+        write_json(stamp, {"aligned": str(aligned), "sha256": digest})
     if todo:
         parallel_train(todo, max(1, jobs), invocation, log)
     return dirs
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def refusal_rates(ckpt, n: int, device: str = "cpu") -> dict:

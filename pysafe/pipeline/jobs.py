@@ -11,15 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pysafe.lab.config import stage_settings
-
-#: forward+backward passes per sample of each objective, relative to SSFT's (DPO: chosen and rejected
-#: through the model plus a forward of both through the reference; unlearning: chosen and rejected)
-STAGE_COST = {"ssft": 1.0, "dpo": 8 / 3, "unlearn": 2.0}
+from pysafe.lab.objectives import make_objective
 
 
 def finetune_cost(preset: str, stage: str, lr) -> float:
-    t = stage_settings(preset, stage, lr=lr).train
-    return STAGE_COST[stage] * t.steps * t.batch_size
+    """A fine-tune's work in SSFT-sample units (``reproduce --jobs`` starts the costliest first)."""
+    s = stage_settings(preset, stage, lr=lr)
+    return make_objective(stage, **s.objective).relative_cost * s.train.steps * s.train.batch_size
 
 
 def parallel_finetunes(todo, preset, pre, seed, device, jobs, invocation, log) -> dict:

@@ -7,9 +7,11 @@ analyses of Figs 3-7 and the paper's claims on them, and the report page over al
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from pysafe._atomic import write_json
@@ -17,7 +19,7 @@ from pysafe._progress import Bars
 from pysafe.analysis.claims import format_claims
 from pysafe.lab.config import FINETUNES, preset_lrs, stage_settings
 from pysafe.lab.evaluate import format_table
-from pysafe.lab.train import train
+from pysafe.lab.train import settings_difference, stage_config, train
 from pysafe.pipeline.jobs import finetune_cost, finished, parallel_finetunes
 from pysafe.pipeline.steps import checkpoint_info, clusters_and_claims, safety_tables
 from pysafe.report import write_report
@@ -62,6 +64,27 @@ def _remove_reproduce_outputs(out: Path, lrs, log=print) -> None:
         log(f"--overwrite: removed {', '.join(removed)} from {out}")
 
 
+def _reusable(ckpt_dir: Path, preset: str, stage: str, lr, seed: int) -> bool:
+    """Whether ``ckpt_dir`` holds a finished run of ``stage`` under the settings this reproduce would train
+    it with (the preset's tables at ``lr``, ``seed``). An unfinished run is not reusable (it is resumed);
+    a finished one trained otherwise, e.g. before the preset changed, raises rather than being reported as
+    this preset's model."""
+    if not finished(ckpt_dir):
+        return False
+    s = stage_settings(preset, stage, lr=lr)
+    expected = stage_config(stage, s.train, s.objective, seed)
+    keys = ["stage", "seed", "train", "objective"]
+    if stage == "pretrain":  # a fine-tune takes its model and data from pretrain/, checked here
+        expected.update(model=asdict(s.model), data=s.recipe.to_dict())
+        keys += ["model", "data"]
+    recorded = json.loads((ckpt_dir / "config.json").read_text())
+    diff = settings_difference(recorded, json.loads(json.dumps(expected)), keys)
+    if diff is not None:
+        raise ValueError(f"{ckpt_dir}: a finished {stage} run whose {diff} differs from what preset {preset} "
+                         f"trains; move it away (or pass --overwrite to start over) to train it again")
+    return True
+
+
 def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: int | None = None,
               lrs=None, analyze: bool = True, checkpoints_only: bool = False, log=print,
               overwrite: bool = False, progress=None, invocation: str | None = None, jobs: int = 1,
@@ -91,7 +114,7 @@ def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: i
     timings: dict[str, float] = {}
 
     def run_stage(stage, ckpt_dir, init=None, lr=None):
-        if finished(ckpt_dir):
+        if _reusable(ckpt_dir, preset, stage, lr, seed):
             log(f"{ckpt_dir.name}: finished earlier, reused")
             return
         s = stage_settings(preset, stage, lr=lr)
@@ -114,7 +137,7 @@ def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: i
     tuned = [d for _, d, _ in runs]
     todo = []
     for run in runs:
-        if finished(run[1]):
+        if _reusable(run[1], preset, run[0], run[2], seed):
             log(f"{run[1].name}: finished earlier, reused")
         else:
             todo.append(run)
