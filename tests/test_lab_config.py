@@ -65,9 +65,9 @@ def test_preset_objective_options(tmp_path):
     """[objectives.<stage>] holds one safety objective's options: validated, merged through `extends`."""
     from pysafe.lab.config import stage_settings
 
-    # cpu runs DPO as RPO: standard DPO on the decision token alone plus the chosen answer's cross-entropy
+    # cpu runs DPO as RPO: standard DPO on the decision token alone plus the chosen answer's cross-entropy, 60% unsafe
     dpo = stage_settings("cpu", "dpo").objective
-    assert dpo == {"beta": 0.025, "beta_rejected": 0.025, "p_unsafe": 0.5, "decision_weight": 20.0,
+    assert dpo == {"beta": 0.025, "beta_rejected": 0.025, "p_unsafe": 0.6, "decision_weight": 20.0,
                    "chosen_rest_weight": 0.0, "rejected_rest_weight": 0.0, "chosen_nll_weight": 1.0}
     # cpu's SSFT to the quality bar: half unsafe samples, the decision token weighted 20x, 8x the steps
     assert stage_settings("cpu", "ssft").objective == {"p_unsafe": 0.5, "decision_weight": 20.0}
