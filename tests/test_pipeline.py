@@ -115,7 +115,7 @@ def test_reproduce_end_to_end_tiny(tmp_path, monkeypatch):
     changed = tmp_path / "tiny.toml"
     changed.write_text((PRESET_DIR / "tiny.toml").read_text() + "\n[objectives.dpo]\nbeta = 0.05\n")
     logs.clear()
-    with pytest.raises(ValueError, match=r"dpo_lr1em4: a finished dpo run whose 'objective' .*beta"):
+    with pytest.raises(ValueError, match=r"dpo_lr1em4: a finished dpo run whose 'objective' differs from what preset .* trains .*beta"):
         reproduce(str(changed), out, eval_n=8, log=logs.append, jobs=1, analyze=False)
     assert logs == ["pretrain: finished earlier, reused", "ssft_lr1em4: finished earlier, reused"]
 

@@ -282,17 +282,17 @@ def _update_running(running: dict, values: dict, alpha: float = 0.05) -> None:
 SETTINGS_KEYS = ("stage", "model", "data", "train", "objective", "seed", "init")
 
 
-def settings_difference(prev: dict, config: dict, keys=SETTINGS_KEYS) -> str | None:
-    """The first of ``keys`` whose value differs between a run's recorded config ``prev`` and ``config``,
-    as ``"'key' (recorded vs now)"``; None when they agree. A run written before a TrainConfig field
-    existed had that field's default."""
+def settings_difference(prev: dict, config: dict, keys=SETTINGS_KEYS) -> tuple[str, str] | None:
+    """The first of ``keys`` whose value differs between a run's recorded config ``prev`` and ``config``, as
+    ``(key, "(recorded vs now)")``; None when they agree. A run written before a TrainConfig field existed
+    had that field's default."""
     prev = dict(prev)
     if isinstance(prev.get("train"), dict) and isinstance(config.get("train"), dict):
         defaults = _jsonable(asdict(TrainConfig()))
         prev["train"] = {**{k: defaults[k] for k in config["train"] if k not in prev["train"]}, **prev["train"]}
     for key in keys:
         if prev.get(key) != config.get(key):
-            return f"{key!r} ({_short(prev.get(key))} vs {_short(config.get(key))})"
+            return key, f"({_short(prev.get(key))} vs {_short(config.get(key))})"
     return None
 
 
@@ -309,7 +309,7 @@ def stage_config(stage: str, train_config: TrainConfig, objective_options: dict 
 def _check_resumable(out: Path, prev: dict, config: dict) -> None:
     diff = settings_difference(prev, config)
     if diff is not None:
-        raise ValueError(f"{out}: holds an unfinished run whose {diff} differs from this one; "
+        raise ValueError(f"{out}: holds an unfinished run whose {diff[0]!r} differs from this one {diff[1]}; "
                          "pass --overwrite to start over")
 
 

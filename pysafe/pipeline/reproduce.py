@@ -80,8 +80,8 @@ def _reusable(ckpt_dir: Path, preset: str, stage: str, lr, seed: int) -> bool:
     recorded = json.loads((ckpt_dir / "config.json").read_text())
     diff = settings_difference(recorded, json.loads(json.dumps(expected)), keys)
     if diff is not None:
-        raise ValueError(f"{ckpt_dir}: a finished {stage} run whose {diff} differs from what preset {preset} "
-                         f"trains; move it away (or pass --overwrite to start over) to train it again")
+        raise ValueError(f"{ckpt_dir}: a finished {stage} run whose {diff[0]!r} differs from what preset {preset} "
+                         f"trains {diff[1]}; move it away (or pass --overwrite to start over) to train it again")
     return True
 
 
