@@ -11,7 +11,6 @@ reported as measured (``drift_validation.json``, ``claims.json``, a table).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pysafe.analysis.claims import Claim, N_RESAMPLES, _nan_claim, bootstrap_rep
 from pysafe.lab import ckpt as C
 from pysafe.lab.data import DataRecipe
 from pysafe.lab.evaluate import safety_table
-from pysafe.pipeline.jobs import finished, parallel_train
+from pysafe.pipeline.jobs import finished, parallel_train, read_json
 from pysafe.pipeline.steps import checkpoint_info
 
 #: the benign fine-tunes (name, options of ``pysafe train benign``); steps default to the preset's
@@ -68,7 +67,7 @@ def train_variants(aligned, out, *, preset: str = "cpu", seed: int = 0, device: 
     runs_dir.mkdir(parents=True, exist_ok=True)
     digest = checkpoint_info(aligned).get("sha256")
     stamp = runs_dir / "aligned.json"  # which aligned model the runs in runs_dir were trained from
-    recorded = _read_json(stamp).get("sha256")
+    recorded = read_json(stamp).get("sha256")
     dirs, todo = [], []
     for name, opts in variants:
         d = runs_dir / name
@@ -89,14 +88,6 @@ def train_variants(aligned, out, *, preset: str = "cpu", seed: int = 0, device: 
     if todo:
         parallel_train(todo, max(1, jobs), invocation, log)
     return dirs
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
 
 
 def refusal_rates(ckpt, n: int, device: str = "cpu") -> dict:

@@ -58,8 +58,14 @@ def parallel_train(runs, jobs: int, invocation, log) -> dict:
         return dict(pool.map(one, runs))
 
 
-def finished(d: Path) -> bool:
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``; {} when the file is missing, unreadable or not a JSON object."""
     try:
-        return bool(json.loads((d / "config.json").read_text()).get("finished"))
+        doc = json.loads(Path(path).read_text())
     except (OSError, ValueError):
-        return False
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def finished(d: Path) -> bool:
+    return bool(read_json(Path(d) / "config.json").get("finished"))

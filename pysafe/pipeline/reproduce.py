@@ -20,7 +20,7 @@ from pysafe.analysis.claims import format_claims
 from pysafe.lab.config import FINETUNES, preset_lrs, stage_settings
 from pysafe.lab.evaluate import format_table
 from pysafe.lab.train import settings_difference, stage_config, train
-from pysafe.pipeline.jobs import finetune_cost, finished, parallel_finetunes
+from pysafe.pipeline.jobs import finetune_cost, parallel_finetunes, read_json
 from pysafe.pipeline.steps import checkpoint_info, clusters_and_claims, safety_tables
 from pysafe.report import write_report
 from pysafe.report.html import GENERATOR, write_index
@@ -69,7 +69,8 @@ def _reusable(ckpt_dir: Path, preset: str, stage: str, lr, seed: int) -> bool:
     it with (the preset's tables at ``lr``, ``seed``). An unfinished run is not reusable (it is resumed);
     a finished one trained otherwise, e.g. before the preset changed, raises rather than being reported as
     this preset's model."""
-    if not finished(ckpt_dir):
+    recorded = read_json(ckpt_dir / "config.json")
+    if not recorded.get("finished"):
         return False
     s = stage_settings(preset, stage, lr=lr)
     expected = stage_config(stage, s.train, s.objective, seed)
@@ -77,7 +78,6 @@ def _reusable(ckpt_dir: Path, preset: str, stage: str, lr, seed: int) -> bool:
     if stage == "pretrain":  # a fine-tune takes its model and data from pretrain/, checked here
         expected.update(model=asdict(s.model), data=s.recipe.to_dict())
         keys += ["model", "data"]
-    recorded = json.loads((ckpt_dir / "config.json").read_text())
     diff = settings_difference(recorded, json.loads(json.dumps(expected)), keys)
     if diff is not None:
         raise ValueError(f"{ckpt_dir}: a finished {stage} run whose {diff[0]!r} differs from what preset {preset} "
