@@ -166,7 +166,7 @@ def test_finetune_cost_matches_the_counted_flops_of_a_step(stage, options):
 
 
 def test_shipped_checkpoints_are_what_reproduce_cpu_trains(tmp_path):
-    """The shipped demo checkpoints are `pysafe reproduce --preset cpu --lr 1e-3`'s output: on a copy of them
+    """The shipped demo checkpoints are `pysafe reproduce --preset cpu`'s output, both rates: on a copy of them
     reproduce trains nothing (each stage passes the check of its recorded settings against the preset as it
     is now), and the shipped summary.json names exactly these weights."""
     import shutil
@@ -174,13 +174,13 @@ def test_shipped_checkpoints_are_what_reproduce_cpu_trains(tmp_path):
     from pysafe.lab.config import DEMO_DIR
     from pysafe.pipeline.reproduce import reproduce
 
-    names = ["pretrain", "ssft_lr1em3", "dpo_lr1em3", "unlearn_lr1em3"]
+    names = ["pretrain", "ssft_lr1em3", "dpo_lr1em3", "unlearn_lr1em3", "ssft_lr1em4", "dpo_lr1em4", "unlearn_lr1em4"]
     for name in names:
         (tmp_path / name).mkdir()
         for f in ("config.json", "model.safetensors"):
             shutil.copy(DEMO_DIR / name / f, tmp_path / name / f)
     logs = []
-    reproduce("cpu", tmp_path, lrs=(1e-3,), checkpoints_only=True, log=logs.append, jobs=1)
+    reproduce("cpu", tmp_path, checkpoints_only=True, log=logs.append, jobs=1)
     assert logs == [f"{name}: finished earlier, reused" for name in names]
     summary = json.loads((DEMO_DIR / "summary.json").read_text())
     for name in names:
