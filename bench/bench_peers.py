@@ -61,6 +61,7 @@ md_top_k = 20              # (b) modeldelta's --top-k (its default)
 tol = None                 # pysafe --tol when this build has it (None: pysafe's default)
 matched_tol = 5e-2         # (a) pysafe_topk_matched's tol: about the error torch's niter=4 script reaches on a
                            # flat W_base's top 64 (6.4e-2 measured), so that pysafe is timed at matched accuracy
+base_tol = 5e-2            # (a) pysafe_topk_basetol: ΔW at pysafe's --tol, W_base at this bound (--base-tol)
 repeat = 1                 # run the tools' sequence this many times, interleaved; keep each tool's fastest
 accuracy_sample = 3        # matrices checked against exact float64 SVDs (largest MLP and attention ones)
 agree_rtol = 1e-3          # (b) agreement bar between pysafe and modeldelta
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                       ("seed", seed), ("generator", generator), ("data-dir", data_dir), ("threads", threads),
                       ("rank", rank),
                       ("base-rank", base_rank), ("niter", niter), ("oversample", oversample),
-                      ("md-top-k", md_top_k), ("tol", tol), ("matched-tol", matched_tol), ("repeat", repeat), ("accuracy-sample", accuracy_sample),
+                      ("md-top-k", md_top_k), ("tol", tol), ("matched-tol", matched_tol), ("base-tol", base_tol), ("repeat", repeat), ("accuracy-sample", accuracy_sample),
                       ("agree-rtol", agree_rtol), ("read-probe-mb", read_probe_mb), ("sgemm-n", sgemm_n),
                       ("skip", skip), ("results", results)):
         typ = type(val) if val is not None else (float if name == "tol" else int if name == "layers" else str)
@@ -205,6 +206,10 @@ def _pysafe_options(cfg: dict, **kw) -> dict:
         if "tol" not in fields:
             raise SystemExit("--tol given but this pysafe has no tol option")
         opts["tol"] = cfg["tol"]
+    if cfg.get("base_tol") is not None:
+        if "base_tol" not in fields:
+            raise SystemExit("pysafe_topk_basetol needs a pysafe with --base-tol (skip it: --skip pysafe_topk_basetol)")
+        opts["base_tol"] = cfg["base_tol"]
     return {k: v for k, v in opts.items() if k in fields}
 
 
@@ -503,6 +508,7 @@ def main(argv=None) -> None:
     todo = [("pysafe_fixed", "pysafe", {"options": {"rank": args.rank, "base_rank": args.base_rank}}),
             ("pysafe_topk", "pysafe", {"options": topk}),
             ("pysafe_topk_matched", "pysafe", {"options": topk, "tol": args.matched_tol}),
+            ("pysafe_topk_basetol", "pysafe", {"options": topk, "base_tol": args.base_tol}),
             ("pysafe_fixed_cached", "pysafe", {"options": {"rank": args.rank, "base_rank": args.base_rank},
                                                "cached": True, "cache_dir": cache_dir, "cold": args.cold}),
             ("torch_lowrank", "torch", {}),
@@ -541,12 +547,13 @@ def main(argv=None) -> None:
         if label.startswith("pysafe"):
             rec.update({"svd_methods": r["methods"], "flop_notes": r["flop_notes"], "cache": r.get("cache"),
                         "options": {k: r["params"].get(k) for k in ("rank", "base_rank", "energy", "base_energy",
-                                                                     "power_iters", "oversample", "max_rank", "tol",
+                                                                     "power_iters", "oversample", "max_rank", "tol", "base_tol",
                                                                      "exact_max_dim") if k in r["params"]}})
         if ref_norms:
             key = "frob_norm_relative" if label == "modeldelta" else "delta_rel"
             rec["relative_norm_rel_err"] = _sig(_mx(rel(per.get(n, {}).get(key), x) for n, x in ref_norms.items()))
-        if label in ("pysafe_fixed", "pysafe_fixed_cached", "pysafe_topk", "pysafe_topk_matched", "torch_lowrank"):
+        if label in ("pysafe_fixed", "pysafe_fixed_cached", "pysafe_topk", "pysafe_topk_matched", "pysafe_topk_basetol",
+                     "torch_lowrank"):
             rec["sv_rel_err_delta"] = _sig(_mx(max_rel(per.get(n, {}).get("sv_delta"), ref[n]["sv_delta"])
                                                for n in ref))
             rec["sv_rel_err_base"] = _sig(_mx(max_rel(per.get(n, {}).get("sv_base"), ref[n]["sv_base"])
@@ -579,7 +586,7 @@ def main(argv=None) -> None:
     def side_err(run, key):
         return _mx(max_rel(run["per_matrix"].get(n, {}).get(key), ref[n][key]) for n in ref)
 
-    for label in ("pysafe_topk", "pysafe_topk_matched"):  # the same quantities as torch's script
+    for label in ("pysafe_topk", "pysafe_topk_matched", "pysafe_topk_basetol"):  # what torch's script computes
         if label in runs and "torch_lowrank" in runs:
             a, b = runs[label], runs["torch_lowrank"]
             short = label.replace("pysafe_", "")
@@ -619,8 +626,8 @@ def main(argv=None) -> None:
         summary["cache_records_identical"] = (json.dumps(runs["pysafe_fixed"]["per_matrix"], sort_keys=True)
                                               == json.dumps(runs["pysafe_fixed_cached"]["per_matrix"], sort_keys=True))
         summary["cache_hits"] = (runs["pysafe_fixed_cached"].get("cache") or {}).get("hits")
-    for label in ("pysafe_fixed", "pysafe_fixed_cached", "pysafe_topk", "pysafe_topk_matched", "pysafe_md",
-                  "pysafe_default"):
+    for label in ("pysafe_fixed", "pysafe_fixed_cached", "pysafe_topk", "pysafe_topk_matched", "pysafe_topk_basetol",
+                  "pysafe_md", "pysafe_default"):
         if label in runs and "flops" in runs[label]:
             summary[f"c_{label}_x_floor"] = ba._r(runs[label]["seconds"] / floor(runs[label]["flops"]), 2)
     summary["agree_rtol"] = args.agree_rtol

@@ -52,6 +52,10 @@ class Options:
     tol: float = _opt(1e-4, "Relative error allowed on the reported top singular values; each matrix gets the "
                             "cheapest algorithm that meets it (records: svd_method_*, svd_rel_error_*, "
                             "tol_reached_*).", range=(0, 1, True, True))
+    base_tol: float | None = _opt(None, "Relative error allowed on W_base's reported top singular values "
+                                        "(default: --tol). A flat base spectrum is where the iterations go: a "
+                                        "looser bound there keeps ΔW's at --tol (record: tol_base).",
+                                  range=(0, 1, True, True))
     spectrum: str = _opt("full", "full: ΔW's whole spectrum (effective_rank_delta, energy_rank_*_delta); none: "
                                  "skip it (faster with --rank; those keys are null).", choices=("full", "none"))
     center: bool = _opt(False, "Subtract the mean row before the SVDs (the paper's variant).")
@@ -76,6 +80,8 @@ class Options:
                 raise ValueError(f"{name} must be a positive integer, got {v}")
         if not (0.0 < self.tol < 1.0) or math.isnan(self.tol):
             raise ValueError(f"tol must be in (0, 1), got {self.tol}")
+        if self.base_tol is not None and (not (0.0 < self.base_tol < 1.0) or math.isnan(self.base_tol)):
+            raise ValueError(f"base_tol must be in (0, 1), got {self.base_tol}")
         parse_device(self.device)
         if self.spectrum not in ("full", "none"):
             raise ValueError(f"spectrum must be 'full' or 'none', got {self.spectrum!r}")
@@ -288,10 +294,10 @@ def preflight(b: Checkpoint, t: Checkpoint, opts: Options) -> Preflight:
     return pre
 
 
-def _svd_options(rank, energy, opts: Options, seed: int, full_spectrum: bool = False):
+def _svd_options(rank, energy, opts: Options, seed: int, full_spectrum: bool = False, tol: float | None = None):
     return svd_options(rank=rank, energy=energy, exact=opts.exact, max_rank=opts.max_rank,
                        exact_max_dim=opts.exact_max_dim, oversample=opts.oversample, power_iters=opts.power_iters,
-                       tol=opts.tol, full_spectrum=full_spectrum, seed=seed,
+                       tol=opts.tol if tol is None else tol, full_spectrum=full_spectrum, seed=seed,
                        device=parse_device(opts.device))
 
 
@@ -300,7 +306,7 @@ def _params(opts: Options, name: str, transposed: bool):
     h = zlib.crc32(name.encode())
     p = _core.AnalyzeParams()
     p.delta = _svd_options(opts.rank, opts.energy, opts, (opts.seed << 32) ^ (2 * h), opts.spectrum == "full")
-    p.base = _svd_options(opts.base_rank, opts.base_energy, opts, (opts.seed << 32) ^ (2 * h + 1))
+    p.base = _svd_options(opts.base_rank, opts.base_energy, opts, (opts.seed << 32) ^ (2 * h + 1), tol=opts.base_tol)
     p.center = opts.center
     p.transpose = transposed
     p.save_vectors = opts.save_vectors

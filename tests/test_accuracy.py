@@ -81,7 +81,8 @@ def _beta_sqrt_mean(d, k):
 DESCRIPTIVE = {"name", "layer", "module", "shape", "stored_shape", "transposed", "dtype_base", "dtype_tuned",
                "time_read_delta", "time_svd_delta", "time_svd_base", "time_metrics", "svd_method",
                "svd_method_delta", "svd_method_base", "effective_rank_from", "svd_sketch_passes",
-               "svd_iterations_delta", "svd_iterations_base", "tol", "tol_reached_delta", "tol_reached_base",
+               "svd_iterations_delta", "svd_iterations_base", "tol", "tol_base", "tol_reached_delta",
+               "tol_reached_base",
                "energy_reached_delta", "energy_reached_base", "svd_flops_delta", "svd_flops_base"}
 # error bars: each must cover the actual error of its value
 BOUNDS = {"svd_rel_error", "svd_rel_error_delta", "svd_rel_error_base", "effective_rank_delta_err",
@@ -285,6 +286,40 @@ def test_block_krylov_cost_follows_the_tolerance():
     # a fixed number of power iterations is subspace iteration, reporting the bound it reaches
     _, _, _, fixed = pysafe.truncated_svd(A, rank=16, power_iters=1, exact_max_dim=0)
     assert fixed["method"] == "subspace_iteration" and fixed["iterations"] == 2 and fixed["flops"] > 0
+
+
+def test_base_tol_loosens_w_base_alone(tmp_path):
+    """--base-tol: W_base's values are held to their own bound (checked against a float64 SVD), at
+    less cost, and ΔW's side (values, bound, tol) is what the single --tol gives."""
+    rng = np.random.default_rng(21)
+    m, n = 1100, 800
+    Wb = rng.standard_normal((m, n)) * 0.05  # flat at the top: where the base's iterations go
+    dW = spectral_matrix(rng, m, n, 0.01 * np.arange(1, n + 1) ** -0.6)
+    save_file({"w": Wb.astype(np.float16)}, str(tmp_path / "b.safetensors"))
+    save_file({"w": (Wb + dW).astype(np.float16)}, str(tmp_path / "t.safetensors"))
+    sb = Wb.astype(np.float16).astype(np.float64)
+    sd = (Wb + dW).astype(np.float16).astype(np.float64) - sb
+    ref_b = np.linalg.svd(sb, compute_uv=False)
+    ref_d = np.linalg.svd(sd, compute_uv=False)
+    opts = dict(rank=8, base_rank=24, exact_max_dim=0, spectrum="none", cache=None)
+    one = pysafe.compare(tmp_path / "b.safetensors", tmp_path / "t.safetensors", **opts).record("w")
+    two = pysafe.compare(tmp_path / "b.safetensors", tmp_path / "t.safetensors", base_tol=3e-2, **opts).record("w")
+    assert (one["tol"], one["tol_base"]) == (1e-4, 1e-4)
+    assert (two["tol"], two["tol_base"]) == (1e-4, 3e-2)
+    for rec, tol_b in ((one, 1e-4), (two, 3e-2)):
+        assert rec["tol_reached_base"] is True
+        err_b = np.abs(np.asarray(rec["sv_base"][:24]) - ref_b[:24]) / ref_b[:24]
+        assert np.all(err_b <= tol_b) and np.all(err_b <= rec["svd_rel_error_base"] * 1.0001)
+        err_d = np.abs(np.asarray(rec["sv_delta"][:8]) - ref_d[:8]) / ref_d[:8]
+        assert rec["tol_reached_delta"] is True and np.all(err_d <= 1e-4)
+    # at 1e-4 the flat top needs more Krylov blocks than the whole spectrum costs (gram_eig); at 3e-2
+    # a few blocks certify it
+    assert two["svd_method_base"] == "block_krylov" and two["svd_rel_error_base"] > one["svd_rel_error_base"]
+    assert two["svd_flops_base"] < one["svd_flops_base"]
+    np.testing.assert_array_equal(two["sv_delta"], one["sv_delta"])
+    assert two["svd_rel_error_delta"] == one["svd_rel_error_delta"]
+    with pytest.raises(ValueError, match="base_tol must be in"):
+        pysafe.compare(tmp_path / "b.safetensors", tmp_path / "t.safetensors", base_tol=1.5, **opts)
 
 
 def test_randomized_path_on_a_matrix_above_the_exact_limit():

@@ -267,6 +267,7 @@ void fill_common(Record& rec, const TruncatedSvd<T>& sd, const TruncatedSvd<T>& 
   s["svd_rel_error_delta"] = s["svd_rel_error"];
   s["svd_rel_error_base"] = sb.method == "none" ? kNaN : sb.rel_error;
   s["tol"] = p.delta.tol;
+  s["tol_base"] = p.base.tol;
   s["tol_reached_delta"] = sd.tol_reached ? 1.0 : 0.0;
   s["tol_reached_base"] = sb.tol_reached ? 1.0 : 0.0;
   s["svd_tail_rel"] = sd.method == "none" ? kNaN : sd.tail_rel;
@@ -279,9 +280,9 @@ void fill_common(Record& rec, const TruncatedSvd<T>& sd, const TruncatedSvd<T>& 
   rec.strings["svd_method_delta"] = method(sd);
   rec.strings["svd_method_base"] = method(sb);
   if (!sd.tol_reached || !sb.tol_reached)
-    rec.strings["tol_note"] = detail::concat("tolerance ", p.delta.tol, " not reached: bound on the top singular "
-                                             "values' relative error is ", sd.rel_error, " (delta), ", sb.rel_error,
-                                             " (base)");
+    rec.strings["tol_note"] = detail::concat("tolerance not reached: bound on the top singular values' relative "
+                                             "error is ", sd.rel_error, " (delta, tol ", p.delta.tol, "), ",
+                                             sb.rel_error, " (base, tol ", p.base.tol, ")");
   rec.arrays["sv_delta"] = sd.full_spectrum && !sd.spectrum.empty() ? sd.spectrum : to_double(sd.S, sd.k);
   rec.arrays["sv_base"] = sb.full_spectrum && !sb.spectrum.empty() ? sb.spectrum : to_double(sb.S, sb.k);
 
