@@ -171,6 +171,29 @@ def test_pretrain_layout_full_mode():
     assert seen_ops == set(range(16)) | set(range(54, 59))
 
 
+def test_pretrain_unsafe_text_draws_unsafe_branch_text():
+    """pretrain_unsafe_text = p: a share p of the pretraining texts come from the unsafe-dominant grammar.
+    Checked against the base grammar's own 4-grams (an independent sample of 20k texts per PCFG): about 11%
+    of unsafe-branch windows hold a 4-gram the base grammar never produces, no base window does."""
+    def grams(texts):
+        return {tuple(t[i:i + 4]) for t in texts for i in range(len(t) - 3)}
+
+    base = {k: grams(grammar.sample_texts("base", k, 20000, seed=1, lmin=25, lmax=25).tolist()) for k in range(4)}
+
+    def share_unseen(p):
+        r = dataclasses.replace(R, text_len_min=25, text_len_max=25, mode_probs_init=(0, 1, 0, 0), prob_ex=0.0,
+                                pretrain_unsafe_text=p)
+        b = D.pretrain_batch(r, 3000, 7, 100)
+        texts = (b.x[:, 6:31].astype(np.int64) - LETTER0).tolist()
+        return np.mean([any(tuple(t[i:i + 4]) not in base[int(k)] for i in range(22)) for t, k in zip(texts, b.pcfg)])
+
+    assert share_unseen(0.0) == 0.0
+    assert 0.07 < share_unseen(1.0) < 0.15
+    assert 0.015 < share_unseen(0.25) < 0.045
+    with pytest.raises(ValueError, match="pretrain_unsafe_text"):
+        D.DataRecipe(pretrain_unsafe_text=1.5)
+
+
 def test_pretrain_modes_masking():
     b = D.pretrain_batch(dataclasses.replace(R, prob_ex=0.0), 600, 0, 100)
     full = D.pretrain_batch(dataclasses.replace(R, prob_ex=0.0, mode_probs_init=(0, 1, 0, 0)), 600, 0, 100)

@@ -107,3 +107,18 @@ def test_pretraining_span_accuracies():
     assert m["comp1_and"] == pytest.approx(1 - 1 / n_full) and m["comp12_and"] == pytest.approx(1 - 1 / n_full)
     assert m["acc_comp1"] == pytest.approx(1 - 1 / (n_full * (end1[i] - start[i])))
     assert m["comp2_and"] == 1.0 and m["acc_pcfg"] == 1.0
+
+
+def test_settings_difference_reads_a_missing_data_field_as_its_default():
+    """A run recorded before a DataRecipe field existed (the shipped checkpoints and pretrain_unsafe_text) had
+    that field's default; a recorded run with another value does differ."""
+    from pysafe.lab.data import DataRecipe
+    from pysafe.lab.train import settings_difference
+
+    now = {"data": DataRecipe().to_dict()}
+    old = {"data": {k: v for k, v in now["data"].items() if k != "pretrain_unsafe_text"}}
+    assert settings_difference(old, now, keys=("data",)) is None
+    other = {"data": {**now["data"], "pretrain_unsafe_text": 0.25}}
+    key, detail = settings_difference(old, other, keys=("data",))
+    assert key == "data" and detail.startswith("(")
+    assert settings_difference(other, now, keys=("data",))[0] == "data"

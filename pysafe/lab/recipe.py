@@ -87,6 +87,10 @@ class DataRecipe:
     text_len_max: int = 35
     identity_sample_prob: float = 0.5   # P(one operator slot is forced to an identity-like token)
     prob_ex: float = 0.01               # P(an ex1/ex2 null-output sample) in pretraining
+    # P(a pretraining text comes from the unsafe-dominant grammar of its PCFG instead of the base grammar).
+    # The reference pretrains on base-grammar text only, so the unsafe branch's rules (binary level 5) are
+    # first seen in safety fine-tuning; > 0 makes that text part of pretraining's language modelling.
+    pretrain_unsafe_text: float = 0.0
     # The forced slot of pretraining: the reference draws from {(, r4, r3}, probably a bug;
     # pysafe uses ( and its duplicates + ^. Fine-tuning data always force "(" (reference).
     forced_slot_tokens: tuple = (ID["("], ID["+"], ID["^"])
@@ -131,7 +135,8 @@ class DataRecipe:
                              f"got {lo}, {hi}")
         setf("text_len_min", lo)
         setf("text_len_max", hi)
-        for name in ("identity_sample_prob", "prob_ex", "curriculum_hold_frac", "prob_comp1_train"):
+        for name in ("identity_sample_prob", "prob_ex", "pretrain_unsafe_text", "curriculum_hold_frac",
+                     "prob_comp1_train"):
             v = float(getattr(self, name))
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"DataRecipe.{name}: expected a probability in [0, 1], got {v}")

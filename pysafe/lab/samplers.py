@@ -157,7 +157,7 @@ def _draw_ops(ops, lst, nl, forced, nforced, forced_p):
 
 
 @numba.njit(cache=True)
-def _pretrain_kernel(seed, mode_cum, prob_ex, forced_p, forced, op_list, rules, start, nt_first, nt_nalt,
+def _pretrain_kernel(seed, mode_cum, prob_ex, unsafe_p, unsafe_g0, forced_p, forced, op_list, rules, start, nt_first, nt_nalt,
                      alt_first, alt_len, syms, lmin, lmax, x, y, start_idx, end_idx, mode, pcfg, text_len, ex):
     np.random.seed(seed)
     n = x.shape[0]
@@ -172,7 +172,10 @@ def _pretrain_kernel(seed, mode_cum, prob_ex, forced_p, forced, op_list, rules, 
     for i in range(n):
         k = np.random.randint(0, N_PCFG)
         L = np.random.randint(lmin, lmax + 1)
-        G.sample_text(k, start, nt_first, nt_nalt, alt_first, alt_len, syms, L, buf, stack, text)  # base: g = k
+        g = k  # the base grammar of PCFG k
+        if unsafe_p > 0.0 and np.random.random() < unsafe_p:  # no draw at 0: the stream is unchanged
+            g = unsafe_g0 + k
+        G.sample_text(g, start, nt_first, nt_nalt, alt_first, alt_len, syms, L, buf, stack, text)
         _draw_ops(ops, op_list, op_list.shape[0], forced, forced.shape[0], forced_p)
         _blocks(rules, ops, text, L, b1, b2)
         e = 0
@@ -449,7 +452,8 @@ def _pretrain(recipe: DataRecipe, n: int, seed: int, probs: np.ndarray) -> Pretr
         start_idx=np.empty(n, np.int64), end_idx=np.empty((n, 2), np.int64),
         mode=np.empty(n, np.uint8), pcfg=np.empty(n, np.uint8), text_len=np.empty(n, np.uint8),
         ex=np.empty(n, np.uint8))
-    _pretrain_kernel(np.uint32(seed), np.cumsum(probs), recipe.prob_ex, recipe.identity_sample_prob,
+    _pretrain_kernel(np.uint32(seed), np.cumsum(probs), recipe.prob_ex, recipe.pretrain_unsafe_text,
+                     G.grammar_id("unsafe", 0), recipe.identity_sample_prob,
                      np.asarray(recipe.forced_slot_tokens, np.int64), np.asarray(recipe.pretrain_operators, np.int64),
                      operator_table(recipe.operator_seed), c.start, *c.arrays(), recipe.text_len_min,
                      recipe.text_len_max, b.x, b.y, b.start_idx, b.end_idx, b.mode, b.pcfg, b.text_len, b.ex)

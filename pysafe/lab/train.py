@@ -284,12 +284,13 @@ SETTINGS_KEYS = ("stage", "model", "data", "train", "objective", "seed", "init")
 
 def settings_difference(prev: dict, config: dict, keys=SETTINGS_KEYS) -> tuple[str, str] | None:
     """The first of ``keys`` whose value differs between a run's recorded config ``prev`` and ``config``, as
-    ``(key, "(recorded vs now)")``; None when they agree. A run written before a TrainConfig field existed
-    had that field's default."""
+    ``(key, "(recorded vs now)")``; None when they agree. A run written before a TrainConfig or DataRecipe
+    field existed had that field's default (a new field's default leaves the streams as they were)."""
     prev = dict(prev)
-    if isinstance(prev.get("train"), dict) and isinstance(config.get("train"), dict):
-        defaults = _jsonable(asdict(TrainConfig()))
-        prev["train"] = {**{k: defaults[k] for k in config["train"] if k not in prev["train"]}, **prev["train"]}
+    for key, defaults in (("train", _jsonable(asdict(TrainConfig()))), ("data", DataRecipe().to_dict())):
+        if isinstance(prev.get(key), dict) and isinstance(config.get(key), dict):
+            prev[key] = {**{k: defaults[k] for k in config[key] if k not in prev[key] and k in defaults},
+                         **prev[key]}
     for key in keys:
         if prev.get(key) != config.get(key):
             return key, f"({_short(prev.get(key))} vs {_short(config.get(key))})"
