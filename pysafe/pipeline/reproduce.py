@@ -100,8 +100,9 @@ def reproduce(preset: str, out, *, seed: int = 0, device: str = "cpu", eval_n: i
     ``validate_drift`` adds the drift validation (:mod:`pysafe.pipeline.drift_lab`: benign fine-tunes of the
     main-rate unlearning model under ``drift_validation/``, their erosion and drift) and its claims to
     claims.json. ``jobs`` > 1 trains that many fine-tunes at once, each a ``pysafe train`` subprocess with
-    cores/jobs torch threads (the lab models are small: one thread per run is nearly as fast as two, so on
-    2 cores two runs at once halve the wall time). The exact command of each is in its config.json.
+    cores/jobs torch threads (the lab models are small: on 2 cores two one-thread runs train as many steps
+    per second together as one two-thread run, 6.2-6.3 on the development machine, and their queue ends
+    together when the costliest start first). The exact command of each is in its config.json.
     ``cache``: where the base SVDs and pooled activations are cached (:func:`pysafe.pipeline.steps.feature_cache_path`).
     Ends with ``out/index.html``, the report page over all of it.
     """
