@@ -12,24 +12,31 @@ from pysafe.lab.vocab import PAD
 def _greedy(model, buf: torch.Tensor, lengths: torch.Tensor, n_new: int, embeds: bool) -> torch.Tensor:
     """Greedy decoding of left-aligned prompts of different lengths in one batch.
 
-    The model is causal, so whatever sits after a sample's current end cannot change its next-token
-    logits: each step runs the batch up to the longest current end and reads every sample at its own.
+    One pass over the prompts fills a key/value cache (:meth:`GPT.prefill`); then each step feeds every
+    sample's last token at its own position (:meth:`GPT.decode_step`). The model is causal, so what the
+    buffer holds after a sample's prompt never changes its logits, and a shorter prompt's continuation
+    overwrites those cache positions before anything attends to them.
     """
     B = buf.shape[0]
-    rows = torch.arange(B, device=buf.device)
     out = torch.full((B, n_new), PAD, dtype=torch.long, device=buf.device)
-    wte = model.transformer.wte
+    if n_new == 0:
+        return out
     L0 = int(lengths.max())
-    for k in range(n_new):
-        T = L0 + k
-        if embeds:
-            key_pad = torch.zeros(B, T, dtype=torch.bool, device=buf.device)
-            logits = model(inputs_embeds=buf[:, :T], key_pad=key_pad)
-        else:
-            logits = model(buf[:, :T])
-        nxt = logits[rows, lengths + k - 1].argmax(-1)
+    width = L0 + n_new - 1  # the last token fed sits at L0 + n_new - 2
+    if embeds:
+        logits, cache = model.prefill(inputs_embeds=buf[:, :L0], width=width,
+                                      key_pad=torch.zeros(B, L0, dtype=torch.bool, device=buf.device))
+    else:
+        logits, cache = model.prefill(buf[:, :L0], width=width)
+    nxt = logits[torch.arange(B, device=buf.device), lengths - 1].argmax(-1)
+    out[:, 0] = nxt
+    wte = model.transformer.wte
+    for k in range(1, n_new):
+        pos = lengths + k - 1
+        logits = (model.decode_step(pos, cache, inputs_embeds=wte(nxt)) if embeds
+                  else model.decode_step(pos, cache, nxt))
+        nxt = logits.argmax(-1)
         out[:, k] = nxt
-        buf[rows, lengths + k] = wte(nxt) if embeds else nxt
     return out
 
 

@@ -102,10 +102,12 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv: list | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        if kv is not None:  # the keys and values, for a decoding cache (KVCache.prefill)
+            kv.append((k, v))
         p = self.dropout if self.training else 0.0
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
@@ -113,6 +115,21 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
+
+    def decode(self, x: torch.Tensor, pos: torch.Tensor, cache: "KVCache", layer: int) -> torch.Tensor:
+        """One new position per sample: x (B, C) at positions ``pos`` (B,); its key and value go into
+        ``cache`` at ``pos`` and its query attends to the cache's keys at positions <= pos (and not PAD
+        keys other than itself, with ``pad_mask``)."""
+        B, C = x.shape
+        hd = C // self.n_head
+        q, k, v = self.c_attn(x).split(C, dim=1)
+        rows = torch.arange(B, device=x.device)
+        kc, vc = cache.k[layer], cache.v[layer]  # (B, nh, W, hd)
+        kc[rows, :, pos] = k.view(B, self.n_head, hd)
+        vc[rows, :, pos] = v.view(B, self.n_head, hd)
+        y = F.scaled_dot_product_attention(q.view(B, self.n_head, 1, hd), kc, vc,
+                                           attn_mask=cache.attend(pos)[:, None, None, :])
+        return self.c_proj(y.reshape(B, C))
 
 
 class Block(nn.Module):
@@ -126,22 +143,23 @@ class Block(nn.Module):
         self.c_proj = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cap: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cap: dict | None = None,
+                kv: list | None = None) -> torch.Tensor:
         if cap is None:  # the fast path
             if self.reference:
                 x = self.ln_1(x)
-                x = x + self.attn(x, mask)
+                x = x + self.attn(x, mask, kv)
                 return x + self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
-            x = x + self.attn(self.ln_1(x), mask)
+            x = x + self.attn(self.ln_1(x), mask, kv)
             return x + self.drop(self.c_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh")))
         r = x
         if self.reference:
             h = self.ln_1(r)
-            a = self.attn(h, mask)
+            a = self.attn(h, mask, kv)
             m = h + a
             mlp_in = m
         else:
-            a = self.attn(self.ln_1(r), mask)
+            a = self.attn(self.ln_1(r), mask, kv)
             m = r + a
             mlp_in = self.ln_2(m)
         p = self.c_fc(mlp_in)
@@ -153,6 +171,15 @@ class Block(nn.Module):
         for name, lst in cap.items():
             lst.append(vals[name])
         return out
+
+    def decode(self, x: torch.Tensor, pos: torch.Tensor, cache: "KVCache", layer: int) -> torch.Tensor:
+        """:meth:`forward` for one new position per sample (x: (B, C)), attending through ``cache``."""
+        if self.reference:
+            x = self.ln_1(x)
+            x = x + self.attn.decode(x, pos, cache, layer)
+            return x + self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        x = x + self.attn.decode(self.ln_1(x), pos, cache, layer)
+        return x + self.drop(self.c_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh")))
 
 
 class GPT(nn.Module):
@@ -199,7 +226,8 @@ class GPT(nn.Module):
         return wpe.weight[:T]
 
     def forward(self, idx: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None, capture=None, key_pad: torch.Tensor | None = None):
+                targets: torch.Tensor | None = None, capture=None, key_pad: torch.Tensor | None = None,
+                kv: list | None = None):
         """Run the model.
 
         Args:
@@ -210,6 +238,8 @@ class GPT(nn.Module):
             capture: hook-point names (a subset of ``HOOKS``) to return, per layer.
             key_pad (BoolTensor[B, T]): with ``pad_mask``, which positions are PAD keys. Derived from
                 ``idx`` when omitted; with ``inputs_embeds`` and no ``key_pad`` nothing is masked.
+            kv: a list that receives each layer's attention keys and values ``(k, v)``, each
+                (B, n_head, T, head_dim), in layer order (:meth:`prefill` builds its cache from them).
 
         Returns:
             ``logits`` (float[B, T, V]); ``(logits, loss)`` when ``targets`` is given; with ``capture``,
@@ -241,7 +271,7 @@ class GPT(nn.Module):
                 raise ValueError(f"GPT.forward: unknown hook point(s) {', '.join(unknown)}; known: {', '.join(HOOKS)}")
             cap = {name: [] for name in capture}
         for block in self.transformer.h:
-            x = block(x, mask, cap)
+            x = block(x, mask, cap, kv)
         logits = self.lm_head(self.transformer.ln_f(x))
 
         out = (logits,)
@@ -250,6 +280,60 @@ class GPT(nn.Module):
         if cap is not None:
             out += (cap,)
         return out[0] if len(out) == 1 else out
+
+    @torch.no_grad()
+    def prefill(self, idx: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                key_pad: torch.Tensor | None = None, width: int) -> tuple[torch.Tensor, "KVCache"]:
+        """Run the prompts (as :meth:`forward`) and keep every layer's keys and values for decoding.
+
+        Returns the prompts' logits (B, T, V) and a :class:`KVCache` of ``width`` >= T positions whose
+        first T hold the prompts'. Each sample then continues at its own position with
+        :meth:`decode_step`; a sample whose prompt is shorter than T overwrites the positions after its
+        end as it goes (what the prompt buffer held there is never attended to).
+        """
+        kv: list = []
+        logits = self.forward(idx, inputs_embeds=inputs_embeds, key_pad=key_pad, kv=kv)
+        B, T = logits.shape[:2]
+        if not T <= width <= self.config.block_size:
+            raise ValueError(f"GPT.prefill: width {width} must be in [{T}, block_size {self.config.block_size}]")
+        pad = None
+        if self.config.pad_mask:
+            pad = torch.zeros(B, width, dtype=torch.bool, device=logits.device)
+            if key_pad is None and idx is not None:
+                key_pad = idx == PAD
+            if key_pad is not None:
+                pad[:, :T] = key_pad
+        cache = KVCache(width, pad)
+        for k, v in kv:
+            kc = k.new_zeros(B, k.shape[1], width, k.shape[3])
+            vc = v.new_zeros(B, v.shape[1], width, v.shape[3])
+            kc[:, :, :T], vc[:, :, :T] = k, v
+            cache.k.append(kc)
+            cache.v.append(vc)
+        return logits, cache
+
+    @torch.no_grad()
+    def decode_step(self, pos: torch.Tensor, cache: "KVCache", idx: torch.Tensor | None = None, *,
+                    inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """The next-token logits (B, V) after one new token per sample, sample b's at position ``pos[b]``.
+
+        Args:
+            pos (LongTensor[B]): each sample's position; the cache must hold its positions < pos[b].
+            cache: from :meth:`prefill`; updated in place with the new keys and values.
+            idx (LongTensor[B]) or inputs_embeds (Tensor[B, d_model]): the new tokens (exactly one).
+        """
+        if (idx is None) == (inputs_embeds is None):
+            raise ValueError("GPT.decode_step: pass exactly one of idx and inputs_embeds")
+        if int(pos.max()) >= cache.width:
+            raise ValueError(f"GPT.decode_step: position {int(pos.max())} is past the cache's width {cache.width}")
+        tok = self.transformer.wte(idx) if inputs_embeds is None else inputs_embeds
+        if cache.key_pad is not None:  # a generated PAD is a PAD key, as forward() would mask it
+            rows = torch.arange(tok.shape[0], device=tok.device)
+            cache.key_pad[rows, pos] = (idx == PAD) if idx is not None else False
+        x = self.transformer.drop(tok + self.positions(cache.width).to(tok.dtype)[pos])
+        for layer, block in enumerate(self.transformer.h):
+            x = block.decode(x, pos, cache, layer)
+        return self.lm_head(self.transformer.ln_f(x))
 
     def configure_optimizers(self, weight_decay: float, lr: float, betas=(0.9, 0.95)) -> torch.optim.AdamW:
         """AdamW; matrices (p.dim() >= 2) decayed, biases and LayerNorm weights not.
@@ -265,6 +349,27 @@ class GPT(nn.Module):
             (decay if p.dim() >= 2 and name not in no_decay_names else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+
+
+class KVCache:
+    """Each layer's attention keys and values, (B, n_head, width, head_dim), for greedy decoding
+    (:meth:`GPT.prefill`, :meth:`GPT.decode_step`); ``key_pad`` (B, width) marks the PAD keys a
+    ``pad_mask`` model does not attend to (None without ``pad_mask``)."""
+
+    def __init__(self, width: int, key_pad: torch.Tensor | None):
+        self.width = int(width)
+        self.key_pad = key_pad
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+
+    def attend(self, pos: torch.Tensor) -> torch.Tensor:
+        """Which keys (B, width) the query at each sample's position ``pos`` sees: the causal ones, less
+        the PAD keys other than itself (what :meth:`GPT.forward`'s mask allows)."""
+        col = torch.arange(self.width, device=pos.device)[None, :]
+        ok = col <= pos[:, None]
+        if self.key_pad is not None:
+            ok &= ~self.key_pad | (col == pos[:, None])
+        return ok
 
 
 @contextlib.contextmanager
