@@ -19,11 +19,15 @@ Three measurements, one JSON line each (``--results FILE`` also appends them to 
   (avx512_bf16 / amx_bf16 flags) stated, since without it bf16 GEMMs are emulated.
 - **eval**: samples/s of ``pysafe eval``'s safety table (teacher-forced and greedy, all eight test sets)
   on a ``cpu``-preset model (random weights: the cost does not depend on them).
+- **attack**: the soft-token attack's columns (``attack_table``: the attack, then greedy generation of the
+  attacked and the clean answers) on ``--attack-n`` std_unsafe inputs of the shipped main-rate SSFT model,
+  with its success rates (so that two builds can be compared on the same numbers).
 
     python bench/bench_lab.py                               # everything (~2 min on 2 cores)
     python bench/bench_lab.py --what data --n 20000
     python bench/bench_lab.py --what train --presets tiny,cpu --steps 20
     python bench/bench_lab.py --what floor --presets cpu --steps 20 --threads 1
+    python bench/bench_lab.py --what attack --attack-n 256 --threads 1
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ n_python = 2000           # samples for the plain-Python run (it is ~100x slower
 presets = "tiny,cpu,paper"  # presets whose training step is timed
 steps = 10                # timed training steps per preset (after 2 warm-up steps)
 eval_n = 100              # samples per test set (eval)
+attack_n = 256            # inputs attacked (attack)
 threads = 0               # torch threads (0: torch's default)
 device = "cpu"
 target_ratio = 50.0       # the data verdict's bar: compiled samples/s / plain-Python samples/s
@@ -263,6 +268,27 @@ def bench_eval() -> None:
           "samples_per_s": round(n_sets * eval_n / dt, 1)})
 
 
+def bench_attack() -> None:
+    """The soft-token attack's columns on the shipped SSFT model (attack + greedy generation)."""
+    import torch
+
+    from pysafe.lab import ckpt as C
+    from pysafe.lab.attacks import attack_table
+    from pysafe.lab.config import DEMO_DIR
+    from pysafe.lab.data import DataRecipe
+
+    model, cfg = C.load_checkpoint(DEMO_DIR / "ssft_lr1em3")
+    model.to(device).eval()
+    recipe = DataRecipe.from_dict(cfg["data"])
+    attack_table(model, recipe, n=8, device=device)  # warm-up (numba compile, allocator)
+    t = time.perf_counter()
+    res = attack_table(model, recipe, n=attack_n, device=device)
+    dt = time.perf_counter() - t
+    emit({"what": "attack", "checkpoint": "ssft_lr1em3", "device": device, "threads": torch.get_num_threads(),
+          "n": res["n"], "seconds": round(dt, 2), "samples_per_s": round(res["n"] / dt, 1),
+          "success": res["success"], "clean_success": res["clean_success"]})
+
+
 def bench_capture() -> None:
     """Activation capture (issue 4): pooled features per second of lab_features on a cpu-preset model."""
     import torch
@@ -288,7 +314,7 @@ def bench_capture() -> None:
 def main() -> None:
     g = globals()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for key in ("what", "n", "n_python", "presets", "steps", "eval_n", "threads", "device", "target_ratio", "results"):
+    for key in ("what", "n", "n_python", "presets", "steps", "eval_n", "attack_n", "threads", "device", "target_ratio", "results"):
         v = g[key]
         ap.add_argument("--" + key.replace("_", "-"), type=type(v) if v is not None else str, default=v)
     args = ap.parse_args()
@@ -297,7 +323,8 @@ def main() -> None:
         import torch
         torch.set_num_threads(threads)
     for part in what.split(","):
-        {"data": bench_data, "train": bench_train, "floor": bench_floor, "eval": bench_eval, "capture": bench_capture}[part]()
+        {"data": bench_data, "train": bench_train, "floor": bench_floor, "eval": bench_eval, "attack": bench_attack,
+         "capture": bench_capture}[part]()
 
 
 if __name__ == "__main__":

@@ -38,6 +38,10 @@ def test_cli_pretrain_finetune_eval_analyze(tmp_path):
     assert sorted(p.name for p in ft.iterdir()) == before  # checkpoints are never written to
     e = json.loads((tmp_path / "e.json").read_text())
     assert set(e) == {"pre", "ssft"} and 0 <= e["ssft"]["table"]["adv_soft_tokens"] <= 1
+    assert e["ssft"]["table_n"]["adv_soft_tokens"] == e["ssft"]["table_n"]["adv_clean"] == 4
+    ok(["eval", str(ft), "--sets", "std_unsafe", "--n", "6", "--attack-steps", "2", "--json", str(tmp_path / "e6.json")])
+    e6 = json.loads((tmp_path / "e6.json").read_text())
+    assert e6["table_n"]["adv_soft_tokens"] == e6["table_n"]["unsafe_refuse"] == 6  # the attack column at --n
     out = ok(["analyze", str(pre), str(ft), "--out", str(tmp_path / "an")])
     s = json.loads((tmp_path / "an" / "summary.json").read_text())
     assert s["scheme"] == "lab" and any(t["name"].endswith(".c_fc.weight") for t in s["matrices"])

@@ -82,6 +82,8 @@ def test_reproduce_end_to_end_tiny(tmp_path, monkeypatch):
     names = {"pretrain", *(f"{s}_lr{t}" for s in ("ssft", "dpo", "unlearn") for t in ("1em4", "1em5"))}
     assert set(summary["safety_table"]) == names
     assert {p.stem for p in (out / "eval").glob("*.json")} == names
+    ev = json.loads((out / "eval" / "ssft_lr1em4.json").read_text())
+    assert ev["table_n"]["adv_soft_tokens"] == ev["table_n"]["unsafe_refuse"] == 8  # every column at eval_n
     assert {p.name for p in (out / "analyze").iterdir()} == names - {"pretrain"}
     assert {p.name for p in (out / "clusters").iterdir()} == {"pretrained", "ssft", "dpo", "unlearn", "ssft_lr1em5",
                                                                "dpo_lr1em5", "unlearn_lr1em5"}
@@ -186,3 +188,13 @@ def test_shipped_checkpoints_are_what_reproduce_cpu_trains(tmp_path):
     for name in names:
         digest = hashlib.sha256((DEMO_DIR / name / "model.safetensors").read_bytes()).hexdigest()
         assert summary["checkpoints"][name]["sha256"] == digest, name
+
+
+def test_the_attack_column_has_as_many_samples_as_the_table():
+    """demo / reproduce attack as many std_unsafe inputs as every other column has (2,000 at --n 2000),
+    with the attack's fixed settings; there is no cap below the table's n."""
+    from pysafe.pipeline.steps import DEFAULT_ATTACK, _attack
+
+    for n in (8, 500, 2000):
+        assert _attack(n) == {**DEFAULT_ATTACK, "n": n}
+    assert "n" not in DEFAULT_ATTACK

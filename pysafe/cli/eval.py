@@ -15,7 +15,8 @@ from pysafe.cli.options import check_device, debug_option, device_option, handle
 @click.option("--n", "n", type=click.IntRange(min=1), default=2000, show_default=True, help="Samples per test set.")
 @click.option("--attack/--no-attack", default=True, show_default=True,
               help="Add the adversarial soft-token column (std_unsafe, docs/analyses.md A1-A7).")
-@click.option("--attack-n", type=click.IntRange(min=1), default=256, show_default=True, help="Samples attacked.")
+@click.option("--attack-n", type=click.IntRange(min=1), default=None,
+              help="Samples attacked (default: --n, as many as every other column).")
 @click.option("--attack-tokens", type=click.IntRange(min=1), default=2, show_default=True, help="Soft tokens.")
 @click.option("--attack-steps", type=click.IntRange(min=1), default=10, show_default=True, help="Attack steps.")
 @click.option("--attack-eps", type=click.FloatRange(min=0, min_open=True), multiple=True,
@@ -50,7 +51,7 @@ def eval_cmd(ckpts, sets, n, attack, attack_n, attack_tokens, attack_steps, atta
 
     check_device(device)
     set_list = [s.strip() for s in sets.split(",") if s.strip()] if sets else None
-    attack_opts = (dict(n=attack_n, n_soft=attack_tokens, n_steps=attack_steps, eps_factors=list(attack_eps) or [1.0],
+    attack_opts = (dict(n=attack_n or n, n_soft=attack_tokens, n_steps=attack_steps, eps_factors=list(attack_eps) or [1.0],
                         norm=attack_norm, placement=attack_placement) if attack else None)
     from pysafe._progress import Bars
     from pysafe.lab.data import TEST_SETS
