@@ -106,7 +106,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
-        if kv is not None:  # the keys and values, for a decoding cache (KVCache.prefill)
+        if kv is not None:  # the keys and values, for a decoding cache (GPT.prefill)
             kv.append((k, v))
         p = self.dropout if self.training else 0.0
         if mask is None:
