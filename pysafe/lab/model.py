@@ -143,15 +143,19 @@ class Block(nn.Module):
         self.c_proj = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
+    def _fast(self, x: torch.Tensor, attend) -> torch.Tensor:
+        """The block without hook points; ``attend(h)`` is the attention sublayer on its input h."""
+        if self.reference:
+            x = self.ln_1(x)
+            x = x + attend(x)
+            return x + self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        x = x + attend(self.ln_1(x))
+        return x + self.drop(self.c_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh")))
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cap: dict | None = None,
                 kv: list | None = None) -> torch.Tensor:
         if cap is None:  # the fast path
-            if self.reference:
-                x = self.ln_1(x)
-                x = x + self.attn(x, mask, kv)
-                return x + self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
-            x = x + self.attn(self.ln_1(x), mask, kv)
-            return x + self.drop(self.c_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh")))
+            return self._fast(x, lambda h: self.attn(h, mask, kv))
         r = x
         if self.reference:
             h = self.ln_1(r)
@@ -174,12 +178,7 @@ class Block(nn.Module):
 
     def decode(self, x: torch.Tensor, pos: torch.Tensor, cache: "KVCache", layer: int) -> torch.Tensor:
         """:meth:`forward` for one new position per sample (x: (B, C)), attending through ``cache``."""
-        if self.reference:
-            x = self.ln_1(x)
-            x = x + self.attn.decode(x, pos, cache, layer)
-            return x + self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
-        x = x + self.attn.decode(self.ln_1(x), pos, cache, layer)
-        return x + self.drop(self.c_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh")))
+        return self._fast(x, lambda h: self.attn.decode(h, pos, cache, layer))
 
 
 class GPT(nn.Module):
