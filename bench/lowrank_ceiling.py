@@ -10,10 +10,15 @@ were left, in isolation, with torch's own GEMMs (MKL), so that their ceiling is 
   --what krylov     the cheapest *uncertified* randomized block Krylov (Musco & Musco: depth d, block
                     k + p = 74, QR of the basis, B = QᵀA, values of B) against ``svd_lowrank(q=74, niter=4)``
                     on one W_base of each shape of a pair written by ``pysafe make-pair``: time (best of 2)
-                    and the top-64 singular values' max relative error against a float64 SVD.
+                    and the top-64 singular values' max relative error against a float64 SVD;
+  --what spectrum   target (b)'s whole-spectrum number, the effective rank exp H(σ²/Σσ²) of one ΔW of the pair:
+                    modeldelta's call (float32 ``svdvals``) against stochastic Lanczos quadrature (Hutchinson
+                    probes, Lanczos on ΔWᵀΔW), plain and deflated by the top 20 (found by
+                    ``svd_lowrank(q=30, niter=4)``, timed in), with its 95% error bar.
 
     python bench/lowrank_ceiling.py --what products --threads 1
     python bench/lowrank_ceiling.py --what krylov --base /work/benchout/peers-medium/base --threads 2
+    python bench/lowrank_ceiling.py --what spectrum --base DIR/base --tuned DIR/tuned --threads 2
 
 One JSON line per measurement on stdout. Nothing here is timed in a test.
 """
@@ -24,6 +29,7 @@ import argparse
 import ctypes
 import glob
 import json
+import math
 import os
 import sys
 import time
@@ -169,22 +175,107 @@ def krylov(base: str, k: int, p: int, depths, reps: int) -> None:
         print(json.dumps(row), flush=True)
 
 
+def slq_effective_rank(D: torch.Tensor, probes: int, steps: int, deflate: int = 0, seed: int = 0):
+    """exp H(σ²/Σσ²) of D by stochastic Lanczos quadrature: H = log S − tr f(DᵀD) / S with f(λ) = λ log λ and
+    S = ‖D‖_F² (exact). With ``deflate`` = k, the top k singular pairs (``svd_lowrank``) enter exactly and
+    the quadrature runs on the rest. Returns (estimate, half-width of its 95% interval over probes)."""
+    g = torch.Generator().manual_seed(seed)
+    n = D.shape[1]
+    S = float((D.double() ** 2).sum())
+    exact_part, V = 0.0, None
+    if deflate:
+        _, sv, V = torch.svd_lowrank(D, q=deflate + 10, niter=4)
+        sv, V = sv[:deflate].double(), V[:, :deflate].contiguous()
+        exact_part = float((sv ** 2 * torch.log(sv ** 2)).sum())
+
+    def project(X):
+        return X if V is None else X - V @ (V.t() @ X)
+
+    Z = project(torch.randint(0, 2, (n, probes), generator=g).float() * 2 - 1)
+    Q = Z / Z.norm(dim=0)
+    basis, alphas, betas = [Q], [], []
+    Q_prev, beta = torch.zeros_like(Q), torch.zeros(probes)
+    for _ in range(steps):
+        W = project(D.t() @ (D @ Q))
+        a = (W * Q).sum(0)
+        W = W - a * Q - beta * Q_prev
+        for Qo in basis:  # full reorthogonalisation, per probe
+            W = W - (W * Qo).sum(0) * Qo
+        beta = W.norm(dim=0).clamp_min(1e-30)
+        alphas.append(a)
+        betas.append(beta)
+        Q_prev, Q = Q, W / beta
+        basis.append(Q)
+    al, be = torch.stack(alphas, 1).double(), torch.stack(betas[:-1], 1).double()
+    scale = (Z.double().norm(dim=0) ** 2)  # z'f(M)z = ‖z‖² e1' f(T) e1
+    vals = []
+    for i in range(probes):
+        T = torch.diag(al[i]) + torch.diag(be[i], 1) + torch.diag(be[i], -1)
+        th, U = torch.linalg.eigh(T)
+        th = th.clamp_min(1e-300)
+        vals.append(scale[i] * (U[0] ** 2 * th * th.log()).sum())
+    vals = torch.stack(vals)
+    trace = exact_part + float(vals.mean())
+    half = 1.96 * float(vals.std()) / probes ** 0.5
+    est = math.exp(math.log(S) - trace / S)
+    return est, est * half / S
+
+
+def spectrum(base: str, tuned: str, name: str | None, reps: int) -> None:
+    from safetensors import safe_open
+
+    def load(folder, want):
+        for f in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+            with safe_open(f, "pt") as h:
+                for k in h.keys():
+                    if (want is None and len(h.get_slice(k).get_shape()) == 2 and "mlp" in k) or k == want:
+                        return k, h.get_tensor(k).float()
+        raise SystemExit(f"no tensor {want or '(an MLP matrix)'} in {folder}")
+
+    name, B = load(base, name)
+    _, T = load(tuned, name)
+    D = (T - B).contiguous()
+    del B, T
+    lam = torch.linalg.svdvals(D.double()) ** 2
+    p = lam / lam.sum()
+    exact = math.exp(float(-(p[p > 0] * p[p > 0].log()).sum()))
+    t_md = _best(lambda: torch.linalg.svdvals(D), reps)
+    s = torch.linalg.svdvals(D).double() ** 2
+    q = s / s.sum()
+    row = {"what": "spectrum", "tensor": name, "shape": list(D.shape), "threads": torch.get_num_threads(),
+           "effective_rank_exact": round(exact, 3),
+           "svdvals_f32": {"s": round(t_md, 3), "effective_rank": round(math.exp(float(-(q[q > 0] * q[q > 0].log()).sum())), 3)}}
+    for deflate, probes, steps in ((0, 8, 20), (0, 32, 30), (20, 8, 20), (20, 32, 30)):
+        t = _best(lambda: slq_effective_rank(D, probes, steps, deflate), reps)
+        est, half = slq_effective_rank(D, probes, steps, deflate)
+        row[f"slq_deflate{deflate}_p{probes}_m{steps}"] = {
+            "s": round(t, 3), "effective_rank": round(est, 3), "ci95_half_width": round(half, 3),
+            "rel_err": float(f"{abs(est - exact) / exact:.2e}"), "speed_vs_svdvals": round(t_md / t, 2)}
+    print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--what", choices=["products", "krylov"], required=True)
+    ap.add_argument("--what", choices=["products", "krylov", "spectrum"], required=True)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--base", help="folder of W_base's .safetensors (--what krylov)")
+    ap.add_argument("--tuned", help="folder of the tuned side's .safetensors (--what spectrum)")
+    ap.add_argument("--tensor", help="the ΔW to use (--what spectrum; default: the first MLP matrix)")
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--oversample", type=int, default=10)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.what == "products":
         products([(2048, 2048), (5504, 2048), (11008, 4096)], [18, 74], a.repeat)
-    else:
+    elif a.what == "krylov":
         if not a.base:
             ap.error("--what krylov needs --base")
         krylov(a.base, a.rank, a.oversample, (1, 2, 3), a.repeat)
+    else:
+        if not (a.base and a.tuned):
+            ap.error("--what spectrum needs --base and --tuned")
+        spectrum(a.base, a.tuned, a.tensor, a.repeat)
 
 
 if __name__ == "__main__":

@@ -51,3 +51,30 @@ def test_mkl_packed_products_match_float64(ceiling):
     assert float((C2.double() - r2).abs().max() / r2.abs().max()) < 1e-5
     with pytest.raises(ValueError, match="must be"):
         pa.products(Y, X)
+
+
+def _planted(m, n, sv, seed):
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(m, len(sv), generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, len(sv), generator=g, dtype=torch.float64))
+    return ((U * torch.tensor(sv, dtype=torch.float64)) @ V.T).float()
+
+
+def _eff_rank(sv):
+    lam = torch.tensor(sv, dtype=torch.float64) ** 2
+    p = lam / lam.sum()
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def test_slq_effective_rank_deflated_past_the_rank_is_exact(ceiling):
+    sv = [10.0 / (i + 1) ** 0.6 for i in range(12)]
+    est, half = ceiling.slq_effective_rank(_planted(200, 150, sv, 4), probes=4, steps=5, deflate=12)
+    assert abs(est - _eff_rank(sv)) / _eff_rank(sv) < 1e-4 and half < 1e-3
+
+
+def test_slq_effective_rank_interval_covers_the_exact_value(ceiling):
+    sv = [5.0 / (i + 1) ** 0.3 for i in range(40)]
+    exact = _eff_rank(sv)
+    est, half = ceiling.slq_effective_rank(_planted(300, 120, sv, 5), probes=64, steps=45)
+    assert half > 0 and abs(est - exact) <= half
+    assert abs(est - exact) / exact < 0.1
