@@ -9,7 +9,7 @@ were left, in isolation, with torch's own GEMMs (MKL), so that their ceiling is 
                     torch's CPU build exports), with the cost of packing A into a warm buffer;
   --what krylov     the cheapest *uncertified* randomized block Krylov (Musco & Musco: depth d, block
                     k + p = 74, QR of the basis, B = QᵀA, values of B) against ``svd_lowrank(q=74, niter=4)``
-                    on one W_base of each shape of a pair written by ``pysafe make-pair``: time (best of 2)
+                    on one W_base of each shape of a pair written by ``pysafe make-pair``: time (best of --repeat)
                     and the top-64 singular values' max relative error against a float64 SVD;
   --what spectrum   target (b)'s whole-spectrum number, the effective rank exp H(σ²/Σσ²) of one ΔW of the pair:
                     modeldelta's call (float32 ``svdvals``) against stochastic Lanczos quadrature (Hutchinson
@@ -48,8 +48,7 @@ if __name__ == "__main__":  # NumPy's OpenBLAS reads its thread count at import:
     for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[_var] = _threads_from_argv()
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import torch  # noqa: E402  (after the thread variables: torch loads NumPy's OpenBLAS)
 
 ROW, NOTRANS, TRANS, PACKED, A_MATRIX = 101, 111, 112, 151, 161  # CBLAS / MKL enum values
 
