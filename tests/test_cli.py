@@ -173,6 +173,7 @@ def test_progress_bar_on_stderr(pair, tmp_path):
     assert result.exit_code == 0, result.output
     assert "tensors" in result.stderr and "21/21" in result.stderr and " GB" in result.stderr
     assert "21/21" not in result.stdout  # the bar is not on stdout
+    assert "\r" not in result.stderr and "\u2501" not in result.stderr  # stderr is a log here: plain lines
     quiet = _run("analyze", base, tuned, "--out", tmp_path / "quiet", "--no-progress", *FAST)
     assert quiet.exit_code == 0 and "21/21" not in quiet.stderr
     auto = _run("analyze", base, tuned, "--out", tmp_path / "auto", *FAST)  # stderr is not a terminal: no bar

@@ -32,7 +32,7 @@ from pysafe.cli.options import debug_option, handle_errors
 @click.option("--device", default="cpu", show_default=True, help="Where the SVDs run: cpu, cuda or cuda:N.")
 @click.option("--overwrite", is_flag=True,
               help="Replace the pysafe outputs in a non-empty --out, in one rename; your other files there are kept.")
-@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal; --progress into a log or pipe writes a plain line every PYSAFE_PROGRESS_INTERVAL seconds, default 30).")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write plots/*.png.")
 @debug_option
 @handle_errors
