@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from pysafe.cli.analyze import _Progress
-from pysafe.cli.options import debug_option, handle_errors
+from pysafe.cli.options import debug_option, handle_errors, report_options
 
 
 @click.command("drift")
@@ -30,10 +30,7 @@ from pysafe.cli.options import debug_option, handle_errors
 @click.option("--intruder-eps", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
               help="Intruder when the largest |cos| with every singular vector of W_aligned is below this.")
 @click.option("--device", default="cpu", show_default=True, help="Where the SVDs run: cpu, cuda or cuda:N.")
-@click.option("--overwrite", is_flag=True,
-              help="Replace the pysafe outputs in a non-empty --out, in one rename; your other files there are kept.")
-@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal; --progress into a log or pipe writes a plain line every PYSAFE_PROGRESS_INTERVAL seconds, default 30).")
-@click.option("--plots/--no-plots", default=True, show_default=True, help="Write plots/*.png.")
+@report_options
 @debug_option
 @handle_errors
 def drift_cmd(base, aligned, tuned, out, include, k, energy, max_rank, tol, exact, intruder_k, intruder_eps, device,

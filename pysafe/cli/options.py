@@ -83,10 +83,16 @@ def dataclass_options(cls, *, into: str, help_overrides: dict | None = None):
     return decorate
 
 
+progress_option = click.option(
+    "--progress/--no-progress", default=None,
+    help="Progress bars (default: when stderr is a terminal; --progress into a log or pipe writes a plain line "
+         "every PYSAFE_PROGRESS_INTERVAL seconds, default 30).")
+
+
 def report_options(f):
     """``--overwrite``, ``--progress/--no-progress`` and ``--plots/--no-plots`` of a command writing a report folder."""
     f = click.option("--plots/--no-plots", default=True, show_default=True, help="Write plots/*.png.")(f)
-    f = click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal; --progress into a log or pipe writes a plain line every PYSAFE_PROGRESS_INTERVAL seconds, default 30).")(f)
+    f = progress_option(f)
     return click.option("--overwrite", is_flag=True,
                         help="Replace the pysafe outputs in a non-empty --out, in one rename; your other files there "
                              "are kept.")(f)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from pysafe.cli.options import check_device, debug_option, device_option, handle_errors
+from pysafe.cli.options import check_device, debug_option, device_option, handle_errors, progress_option
 
 
 @click.command("reproduce")
@@ -69,7 +69,7 @@ def reproduce_cmd(preset, out, seed, lrs, eval_n, checkpoints_only, device, jobs
               help="Cache directory for the base SVDs and pooled activations, reused by later runs "
                    "[default: $XDG_CACHE_HOME/pysafe, else ~/.cache/pysafe]; never inside --out.")
 @click.option("--no-cache", is_flag=True, help="Cache nothing (recompute everything).")
-@click.option("--progress/--no-progress", default=None, help="Progress bars (default: when stderr is a terminal; --progress into a log or pipe writes a plain line every PYSAFE_PROGRESS_INTERVAL seconds, default 30).")
+@progress_option
 @debug_option
 @handle_errors
 def demo_cmd(out, eval_n, checkpoints, device, overwrite, cache_dir, no_cache, progress, debug):
