@@ -62,8 +62,9 @@ def engine_device(device) -> int:
         raise DeviceUnavailableError(f"device {name} requested but no CUDA device is visible (no NVIDIA driver or "
                                      f"GPU on this machine, or CUDA_VISIBLE_DEVICES hides them)")
     if index >= count:
+        have = "cuda:0" if count == 1 else f"cuda:0..cuda:{count - 1}"
         raise DeviceUnavailableError(f"device {name} requested but this machine has {count} CUDA device"
-                                     f"{'s' if count > 1 else ''} (cuda:0..cuda:{count - 1})")
+                                     f"{'s' if count > 1 else ''} ({have})")
     _preload_math_libraries()
     _core.backend.name(index)  # creates the backend: a missing library fails here, in one line
     return index

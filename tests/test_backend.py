@@ -86,11 +86,45 @@ def test_analyze_device_cuda_fails_in_one_line_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.cuda
+def test_gpu_index_beyond_the_machine_is_one_clear_line():
+    n = _core.cuda_device_count()
+    have = "cuda:0" if n == 1 else f"cuda:0..cuda:{n - 1}"
+    with pytest.raises(DeviceUnavailableError, match=rf"^device cuda:{n} requested but this machine has {n} "
+                                                     rf"CUDA devices? \({have}\)$"):
+        engine_device(f"cuda:{n}")
+    with pytest.raises(DeviceUnavailableError, match=rf"^cuda:{n} requested but this machine has {n} CUDA"):
+        _core.backend.name(n)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("lib, soname", [("cublas", "libcublas.so.13"), ("cusolver", "libcusolver.so.12")])
+def test_analyze_without_cublas_or_cusolver_fails_in_one_line_and_writes_nothing(tmp_path, lib, soname):
+    """A GPU machine without the math libraries: the emulator's build can hide them (on a real GPU the
+    switch does nothing, so the test runs only there)."""
+    if not _core.build_info().get("cuda_emulator"):
+        pytest.skip("hiding cuBLAS or cuSOLVER is a switch of the CUDA emulator's build")
+    import os
+    import subprocess
+    import sys
+    pysafe.make_pair(tmp_path / "pair", preset="tiny")
+    out = tmp_path / "report"
+    r = subprocess.run([sys.executable, "-P", "-c", "from pysafe.cli import main; main(prog_name='pysafe')",
+                        "analyze", str(tmp_path / "pair" / "base"), str(tmp_path / "pair" / "tuned"), "--out",
+                        str(out), "--device", "cuda", "--no-plots"],
+                       env=dict(os.environ, PYSAFE_CUDA_EMU_HIDE=lib), capture_output=True, text=True, timeout=300)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("Error: ") and f"needs {'cuBLAS' if lib == 'cublas' else 'cuSOLVER'}" in lines[0]
+    assert soname in lines[0] and not out.exists()
+
+
 def test_build_info_reports_cuda():
     info = pysafe.build_info()
     assert isinstance(info["cuda"], bool) and info["cuda_devices"] == _core.cuda_device_count()
     if info["cuda"]:
         assert info["cuda_runtime"] > 0 and len(info["cuda_device_names"]) == info["cuda_devices"]
+        assert info["cuda_stage_bytes"] >= 1 << 20 and isinstance(info["cuda_emulator"], bool)
 
 
 # ---- staging plan ------------------------------------------------------------------------------------------
@@ -208,16 +242,18 @@ def test_fused_delta_against_torch_upcast(device, f64, tdt, bdt, from_host):
 @pytest.mark.cuda
 @pytest.mark.parametrize("tdt, bdt", [("BF16", "BF16"), ("F32", "BF16")])
 def test_upload_delta_across_staging_chunks_on_gpu(tdt, bdt):
-    """Host bytes larger than one 32 MiB staging buffer: several chunks on alternating streams, each
-    upcast where it lands; every element, the non-finite counts and the sums against torch in float64."""
+    """Host bytes larger than one staging buffer (32 MiB; 1 MiB in the emulator's build): several chunks
+    on alternating streams, each upcast where it lands; every element, the non-finite counts and the
+    sums against torch in float64."""
     torch = pytest.importorskip("torch")
     names = {"BF16": torch.bfloat16, "F32": torch.float32}
-    n = 23_000_003  # not a multiple of any chunk: a short last chunk
+    stage = _core.build_info()["cuda_stage_bytes"]
+    per = (2 if tdt == "BF16" else 4) + 2
+    n = 7 * stage // (2 * per) + 3  # 3.5 chunks, not a multiple of any: a short last chunk
     g = torch.Generator().manual_seed(8)
     base = torch.randn(n, generator=g).to(names[bdt])
     tuned = (base.float() + 1e-2 * torch.randn(n, generator=g)).to(names[tdt])
-    per = (2 if tdt == "BF16" else 4) + 2
-    assert len(_core.backend.staging_plan(n * per, 32 << 20, per)) >= 3
+    assert len(_core.backend.staging_plan(n * per, stage, per)) == 4
     for i in (5, n // 2 + 1, n - 1):  # one non-finite value in the first, a middle and the last chunk
         tuned[i] = float("inf")
     base[n // 3] = float("nan")
@@ -337,6 +373,29 @@ def test_analyze_on_gpu_matches_cpu_records(tiny_llama_pair):
     for name, d in planted.items():  # against float64: the planted rank-2 ΔW's singular values
         ref = np.linalg.svd(d, compute_uv=False)[:2]
         assert np.allclose(g.record(name)["sv_delta"][:2], ref, rtol=1e-4), name
+
+
+@pytest.mark.cuda
+def test_analyze_cli_on_gpu_reports_its_device_and_matches_cpu(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from pysafe.cli import main
+
+    pysafe.make_pair(tmp_path / "pair", preset="tiny")
+    runs = {}
+    for device in ("cpu", "cuda"):
+        r = CliRunner().invoke(main, ["analyze", str(tmp_path / "pair" / "base"), str(tmp_path / "pair" / "tuned"),
+                                      "--out", str(tmp_path / device), "--device", device, "--no-plots", "--no-cache"])
+        assert r.exit_code == 0, r.output
+        assert ("engine on cuda:0: peak device memory" in r.stderr) == (device == "cuda")
+        runs[device] = {t["name"]: t for t in json.loads((tmp_path / device / "summary.json").read_text())["matrices"]}
+    assert runs["cpu"].keys() == runs["cuda"].keys()
+    for name, rc in runs["cpu"].items():
+        assert runs["cuda"][name]["delta_fro"] == pytest.approx(rc["delta_fro"], rel=1e-6), name
+        if rc.get("sv_delta"):
+            assert np.allclose(runs["cuda"][name]["sv_delta"], rc["sv_delta"], rtol=2e-4), name
 
 
 @pytest.mark.cuda
@@ -499,6 +558,8 @@ def test_gpu_inputs_go_to_the_resident_path_without_the_host(monkeypatch):
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_pairwise_distances_on_cuda_tensors_in_place(dtype, metric, monkeypatch):
     torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():  # the CUDA emulator's build: torch has no GPU there
+        pytest.skip("torch has no CUDA device")
     import pysafe.distances as dist
     rng = np.random.default_rng(14)
     X = rng.standard_normal((700, 64)).astype(dtype) + 50
@@ -517,6 +578,30 @@ def test_pairwise_distances_on_cuda_tensors_in_place(dtype, metric, monkeypatch)
     assert np.allclose(m, g, **tol)
     t = pysafe.pairwise_distances(Xt.T.contiguous().T, Yt, metric=metric, device="cuda")  # made contiguous there
     assert np.allclose(t, g, **tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_pairwise_distances_on_cuda_array_interface_in_place(dtype, metric, monkeypatch):
+    """Inputs in GPU memory announced by __cuda_array_interface__ (as CuPy or Numba arrays are): used
+    where they are (never copied to the host), against float64 and the CPU path."""
+    import pysafe.distances as dist
+    rng = np.random.default_rng(15)
+    X = rng.standard_normal((300, 40)).astype(dtype) + 50  # a large offset: entries recomputed
+    Y = rng.standard_normal((120, 40)).astype(dtype) + 50
+    Y[0] = X[0]
+    X[1] = 0
+    tol = dict(rtol=2e-5, atol=2e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    c = pysafe.pairwise_distances(X, Y, metric=metric)
+    Xg, Yg = _core.backend.device_array(0, X), _core.backend.device_array(0, Y)
+    assert Xg.__cuda_array_interface__["shape"] == (300, 40)
+    monkeypatch.setattr(dist, "_as_matrix", lambda *a: pytest.fail("copied to the host"))
+    g = pysafe.pairwise_distances(Xg, Yg, metric=metric, device="cuda")
+    assert np.allclose(g, _ref_distances(X, Y, metric), **tol) and np.allclose(g, c, **tol)
+    s = pysafe.pairwise_distances(Xg, metric=metric, device="cuda")
+    assert np.array_equal(s, s.T) and not np.diag(s).any()
+    assert np.allclose(s, _ref_distances(X, X, metric, self=True), **tol)
 
 
 @pytest.mark.cuda

@@ -194,6 +194,7 @@ struct CudaInfo {
   int runtime_version = 0, driver_version = 0;
   std::vector<std::string> devices;  // "NVIDIA H200 (sm_90, 139.8 GiB)"
   std::string libraries;             // cuBLAS/cuSOLVER as found at run time ("" before first use)
+  size_t stage_bytes = 0;            // each of the two pinned staging buffers
 };
 CudaInfo cuda_info();
 

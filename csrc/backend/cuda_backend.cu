@@ -136,6 +136,13 @@ void check_solver(cusolverStatus_t s, const char* what) {
 
 constexpr int kThreads = 256;
 
+// Each of the two pinned staging buffers (the CUDA emulator's test build makes them smaller, so that
+// its tests cross several chunks with small inputs).
+#ifndef PYSAFE_CUDA_STAGE_BYTES
+#define PYSAFE_CUDA_STAGE_BYTES (size_t(32) << 20)
+#endif
+constexpr size_t kStageBytes = PYSAFE_CUDA_STAGE_BYTES;
+
 // DType codes the device upcast reads (the common storage dtypes of checkpoints).
 __device__ inline double load_f64(const uint8_t* p, int dt, size_t i) {
   switch (dt) {
@@ -405,7 +412,6 @@ class CudaBackend final : public Typed<CudaBackend> {
 
  private:
   friend class Typed<CudaBackend>;  // the float/double overrides call the templates below
-  static constexpr size_t kStageBytes = size_t(32) << 20;
 
   // Makes this backend's device current for the scope (the caller's current device is restored).
   struct Select {
@@ -748,6 +754,7 @@ Backend& cuda(int ordinal) {
 CudaInfo cuda_info() {
   CudaInfo info;
   info.built = true;
+  info.stage_bytes = kStageBytes;
   cudaRuntimeGetVersion(&info.runtime_version);
   if (cudaDriverGetVersion(&info.driver_version) != cudaSuccess) cudaGetLastError();
   const int n = cuda_device_count();

@@ -58,6 +58,12 @@ void add_cuda_info(py::dict& d) {
   d["cuda_driver"] = info.driver_version;
   d["cuda_device_names"] = info.devices;
   d["cuda_libraries"] = info.libraries;
+  d["cuda_stage_bytes"] = info.stage_bytes;
+#ifdef PYSAFE_CUDA_EMULATOR
+  d["cuda_emulator"] = true;  // a test build: the GPU is emulated on the host (docs/gpu.md)
+#else
+  d["cuda_emulator"] = false;
+#endif
 }
 
 void register_backend(py::module_& m) {
@@ -175,6 +181,38 @@ void register_backend(py::module_& m) {
     };
     return f64 ? run(double{}) : run(float{});
   }, py::arg("device"), py::arg("X"), py::arg("div"), py::arg("f64") = false);
+
+  // A C-contiguous float32/float64 matrix copied into a GPU backend's memory, announced by
+  // __cuda_array_interface__ (version 3) as CuPy and Numba arrays are: tests of the distances' resident
+  // path that need no PyTorch.
+  struct DeviceArray {
+    backend::Buffer<uint8_t> bytes;
+    std::vector<py::ssize_t> shape;
+    std::string typestr;
+  };
+  py::class_<DeviceArray>(b, "DeviceArray", "A matrix in a GPU backend's memory (see device_array).")
+      .def_property_readonly("__cuda_array_interface__", [](const DeviceArray& a) {
+        py::dict d;
+        d["shape"] = py::tuple(py::cast(a.shape));
+        d["typestr"] = a.typestr;
+        d["data"] = py::make_tuple(reinterpret_cast<uintptr_t>(a.bytes.data()), false);
+        d["strides"] = py::none();
+        d["version"] = 3;
+        return d;
+      });
+  b.def("device_array", [](int device, py::array X) {
+    need_2d(X, "X");
+    if (device < 0) throw py::value_error("device_array: a GPU device index (>= 0) is needed");
+    return by_dtype(X, "device_array", [&](auto tag) -> py::object {
+      using T = decltype(tag);
+      auto x = Arr<T>::ensure(X);
+      backend::Backend& be = backend::get(device);
+      const size_t n = static_cast<size_t>(x.size()) * sizeof(T);
+      DeviceArray a{backend::Buffer<uint8_t>(be, n), {x.shape(0), x.shape(1)}, sizeof(T) == 4 ? "<f4" : "<f8"};
+      if (n) be.upload(a.bytes.data(), x.data(), n);
+      return py::cast(std::move(a));
+    });
+  }, py::arg("device"), py::arg("X"), "X copied into the memory of GPU `device`, as a DeviceArray.");
 
   b.def("fused_delta", [](int device, py::bytes tuned, const std::string& tdt, py::bytes base, const std::string& bdt,
                           bool f64, bool from_host) {
