@@ -15,6 +15,7 @@ One JSON file of results, rewritten after every part (a run cut short still leav
 Each part is skipped when less than its budget is left before --deadline (epoch seconds).
 
     python bench/gpu_bench.py --out results.json [--deadline EPOCH] [--preset medium --layers 2]
+    python bench/gpu_bench.py --device emulated ...   # on the CUDA emulator build (tests/test_gpu_bench.py)
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 RESULTS: dict = {}
-DEV = "cuda"  # --device cpu: a smoke test of this script on a machine without a GPU (numbers meaningless)
+# where torch's tensors and baselines run, and where pysafe's engine runs: both "cuda" on a GPU; both
+# "cpu" with --device cpu, and torch "cpu" with pysafe on "cuda" with --device emulated (pysafe's CUDA
+# emulator build): smoke tests of this script without a GPU, whose numbers mean nothing
+TORCH_DEV = ENGINE_DEV = "cuda"
 
 
 def save(path: Path) -> None:
@@ -60,7 +64,7 @@ def run_part(name: str, budget_s: float, deadline: float, out: Path, fn, *args) 
 
 def cuda_time(torch, fn, reps: int = 3) -> float:
     """Best of `reps` timings of fn() (seconds), synchronised, after one warm-up call."""
-    sync = torch.cuda.synchronize if DEV != "cpu" else (lambda: None)
+    sync = torch.cuda.synchronize if TORCH_DEV != "cpu" else (lambda: None)
     fn()
     sync()
     best = float("inf")
@@ -77,7 +81,7 @@ def part_env() -> dict:
 
     import pysafe
 
-    return {"pysafe": pysafe.build_info(), "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if DEV != "cpu" else None,
+    return {"pysafe": pysafe.build_info(), "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if TORCH_DEV != "cpu" else None,
             "cpu_count": os.cpu_count()}
 
 
@@ -87,13 +91,13 @@ def part_rates() -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False
     out = {}
     for name, dtype, n in (("fp32_gemm_tflops", torch.float32, 8192), ("fp64_gemm_tflops", torch.float64, 4096)):
-        n = n if DEV != "cpu" else 512
-        a = torch.randn(n, n, device=DEV, dtype=dtype)
-        b = torch.randn(n, n, device=DEV, dtype=dtype)
+        n = n if TORCH_DEV != "cpu" else 512
+        a = torch.randn(n, n, device=TORCH_DEV, dtype=dtype)
+        b = torch.randn(n, n, device=TORCH_DEV, dtype=dtype)
         out[name] = round(2 * n**3 / cuda_time(torch, lambda: a @ b) / 1e12, 2)
-    if DEV != "cpu":
+    if TORCH_DEV != "cpu":
         h = torch.empty(1 << 28, dtype=torch.uint8).pin_memory()
-        d = torch.empty(1 << 28, dtype=torch.uint8, device=DEV)
+        d = torch.empty(1 << 28, dtype=torch.uint8, device=TORCH_DEV)
         out["h2d_pinned_gbs"] = round((1 << 28) / cuda_time(torch, lambda: d.copy_(h, non_blocking=True)) / 1e9, 1)
     return out
 
@@ -112,15 +116,15 @@ def part_analyze(args) -> dict:
                                 "make_pair_s": round(time.time() - t0, 1)}  # saved as it fills
     kw = dict(rank=args.rank, base_rank=args.rank, exact_max_dim=0, spectrum="none")
     runs = {}
-    for device in (DEV, "cpu") if DEV != "cpu" else ("cpu",):
+    for device in (ENGINE_DEV, "cpu") if ENGINE_DEV != "cpu" else ("cpu",):
         t0 = time.perf_counter()
         runs[device] = pysafe.compare(pair / "base", pair / "tuned", device=device, **kw)
         out[f"{device}_s"] = round(time.perf_counter() - t0, 2)
         save(Path(args.out))
-    g, c = runs[DEV], runs["cpu"]
+    g, c = runs[ENGINE_DEV], runs["cpu"]
     out["tensors"] = len(g.records)
     out["gb_read"] = round(g.bytes_read / 1e9, 3)
-    out["speedup_vs_cpu"] = round(out["cpu_s"] / out[f"{DEV}_s"], 2)
+    out["speedup_vs_cpu"] = round(out["cpu_s"] / out[f"{ENGINE_DEV}_s"], 2)
     out["peak_device_gib"] = round(g.device["peak_bytes"] / 2**30, 3) if g.device else None
     diffs = {}
     for rc, rg in zip(c.records, g.records):
@@ -132,7 +136,7 @@ def part_analyze(args) -> dict:
         for key in ("sv_delta", "sv_base"):
             a, b = np.asarray(rc.get(key, [])), np.asarray(rg.get(key, []))
             n = min(len(a), len(b))
-            if n:
+            if n and a[0] > 0:  # (a matrix that did not change has no singular values to compare)
                 diffs[key + "_rel"] = max(diffs.get(key + "_rel", 0.0), float(np.max(np.abs(a[:n] - b[:n]) / a[0])))
     out["cpu_vs_gpu_max_abs_diff"] = {k: float(f"{v:.3g}") for k, v in diffs.items()}
     # torch on the GPU, at equal accuracy, on the largest matrices (an MLP and the lm_head/embedding)
@@ -145,7 +149,7 @@ def part_analyze(args) -> dict:
     for name, wb, wt in pair_tensors(pair / "base", pair / "tuned"):
         if name not in sample:
             continue
-        d = wt.to(DEV).float() - wb.to(DEV).float()
+        d = wt.to(TORCH_DEV).float() - wb.to(TORCH_DEV).float()
         ref = torch.linalg.svdvals(d.double())[:k].cpu().numpy()
         row = {"name": name, "shape": list(d.shape)}
         mine = np.asarray(recs[name]["sv_delta"][:k])
@@ -163,7 +167,7 @@ def part_analyze(args) -> dict:
         row["svd_lowrank_niter_matching_pysafe"] = matched[0] if matched else None
         per.append(row)
         del d
-        if DEV != "cpu":
+        if TORCH_DEV != "cpu":
             torch.cuda.empty_cache()
     out["torch_sample"] = per
     return out
@@ -177,24 +181,28 @@ def part_distances(args) -> dict:
 
     torch.backends.cuda.matmul.allow_tf32 = False
     n, d = args.dist_n, args.dist_d
-    g = torch.Generator(device=DEV).manual_seed(0)
-    xa = torch.randn(n, d, device=DEV, generator=g) + 3.0
-    xb = torch.randn(n, d, device=DEV, generator=g) + 3.0
+    g = torch.Generator(device=TORCH_DEV).manual_seed(0)
+    xa = torch.randn(n, d, device=TORCH_DEV, generator=g) + 3.0
+    xb = torch.randn(n, d, device=TORCH_DEV, generator=g) + 3.0
     a, b = xa.cpu().numpy(), xb.cpu().numpy()
     out = {"n": n, "m": n, "d": d}
     t0 = time.perf_counter()
-    D = pysafe.pairwise_distances(a, b, device=DEV)
+    D = pysafe.pairwise_distances(a, b, device=ENGINE_DEV)
     out["pysafe_gpu_s"] = round(time.perf_counter() - t0, 3)  # host in, host out (includes both copies)
-    if DEV != "cpu":  # the same inputs already on the GPU: used in place (prepared there), host out
+    if ENGINE_DEV != "cpu":  # the same inputs already on the GPU: used in place (prepared there), host out
+        from pysafe import _core
+
+        # torch's CUDA tensors; with the emulator (torch on the CPU), copies in the engine's device memory
+        ra, rb = (xa, xb) if TORCH_DEV != "cpu" else (_core.backend.device_array(0, a), _core.backend.device_array(0, b))
         t0 = time.perf_counter()
-        Dr = pysafe.pairwise_distances(xa, xb, device=DEV)
+        Dr = pysafe.pairwise_distances(ra, rb, device=ENGINE_DEV)
         out["pysafe_gpu_resident_s"] = round(time.perf_counter() - t0, 3)
         out["resident_vs_host_max_abs_diff"] = float(np.max(np.abs(Dr - D)))
         del Dr
     out["torch_cdist_s"] = round(cuda_time(torch, lambda: torch.cdist(xa, xb), reps=2), 3)  # device in, device out
     out["gemm_equivalent_tflops_pysafe"] = round(2 * n * n * d / out["pysafe_gpu_s"] / 1e12, 2)
     rows = np.random.default_rng(0).choice(n, 200, replace=False)
-    sel = torch.as_tensor(rows, device=DEV)
+    sel = torch.as_tensor(rows, device=TORCH_DEV)
     ref = torch.cdist(xa[sel].double(), xb.double(), compute_mode="donot_use_mm_for_euclid_dist").cpu().numpy()
     out["pysafe_max_rel_err"] = float(np.max(np.abs(D[rows] - ref) / ref))
     C = torch.cdist(xa[sel], xb).cpu().numpy()
@@ -206,14 +214,14 @@ def part_distances(args) -> dict:
 
 
 def part_lab(args) -> dict:
-    from pysafe.lab.pipeline import stage_settings
+    from pysafe.lab.config import stage_settings
     from pysafe.lab.train import train
 
     settings = stage_settings("paper", "pretrain", steps=args.lab_steps, batch_size=args.lab_batch)
     stamps = []
     with tempfile.TemporaryDirectory() as tmp:
         train("pretrain", Path(tmp) / "run", model_config=settings.model, recipe=settings.recipe,
-              train_config=settings.train, device=DEV, preset=settings.preset_name,
+              train_config=settings.train, device=TORCH_DEV, preset=settings.preset_name,
               callback=lambda step, model: stamps.append((step, time.perf_counter())))
     warm = min(20, len(stamps) - 3)
     (s0, t0), (s1, t1) = stamps[warm], stamps[-2]  # the last step's stamp includes the final evaluation
@@ -233,10 +241,13 @@ def main(argv=None) -> None:
     p.add_argument("--dist-d", type=int, default=1024)
     p.add_argument("--lab-steps", type=int, default=300)
     p.add_argument("--lab-batch", type=int, default=None, help="batch size (default: the paper preset's)")
-    p.add_argument("--device", default="cuda", help="cpu: smoke-test this script without a GPU")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu", "emulated"],
+                   help="cpu (everything) or emulated (torch on the CPU, pysafe on its CUDA emulator build): "
+                        "smoke tests of this script without a GPU")
     args = p.parse_args(argv)
-    global DEV
-    DEV = args.device
+    global TORCH_DEV, ENGINE_DEV
+    TORCH_DEV = "cpu" if args.device != "cuda" else "cuda"
+    ENGINE_DEV = "cpu" if args.device == "cpu" else "cuda"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists():
