@@ -82,6 +82,15 @@ MUTANTS = {
         "                 \"cudaMemcpyAsync (device to host)\");"),
 }
 
+# Bugs the emulator cannot see, run to show that they pass (its blind spots, named in docs/gpu.md)
+BLIND_SPOTS = {
+    "non_atomic_block_sum": (
+        "blocks add their partial sums to the result without an atomic: a race between blocks running at "
+        "once on a GPU; the emulator runs the blocks of a kernel one after another",
+        "if (threadIdx.x == 0) atomicAdd(out, sh[0]);",
+        "if (threadIdx.x == 0) *out += sh[0];"),
+}
+
 
 def run(cmd, **kw):
     return subprocess.run(cmd, check=True, text=True, capture_output=True, **kw)
@@ -93,10 +102,11 @@ def main() -> int:
     ap.add_argument("--keep", help="work in this folder and keep it (default: a temporary one)")
     ap.add_argument("--runs", type=int, default=1, help="test runs per mutant (the races are caught by chance)")
     args = ap.parse_args()
-    names = args.only or list(MUTANTS)
+    known = {**MUTANTS, **BLIND_SPOTS}
+    names = args.only or list(known)
     original = (ROOT / SOURCE).read_text(encoding="utf-8")
     for name in names:
-        _, old, _ = MUTANTS[name]
+        _, old, _ = known[name]
         if original.count(old) != 1:
             sys.exit(f"{name}: its text occurs {original.count(old)} times in {SOURCE}, not once")
     work = Path(args.keep or tempfile.mkdtemp(prefix="pysafe-mutants-"))
@@ -116,7 +126,7 @@ def main() -> int:
     env = dict(os.environ, PYTHONPATH=str(site))
     survivors = []
     for name in ["(none)"] + names:
-        what, old, new = MUTANTS.get(name, ("the backend as it is", "", ""))
+        _, old, new = known.get(name, ("the backend as it is", "", ""))
         (src / SOURCE).write_text(original.replace(old, new, 1) if old else original, encoding="utf-8")
         run(["cmake", "--build", str(build)])
         shutil.copy2(build / ext, site / "pysafe" / ext)
@@ -130,11 +140,15 @@ def main() -> int:
         print(f"{name:28s} caught in {caught} of {args.runs} runs  {sorted(first)}", flush=True)
         if name == "(none)" and caught:
             sys.exit("the unmutated backend fails its emulated tests: fix that first\n" + r.stdout[-3000:])
-        if name != "(none)" and caught < args.runs:
+        if name != "(none)" and caught < args.runs and name not in BLIND_SPOTS:
             survivors.append(name)
     (src / SOURCE).write_text(original, encoding="utf-8")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
+    blind = [n for n in names if n in BLIND_SPOTS]
+    names = [n for n in names if n not in BLIND_SPOTS]
+    if blind:
+        print(f"blind spots (expected to pass): {', '.join(blind)}")
     print(f"\n{len(names) - len(survivors)} of {len(names)} mutants caught in every run" +
           (f"; not always: {', '.join(survivors)}" if survivors else ""))
     return 1 if survivors else 0

@@ -70,6 +70,16 @@ def test_core_refuses_a_gpu_backend_without_gpu():
         _core.pairwise_distances(np.ones((3, 2), np.float32), None, "euclidean", 1)
 
 
+def test_device_array_needs_a_gpu():
+    with pytest.raises(ValueError, match="a GPU device index"):
+        _core.backend.device_array(-1, np.ones((2, 2), np.float32))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        _core.backend.device_array(0, np.ones((2, 2), np.int32))
+    if _core.cuda_device_count() == 0:
+        with pytest.raises(DeviceUnavailableError, match="cuda:0 requested"):
+            _core.backend.device_array(0, np.ones((2, 2), np.float32))
+
+
 @no_gpu
 def test_analyze_device_cuda_fails_in_one_line_and_writes_nothing(tmp_path):
     from click.testing import CliRunner
