@@ -115,16 +115,37 @@ cublasStatus_t geam(const char* fn, cublasHandle_t h, cublasOperation_t ta, cubl
 // returns a size the call then checks.
 int work_size(int n) { return std::max(1, n) * 64; }
 
+// geqrf's and orgqr's common checks once their dimensions are valid: the workspace as large as the
+// query said, and A (m×n), tau (`ntau` values), the workspace and devInfo in device memory.
+template <typename T>
+cusolverStatus_t qr_operands(const char* fn, int m, int n, const T* A, int lda, const T* tau, int ntau, const T* work,
+                             int lwork, const int* info) {
+  if (lwork < work_size(n) && bad(fn, "lwork " + std::to_string(lwork) + " below the size the query returned"))
+    return CUSOLVER_STATUS_INVALID_VALUE;
+  if (!on_device(fn, "A", A, m, n, lda) || !on_device(fn, "tau", tau, ntau, 1, 1) ||
+      !on_device(fn, "work", work, lwork, 1, 1) || !on_device(fn, "devInfo", info, 1, 1, 1))
+    return CUSOLVER_STATUS_EXECUTION_FAILED;
+  return CUSOLVER_STATUS_SUCCESS;
+}
+
+bool geqrf_dims_ok(int m, int n, int lda) { return m >= 0 && n >= 0 && lda >= std::max(1, m); }
+bool orgqr_dims_ok(int m, int n, int k, int lda) { return n >= 0 && m >= n && k >= 0 && k <= n && lda >= std::max(1, m); }
+
+// A workspace query: the size for n columns when the dimensions are valid.
+cusolverStatus_t query(cusolverDnHandle_t h, bool dims_ok, int n, int* lwork) {
+  if (!h) return CUSOLVER_STATUS_NOT_INITIALIZED;
+  if (!dims_ok) return CUSOLVER_STATUS_INVALID_VALUE;
+  *lwork = work_size(n);
+  return CUSOLVER_STATUS_SUCCESS;
+}
+
 template <typename T>
 cusolverStatus_t geqrf(const char* fn, cusolverDnHandle_t h, int m, int n, T* A, int lda, T* tau, T* work, int lwork,
                        int* info) {
   if (!h) return CUSOLVER_STATUS_NOT_INITIALIZED;
-  if ((m < 0 || n < 0 || lda < std::max(1, m)) && bad(fn, "m, n or lda")) return CUSOLVER_STATUS_INVALID_VALUE;
-  if (lwork < work_size(n) && bad(fn, "lwork " + std::to_string(lwork) + " below the size the query returned"))
-    return CUSOLVER_STATUS_INVALID_VALUE;
-  if (!on_device(fn, "A", A, m, n, lda) || !on_device(fn, "tau", tau, std::min(m, n), 1, 1) ||
-      !on_device(fn, "work", work, lwork, 1, 1) || !on_device(fn, "devInfo", info, 1, 1, 1))
-    return CUSOLVER_STATUS_EXECUTION_FAILED;
+  if (!geqrf_dims_ok(m, n, lda) && bad(fn, "m, n or lda")) return CUSOLVER_STATUS_INVALID_VALUE;
+  if (auto st = qr_operands(fn, m, n, A, lda, tau, std::min(m, n), work, lwork, info); st != CUSOLVER_STATUS_SUCCESS)
+    return st;
   enqueue(h->stream, [=] {
     if constexpr (std::is_same_v<T, float>)
       *info = scipy_LAPACKE_sgeqrf_work(LAPACK_COL_MAJOR, m, n, A, lda, tau, work, lwork);
@@ -138,13 +159,8 @@ template <typename T>
 cusolverStatus_t orgqr(const char* fn, cusolverDnHandle_t h, int m, int n, int k, T* A, int lda, const T* tau, T* work,
                        int lwork, int* info) {
   if (!h) return CUSOLVER_STATUS_NOT_INITIALIZED;
-  if ((n < 0 || m < n || k < 0 || k > n || lda < std::max(1, m)) && bad(fn, "m, n, k or lda"))
-    return CUSOLVER_STATUS_INVALID_VALUE;
-  if (lwork < work_size(n) && bad(fn, "lwork " + std::to_string(lwork) + " below the size the query returned"))
-    return CUSOLVER_STATUS_INVALID_VALUE;
-  if (!on_device(fn, "A", A, m, n, lda) || !on_device(fn, "tau", tau, k, 1, 1) ||
-      !on_device(fn, "work", work, lwork, 1, 1) || !on_device(fn, "devInfo", info, 1, 1, 1))
-    return CUSOLVER_STATUS_EXECUTION_FAILED;
+  if (!orgqr_dims_ok(m, n, k, lda) && bad(fn, "m, n, k or lda")) return CUSOLVER_STATUS_INVALID_VALUE;
+  if (auto st = qr_operands(fn, m, n, A, lda, tau, k, work, lwork, info); st != CUSOLVER_STATUS_SUCCESS) return st;
   enqueue(h->stream, [=] {
     if constexpr (std::is_same_v<T, float>)
       *info = scipy_LAPACKE_sorgqr_work(LAPACK_COL_MAJOR, m, n, k, A, lda, tau, work, lwork);
@@ -219,16 +235,10 @@ cusolverStatus_t cusolverDnSetStream(cusolverDnHandle_t handle, cudaStream_t str
   return CUSOLVER_STATUS_SUCCESS;
 }
 cusolverStatus_t cusolverDnSgeqrf_bufferSize(cusolverDnHandle_t h, int m, int n, float*, int lda, int* lwork) {
-  if (!h) return CUSOLVER_STATUS_NOT_INITIALIZED;
-  if (m < 0 || n < 0 || lda < std::max(1, m)) return CUSOLVER_STATUS_INVALID_VALUE;
-  *lwork = emu::work_size(n);
-  return CUSOLVER_STATUS_SUCCESS;
+  return emu::query(h, emu::geqrf_dims_ok(m, n, lda), n, lwork);
 }
 cusolverStatus_t cusolverDnDgeqrf_bufferSize(cusolverDnHandle_t h, int m, int n, double*, int lda, int* lwork) {
-  if (!h) return CUSOLVER_STATUS_NOT_INITIALIZED;
-  if (m < 0 || n < 0 || lda < std::max(1, m)) return CUSOLVER_STATUS_INVALID_VALUE;
-  *lwork = emu::work_size(n);
-  return CUSOLVER_STATUS_SUCCESS;
+  return emu::query(h, emu::geqrf_dims_ok(m, n, lda), n, lwork);
 }
 cusolverStatus_t cusolverDnSgeqrf(cusolverDnHandle_t h, int m, int n, float* A, int lda, float* tau, float* work,
                                   int lwork, int* devInfo) {
@@ -240,17 +250,11 @@ cusolverStatus_t cusolverDnDgeqrf(cusolverDnHandle_t h, int m, int n, double* A,
 }
 cusolverStatus_t cusolverDnSorgqr_bufferSize(cusolverDnHandle_t h, int m, int n, int k, const float*, int lda,
                                              const float*, int* lwork) {
-  if (!h) return CUSOLVER_STATUS_NOT_INITIALIZED;
-  if (n < 0 || m < n || k < 0 || k > n || lda < std::max(1, m)) return CUSOLVER_STATUS_INVALID_VALUE;
-  *lwork = emu::work_size(n);
-  return CUSOLVER_STATUS_SUCCESS;
+  return emu::query(h, emu::orgqr_dims_ok(m, n, k, lda), n, lwork);
 }
 cusolverStatus_t cusolverDnDorgqr_bufferSize(cusolverDnHandle_t h, int m, int n, int k, const double*, int lda,
                                              const double*, int* lwork) {
-  if (!h) return CUSOLVER_STATUS_NOT_INITIALIZED;
-  if (n < 0 || m < n || k < 0 || k > n || lda < std::max(1, m)) return CUSOLVER_STATUS_INVALID_VALUE;
-  *lwork = emu::work_size(n);
-  return CUSOLVER_STATUS_SUCCESS;
+  return emu::query(h, emu::orgqr_dims_ok(m, n, k, lda), n, lwork);
 }
 cusolverStatus_t cusolverDnSorgqr(cusolverDnHandle_t h, int m, int n, int k, float* A, int lda, const float* tau,
                                   float* work, int lwork, int* devInfo) {

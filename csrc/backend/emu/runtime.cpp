@@ -17,6 +17,7 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "backend/emu/emu.h"
@@ -295,6 +296,12 @@ struct Event {
   std::mutex mu;
   Stream* stream = nullptr;  // where it was last recorded (null: never; complete)
   uint64_t ticket = 0;
+
+  // The last recording: complete when `stream` has completed `ticket` operations.
+  std::pair<Stream*, uint64_t> mark() {
+    std::lock_guard<std::mutex> lock(mu);
+    return {stream, ticket};
+  }
 };
 
 namespace {
@@ -551,14 +558,8 @@ cudaError_t cudaStreamSynchronize(cudaStream_t s) {
 }
 cudaError_t cudaStreamWaitEvent(cudaStream_t s, cudaEvent_t e, unsigned) {
   if (!e) return fail(cudaErrorInvalidResourceHandle);
-  emu::Stream* on;
-  uint64_t ticket;
-  {
-    std::lock_guard<std::mutex> lock(e->mu);
-    on = e->stream;
-    ticket = e->ticket;
-  }
-  if (on) emu::enqueue(s, [on, ticket] { on->wait(ticket); });
+  const auto [on, ticket] = e->mark();
+  if (on) emu::enqueue(s, [on = on, ticket = ticket] { on->wait(ticket); });
   return cudaSuccess;
 }
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* e, unsigned) {
@@ -575,13 +576,7 @@ cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t s) {
 }
 cudaError_t cudaEventSynchronize(cudaEvent_t e) {
   if (!e) return fail(cudaErrorInvalidResourceHandle);
-  emu::Stream* on;
-  uint64_t ticket;
-  {
-    std::lock_guard<std::mutex> lock(e->mu);
-    on = e->stream;
-    ticket = e->ticket;
-  }
+  const auto [on, ticket] = e->mark();
   if (on) on->wait(ticket);
   return emu::sync_error();
 }
