@@ -75,6 +75,10 @@ MUTANTS = {
         "a kernel is handed the host vector of θ instead of its device copy",
         "X, U, th.data(), rows,",
         "X, U, theta.data(), rows,"),
+    "host_reads_device_memory": (
+        "the fused kernel's counters are read straight from device memory by the host, not downloaded",
+        "const auto c = counters.to_host();",
+        "const std::vector<unsigned long long> c(counters.data(), counters.data() + 2);"),
     "download_unsynchronised": (
         "download() reads the pinned buffer before the copy into it has finished",
         "                 \"cudaMemcpyAsync (device to host)\");\n"

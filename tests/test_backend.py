@@ -129,6 +129,21 @@ def test_analyze_without_cublas_or_cusolver_fails_in_one_line_and_writes_nothing
     assert soname in lines[0] and not out.exists()
 
 
+@pytest.mark.cuda
+def test_emulated_device_memory_is_not_host_memory():
+    """On the emulator, as on a GPU, host code that dereferences a device address crashes (so the engine's
+    host code cannot pass the emulated tests by reading GPU memory directly)."""
+    if not _core.build_info().get("cuda_emulator"):
+        pytest.skip("the CUDA emulator's property")
+    import subprocess
+    import sys
+    code = ("import ctypes, numpy as np\nfrom pysafe import _core\n"
+            "a = _core.backend.device_array(0, np.ones((4, 4), np.float32))\n"
+            "print(ctypes.c_float.from_address(a.__cuda_array_interface__['data'][0]).value)")
+    r = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == -11 and not r.stdout, (r.returncode, r.stdout, r.stderr[-500:])
+
+
 def test_build_info_reports_cuda():
     info = pysafe.build_info()
     assert isinstance(info["cuda"], bool) and info["cuda_devices"] == _core.cuda_device_count()

@@ -64,7 +64,7 @@ cublasStatus_t gemm(const char* fn, cublasHandle_t h, cublasOperation_t ta, cubl
                                                       !on_device(fn, "B", B, brows, bcols, ldb))))
     return CUBLAS_STATUS_EXECUTION_FAILED;
   const T a = *alpha, b = *beta;  // pointer mode host: read at the call
-  enqueue(h->stream, [=] {
+  enqueue(h->stream, [=, A = on_data(A), B = on_data(B), C = on_data(C)] {
     if constexpr (std::is_same_v<T, float>)
       scipy_cblas_sgemm(CblasColMajor, op(ta), op(tb), m, n, k, a, A, lda, B, ldb, b, C, ldc);
     else
@@ -97,7 +97,7 @@ cublasStatus_t geam(const char* fn, cublasHandle_t h, cublasOperation_t ta, cubl
   if (!on_device(fn, "C", C, m, n, ldc) || (a != T(0) && !on_device(fn, "A", A, arows, acols, lda)) ||
       (b != T(0) && !on_device(fn, "B", B, brows, bcols, ldb)))
     return CUBLAS_STATUS_EXECUTION_FAILED;
-  enqueue(h->stream, [=] {
+  enqueue(h->stream, [=, A = on_data(A), B = on_data(B), C = on_data(C)] {
     std::vector<T> out(static_cast<size_t>(m) * n);
     for (int j = 0; j < n; ++j)
       for (int i = 0; i < m; ++i) {
@@ -146,7 +146,7 @@ cusolverStatus_t geqrf(const char* fn, cusolverDnHandle_t h, int m, int n, T* A,
   if (!geqrf_dims_ok(m, n, lda) && bad(fn, "m, n or lda")) return CUSOLVER_STATUS_INVALID_VALUE;
   if (auto st = qr_operands(fn, m, n, A, lda, tau, std::min(m, n), work, lwork, info); st != CUSOLVER_STATUS_SUCCESS)
     return st;
-  enqueue(h->stream, [=] {
+  enqueue(h->stream, [=, A = on_data(A), tau = on_data(tau), work = on_data(work), info = on_data(info)] {
     if constexpr (std::is_same_v<T, float>)
       *info = scipy_LAPACKE_sgeqrf_work(LAPACK_COL_MAJOR, m, n, A, lda, tau, work, lwork);
     else
@@ -161,7 +161,7 @@ cusolverStatus_t orgqr(const char* fn, cusolverDnHandle_t h, int m, int n, int k
   if (!h) return CUSOLVER_STATUS_NOT_INITIALIZED;
   if (!orgqr_dims_ok(m, n, k, lda) && bad(fn, "m, n, k or lda")) return CUSOLVER_STATUS_INVALID_VALUE;
   if (auto st = qr_operands(fn, m, n, A, lda, tau, k, work, lwork, info); st != CUSOLVER_STATUS_SUCCESS) return st;
-  enqueue(h->stream, [=] {
+  enqueue(h->stream, [=, A = on_data(A), tau = on_data(tau), work = on_data(work), info = on_data(info)] {
     if constexpr (std::is_same_v<T, float>)
       *info = scipy_LAPACKE_sorgqr_work(LAPACK_COL_MAJOR, m, n, k, A, lda, tau, work, lwork);
     else
@@ -208,7 +208,7 @@ cublasStatus_t cublasDsyrk_v2(cublasHandle_t h, cublasFillMode_t uplo, cublasOpe
   if (!emu::on_device(fn, "C", C, n, n, ldc) || (k > 0 && !emu::on_device(fn, "A", A, arows, acols, lda)))
     return CUBLAS_STATUS_EXECUTION_FAILED;
   const double a = *alpha, b = *beta;
-  emu::enqueue(h->stream, [=] {
+  emu::enqueue(h->stream, [=, A = emu::on_data(A), C = emu::on_data(C)] {
     scipy_cblas_dsyrk(CblasColMajor, uplo == CUBLAS_FILL_MODE_LOWER ? CblasLower : CblasUpper, emu::op(trans), n, k, a,
                       A, lda, b, C, ldc);
   });

@@ -74,28 +74,34 @@ enum class Kind { Device, Pinned };
 struct Alloc {
   size_t bytes;
   Kind kind;
-  void* map;
+  uint8_t* data;      // where the bytes are
+  void* map;          // the data's mapping
   size_t map_bytes;
+  void* view;         // device memory: the inaccessible range whose addresses cudaMalloc hands out
+  size_t view_bytes;
 };
 std::mutex mem_mu;
-std::map<uintptr_t, Alloc> allocs;  // by first byte
+std::map<uintptr_t, Alloc> allocs;  // by the first address handed out
 size_t device_held = 0;
 const size_t kPage = static_cast<size_t>(sysconf(_SC_PAGESIZE));
 constexpr size_t kTotal = size_t(16) << 30;  // the emulated device's memory
 
-// The allocation holding [p, p + bytes), or null.
+// The allocation holding [p, p + bytes) (p may be its end when bytes is 0), or null.
 const Alloc* find(const void* p, size_t bytes, uintptr_t* start = nullptr) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
   auto it = allocs.upper_bound(a);
   if (it == allocs.begin()) return nullptr;
   --it;
-  if (a < it->first || a + bytes > it->first + std::max<size_t>(it->second.bytes, 1)) return nullptr;
+  if (a < it->first || a + bytes > it->first + std::max<size_t>(it->second.bytes, bytes ? 1 : 0)) return nullptr;
   if (start) *start = it->first;
   return &it->second;
 }
 
-// Device memory: ends 256-aligned right before a PROT_NONE page, so reading or writing past the end
-// of an allocation faults; filled with 0xFF bytes (NaN as float and double) like memory nobody wrote.
+// The bytes end 256-aligned right before a PROT_NONE page, so that reading or writing past the end of
+// an allocation faults, and start filled with 0xFF (NaN as float and double), like memory nobody wrote.
+// Device memory is handed out at the same offset inside a range of its own that is PROT_NONE: the host
+// code that dereferences a device pointer crashes, as it would with a GPU, while the emulated device
+// (kernels, copies, cuBLAS/cuSOLVER) reaches the bytes through `to_data`.
 void* map_alloc(size_t bytes, Kind kind) {
   const size_t body = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
   const size_t span = (body + kPage - 1) / kPage * kPage + kPage;
@@ -105,10 +111,20 @@ void* map_alloc(size_t bytes, Kind kind) {
   mprotect(guard, kPage, PROT_NONE);
   uint8_t* p = guard - body;
   std::memset(p, 0xFF, body);
+  void* view = nullptr;
+  uint8_t* handle = p;
+  if (kind == Kind::Device) {
+    view = mmap(nullptr, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (view == MAP_FAILED) {
+      munmap(m, span);
+      return nullptr;
+    }
+    handle = static_cast<uint8_t*>(view) + (p - static_cast<uint8_t*>(m));
+  }
   std::lock_guard<std::mutex> lock(mem_mu);
-  allocs[reinterpret_cast<uintptr_t>(p)] = Alloc{bytes, kind, m, span};
+  allocs[reinterpret_cast<uintptr_t>(handle)] = Alloc{bytes, kind, p, m, span, view, view ? span : 0};
   if (kind == Kind::Device) device_held += bytes;
-  return p;
+  return handle;
 }
 
 // ---- fibers: the threads of a block ------------------------------------------------------------------
@@ -385,6 +401,14 @@ void enqueue(cudaStream_t s, std::function<void()> op) { resolve(s)->push(std::m
 
 bool is_device(const void* p, size_t bytes) { return device_range(p, bytes); }
 
+void* to_data(const void* p) {
+  std::lock_guard<std::mutex> lock(mem_mu);
+  uintptr_t start = 0;
+  const Alloc* a = find(p, 0, &start);
+  if (!a || a->kind != Kind::Device) return const_cast<void*>(p);
+  return a->data + (reinterpret_cast<uintptr_t>(p) - start);
+}
+
 void complain(const std::string& what) { std::fprintf(stderr, "pysafe CUDA emulator: %s\n", what.c_str()); }
 
 void fault(const std::string& what) { report(what); }
@@ -467,6 +491,7 @@ cudaError_t cudaFree(void* p) {
   }
   emu::device_held -= it->second.bytes;
   munmap(it->second.map, it->second.map_bytes);
+  munmap(it->second.view, it->second.view_bytes);
   emu::allocs.erase(it);
   return cudaSuccess;
 }
@@ -492,7 +517,7 @@ cudaError_t cudaMemsetAsync(void* p, int value, size_t bytes, cudaStream_t s) {
     emu::complain("cudaMemsetAsync of " + std::to_string(bytes) + " bytes outside device memory");
     return fail(cudaErrorInvalidValue);
   }
-  emu::enqueue(s, [p, value, bytes] { std::memset(p, value, bytes); });
+  emu::enqueue(s, [p = emu::to_data(p), value, bytes] { std::memset(p, value, bytes); });
   return cudaSuccess;
 }
 
@@ -502,25 +527,26 @@ cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpy
   switch (kind) {
     case cudaMemcpyHostToDevice: {
       if (!emu::device_range(dst, bytes) || !emu::host_range(src, bytes, &pinned)) break;
+      void* to = emu::to_data(dst);
       if (pinned) {  // DMA from page-locked memory: read when the stream gets there
-        emu::enqueue(s, [dst, src, bytes] { std::memcpy(dst, src, bytes); });
+        emu::enqueue(s, [to, src, bytes] { std::memcpy(to, src, bytes); });
       } else {  // pageable: staged at the call
         auto copy = std::make_shared<std::vector<uint8_t>>(static_cast<const uint8_t*>(src),
                                                            static_cast<const uint8_t*>(src) + bytes);
-        emu::enqueue(s, [dst, copy] { std::memcpy(dst, copy->data(), copy->size()); });
+        emu::enqueue(s, [to, copy] { std::memcpy(to, copy->data(), copy->size()); });
       }
       return cudaSuccess;
     }
     case cudaMemcpyDeviceToHost: {
       if (!emu::device_range(src, bytes) || !emu::host_range(dst, bytes, &pinned)) break;
       emu::Stream* st = emu::resolve(s);
-      const uint64_t ticket = st->push([dst, src, bytes] { std::memcpy(dst, src, bytes); });
+      const uint64_t ticket = st->push([dst, from = emu::to_data(src), bytes] { std::memcpy(dst, from, bytes); });
       if (!pinned) st->wait(ticket);  // to pageable memory: returns when the copy is done
       return cudaSuccess;
     }
     case cudaMemcpyDeviceToDevice: {
       if (!emu::device_range(src, bytes) || !emu::device_range(dst, bytes)) break;
-      emu::enqueue(s, [dst, src, bytes] { std::memmove(dst, src, bytes); });
+      emu::enqueue(s, [to = emu::to_data(dst), from = emu::to_data(src), bytes] { std::memmove(to, from, bytes); });
       return cudaSuccess;
     }
     default: break;
@@ -538,9 +564,8 @@ cudaError_t cudaMemcpy2DAsync(void* dst, size_t dpitch, const void* src, size_t 
     emu::complain("cudaMemcpy2DAsync: pitches or ranges outside device memory (only device to device is emulated)");
     return fail(cudaErrorInvalidValue);
   }
-  emu::enqueue(s, [=] {
-    for (size_t r = 0; r < height; ++r)
-      std::memmove(static_cast<uint8_t*>(dst) + r * dpitch, static_cast<const uint8_t*>(src) + r * spitch, width);
+  emu::enqueue(s, [=, to = static_cast<uint8_t*>(emu::to_data(dst)), from = static_cast<const uint8_t*>(emu::to_data(src))] {
+    for (size_t r = 0; r < height; ++r) std::memmove(to + r * dpitch, from + r * spitch, width);
   });
   return cudaSuccess;
 }

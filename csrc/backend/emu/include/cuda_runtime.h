@@ -9,8 +9,9 @@
 // - every stream is a host thread that executes its queue in order, with a random delay before each
 //   operation (PYSAFE_CUDA_EMU_JITTER_US), so that work missing an event or a synchronisation races
 //   and shows up as wrong numbers instead of passing by luck;
-// - device memory is host memory ending at a guard page (an overrun crashes), filled with NaN bytes
-//   when allocated (reading memory nobody wrote shows); copies check that their ranges lie inside
+// - device addresses are not host-accessible (host code that dereferences one crashes, as with a
+//   GPU); the bytes behind them end at a guard page (an overrun crashes) and start filled with NaN
+//   bytes (reading memory nobody wrote shows); copies check that their ranges lie inside
 //   allocations of the kinds their direction names; a copy from pageable memory behaves as the CUDA
 //   documentation allows at its most adversarial (host to device: the source is read at the call;
 //   device to host: the call waits for the stream).
@@ -153,6 +154,15 @@ namespace emu {
 
 /// [p, p + bytes) lies inside one cudaMalloc allocation.
 bool is_device(const void* p, size_t bytes);
+/// Where the emulated device reaches the bytes at device address p (p itself for other memory).
+void* to_data(const void* p);
+template <typename T>
+T on_data(T v) {
+  if constexpr (std::is_pointer_v<T>)
+    return v ? reinterpret_cast<T>(to_data(v)) : v;
+  else
+    return v;
+}
 
 template <typename T>
 bool is_null_or_device(const T& v) {
@@ -185,7 +195,10 @@ void launch(const char* name, void (*kernel)(P...), const Config& cfg, A&&... ar
     int i = 0;
     ((bad < 0 && std::is_pointer_v<std::decay_t<decltype(p)>> && !is_null_or_device(p) ? bad = i : 0, ++i), ...);
   }, params);
-  enqueue_kernel(name, cfg, [kernel, params]() { std::apply(kernel, params); }, bad);
+  // the kernel runs on the device's view of its pointers (device addresses are not host-accessible)
+  std::tuple<std::decay_t<P>...> data =
+      std::apply([](const auto&... p) { return std::tuple<std::decay_t<P>...>(on_data(p)...); }, params);
+  enqueue_kernel(name, cfg, [kernel, data]() { std::apply(kernel, data); }, bad);
 }
 
 // What cuda_backend.cu's dlopen/dlsym become: the emulated cuBLAS and cuSOLVER (mathlibs.cpp) are
