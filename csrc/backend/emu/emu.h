@@ -13,8 +13,5 @@ namespace emu {
 void enqueue(cudaStream_t s, std::function<void()> op);
 /// One line on stderr, prefixed "pysafe CUDA emulator: ".
 void complain(const std::string& what);
-/// An asynchronous failure (as a kernel fault): reported on stderr, and every later synchronisation
-/// returns cudaErrorLaunchFailure.
-void fault(const std::string& what);
 
 }  // namespace emu

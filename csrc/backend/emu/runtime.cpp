@@ -338,8 +338,10 @@ Stream* resolve(cudaStream_t s) {
 
 cudaError_t sync_error() { return static_cast<cudaError_t>(sticky.load()); }
 
+// An asynchronous failure (as a kernel fault): one line on stderr, and every later synchronisation
+// returns the error.
 void report(const std::string& what, cudaError_t e = cudaErrorLaunchFailure) {
-  std::fprintf(stderr, "pysafe CUDA emulator: %s\n", what.c_str());
+  complain(what);
   int expected = cudaSuccess;
   sticky.compare_exchange_strong(expected, e);
 }
@@ -410,8 +412,6 @@ void* to_data(const void* p) {
 }
 
 void complain(const std::string& what) { std::fprintf(stderr, "pysafe CUDA emulator: %s\n", what.c_str()); }
-
-void fault(const std::string& what) { report(what); }
 
 }  // namespace emu
 
