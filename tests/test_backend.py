@@ -15,6 +15,8 @@ from pysafe.errors import DeviceUnavailableError
 DEVICES = [pytest.param(-1, id="cpu"), pytest.param(0, id="cuda", marks=pytest.mark.cuda)]
 DTYPES = [np.float32, np.float64]
 no_gpu = pytest.mark.skipif(_core.cuda_device_count() > 0, reason="this machine has a GPU")
+# properties and switches of the CUDA emulator's test build (docs/gpu.md), which a real GPU does not have
+emulator_only = pytest.mark.skipif(not _core.build_info().get("cuda_emulator"), reason="not the CUDA emulator's build")
 
 
 def rel(a, b):
@@ -109,11 +111,10 @@ def test_gpu_index_beyond_the_machine_is_one_clear_line():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("lib, soname", [("cublas", "libcublas.so.13"), ("cusolver", "libcusolver.so.12")])
+@emulator_only
 def test_analyze_without_cublas_or_cusolver_fails_in_one_line_and_writes_nothing(tmp_path, lib, soname):
     """A GPU machine without the math libraries: the emulator's build can hide them (on a real GPU the
     switch does nothing, so the test runs only there)."""
-    if not _core.build_info().get("cuda_emulator"):
-        pytest.skip("hiding cuBLAS or cuSOLVER is a switch of the CUDA emulator's build")
     import os
     import subprocess
     import sys
@@ -130,11 +131,10 @@ def test_analyze_without_cublas_or_cusolver_fails_in_one_line_and_writes_nothing
 
 
 @pytest.mark.cuda
+@emulator_only
 def test_emulated_device_memory_is_not_host_memory():
     """On the emulator, as on a GPU, host code that dereferences a device address crashes (so the engine's
     host code cannot pass the emulated tests by reading GPU memory directly)."""
-    if not _core.build_info().get("cuda_emulator"):
-        pytest.skip("the CUDA emulator's property")
     import subprocess
     import sys
     code = ("import ctypes, numpy as np\nfrom pysafe import _core\n"
@@ -581,52 +581,37 @@ def test_gpu_inputs_go_to_the_resident_path_without_the_host(monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
-def test_pairwise_distances_on_cuda_tensors_in_place(dtype, metric, monkeypatch):
+@pytest.mark.parametrize("kind", ["torch", "cuda_array_interface"])
+def test_pairwise_distances_on_gpu_inputs_in_place(kind, dtype, metric, monkeypatch):
+    """Inputs already in GPU memory, as CUDA torch tensors or announced by __cuda_array_interface__ (as
+    CuPy and Numba arrays are): used where they are (never copied to the host), against float64 and the
+    CPU path."""
     torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():  # the CUDA emulator's build: torch has no GPU there
+    if kind == "torch" and not torch.cuda.is_available():  # the CUDA emulator's build: torch has no GPU there
         pytest.skip("torch has no CUDA device")
     import pysafe.distances as dist
     rng = np.random.default_rng(14)
-    X = rng.standard_normal((700, 64)).astype(dtype) + 50
+    X = rng.standard_normal((700, 64)).astype(dtype) + 50  # a large offset: entries recomputed
     Y = rng.standard_normal((300, 64)).astype(dtype) + 50
     Y[0] = X[0]
     X[1] = 0
     tol = dict(rtol=2e-5, atol=2e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
     c = pysafe.pairwise_distances(X, Y, metric=metric)
-    Xt, Yt = torch.from_numpy(X).cuda(), torch.from_numpy(Y).cuda()
-    monkeypatch.setattr(dist, "_as_matrix", lambda *a: pytest.fail("copied to the host"))
-    g = pysafe.pairwise_distances(Xt, Yt, metric=metric, device="cuda")
-    assert np.allclose(g, c, **tol) and np.allclose(g, _ref_distances(X, Y, metric), **tol)
-    s = pysafe.pairwise_distances(Xt, metric=metric, device="cuda")
-    assert np.array_equal(s, s.T) and not np.diag(s).any() and np.allclose(s, _ref_distances(X, X, metric, self=True), **tol)
-    m = pysafe.pairwise_distances(Xt, Y, metric=metric, device="cuda")  # a host b joins a on the GPU
-    assert np.allclose(m, g, **tol)
-    t = pysafe.pairwise_distances(Xt.T.contiguous().T, Yt, metric=metric, device="cuda")  # made contiguous there
-    assert np.allclose(t, g, **tol)
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
-def test_pairwise_distances_on_cuda_array_interface_in_place(dtype, metric, monkeypatch):
-    """Inputs in GPU memory announced by __cuda_array_interface__ (as CuPy or Numba arrays are): used
-    where they are (never copied to the host), against float64 and the CPU path."""
-    import pysafe.distances as dist
-    rng = np.random.default_rng(15)
-    X = rng.standard_normal((300, 40)).astype(dtype) + 50  # a large offset: entries recomputed
-    Y = rng.standard_normal((120, 40)).astype(dtype) + 50
-    Y[0] = X[0]
-    X[1] = 0
-    tol = dict(rtol=2e-5, atol=2e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
-    c = pysafe.pairwise_distances(X, Y, metric=metric)
-    Xg, Yg = _core.backend.device_array(0, X), _core.backend.device_array(0, Y)
-    assert Xg.__cuda_array_interface__["shape"] == (300, 40)
+    if kind == "torch":
+        Xg, Yg = torch.from_numpy(X).cuda(), torch.from_numpy(Y).cuda()
+    else:
+        Xg, Yg = _core.backend.device_array(0, X), _core.backend.device_array(0, Y)
+        assert Xg.__cuda_array_interface__["shape"] == (700, 64)
     monkeypatch.setattr(dist, "_as_matrix", lambda *a: pytest.fail("copied to the host"))
     g = pysafe.pairwise_distances(Xg, Yg, metric=metric, device="cuda")
-    assert np.allclose(g, _ref_distances(X, Y, metric), **tol) and np.allclose(g, c, **tol)
+    assert np.allclose(g, c, **tol) and np.allclose(g, _ref_distances(X, Y, metric), **tol)
     s = pysafe.pairwise_distances(Xg, metric=metric, device="cuda")
-    assert np.array_equal(s, s.T) and not np.diag(s).any()
-    assert np.allclose(s, _ref_distances(X, X, metric, self=True), **tol)
+    assert np.array_equal(s, s.T) and not np.diag(s).any() and np.allclose(s, _ref_distances(X, X, metric, self=True), **tol)
+    if kind == "torch":
+        m = pysafe.pairwise_distances(Xg, Y, metric=metric, device="cuda")  # a host b joins a on the GPU
+        assert np.allclose(m, g, **tol)
+        t = pysafe.pairwise_distances(Xg.T.contiguous().T, Yg, metric=metric, device="cuda")  # made contiguous there
+        assert np.allclose(t, g, **tol)
 
 
 @pytest.mark.cuda

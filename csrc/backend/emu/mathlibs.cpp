@@ -44,6 +44,11 @@ bool bad(const char* fn, const std::string& what) {
   return true;
 }
 
+// A leading dimension below max(1, rows): invalid, as cuBLAS documents.
+bool bad_ld(const char* fn, const char* name, int ld, int rows) {
+  return ld < std::max(1, rows) && bad(fn, std::string(name) + " " + std::to_string(ld) + " < " + std::to_string(rows));
+}
+
 CBLAS_TRANSPOSE op(cublasOperation_t o) { return o == CUBLAS_OP_N ? CblasNoTrans : CblasTrans; }
 
 template <typename T>
@@ -53,11 +58,7 @@ cublasStatus_t gemm(const char* fn, cublasHandle_t h, cublasOperation_t ta, cubl
   const int arows = ta == CUBLAS_OP_N ? m : k, acols = ta == CUBLAS_OP_N ? k : m;
   const int brows = tb == CUBLAS_OP_N ? k : n, bcols = tb == CUBLAS_OP_N ? n : k;
   if ((m < 0 || n < 0 || k < 0) && bad(fn, "negative m, n or k")) return CUBLAS_STATUS_INVALID_VALUE;
-  if (lda < std::max(1, arows) && bad(fn, "lda " + std::to_string(lda) + " < " + std::to_string(arows)))
-    return CUBLAS_STATUS_INVALID_VALUE;
-  if (ldb < std::max(1, brows) && bad(fn, "ldb " + std::to_string(ldb) + " < " + std::to_string(brows)))
-    return CUBLAS_STATUS_INVALID_VALUE;
-  if (ldc < std::max(1, m) && bad(fn, "ldc " + std::to_string(ldc) + " < " + std::to_string(m)))
+  if (bad_ld(fn, "lda", lda, arows) || bad_ld(fn, "ldb", ldb, brows) || bad_ld(fn, "ldc", ldc, m))
     return CUBLAS_STATUS_INVALID_VALUE;
   if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
   if (!on_device(fn, "C", C, m, n, ldc) || (k > 0 && (!on_device(fn, "A", A, arows, acols, lda) ||
@@ -82,11 +83,7 @@ cublasStatus_t geam(const char* fn, cublasHandle_t h, cublasOperation_t ta, cubl
   const int arows = ta == CUBLAS_OP_N ? m : n, acols = ta == CUBLAS_OP_N ? n : m;
   const int brows = tb == CUBLAS_OP_N ? m : n, bcols = tb == CUBLAS_OP_N ? n : m;
   if ((m < 0 || n < 0) && bad(fn, "negative m or n")) return CUBLAS_STATUS_INVALID_VALUE;
-  if (lda < std::max(1, arows) && bad(fn, "lda " + std::to_string(lda) + " < " + std::to_string(arows)))
-    return CUBLAS_STATUS_INVALID_VALUE;
-  if (ldb < std::max(1, brows) && bad(fn, "ldb " + std::to_string(ldb) + " < " + std::to_string(brows)))
-    return CUBLAS_STATUS_INVALID_VALUE;
-  if (ldc < std::max(1, m) && bad(fn, "ldc " + std::to_string(ldc) + " < " + std::to_string(m)))
+  if (bad_ld(fn, "lda", lda, arows) || bad_ld(fn, "ldb", ldb, brows) || bad_ld(fn, "ldc", ldc, m))
     return CUBLAS_STATUS_INVALID_VALUE;
   if (C == A && (lda != ldc || ta != CUBLAS_OP_N) && bad(fn, "C = A in place needs lda = ldc and transa = N"))
     return CUBLAS_STATUS_INVALID_VALUE;
@@ -200,9 +197,8 @@ cublasStatus_t cublasDsyrk_v2(cublasHandle_t h, cublasFillMode_t uplo, cublasOpe
   if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
   const char* fn = "cublasDsyrk";
   const int arows = trans == CUBLAS_OP_N ? n : k, acols = trans == CUBLAS_OP_N ? k : n;
-  if ((n < 0 || k < 0 || lda < std::max(1, arows) || ldc < std::max(1, n)) &&
-      emu::bad(fn, "n " + std::to_string(n) + ", k " + std::to_string(k) + ", lda " + std::to_string(lda) + ", ldc " +
-                       std::to_string(ldc)))
+  if (((n < 0 || k < 0) && emu::bad(fn, "negative n or k")) || emu::bad_ld(fn, "lda", lda, arows) ||
+      emu::bad_ld(fn, "ldc", ldc, n))
     return CUBLAS_STATUS_INVALID_VALUE;
   if (n == 0) return CUBLAS_STATUS_SUCCESS;
   if (!emu::on_device(fn, "C", C, n, n, ldc) || (k > 0 && !emu::on_device(fn, "A", A, arows, acols, lda)))

@@ -175,7 +175,7 @@ struct Runner {
       Fiber f;
       void* m = mmap(nullptr, kFiberStack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
       if (m == MAP_FAILED) {
-        std::fprintf(stderr, "pysafe CUDA emulator: cannot map a fiber stack\n");
+        complain("cannot map a fiber stack");
         std::abort();
       }
       mprotect(m, kPage, PROT_NONE);
